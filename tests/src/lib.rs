@@ -1,0 +1,1 @@
+//! End-to-end tests of kvserve; the tests live in `tests/tests/`.

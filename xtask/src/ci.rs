@@ -1,0 +1,158 @@
+//! `cargo xtask ci`: the CI checks, in order, failing fast.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+
+/// Flags of `cargo xtask ci`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Options {
+    /// Skip `cargo test` (for local iteration).
+    #[arg(long)]
+    skip_tests: bool,
+    /// Skip `cargo clippy` (for local iteration).
+    #[arg(long)]
+    skip_clippy: bool,
+}
+
+/// What a step does.
+#[derive(Debug)]
+enum Job {
+    /// `cargo <args>`, with extra environment variables.
+    Cargo {
+        args: &'static [&'static str],
+        env: Vec<(&'static str, String)>,
+    },
+    /// `cargo xtask deps`, called in-process.
+    Deps,
+}
+
+#[derive(Debug)]
+struct Step {
+    name: &'static str,
+    job: Job,
+    skip: bool,
+}
+
+impl Step {
+    fn cargo(name: &'static str, args: &'static [&'static str]) -> Self {
+        let job = Job::Cargo {
+            args,
+            env: Vec::new(),
+        };
+        Step {
+            name,
+            job,
+            skip: false,
+        }
+    }
+
+    /// The step as a shell command line, for the header.
+    fn command_line(&self) -> String {
+        match &self.job {
+            Job::Cargo { args, env } => {
+                let env = env.iter().map(|(k, v)| format!("{k}='{v}' "));
+                format!("{}cargo {}", env.collect::<String>(), args.join(" "))
+            }
+            Job::Deps => "cargo xtask deps (in-process)".to_owned(),
+        }
+    }
+
+    fn run(&self) -> Result<()> {
+        match &self.job {
+            Job::Cargo { args, env } => {
+                let mut cmd = crate::cargo();
+                cmd.args(*args).envs(env.iter().map(|(k, v)| (k, v)));
+                crate::run_cmd(cmd)
+            }
+            Job::Deps => crate::deps::run(),
+        }
+    }
+}
+
+/// The CI steps, in the order they run.
+fn steps(options: &Options) -> Vec<Step> {
+    // Keep any RUSTDOCFLAGS the caller set, and deny warnings on top.
+    let mut rustdocflags = std::env::var("RUSTDOCFLAGS").unwrap_or_default();
+    rustdocflags = format!("{rustdocflags} -D warnings")
+        .trim_start()
+        .to_owned();
+    vec![
+        Step::cargo("fmt", &["fmt", "--all", "--", "--check"]),
+        Step {
+            skip: options.skip_clippy,
+            ..Step::cargo(
+                "clippy",
+                &[
+                    "clippy",
+                    "--workspace",
+                    "--all-targets",
+                    "--locked",
+                    "--",
+                    "-D",
+                    "warnings",
+                ],
+            )
+        },
+        Step {
+            skip: options.skip_tests,
+            ..Step::cargo("test", &["test", "--workspace", "--locked"])
+        },
+        Step {
+            name: "deps",
+            job: Job::Deps,
+            skip: false,
+        },
+        Step {
+            name: "doc",
+            job: Job::Cargo {
+                args: &["doc", "--workspace", "--no-deps", "--locked"],
+                env: vec![("RUSTDOCFLAGS", rustdocflags)],
+            },
+            skip: false,
+        },
+    ]
+}
+
+/// Runs the CI steps in order; stops at the first failure, naming the step.
+pub(crate) fn run(options: &Options) -> Result<()> {
+    let start = Instant::now();
+    let steps = steps(options);
+    let mut timings: Vec<(&str, Option<Duration>)> = Vec::new();
+    for (i, step) in steps.iter().enumerate() {
+        let n = format!("[{}/{}]", i + 1, steps.len());
+        if step.skip {
+            println!("\n==> {n} {}: skipped", step.name);
+            timings.push((step.name, None));
+            continue;
+        }
+        println!("\n==> {n} {}: {}", step.name, step.command_line());
+        let step_start = Instant::now();
+        let result = step.run();
+        let elapsed = step_start.elapsed();
+        if result.is_err() {
+            println!(
+                "<== {n} {} FAILED after {:.1}s",
+                step.name,
+                elapsed.as_secs_f64()
+            );
+        }
+        result.with_context(|| format!("ci step `{}` failed", step.name))?;
+        println!("<== {n} {} ok in {:.1}s", step.name, elapsed.as_secs_f64());
+        timings.push((step.name, Some(elapsed)));
+    }
+
+    println!("\nci summary:");
+    for (name, elapsed) in timings {
+        match elapsed {
+            Some(t) => println!("  {name:<8} ok       {:>7.1}s", t.as_secs_f64()),
+            None => println!("  {name:<8} skipped"),
+        }
+    }
+    println!(
+        "  {:<8} ok       {:>7.1}s",
+        "total",
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}

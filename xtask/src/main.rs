@@ -1,0 +1,127 @@
+//! kvserve project automation (the xtask pattern): `cargo xtask --help`.
+
+// Printing progress and reports to the terminal is this binary's whole job.
+#![allow(clippy::print_stdout)]
+
+mod ci;
+mod deps;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask", about, version)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run every CI check in order: fmt, clippy, test, deps, doc (what `.ci/run` runs).
+    Ci(ci::Options),
+    /// Check the dependency graph against the rules table in `xtask/src/deps.rs`.
+    Deps,
+    /// Run `cargo bench` for the whole workspace or for one package.
+    Bench {
+        /// Bench only this package.
+        #[arg(short, long, value_name = "CRATE")]
+        package: Option<String>,
+        /// Extra arguments for the bench binaries, after `--` (e.g. `-- --save-baseline main`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Ci(options) => ci::run(&options),
+        Cmd::Deps => deps::run(),
+        Cmd::Bench { package, args } => bench(package.as_deref(), &args),
+    }
+}
+
+/// `cargo xtask bench`: `cargo bench` on the bench targets (`benches/`) of the workspace
+/// or of one package. Only bench targets: the libtest harnesses of lib and bin targets
+/// would reject criterion's flags (e.g. `--save-baseline`).
+fn bench(package: Option<&str>, args: &[String]) -> Result<()> {
+    let meta = metadata(&["--no-deps"])?;
+    let packages = meta["packages"]
+        .as_array()
+        .context("metadata: no `packages`")?;
+    let has_benches = packages
+        .iter()
+        .filter(|p| package.is_none_or(|name| p["name"] == name))
+        .filter_map(|p| p["targets"].as_array())
+        .flatten()
+        .any(|t| {
+            t["kind"]
+                .as_array()
+                .is_some_and(|k| k.iter().any(|k| k == "bench"))
+        });
+    if !has_benches {
+        println!(
+            "bench: no bench targets in {}",
+            package.unwrap_or("the workspace")
+        );
+        return Ok(());
+    }
+    let mut cmd = cargo();
+    cmd.arg("bench");
+    match package {
+        Some(package) => cmd.args(["--package", package]),
+        None => cmd.arg("--workspace"),
+    };
+    cmd.args(["--bench", "*"]);
+    if !args.is_empty() {
+        cmd.arg("--").args(args);
+    }
+    run_cmd(cmd)
+}
+
+/// `cargo metadata --format-version 1 --locked <extra>`, parsed.
+fn metadata(extra: &[&str]) -> Result<serde_json::Value> {
+    let output = cargo()
+        .args(["metadata", "--format-version", "1", "--locked"])
+        .args(extra)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("could not run `cargo metadata`")?;
+    if !output.status.success() {
+        bail!("`cargo metadata` failed: {}", output.status);
+    }
+    serde_json::from_slice(&output.stdout).context("could not parse `cargo metadata` output")
+}
+
+/// The workspace root (xtask lives one level below it).
+fn workspace_root() -> PathBuf {
+    // `cargo run` sets CARGO_MANIFEST_DIR at run time too; prefer it to the build-time one.
+    let xtask_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    xtask_dir
+        .parent()
+        .map_or_else(|| xtask_dir.clone(), Path::to_path_buf)
+}
+
+/// A `cargo` command run from the workspace root, using the same cargo that runs us.
+///
+/// The environment (`CARGO_TARGET_DIR` included) is inherited as is.
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+/// Runs `cmd` to completion, failing on a non-zero exit.
+fn run_cmd(mut cmd: Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("could not start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
