@@ -54,6 +54,24 @@ fn main() {
         r.token_ids.len(),
         ours == r.token_ids
     );
+    if let Some(i) = ours.iter().zip(&r.token_ids).position(|(a, b)| a != b) {
+        let show = |ids: &[u32]| {
+            ids.iter()
+                .map(|&t| format!("{t}:{:?}", loaded.tokenizer.decode(&[t], false).unwrap()))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let (a, b) = (i.saturating_sub(3), i + 4);
+        println!("first difference at token {i}:");
+        println!("  ours      {}", show(&ours[a..b.min(ours.len())]));
+        println!(
+            "  reference {}",
+            show(&r.token_ids[a..b.min(r.token_ids.len())])
+        );
+    }
+    if std::env::var_os("KVSERVE_TOKENIZER_ONLY").is_some() {
+        return;
+    }
 
     let hf_nll: f64 = r.window_mean_nll[..windows].iter().sum::<f64>() / windows as f64;
     println!(

@@ -205,6 +205,17 @@ impl Weights {
     /// Random weights of `config`'s shape (seeded, deterministic), stored as `dtype` (F32,
     /// Q8_0, Q4_0 or Q4_1), like vLLM's `load_format=dummy`: for speed measurements only.
     pub fn dummy(config: &ModelConfig, dtype: DType, seed: u64) -> Result<Self, ModelError> {
+        Self::dummy_shard(config, dtype, seed, Shard::FULL)
+    }
+
+    /// [`Weights::dummy`], keeping only `shard`'s part (the same values as the matching slices
+    /// of the unsharded dummy model with the same seed).
+    pub fn dummy_shard(
+        config: &ModelConfig,
+        dtype: DType,
+        seed: u64,
+        shard: Shard,
+    ) -> Result<Self, ModelError> {
         config.validate()?;
         if !matches!(dtype, DType::F32 | DType::Q8_0 | DType::Q4_0 | DType::Q4_1) {
             return Err(ModelError::Unsupported(format!("dummy weights in {dtype}")));
@@ -257,7 +268,7 @@ impl Weights {
             }
         }
         src.insert("output_norm.weight".into(), ones(h));
-        Self::load(config, &src, Shard::FULL)
+        Self::load(config, &src, shard)
     }
 
     /// The same weights dequantized to f32 (see [`Linear::to_f32`]): the exact-math reference

@@ -260,8 +260,12 @@ impl Linear {
                 let mut scales = Vec::with_capacity(self.out_features * (b1 - b0) * sb);
                 for r in 0..self.out_features {
                     let (c, s) = p.row(r);
+                    let nb = c.len() / cb;
                     codes.extend_from_slice(&c[b0 * cb..b1 * cb]);
-                    scales.extend_from_slice(&s[b0 * sb..b1 * sb]);
+                    scales.extend_from_slice(&s[b0..b1]);
+                    if sb == 2 {
+                        scales.extend_from_slice(&s[nb + b0..nb + b1]);
+                    }
                 }
                 Storage::Packed(Packed {
                     dtype: p.dtype,

@@ -166,8 +166,9 @@ impl QuantizedActivations {
 }
 
 /// Block-quantized weights repacked for the CPU kernels: per row, the codes of every block
-/// back to back, and the f32 scales (`d`, or `d, m` pairs for Q4_1) in a separate array, so
-/// the inner loops never convert f16.
+/// back to back, and in a separate array the f32 scales `d` of every block (then, for Q4_1,
+/// the minimums `m` of every block), so the kernels load eight blocks' scales at once and never
+/// convert f16.
 #[derive(Debug, Clone)]
 pub(crate) struct Packed {
     pub(crate) dtype: DType,
@@ -195,11 +196,16 @@ impl Packed {
         let rows = data.len() / (blocks * dtype.block_bytes()).max(1);
         let mut codes = Vec::with_capacity(rows * blocks * cb);
         let mut scales = Vec::with_capacity(rows * blocks * sb);
-        for block in data.chunks_exact(dtype.block_bytes()) {
-            codes.extend_from_slice(&block[header..]);
-            scales.push(f16_at(block, 0));
+        for row in data.chunks_exact((blocks * dtype.block_bytes()).max(1)) {
+            for block in row.chunks_exact(dtype.block_bytes()) {
+                codes.extend_from_slice(&block[header..]);
+                scales.push(f16_at(block, 0));
+            }
             if sb == 2 {
-                scales.push(f16_at(block, 2));
+                scales.extend(
+                    row.chunks_exact(dtype.block_bytes())
+                        .map(|block| f16_at(block, 2)),
+                );
             }
         }
         Self {
@@ -221,13 +227,14 @@ impl Packed {
     /// Row `r` as f32.
     pub(crate) fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         let (codes, scales) = self.row(r);
-        let (cb, sb) = packed_block(self.dtype);
+        let (cb, _) = packed_block(self.dtype);
+        let nb = codes.len() / cb;
         for (b, (o, c)) in out
             .chunks_exact_mut(QK)
             .zip(codes.chunks_exact(cb))
             .enumerate()
         {
-            let d = scales[b * sb];
+            let d = scales[b];
             match self.dtype {
                 DType::Q8_0 => {
                     for (x, &q) in o.iter_mut().zip(c) {
@@ -238,7 +245,7 @@ impl Packed {
                     let (m, bias) = if dtype == DType::Q4_0 {
                         (0.0, 8.0)
                     } else {
-                        (scales[b * sb + 1], 0.0)
+                        (scales[nb + b], 0.0)
                     };
                     let (lo, hi) = o.split_at_mut(16);
                     for (j, &q) in c.iter().enumerate() {
@@ -258,11 +265,12 @@ pub(crate) fn dot_packed_scalar(
     scales: &[f32],
     x: &QuantizedActivations,
 ) -> f32 {
-    let (cb, sb) = packed_block(dtype);
+    let (cb, _) = packed_block(dtype);
+    let nb = codes.len() / cb;
     let mut acc = 0.0f32;
     for (b, c) in codes.chunks_exact(cb).enumerate() {
         let qx = &x.qs[b * QK..(b + 1) * QK];
-        let d = scales[b * sb] * x.d[b];
+        let d = scales[b] * x.d[b];
         match dtype {
             DType::Q8_0 => {
                 let isum: i32 = c
@@ -280,9 +288,9 @@ pub(crate) fn dot_packed_scalar(
                 }
                 acc += d * isum as f32;
                 acc += if dtype == DType::Q4_0 {
-                    -8.0 * scales[b * sb] * x.sd[b]
+                    -8.0 * scales[b] * x.sd[b]
                 } else {
-                    scales[b * sb + 1] * x.sd[b]
+                    scales[nb + b] * x.sd[b]
                 };
             }
         }

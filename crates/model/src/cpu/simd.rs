@@ -143,24 +143,48 @@ mod avx2 {
         xs: &[&QuantizedActivations],
         out: &mut [f32],
     ) {
-        let sb = if with_min { 2 } else { 1 };
         let blocks = codes.len() / 16;
         let (qx, dx, sx) = token_ptrs::<N>(xs);
         let mut acc = [_mm256_setzero_ps(); N];
-        let mut offsets = [0.0f32; N];
+        let mut offsets = [_mm256_setzero_ps(); N];
         let mask = _mm256_set1_epi8(0x0F);
-        for b in 0..blocks {
-            // SAFETY: block `b` < `blocks` of the row has 16 code bytes and `sb` scales; every
-            // token has `blocks` blocks of 32 codes, one `d` and one `sd` each (the contract).
+        let d = scales.as_ptr();
+        // Offsets per block: `m` (Q4_1) or `-8 d` (Q4_0), times the token's `d Σq`.
+        let m = if with_min { d.wrapping_add(blocks) } else { d };
+        let m_factor = _mm256_set1_ps(if with_min { 1.0 } else { -8.0 });
+        let groups = blocks / 8;
+        for g in 0..groups {
+            // SAFETY: blocks 8g..8g+8 < `blocks` exist in the row (16 code bytes, a `d` and, for
+            // Q4_1, an `m` each) and in every token (32 codes, a `d` and an `sd` each).
+            unsafe {
+                let dw = _mm256_loadu_ps(d.add(8 * g));
+                let mw = _mm256_mul_ps(_mm256_loadu_ps(m.add(8 * g)), m_factor);
+                let mut sc = [_mm256_setzero_ps(); N];
+                for t in 0..N {
+                    sc[t] = _mm256_mul_ps(dw, _mm256_loadu_ps(dx[t].add(8 * g)));
+                    offsets[t] = _mm256_fmadd_ps(mw, _mm256_loadu_ps(sx[t].add(8 * g)), offsets[t]);
+                }
+                for j in 0..8 {
+                    let b = 8 * g + j;
+                    let q = _mm_loadu_si128(codes.as_ptr().add(b * 16).cast());
+                    let q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), mask);
+                    let lane = _mm256_set1_epi32(j as i32);
+                    for t in 0..N {
+                        let y = load32(qx[t].add(b * QK).cast());
+                        let scale = _mm256_permutevar8x32_ps(sc[t], lane);
+                        acc[t] = _mm256_fmadd_ps(scale, mul_sum_us8(q, y), acc[t]);
+                    }
+                }
+            }
+        }
+        let mut tail = [0.0f32; N];
+        for b in groups * 8..blocks {
+            // SAFETY: block `b` < `blocks` exists in the row and in every token, as above.
             unsafe {
                 let q = _mm_loadu_si128(codes.as_ptr().add(b * 16).cast());
                 let q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), mask);
-                let dw = *scales.as_ptr().add(b * sb);
-                let offset_w = if with_min {
-                    *scales.as_ptr().add(b * sb + 1)
-                } else {
-                    -8.0 * dw
-                };
+                let dw = *d.add(b);
+                let offset_w = if with_min { *m.add(b) } else { -8.0 * dw };
                 for t in 0..N {
                     let y = load32(qx[t].add(b * QK).cast());
                     acc[t] = _mm256_fmadd_ps(
@@ -168,12 +192,12 @@ mod avx2 {
                         mul_sum_us8(q, y),
                         acc[t],
                     );
-                    offsets[t] += offset_w * *sx[t].add(b);
+                    tail[t] += offset_w * *sx[t].add(b);
                 }
             }
         }
         for t in 0..N {
-            out[t] = hsum(acc[t]) + offsets[t];
+            out[t] = hsum(acc[t]) + hsum(offsets[t]) + tail[t];
         }
     }
 

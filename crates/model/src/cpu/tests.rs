@@ -395,3 +395,93 @@ fn swap_round_trip_preserves_blocks() {
     .unwrap();
     assert_eq!(b.device.k[0], blocks);
 }
+
+#[test]
+fn tensor_parallel_shards_reassemble_the_full_layer() {
+    // Q4_1 weights, 2 ranks: column-parallel outputs concatenate, row-parallel outputs add up.
+    let mut config = tiny_config();
+    config.num_heads = 4;
+    config.num_kv_heads = 2;
+    config.head_dim = 16;
+    let full = Weights::dummy(&config, DType::Q4_1, 3).unwrap();
+    let shards: Vec<Weights> = (0..2)
+        .map(|rank| {
+            Weights::dummy_shard(
+                &config,
+                DType::Q4_1,
+                3,
+                crate::Shard {
+                    rank,
+                    world_size: 2,
+                },
+            )
+            .unwrap()
+        })
+        .collect();
+    let x: Vec<f32> = (0..config.hidden_size)
+        .map(|i| (i as f32 * 0.37).sin())
+        .collect();
+    let mut act = Activations::default();
+    act.resize(1, config.hidden_size);
+    act.f32.copy_from_slice(&x);
+    act.prepare();
+    let (mut y, mut tmp) = (Vec::new(), Vec::new());
+    let lf = &full.layers[0];
+    lf.wq.forward(&act, &mut y, &mut tmp);
+    let mut parts = Vec::new();
+    for s in &shards {
+        assert_eq!(s.local_shape().num_heads, 2);
+        assert_eq!(s.local_shape().num_kv_heads, 1);
+        let mut part = Vec::new();
+        s.layers[0].wq.forward(&act, &mut part, &mut tmp);
+        parts.extend(part);
+    }
+    assert_eq!(
+        parts, y,
+        "column-parallel Q shards concatenate to the full Q"
+    );
+    // Row-parallel: the down projection's input is split; partial outputs sum to the full one.
+    let inter = config.intermediate_size;
+    let h: Vec<f32> = (0..inter).map(|i| (i as f32 * 0.11).cos()).collect();
+    let mut act = Activations::default();
+    act.resize(1, inter);
+    act.f32.copy_from_slice(&h);
+    act.prepare();
+    lf.w_down.forward(&act, &mut y, &mut tmp);
+    let mut sum = vec![0.0f32; config.hidden_size];
+    for (rank, s) in shards.iter().enumerate() {
+        let half = inter / 2;
+        let mut a = Activations::default();
+        a.resize(1, half);
+        a.f32.copy_from_slice(&h[rank * half..(rank + 1) * half]);
+        a.prepare();
+        let mut part = Vec::new();
+        s.layers[0].w_down.forward(&a, &mut part, &mut tmp);
+        for (acc, p) in sum.iter_mut().zip(part) {
+            *acc += p;
+        }
+    }
+    let scale = y.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    for (a, b) in sum.iter().zip(&y) {
+        assert!(
+            (a - b).abs() <= 1e-3 * scale,
+            "row-parallel shards: {a} vs {b}"
+        );
+    }
+    // A model that does not divide evenly is refused.
+    let mut odd = tiny_config();
+    odd.num_heads = 3;
+    odd.num_kv_heads = 1;
+    assert!(matches!(
+        Weights::dummy_shard(
+            &odd,
+            DType::Q4_1,
+            3,
+            crate::Shard {
+                rank: 0,
+                world_size: 2
+            }
+        ),
+        Err(ModelError::Unsupported(_))
+    ));
+}
