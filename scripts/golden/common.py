@@ -3,7 +3,8 @@
 Loads SmolLM2-135M-Instruct from its GGUF file with HF transformers in float32. transformers
 dequantizes every tensor on load (Q4_1 -> f32 through the `gguf` package) and reverses
 llama.cpp's Q/K row permutation for the Llama architecture, so the result is the exact-math
-f32 model that the quantized weights describe.
+f32 model that the quantized weights describe. The tokenizer's pre-tokenizer is corrected to
+SmolLM2's real one (see fix_pre_tokenizer).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def load_model(gguf_path: str, threads: int | None = None):
         torch.set_num_threads(threads)
     d, name = os.path.split(os.path.abspath(gguf_path))
     tok = AutoTokenizer.from_pretrained(d, gguf_file=name)
+    fix_pre_tokenizer(tok, gguf_path)
     model = AutoModelForCausalLM.from_pretrained(
         d, gguf_file=name, torch_dtype=torch.float32, attn_implementation="eager"
     )
@@ -55,6 +57,37 @@ def load_model(gguf_path: str, threads: int | None = None):
     dtypes = {p.dtype for p in model.parameters()}
     assert dtypes == {torch.float32}, dtypes
     return tok, model
+
+
+def gguf_pre_type(gguf_path: str) -> str | None:
+    """The GGUF's tokenizer.ggml.pre (the pre-tokenizer family), or None."""
+    from gguf import GGUFReader
+
+    f = GGUFReader(gguf_path).fields.get("tokenizer.ggml.pre")
+    return None if f is None else str(f.contents())
+
+
+def fix_pre_tokenizer(tok, gguf_path: str) -> None:
+    """Give the HF tokenizer the pre-tokenizer of the model's real tokenizer.json.
+
+    transformers builds a GPT-2 style tokenizer from the GGUF and ignores tokenizer.ggml.pre,
+    so its pre-tokenizer is ByteLevel alone. SmolLM2's tokenizer.json (GGUF pre type "smollm",
+    which llama.cpp handles the same way) first splits every digit on its own
+    (Digits(individual_digits=True)) and then applies ByteLevel. The two differ where a run of
+    whitespace precedes a digit: e.g. "\n\n  0." is ["\n\n  ", "0", "."] for the real tokenizer
+    and ["\n\n ", " ", "0", "."] for the GGUF conversion (the GPL-3 text has 19 such places).
+    """
+    from tokenizers import pre_tokenizers
+
+    pre = gguf_pre_type(gguf_path)
+    if pre != "smollm":
+        sys.exit(f"unexpected tokenizer.ggml.pre {pre!r}: check the pre-tokenizer fix")
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+        ]
+    )
 
 
 def versions() -> dict:

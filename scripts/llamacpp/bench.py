@@ -115,7 +115,9 @@ def main() -> None:
         n = 0
         t_first = t_last = None
         toks = []
+        stamps = []
         t_start = time.perf_counter()
+        cpu_start = time.process_time()
         for tok in llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0,
                                 repeat_penalty=1.0, reset=True,
                                 logits_processor=llama_cpp.LogitsProcessorList([ban_eos])):
@@ -123,10 +125,13 @@ def main() -> None:
             if t_first is None:
                 t_first = now
             t_last = now
+            stamps.append(now)
             toks.append(tok)
             n += 1
             if n >= args.n_gen:
                 break
+        cpu_used = time.process_time() - cpu_start
+        wall = time.perf_counter() - t_start
         perf = llama_cpp.llama_perf_context(ctx)
         return {
             "generated_tokens": n,
@@ -138,8 +143,14 @@ def main() -> None:
             "prompt_tok_s": round(perf.n_p_eval / (perf.t_p_eval_ms / 1e3), 2) if perf.t_p_eval_ms else None,
             "wall_time_to_first_token_ms": round((t_first - t_start) * 1e3, 3),
             "wall_decode_tok_s": round((n - 1) / (t_last - t_first), 2),
+            # 1 / median inter-token interval: robust to a few interrupted tokens.
+            "wall_median_token_tok_s": round(
+                1.0 / statistics.median(b - a for a, b in zip(stamps, stamps[1:])), 2),
             "first_tokens": toks[:8],
             "cpu_busy_before": round(busy, 3),
+            # CPU time of this process / (wall time x threads): well below 1 means the threads
+            # were descheduled (another process competed for the cores) during the run.
+            "own_cpu_share": round(cpu_used / (wall * args.threads), 3),
             "loadavg_1m_before": round(load_before, 2),
         }
 
@@ -177,6 +188,7 @@ def main() -> None:
         "decode_tok_s_runs": dec,
         "wall_decode_tok_s_median": round(statistics.median(wall), 2),
         "wall_decode_tok_s_runs": wall,
+        "wall_median_token_tok_s_runs": [r["wall_median_token_tok_s"] for r in runs],
         "note": "cpu_busy_before = fraction of the machine's CPUs busy (other processes) in the "
                 "second before each run; llama.cpp's 2 OpenMP threads degrade sharply when "
                 "another process shares the 2 cores, so only quiet runs are comparable",

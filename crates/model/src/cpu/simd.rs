@@ -273,11 +273,14 @@ mod tests {
                 s as u8
             })
             .collect();
-        // Keep the f16 scales finite and moderate.
-        for block in row.chunks_exact_mut(dtype.block_bytes()) {
-            block[..2].copy_from_slice(&half::f16::from_f32(0.01).to_le_bytes());
+        // Finite, moderate and different scales per block, so a kernel that mixes up blocks'
+        // scales fails.
+        for (i, block) in row.chunks_exact_mut(dtype.block_bytes()).enumerate() {
+            let d = 0.005 + 0.001 * ((i * 7) % 13) as f32;
+            block[..2].copy_from_slice(&half::f16::from_f32(d).to_le_bytes());
             if dtype == DType::Q4_1 {
-                block[2..4].copy_from_slice(&half::f16::from_f32(-0.05).to_le_bytes());
+                let m = -0.08 + 0.01 * ((i * 5) % 11) as f32;
+                block[2..4].copy_from_slice(&half::f16::from_f32(m).to_le_bytes());
             }
         }
         row
