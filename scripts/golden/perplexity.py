@@ -2,7 +2,8 @@
 """perplexity.py - f32 reference perplexity of SmolLM2-135M-Instruct on the GNU GPL v3 text.
 
 What: tokenizes /usr/share/common-licenses/GPL-3 with the model's HF tokenizer (loaded from
-the GGUF; no BOS, no special tokens), splits the ids into non-overlapping windows of 512
+the GGUF, pre-tokenizer corrected as in common.fix_pre_tokenizer; no BOS, no special tokens),
+splits the ids into non-overlapping windows of 512
 tokens (full windows only; the remainder is dropped), and scores each window independently
 with the f32 model (HF transformers, GGUF dequantized on load): the NLL of tokens 1..511 of
 each window given the previous tokens of the same window. Perplexity = exp(mean NLL over all
@@ -82,7 +83,9 @@ def main() -> None:
         "text_path": args.text,
         "text_sha256": common.sha256_file(args.text),
         "text_bytes": len(raw),
-        "tokenization": "HF tokenizer from the GGUF, add_special_tokens=False (no BOS/EOS)",
+        "tokenization": "HF tokenizer from the GGUF with SmolLM2's real pre-tokenizer (Digits("
+        "individual) + ByteLevel; identical to llama.cpp's 'smollm' pre type), "
+        "add_special_tokens=False (no BOS/EOS)",
         "window_size": WINDOW,
         "n_windows": n_windows,
         "n_tokens": len(ids),
