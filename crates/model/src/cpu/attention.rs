@@ -18,6 +18,8 @@ pub(crate) struct AttentionInput<'a> {
     pub(crate) num_kv_heads: usize,
     pub(crate) head_dim: usize,
     pub(crate) window: Option<usize>,
+    /// The sequence of every token of the batch.
+    pub(crate) seq_of: &'a [usize],
 }
 
 /// `out[token][head]` = softmax(q·K / sqrt(d)) · V over the token's causal (and windowed)
@@ -33,11 +35,7 @@ pub(crate) fn paged_attention<'a>(
     let bs = input.layout.block_size();
     let group = input.num_heads / input.num_kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
-    // Sequence of every token.
-    let mut seq_of = vec![0usize; b.token_ids.len()];
-    for s in 0..b.num_seqs() {
-        seq_of[b.seq_starts[s] as usize..b.seq_starts[s + 1] as usize].fill(s);
-    }
+    let seq_of = input.seq_of;
     out.par_chunks_mut(d)
         .enumerate()
         .try_for_each_init(Vec::new, |scores, (task, o)| {

@@ -58,6 +58,7 @@ impl KvPools {
 /// Scratch buffers reused across steps.
 #[derive(Debug, Default)]
 struct Scratch {
+    seq_of: Vec<usize>,
     x: Vec<f32>,
     normed: Activations,
     q: Vec<f32>,
@@ -269,6 +270,12 @@ impl Backend for CpuBackend {
         let sc = &mut self.scratch;
         let bs = self.cache_config.block_size;
 
+        // The sequence of every token, for attention (the same for every layer).
+        sc.seq_of.clear();
+        for s in 0..b.num_seqs() {
+            let n = (b.seq_starts[s + 1] - b.seq_starts[s]) as usize;
+            sc.seq_of.extend(std::iter::repeat_n(s, n));
+        }
         sc.x.resize(t * h, 0.0);
         for (row, &id) in sc.x.chunks_exact_mut(h).zip(b.token_ids) {
             w.embedding.dequantize_row_into(id as usize, row);
@@ -314,6 +321,7 @@ impl Backend for CpuBackend {
                     num_kv_heads: local.num_kv_heads,
                     head_dim: d,
                     window: c.sliding_window,
+                    seq_of: &sc.seq_of,
                 },
                 &sc.q,
                 &mut sc.attn.f32,

@@ -90,6 +90,18 @@ mod avx2 {
         unsafe { _mm256_loadu_si256(p.cast()) }
     }
 
+    /// The 32 nibbles of a Q4 block as bytes: low nibbles (elements 0..16) in the low lane,
+    /// high nibbles (elements 16..32) in the high lane.
+    ///
+    /// # Safety
+    /// AVX2 must be available; `p` points to 16 readable bytes.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn nibbles(p: *const u8, mask: __m256i) -> __m256i {
+        // SAFETY: the caller guarantees 16 readable bytes; loadu has no alignment needs.
+        let q = unsafe { _mm_loadu_si128(p.cast()) };
+        _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), mask)
+    }
+
     /// `Σ u[i] * s[i]` over 32 unsigned-by-signed byte pairs, as 8 f32 lanes.
     #[target_feature(enable = "avx2,fma")]
     fn mul_sum_us8(u: __m256i, s: __m256i) -> __m256 {
@@ -166,8 +178,7 @@ mod avx2 {
                 }
                 for j in 0..8 {
                     let b = 8 * g + j;
-                    let q = _mm_loadu_si128(codes.as_ptr().add(b * 16).cast());
-                    let q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), mask);
+                    let q = nibbles(codes.as_ptr().add(b * 16), mask);
                     let lane = _mm256_set1_epi32(j as i32);
                     for t in 0..N {
                         let y = load32(qx[t].add(b * QK).cast());
@@ -181,8 +192,7 @@ mod avx2 {
         for b in groups * 8..blocks {
             // SAFETY: block `b` < `blocks` exists in the row and in every token, as above.
             unsafe {
-                let q = _mm_loadu_si128(codes.as_ptr().add(b * 16).cast());
-                let q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), mask);
+                let q = nibbles(codes.as_ptr().add(b * 16), mask);
                 let dw = *d.add(b);
                 let offset_w = if with_min { *m.add(b) } else { -8.0 * dw };
                 for t in 0..N {
