@@ -131,31 +131,70 @@ pub fn decode_slots(
     let d = layout.head_dim();
     for (slot, out_token) in slots.zip(out.chunks_exact_mut(per_token)) {
         for (head, oh) in out_token.chunks_exact_mut(d).enumerate() {
-            let (vals, params) = rows(layout, block, head, slot);
-            match layout.dtype() {
-                KvCacheDtype::Fp16 => {
-                    map_codes::<2>(vals, oh, |c| f16_to_f32(u16::from_le_bytes(c)))
-                }
-                KvCacheDtype::Bf16 => {
-                    map_codes::<2>(vals, oh, |c| bf16_to_f32(u16::from_le_bytes(c)))
-                }
-                KvCacheDtype::Int8 => {
-                    let s = read_f32(params);
-                    map_codes::<1>(vals, oh, |[c]| f32::from(c as i8) * s);
-                }
-                KvCacheDtype::Int4 { .. } => decode_int4(vals, params, layout_group(layout), oh),
-                KvCacheDtype::Fp8E4m3 => {
-                    let s = read_f32(params);
-                    map_codes::<1>(vals, oh, |[c]| e4m3_to_f32(c) * s);
-                }
-                KvCacheDtype::Fp8E5m2 => {
-                    let s = read_f32(params);
-                    map_codes::<1>(vals, oh, |[c]| e5m2_to_f32(c) * s);
-                }
-            }
+            decode_row(layout, block, head, slot, oh);
         }
     }
     Ok(())
+}
+
+/// Dequantizes one KV head of the slots `slots` of `block` to f32 in `out`,
+/// laid out `[slot][dim]`: `out[(s - slots.start) * head_dim + i]`. The
+/// building block of grouped-query attention on the CPU: a KV head is
+/// decoded once for all the query heads that share it.
+///
+/// # Errors
+/// As [`decode_slots`] (with `out` `slots.len() * head_dim` long), and
+/// [`KvQuantError::HeadOutOfRange`].
+pub fn decode_head(
+    layout: &BlockLayout,
+    block: &[u8],
+    head: usize,
+    slots: Range<usize>,
+    out: &mut [f32],
+) -> Result<(), KvQuantError> {
+    check_block(layout, block.len())?;
+    if slots.start > slots.end || slots.end > layout.block_size() {
+        return Err(KvQuantError::SlotRangeOutOfRange {
+            start: slots.start,
+            end: slots.end,
+            block_size: layout.block_size(),
+        });
+    }
+    if head >= layout.num_kv_heads() {
+        return Err(KvQuantError::HeadOutOfRange {
+            head,
+            num_kv_heads: layout.num_kv_heads(),
+        });
+    }
+    let d = layout.head_dim();
+    check_len("out", slots.len().saturating_mul(d), out.len())?;
+    for (slot, oh) in slots.zip(out.chunks_exact_mut(d)) {
+        decode_row(layout, block, head, slot, oh);
+    }
+    Ok(())
+}
+
+/// Dequantizes the row of `(head, slot)` into `out` (`head_dim` long; all
+/// checked by the caller).
+fn decode_row(layout: &BlockLayout, block: &[u8], head: usize, slot: usize, out: &mut [f32]) {
+    let (vals, params) = rows(layout, block, head, slot);
+    match layout.dtype() {
+        KvCacheDtype::Fp16 => map_codes::<2>(vals, out, |c| f16_to_f32(u16::from_le_bytes(c))),
+        KvCacheDtype::Bf16 => map_codes::<2>(vals, out, |c| bf16_to_f32(u16::from_le_bytes(c))),
+        KvCacheDtype::Int8 => {
+            let s = read_f32(params);
+            map_codes::<1>(vals, out, |[c]| f32::from(c as i8) * s);
+        }
+        KvCacheDtype::Int4 { .. } => decode_int4(vals, params, layout_group(layout), out),
+        KvCacheDtype::Fp8E4m3 => {
+            let s = read_f32(params);
+            map_codes::<1>(vals, out, |[c]| e4m3_to_f32(c) * s);
+        }
+        KvCacheDtype::Fp8E5m2 => {
+            let s = read_f32(params);
+            map_codes::<1>(vals, out, |[c]| e5m2_to_f32(c) * s);
+        }
+    }
 }
 
 /// `q · dequant(k)` for the K row of `(slot, head)`, computed directly from

@@ -91,7 +91,7 @@ mod error;
 mod header;
 pub mod layout;
 
-pub use codec::{axpy_v, decode_slots, dot_k, encode_token};
+pub use codec::{axpy_v, decode_head, decode_slots, dot_k, encode_token};
 pub use dtype::{Int4GroupSize, KvCacheDtype};
 pub use error::KvQuantError;
 pub use header::render_cuda_header;

@@ -6,8 +6,8 @@
 
 use half::{bf16, f16};
 use kv_quant::{
-    BlockLayout, Int4GroupSize, KvCacheDtype, KvQuantError, axpy_v, decode_slots, dot_k,
-    encode_token,
+    BlockLayout, Int4GroupSize, KvCacheDtype, KvQuantError, axpy_v, decode_head, decode_slots,
+    dot_k, encode_token,
 };
 use proptest::prelude::*;
 
@@ -584,6 +584,43 @@ fn decode_slots_layout_is_slot_head_dim() {
 }
 
 #[test]
+fn decode_head_is_one_head_of_decode_slots_for_every_dtype() {
+    for dtype in [
+        KvCacheDtype::Fp16,
+        KvCacheDtype::Bf16,
+        KvCacheDtype::Int8,
+        INT4_HEAD,
+        KvCacheDtype::Fp8E4m3,
+        KvCacheDtype::Fp8E5m2,
+    ] {
+        let l = layout(dtype, 8, 3, 32);
+        let mut block = vec![0u8; l.kv_block_bytes()];
+        for slot in 0..8 {
+            let x: Vec<f32> = (0..96)
+                .map(|i| ((slot * 131 + i * 17) % 53) as f32 / 7.0 - 3.0)
+                .collect();
+            encode_token(&l, &mut block, slot, &x).unwrap();
+        }
+        let mut all = vec![0.0; 5 * 96];
+        decode_slots(&l, &block, 2..7, &mut all).unwrap();
+        for head in 0..3 {
+            let mut one = vec![f32::NAN; 5 * 32];
+            decode_head(&l, &block, head, 2..7, &mut one).unwrap();
+            for (s, row) in one.chunks_exact(32).enumerate() {
+                let want = &all[s * 96 + head * 32..s * 96 + (head + 1) * 32];
+                assert_eq!(
+                    row.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    "{dtype} head {head} slot {}",
+                    s + 2
+                );
+            }
+        }
+        decode_head(&l, &block, 2, 8..8, &mut []).unwrap();
+    }
+}
+
+#[test]
 fn int4_packing_low_nibble_is_even_channel() {
     let l = layout(INT4_HEAD, 1, 1, 4);
     let (block, _) = round_trip(&l, 0, &[0.0, 15.0, 1.0, 14.0]);
@@ -717,6 +754,47 @@ fn decode_slots_rejects_bad_input() {
     );
     assert_eq!(
         decode_slots(&l, &block, usize::MAX - 1..usize::MAX, &mut out),
+        Err(KvQuantError::SlotRangeOutOfRange {
+            start: usize::MAX - 1,
+            end: usize::MAX,
+            block_size: 4
+        })
+    );
+}
+
+#[test]
+fn decode_head_rejects_bad_input() {
+    let (l, block) = bad_setup();
+    let mut out = vec![0.0; 8];
+    assert!(matches!(
+        decode_head(&l, &block[1..], 0, 0..1, &mut out),
+        Err(KvQuantError::LengthMismatch { what: "block", .. })
+    ));
+    assert_eq!(
+        decode_head(&l, &block, 2, 0..1, &mut out),
+        Err(KvQuantError::HeadOutOfRange {
+            head: 2,
+            num_kv_heads: 2
+        })
+    );
+    assert_eq!(
+        decode_head(&l, &block, 0, 3..5, &mut out),
+        Err(KvQuantError::SlotRangeOutOfRange {
+            start: 3,
+            end: 5,
+            block_size: 4
+        })
+    );
+    assert_eq!(
+        decode_head(&l, &block, 0, 0..2, &mut out),
+        Err(KvQuantError::LengthMismatch {
+            what: "out",
+            expected: 16,
+            got: 8
+        })
+    );
+    assert_eq!(
+        decode_head(&l, &block, 0, usize::MAX - 1..usize::MAX, &mut out),
         Err(KvQuantError::SlotRangeOutOfRange {
             start: usize::MAX - 1,
             end: usize::MAX,

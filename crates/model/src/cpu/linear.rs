@@ -3,8 +3,8 @@
 
 use rayon::prelude::*;
 
-use super::quant::{Packed, QK, QuantizedActivations, dequantize_row};
-use super::simd::dot_packed;
+use super::quant::{Packed, Q4x8, QK, QuantizedActivations, ROWS, dequantize_row};
+use super::simd::{dot_packed, dot_q4x8};
 use crate::DType;
 use crate::error::ModelError;
 
@@ -22,8 +22,10 @@ pub struct Linear {
 enum Storage {
     /// Row-major f32.
     F32(Vec<f32>),
-    /// Block-quantized, repacked for the integer kernels.
+    /// Block-quantized (Q8_0), repacked for the integer kernels.
     Packed(Packed),
+    /// Q4_0 / Q4_1 with groups of 8 rows interleaved for the integer kernels.
+    Q4x8(Q4x8),
 }
 
 /// The input of a batch of tokens to a linear layer: f32 and, for quantized weights, int8.
@@ -99,9 +101,10 @@ impl Linear {
             });
         }
         let weights = match dtype {
-            DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => {
-                Storage::Packed(Packed::new(dtype, in_features, data))
+            DType::Q4_0 | DType::Q4_1 => {
+                Storage::Q4x8(Q4x8::from_packed(&Packed::new(dtype, in_features, data)))
             }
+            DType::Q8_0 => Storage::Packed(Packed::new(dtype, in_features, data)),
             _ if dtype.is_quantized() && in_features.is_multiple_of(QK) => {
                 Storage::Packed(Packed::new(
                     DType::Q8_0,
@@ -124,6 +127,7 @@ impl Linear {
         match &self.weights {
             Storage::F32(_) => DType::F32,
             Storage::Packed(p) => p.dtype,
+            Storage::Q4x8(q) => q.dtype,
         }
     }
 
@@ -159,6 +163,7 @@ impl Linear {
         match &self.weights {
             Storage::F32(w) => out.copy_from_slice(&w[r * k..(r + 1) * k]),
             Storage::Packed(p) => p.dequantize_row(r, out),
+            Storage::Q4x8(q) => q.dequantize_row(r, out),
         }
     }
 
@@ -166,57 +171,117 @@ impl Linear {
     /// `scratch` is reused between calls. `x` must be [`Activations::prepare`]d for quantized
     /// weights.
     pub(crate) fn forward(&self, x: &Activations, y: &mut Vec<f32>, scratch: &mut Vec<f32>) {
+        Self::forward_fused(&mut [(self, y)], x, scratch);
+    }
+
+    /// [`Linear::forward`] of several layers that read the same input (Q, K and V; gate and
+    /// up), in one parallel pass: one hand-off to the thread pool instead of one per layer,
+    /// which is most of the gain at batch 1.
+    pub(crate) fn forward_fused(
+        parts: &mut [(&Linear, &mut Vec<f32>)],
+        x: &Activations,
+        scratch: &mut Vec<f32>,
+    ) {
         let tokens = x.tokens();
-        let (n, k) = (self.out_features, self.in_features);
-        debug_assert_eq!(x.width, k);
-        y.resize(tokens * n, 0.0);
+        for (layer, y) in parts.iter_mut() {
+            debug_assert_eq!(x.width, layer.in_features);
+            y.resize(tokens * layer.out_features, 0.0);
+        }
         if tokens == 0 {
             return;
         }
-        // Rows are split among threads; each thread reads its rows once and applies them to
-        // every token (four at a time for quantized rows), writing a `[rows, tokens]` tile of
-        // the transposed output.
-        let rows_per_task = (n / (rayon::current_num_threads() * 8)).clamp(8, 256);
-        let out: &mut [f32] = if tokens == 1 {
-            y
-        } else {
-            scratch.resize(tokens * n, 0.0);
-            scratch
-        };
-        let quantized: Vec<&QuantizedActivations> = x.quantized.iter().collect();
-        out.par_chunks_mut(rows_per_task * tokens)
-            .enumerate()
-            .for_each(|(task, tile)| {
-                let first = task * rows_per_task;
-                for (i, out_row) in tile.chunks_exact_mut(tokens).enumerate() {
-                    let r = first + i;
-                    match &self.weights {
-                        Storage::F32(w) => {
-                            let w = &w[r * k..(r + 1) * k];
-                            for (t, o) in out_row.iter_mut().enumerate() {
-                                *o = dot_f32(w, &x.f32[t * k..(t + 1) * k]);
-                            }
-                        }
-                        Storage::Packed(p) => {
-                            let (codes, scales) = p.row(r);
-                            for (xs, o) in quantized.chunks(4).zip(out_row.chunks_mut(4)) {
-                                dot_packed(p.dtype, codes, scales, xs, o);
-                            }
-                        }
+        // Rows are split among threads in whole interleaved groups; each task reads its rows
+        // once per four tokens and writes a `[tokens, rows]` tile of `scratch`, scattered into
+        // the outputs after.
+        let threads = rayon::current_num_threads();
+        let mut tasks = Vec::new();
+        for (p, (layer, _)) in parts.iter().enumerate() {
+            let n = layer.out_features;
+            let per_task = (n / (threads * 8)).clamp(ROWS, 256).next_multiple_of(ROWS);
+            tasks.extend(
+                (0..n)
+                    .step_by(per_task)
+                    .map(|r| (p, r..(r + per_task).min(n))),
+            );
+        }
+        let total: usize = parts.iter().map(|(l, _)| l.out_features).sum();
+        scratch.resize(tokens * total, 0.0);
+        let mut tiles = Vec::with_capacity(tasks.len());
+        let mut rest = &mut scratch[..];
+        for (_, rows) in &tasks {
+            let (tile, tail) = rest.split_at_mut(rows.len() * tokens);
+            tiles.push(tile);
+            rest = tail;
+        }
+        tiles
+            .into_par_iter()
+            .zip(&tasks)
+            .for_each(|(tile, (p, rows))| parts[*p].0.tile(x, rows.clone(), tile));
+        let mut offset = 0;
+        for (p, rows) in &tasks {
+            let (layer, y) = &mut parts[*p];
+            let n = layer.out_features;
+            let tile = &scratch[offset..offset + rows.len() * tokens];
+            for (yt, src) in y.chunks_exact_mut(n).zip(tile.chunks_exact(rows.len())) {
+                yt[rows.clone()].copy_from_slice(src);
+            }
+            offset += tile.len();
+        }
+        for (layer, y) in parts.iter_mut() {
+            if let Some(bias) = &layer.bias {
+                for yt in y.chunks_exact_mut(layer.out_features) {
+                    for (o, b) in yt.iter_mut().zip(bias) {
+                        *o += b;
                     }
-                }
-            });
-        if tokens > 1 {
-            for (r, col) in scratch.chunks_exact(tokens).enumerate() {
-                for (t, &v) in col.iter().enumerate() {
-                    y[t * n + r] = v;
                 }
             }
         }
-        if let Some(bias) = &self.bias {
-            for yt in y.chunks_exact_mut(n) {
-                for (o, b) in yt.iter_mut().zip(bias) {
-                    *o += b;
+    }
+
+    /// Outputs `rows` (starting on a group boundary) for every token of `x`, into `tile`
+    /// laid out `[tokens, rows]`.
+    fn tile(&self, x: &Activations, rows: std::ops::Range<usize>, tile: &mut [f32]) {
+        let (tokens, k, n) = (x.tokens(), self.in_features, rows.len());
+        let xq = &x.quantized;
+        match &self.weights {
+            Storage::F32(w) => {
+                for (i, r) in rows.enumerate() {
+                    let w = &w[r * k..(r + 1) * k];
+                    for t in 0..tokens {
+                        tile[t * n + i] = dot_f32(w, &x.f32[t * k..(t + 1) * k]);
+                    }
+                }
+            }
+            Storage::Packed(p) => {
+                for (i, r) in rows.enumerate() {
+                    let (codes, scales) = p.row(r);
+                    for t0 in (0..tokens).step_by(4) {
+                        let xs = &xq[t0..(t0 + 4).min(tokens)];
+                        let mut o = [0.0f32; 4];
+                        dot_packed(p.dtype, codes, scales, xs, &mut o[..xs.len()]);
+                        for (j, v) in o[..xs.len()].iter().enumerate() {
+                            tile[(t0 + j) * n + i] = *v;
+                        }
+                    }
+                }
+            }
+            Storage::Q4x8(q) => {
+                for g in (0..n).step_by(ROWS) {
+                    let (codes, scales) = q.group((rows.start + g) / ROWS);
+                    let lanes = (n - g).min(ROWS);
+                    for t0 in (0..tokens).step_by(4) {
+                        let xs = &xq[t0..(t0 + 4).min(tokens)];
+                        let mut o = [[0.0f32; ROWS]; 4];
+                        dot_q4x8(codes, scales, xs, &mut o[..xs.len()]);
+                        for (j, v) in o[..xs.len()].iter().enumerate() {
+                            let at = (t0 + j) * n + g;
+                            if lanes == ROWS {
+                                tile[at..at + ROWS].copy_from_slice(v);
+                            } else {
+                                tile[at..at + lanes].copy_from_slice(&v[..lanes]);
+                            }
+                        }
+                    }
                 }
             }
         }
@@ -227,13 +292,10 @@ impl Linear {
         let k = self.in_features;
         let weights = match &self.weights {
             Storage::F32(w) => Storage::F32(w[rows.start * k..rows.end * k].to_vec()),
-            Storage::Packed(p) => Storage::Packed(Packed {
-                dtype: p.dtype,
-                codes: p.codes[rows.start * p.code_row..rows.end * p.code_row].to_vec(),
-                scales: p.scales[rows.start * p.scale_row..rows.end * p.scale_row].to_vec(),
-                code_row: p.code_row,
-                scale_row: p.scale_row,
-            }),
+            Storage::Packed(p) => Storage::Packed(p.slice_rows(rows.clone())),
+            Storage::Q4x8(q) => {
+                Storage::Q4x8(Q4x8::from_packed(&q.to_packed().slice_rows(rows.clone())))
+            }
         };
         Self {
             in_features: k,
@@ -253,27 +315,9 @@ impl Linear {
                     .flat_map(|row| row[cols.clone()].iter().copied())
                     .collect(),
             ),
-            Storage::Packed(p) => {
-                let (cb, sb) = super::quant::packed_block(p.dtype);
-                let (b0, b1) = (cols.start / QK, cols.end / QK);
-                let mut codes = Vec::with_capacity(self.out_features * (b1 - b0) * cb);
-                let mut scales = Vec::with_capacity(self.out_features * (b1 - b0) * sb);
-                for r in 0..self.out_features {
-                    let (c, s) = p.row(r);
-                    let nb = c.len() / cb;
-                    codes.extend_from_slice(&c[b0 * cb..b1 * cb]);
-                    scales.extend_from_slice(&s[b0..b1]);
-                    if sb == 2 {
-                        scales.extend_from_slice(&s[nb + b0..nb + b1]);
-                    }
-                }
-                Storage::Packed(Packed {
-                    dtype: p.dtype,
-                    codes,
-                    scales,
-                    code_row: (b1 - b0) * cb,
-                    scale_row: (b1 - b0) * sb,
-                })
+            Storage::Packed(p) => Storage::Packed(p.slice_cols(cols.clone())),
+            Storage::Q4x8(q) => {
+                Storage::Q4x8(Q4x8::from_packed(&q.to_packed().slice_cols(cols.clone())))
             }
         };
         Self {

@@ -284,9 +284,15 @@ impl Backend for CpuBackend {
             sc.normed.resize(t, h);
             rms_norm(&sc.x, &lw.attn_norm, c.rms_norm_eps, &mut sc.normed.f32);
             sc.normed.prepare();
-            lw.wq.forward(&sc.normed, &mut sc.q, &mut sc.tmp);
-            lw.wk.forward(&sc.normed, &mut sc.k, &mut sc.tmp);
-            lw.wv.forward(&sc.normed, &mut sc.v, &mut sc.tmp);
+            Linear::forward_fused(
+                &mut [
+                    (&lw.wq, &mut sc.q),
+                    (&lw.wk, &mut sc.k),
+                    (&lw.wv, &mut sc.v),
+                ],
+                &sc.normed,
+                &mut sc.tmp,
+            );
             rope(&mut sc.q, b.positions, d, &self.inv_freqs, c.rope_style);
             rope(&mut sc.k, b.positions, d, &self.inv_freqs, c.rope_style);
 
@@ -334,8 +340,11 @@ impl Backend for CpuBackend {
 
             rms_norm(&sc.x, &lw.ffn_norm, c.rms_norm_eps, &mut sc.normed.f32);
             sc.normed.prepare();
-            lw.w_gate.forward(&sc.normed, &mut sc.gate, &mut sc.tmp);
-            lw.w_up.forward(&sc.normed, &mut sc.up.f32, &mut sc.tmp);
+            Linear::forward_fused(
+                &mut [(&lw.w_gate, &mut sc.gate), (&lw.w_up, &mut sc.up.f32)],
+                &sc.normed,
+                &mut sc.tmp,
+            );
             sc.up.width = local.intermediate_size;
             for (u, &g) in sc.up.f32.iter_mut().zip(&sc.gate) {
                 *u *= g / (1.0 + (-g).exp());

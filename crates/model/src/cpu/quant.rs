@@ -258,6 +258,201 @@ impl Packed {
     }
 }
 
+impl Packed {
+    /// Rows `rows` only.
+    pub(crate) fn slice_rows(&self, rows: std::ops::Range<usize>) -> Self {
+        Self {
+            dtype: self.dtype,
+            codes: self.codes[rows.start * self.code_row..rows.end * self.code_row].to_vec(),
+            scales: self.scales[rows.start * self.scale_row..rows.end * self.scale_row].to_vec(),
+            code_row: self.code_row,
+            scale_row: self.scale_row,
+        }
+    }
+
+    /// Columns `cols` only; `cols` falls on block boundaries.
+    pub(crate) fn slice_cols(&self, cols: std::ops::Range<usize>) -> Self {
+        let (cb, sb) = packed_block(self.dtype);
+        let (b0, b1) = (cols.start / QK, cols.end / QK);
+        let rows = self.codes.len() / self.code_row.max(1);
+        let mut codes = Vec::with_capacity(rows * (b1 - b0) * cb);
+        let mut scales = Vec::with_capacity(rows * (b1 - b0) * sb);
+        for r in 0..rows {
+            let (c, s) = self.row(r);
+            let nb = c.len() / cb;
+            codes.extend_from_slice(&c[b0 * cb..b1 * cb]);
+            scales.extend_from_slice(&s[b0..b1]);
+            if sb == 2 {
+                scales.extend_from_slice(&s[nb + b0..nb + b1]);
+            }
+        }
+        Self {
+            dtype: self.dtype,
+            codes,
+            scales,
+            code_row: (b1 - b0) * cb,
+            scale_row: (b1 - b0) * sb,
+        }
+    }
+}
+
+/// Rows per interleaved group of [`Q4x8`].
+pub(crate) const ROWS: usize = 8;
+
+/// Q4_0 / Q4_1 weights with every 8 consecutive rows interleaved block by block, so one AVX2
+/// register holds 4 codes bytes of each of 8 rows and a kernel produces 8 outputs per vector
+/// operation (one integer-to-float conversion and one scale multiply per block for 8 rows,
+/// instead of per row).
+///
+/// For group `g` (rows `8g..8g+8`) and block `b`: `codes[(g * blocks + b) * 128 ..][..128]`
+/// is four 32-byte words; word `k`, row `r` holds the row's code bytes `4k..4k+4` (low nibbles
+/// elements `4k..4k+4`, high nibbles elements `16+4k..16+4k+4`). `scales[(g * blocks + b) *
+/// 16 ..][..16]` is the 8 rows' `d`, then their offsets `m` (Q4_1's minimum; `-8 d` for Q4_0,
+/// so both types share one formula, `x = d q + m`). Rows past `rows` (padding of the last
+/// group) are zero.
+#[derive(Debug, Clone)]
+pub(crate) struct Q4x8 {
+    pub(crate) dtype: DType,
+    pub(crate) rows: usize,
+    pub(crate) blocks: usize,
+    pub(crate) codes: Vec<u8>,
+    pub(crate) scales: Vec<f32>,
+}
+
+impl Q4x8 {
+    /// Bytes of codes and number of scales of one (group, block).
+    pub(crate) const GROUP_BLOCK_CODES: usize = 16 * ROWS;
+    pub(crate) const GROUP_BLOCK_SCALES: usize = 2 * ROWS;
+
+    /// Interleaves a packed Q4_0 / Q4_1 matrix.
+    pub(crate) fn from_packed(p: &Packed) -> Self {
+        debug_assert!(matches!(p.dtype, DType::Q4_0 | DType::Q4_1));
+        let blocks = p.code_row / 16;
+        let rows = p.codes.len() / p.code_row.max(1);
+        let groups = rows.div_ceil(ROWS);
+        let mut codes = vec![0u8; groups * blocks * Self::GROUP_BLOCK_CODES];
+        let mut scales = vec![0.0f32; groups * blocks * Self::GROUP_BLOCK_SCALES];
+        for r in 0..rows {
+            let (g, lane) = (r / ROWS, r % ROWS);
+            let (c, s) = p.row(r);
+            for b in 0..blocks {
+                let gb = g * blocks + b;
+                for k in 0..4 {
+                    let at = gb * Self::GROUP_BLOCK_CODES + k * 32 + lane * 4;
+                    codes[at..at + 4].copy_from_slice(&c[b * 16 + 4 * k..b * 16 + 4 * k + 4]);
+                }
+                let d = s[b];
+                let m = if p.dtype == DType::Q4_0 {
+                    -8.0 * d
+                } else {
+                    s[blocks + b]
+                };
+                scales[gb * Self::GROUP_BLOCK_SCALES + lane] = d;
+                scales[gb * Self::GROUP_BLOCK_SCALES + ROWS + lane] = m;
+            }
+        }
+        Self {
+            dtype: p.dtype,
+            rows,
+            blocks,
+            codes,
+            scales,
+        }
+    }
+
+    /// Back to one row after another (for slicing into tensor-parallel shards).
+    pub(crate) fn to_packed(&self) -> Packed {
+        let sb = if self.dtype == DType::Q4_0 { 1 } else { 2 };
+        let mut codes = Vec::with_capacity(self.rows * self.blocks * 16);
+        let mut scales = Vec::with_capacity(self.rows * self.blocks * sb);
+        for r in 0..self.rows {
+            for b in 0..self.blocks {
+                let (c, _) = self.block(r, b);
+                codes.extend_from_slice(&c);
+            }
+            scales.extend((0..self.blocks).map(|b| self.block(r, b).1.0));
+            if sb == 2 {
+                scales.extend((0..self.blocks).map(|b| self.block(r, b).1.1));
+            }
+        }
+        Packed {
+            dtype: self.dtype,
+            codes,
+            scales,
+            code_row: self.blocks * 16,
+            scale_row: self.blocks * sb,
+        }
+    }
+
+    /// The 16 code bytes and `(d, m)` of row `r`, block `b`.
+    fn block(&self, r: usize, b: usize) -> ([u8; 16], (f32, f32)) {
+        let (g, lane) = (r / ROWS, r % ROWS);
+        let gb = g * self.blocks + b;
+        let mut c = [0u8; 16];
+        for k in 0..4 {
+            let at = gb * Self::GROUP_BLOCK_CODES + k * 32 + lane * 4;
+            c[4 * k..4 * k + 4].copy_from_slice(&self.codes[at..at + 4]);
+        }
+        let s = &self.scales[gb * Self::GROUP_BLOCK_SCALES..];
+        (c, (s[lane], s[ROWS + lane]))
+    }
+
+    /// Row `r` as f32 (bit for bit what [`dequantize_row`] gives for the original row: for
+    /// Q4_0, `d q + (-8 d)` is exact).
+    pub(crate) fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        for (b, o) in out.chunks_exact_mut(QK).enumerate() {
+            let (c, (d, m)) = self.block(r, b);
+            let (lo, hi) = o.split_at_mut(16);
+            for (j, &q) in c.iter().enumerate() {
+                lo[j] = d * f32::from(q & 0x0F) + m;
+                hi[j] = d * f32::from(q >> 4) + m;
+            }
+        }
+    }
+
+    /// The codes and scales of group `g` (rows `8g..8g+8`).
+    pub(crate) fn group(&self, g: usize) -> (&[u8], &[f32]) {
+        let (cg, sg) = (
+            self.blocks * Self::GROUP_BLOCK_CODES,
+            self.blocks * Self::GROUP_BLOCK_SCALES,
+        );
+        (
+            &self.codes[g * cg..(g + 1) * cg],
+            &self.scales[g * sg..(g + 1) * sg],
+        )
+    }
+}
+
+/// Portable version of the interleaved Q4 kernel: group `codes`/`scales` (see [`Q4x8`]) times
+/// each token of `xs`, into `out[t][lane]`.
+pub(crate) fn dot_q4x8_scalar(
+    codes: &[u8],
+    scales: &[f32],
+    xs: &[QuantizedActivations],
+    out: &mut [[f32; ROWS]],
+) {
+    let blocks = codes.len() / Q4x8::GROUP_BLOCK_CODES;
+    for (x, o) in xs.iter().zip(out.iter_mut()) {
+        *o = [0.0; ROWS];
+        for b in 0..blocks {
+            let c = &codes[b * Q4x8::GROUP_BLOCK_CODES..(b + 1) * Q4x8::GROUP_BLOCK_CODES];
+            let s = &scales[b * Q4x8::GROUP_BLOCK_SCALES..(b + 1) * Q4x8::GROUP_BLOCK_SCALES];
+            let y = &x.qs[b * QK..(b + 1) * QK];
+            for (lane, acc) in o.iter_mut().enumerate() {
+                let mut isum = 0i32;
+                for k in 0..4 {
+                    for j in 0..4 {
+                        let q = c[k * 32 + lane * 4 + j];
+                        isum += i32::from(q & 0x0F) * i32::from(y[4 * k + j])
+                            + i32::from(q >> 4) * i32::from(y[16 + 4 * k + j]);
+                    }
+                }
+                *acc += s[lane] * x.d[b] * isum as f32 + s[ROWS + lane] * x.sd[b];
+            }
+        }
+    }
+}
+
 /// Portable dot product of one packed weight row with quantized activations.
 pub(crate) fn dot_packed_scalar(
     dtype: DType,
