@@ -329,24 +329,32 @@ impl ModelConfig {
             "qwen2" => Architecture::Qwen2,
             other => return Err(ConfigError::UnsupportedArchitecture(other.to_owned())),
         };
-        let rope_scaling = match &c.rope_scaling {
-            Some(s) if s.rope_type.as_deref().or(s.kind.as_deref()) == Some("llama3") => {
-                Some(RopeScaling {
-                    factor: s.factor.unwrap_or(8.0),
-                    low_freq_factor: s.low_freq_factor.unwrap_or(1.0),
-                    high_freq_factor: s.high_freq_factor.unwrap_or(4.0),
-                    original_max_position_embeddings: s
-                        .original_max_position_embeddings
-                        .unwrap_or(8192),
-                })
+        // transformers >= 5 writes `rope_parameters` (type, theta and scaling together);
+        // earlier versions `rope_theta` and `rope_scaling`. "default" is plain RoPE.
+        let rope = c.rope_parameters.as_ref().or(c.rope_scaling.as_ref());
+        let rope_type = rope.and_then(|s| s.rope_type.as_deref().or(s.kind.as_deref()));
+        let rope_scaling = match rope {
+            Some(s)
+                if rope_type == Some("default") || (rope_type.is_none() && s.factor.is_none()) =>
+            {
+                None
             }
-            Some(s) => {
+            Some(s) if rope_type == Some("llama3") => Some(RopeScaling {
+                factor: s.factor.unwrap_or(8.0),
+                low_freq_factor: s.low_freq_factor.unwrap_or(1.0),
+                high_freq_factor: s.high_freq_factor.unwrap_or(4.0),
+                original_max_position_embeddings: s
+                    .original_max_position_embeddings
+                    .unwrap_or(8192),
+            }),
+            Some(_) => {
                 return Err(ConfigError::Invalid {
-                    key: "rope_scaling".into(),
-                    reason: format!(
-                        "type {:?} is not supported (only llama3)",
-                        s.rope_type.as_deref().or(s.kind.as_deref())
-                    ),
+                    key: if c.rope_parameters.is_some() {
+                        "rope_parameters".into()
+                    } else {
+                        "rope_scaling".into()
+                    },
+                    reason: format!("type {rope_type:?} is not supported (only llama3)"),
                 });
             }
             None => None,
@@ -359,6 +367,21 @@ impl ModelConfig {
         );
         let sliding_window = match architecture {
             Architecture::Qwen2 if !c.use_sliding_window.unwrap_or(false) => None,
+            // Qwen2 windows only the layers from `max_window_layers` on (transformers'
+            // `layer_types`): all of them, none of them, or a mix we do not run.
+            Architecture::Qwen2 => match c.max_window_layers {
+                Some(m) if m >= c.num_hidden_layers => None,
+                Some(0) | None => c.sliding_window.filter(|&w| w > 0),
+                Some(m) => {
+                    return Err(ConfigError::Invalid {
+                        key: "max_window_layers".into(),
+                        reason: format!(
+                            "{m} of {} layers without the sliding window: mixed layers are not supported",
+                            c.num_hidden_layers
+                        ),
+                    });
+                }
+            },
             _ => c.sliding_window.filter(|&w| w > 0),
         };
         let config = Self {
@@ -371,7 +394,10 @@ impl ModelConfig {
             head_dim,
             vocab_size: c.vocab_size,
             rms_norm_eps: c.rms_norm_eps.unwrap_or(1e-6),
-            rope_theta: c.rope_theta.unwrap_or(10_000.0),
+            rope_theta: rope
+                .and_then(|r| r.rope_theta)
+                .or(c.rope_theta)
+                .unwrap_or(10_000.0),
             rope_style: RopeStyle::HalfSplit,
             rope_scaling,
             max_position_embeddings: c.max_position_embeddings.unwrap_or(4096),
@@ -437,9 +463,12 @@ struct HfConfig {
     rms_norm_eps: Option<f32>,
     rope_theta: Option<f32>,
     rope_scaling: Option<HfRopeScaling>,
+    /// transformers >= 5: `rope_theta` and the scaling fields in one object.
+    rope_parameters: Option<HfRopeScaling>,
     max_position_embeddings: Option<usize>,
     sliding_window: Option<usize>,
     use_sliding_window: Option<bool>,
+    max_window_layers: Option<usize>,
     attention_bias: Option<bool>,
     tie_word_embeddings: Option<bool>,
 }
@@ -449,6 +478,8 @@ struct HfRopeScaling {
     rope_type: Option<String>,
     #[serde(rename = "type")]
     kind: Option<String>,
+    /// Only in `rope_parameters`.
+    rope_theta: Option<f32>,
     factor: Option<f32>,
     low_freq_factor: Option<f32>,
     high_freq_factor: Option<f32>,
@@ -527,6 +558,27 @@ mod tests {
     }
 
     #[test]
+    fn qwen2_window_follows_max_window_layers() {
+        let qwen = |extra: &str| {
+            format!(
+                r#"{{"model_type":"qwen2","hidden_size":64,"intermediate_size":128,
+                "num_hidden_layers":4,"num_attention_heads":4,"num_key_value_heads":2,
+                "vocab_size":300,"sliding_window":8,"use_sliding_window":true{extra}}}"#
+            )
+        };
+        let window =
+            |extra: &str| ModelConfig::from_hf_json(&qwen(extra)).map(|c| c.sliding_window);
+        assert_eq!(window(r#","max_window_layers":4"#), Ok(None));
+        assert_eq!(window(r#","max_window_layers":28"#), Ok(None));
+        assert_eq!(window(r#","max_window_layers":0"#), Ok(Some(8)));
+        assert_eq!(window(""), Ok(Some(8)));
+        assert!(matches!(
+            window(r#","max_window_layers":2"#),
+            Err(ConfigError::Invalid { key, .. }) if key == "max_window_layers"
+        ));
+    }
+
+    #[test]
     fn reads_hf_configs() {
         let llama3 = r#"{"model_type":"llama","hidden_size":4096,"intermediate_size":14336,
             "num_hidden_layers":32,"num_attention_heads":32,"num_key_value_heads":8,
@@ -553,6 +605,31 @@ mod tests {
         let c = ModelConfig::from_hf_json(qwen).unwrap();
         assert!(c.qkv_bias && c.tie_word_embeddings && c.sliding_window.is_none());
         assert_eq!(c.head_dim, 64);
+    }
+
+    #[test]
+    fn reads_transformers_5_rope_parameters() {
+        // transformers >= 5 writes rope_theta and the scaling into `rope_parameters`.
+        let llama3 = r#"{"model_type":"llama","hidden_size":4096,"intermediate_size":14336,
+            "num_hidden_layers":32,"num_attention_heads":32,"num_key_value_heads":8,
+            "vocab_size":128256,"rms_norm_eps":1e-5,"max_position_embeddings":131072,
+            "tie_word_embeddings":false,"rope_parameters":{"factor":8.0,"low_freq_factor":1.0,
+            "high_freq_factor":4.0,"original_max_position_embeddings":8192,
+            "rope_theta":500000.0,"rope_type":"llama3"}}"#;
+        assert_eq!(
+            ModelConfig::from_hf_json(llama3).unwrap(),
+            ModelConfig::llama31_8b()
+        );
+        let qwen = r#"{"model_type":"qwen2","hidden_size":896,"intermediate_size":4864,
+            "num_hidden_layers":24,"num_attention_heads":14,"num_key_value_heads":2,
+            "vocab_size":151936,"rope_parameters":{"rope_theta":1000000.0,"rope_type":"default"}}"#;
+        let c = ModelConfig::from_hf_json(qwen).unwrap();
+        assert_eq!((c.rope_theta, c.rope_scaling), (1_000_000.0, None));
+        let yarn = qwen.replace(r#""default""#, r#""yarn""#);
+        assert!(matches!(
+            ModelConfig::from_hf_json(&yarn),
+            Err(ConfigError::Invalid { key, .. }) if key == "rope_parameters"
+        ));
     }
 
     #[test]

@@ -485,3 +485,52 @@ fn tensor_parallel_shards_reassemble_the_full_layer() {
         Err(ModelError::Unsupported(_))
     ));
 }
+
+/// Q4_K and Q6_K dequantization against `gguf.quants.dequantize` (the Python `gguf` package),
+/// bit for bit, on the blocks of `tests/data/kquant/` (made by `scripts/golden/make_kquant.py`):
+/// random super-blocks and edge ones (every packed scale bit set, near-maximal, zero and
+/// subnormal f16 super-scales, negative scales). Not reachable through the public API, where
+/// K-quants are re-encoded as Q8_0 on load; `tests/kquant_gguf.rs` covers the reader's side.
+#[test]
+fn k_quant_dequantization_matches_gguf_python() {
+    #[derive(serde::Deserialize)]
+    struct Expected {
+        tensors: Vec<ExpectedTensor>,
+    }
+    #[derive(serde::Deserialize)]
+    struct ExpectedTensor {
+        name: String,
+        dims: [usize; 2],
+        expected_f32_bits: Vec<u32>,
+    }
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/kquant");
+    let text = std::fs::read_to_string(dir.join("kquant_expected.json")).unwrap();
+    let expected: Expected = serde_json::from_str(&text).unwrap();
+    let file = crate::GgufFile::open(&dir.join("kquant.gguf")).unwrap();
+    let mut checked = Vec::new();
+    for t in &expected.tensors {
+        let view = file.tensor(&t.name).unwrap();
+        let [cols, rows] = t.dims;
+        let row_bytes = view.dtype.row_bytes(cols).unwrap();
+        let mut got = vec![0.0f32; cols];
+        for r in 0..rows {
+            dequantize_row(
+                view.dtype,
+                &view.bytes[r * row_bytes..(r + 1) * row_bytes],
+                &mut got,
+            );
+            let want = &t.expected_f32_bits[r * cols..(r + 1) * cols];
+            for (i, (g, &w)) in got.iter().zip(want).enumerate() {
+                assert_eq!(
+                    g.to_bits(),
+                    w,
+                    "{} row {r} element {i}: got {g}, expected {}",
+                    t.name,
+                    f32::from_bits(w)
+                );
+            }
+        }
+        checked.push(view.dtype);
+    }
+    assert_eq!(checked, [DType::Q4K, DType::Q6K]);
+}
