@@ -1,0 +1,162 @@
+//! Named scenarios with their step traces, and the outputs checked against the fake model's
+//! plain greedy decoding.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{Harness, bm_config, prompt};
+use scheduler::{FinishReason, PreemptionMode, Request, RequestId, SchedulerConfig};
+
+fn config(budget: usize, max_seqs: usize) -> SchedulerConfig {
+    let mut c = SchedulerConfig::new(4096);
+    c.max_num_batched_tokens = budget;
+    c.max_num_seqs = max_seqs;
+    c
+}
+
+fn req(id: u64, prompt_len: usize, max_tokens: usize) -> Request {
+    let mut r = Request::new(RequestId(id), prompt(prompt_len, id as u32), max_tokens);
+    r.ignore_eos = true;
+    r
+}
+
+/// Compares a scenario's step trace with `tests/golden/<name>.trace` (rewritten when
+/// `KVSERVE_BLESS=1`).
+fn check_trace(name: &str, h: &Harness) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(format!("{name}.trace"));
+    let got = h.trace.join("\n") + "\n";
+    if std::env::var_os("KVSERVE_BLESS").is_some() {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, &got).unwrap();
+        return;
+    }
+    let want = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (run with KVSERVE_BLESS=1 to create it)",
+            path.display()
+        )
+    });
+    assert_eq!(
+        got, want,
+        "step trace of {name} changed (KVSERVE_BLESS=1 to accept)"
+    );
+}
+
+fn check_outputs(h: &Harness, reqs: &[Request]) {
+    for r in reqs {
+        for sample in 0..r.n {
+            let got = &h.outputs[&(r.id, sample)];
+            assert_eq!(
+                got,
+                &h.reference(&r.prompt, sample, r.max_tokens),
+                "{} sample {sample}",
+                r.id
+            );
+            assert_eq!(h.finished[&(r.id, sample)], FinishReason::Length);
+        }
+    }
+    h.assert_all_free();
+}
+
+#[test]
+fn chunked_prefill_then_decode_first() {
+    let mut h = Harness::new(config(8, 4), bm_config(64, 8));
+    let reqs = [req(0, 20, 3), req(1, 5, 2)];
+    for r in &reqs {
+        h.add(r.clone());
+    }
+    h.run_to_end(20);
+    assert_eq!(
+        h.trace,
+        [
+            "1: r0/0 prefill 0..8",
+            "2: r0/0 prefill 8..16",
+            // The rest of r0's prompt, then r1 gets the remaining budget.
+            "3: r0/0 prefill 16..20 | r1/0 prefill 0..4",
+            // Decodes first: r0 decodes, r1 finishes its prompt.
+            "4: r0/0 decode 20..21 | r1/0 prefill 4..5",
+            "5: r0/0 decode 21..22 | r1/0 decode 5..6",
+        ]
+    );
+    check_outputs(&h, &reqs);
+}
+
+#[test]
+fn prefix_hit_counts_as_computed() {
+    let mut h = Harness::new(config(64, 4), bm_config(64, 8));
+    let a = req(0, 20, 2);
+    let mut b = req(1, 20, 2);
+    b.prompt = a.prompt.clone();
+    h.add(a.clone());
+    h.run_to_end(10);
+    h.add(b.clone());
+    h.run_to_end(10);
+    // The second request computes only from the first uncached block on (16 = 2 full blocks).
+    assert_eq!(h.trace[2], "3: r1/0 prefill 16..20");
+    check_trace("prefix_hit", &h);
+    check_outputs(&h, &[a, b]);
+}
+
+#[test]
+fn preemption_by_recompute_keeps_outputs_exact() {
+    // 6 blocks of 8 slots: three sequences growing to 30 tokens (4 blocks each) cannot all fit.
+    let mut h = Harness::new(config(64, 8), bm_config(6, 8));
+    let reqs: Vec<Request> = (0..3).map(|i| req(i, 10, 20)).collect();
+    for r in &reqs {
+        h.add(r.clone());
+    }
+    h.run_to_end(200);
+    assert!(h.sched.stats().num_preemptions > 0, "{:?}", h.trace);
+    assert!(h.trace.iter().any(|l| l.contains("preempt")));
+    check_trace("preempt_recompute", &h);
+    check_outputs(&h, &reqs);
+}
+
+#[test]
+fn preemption_by_swap_keeps_outputs_exact() {
+    let mut bm = bm_config(6, 8);
+    bm.num_cpu_blocks = 32;
+    let mut c = config(64, 8);
+    c.preemption_mode = PreemptionMode::Swap;
+    let mut h = Harness::new(c, bm);
+    let reqs: Vec<Request> = (0..3).map(|i| req(i, 10, 20)).collect();
+    for r in &reqs {
+        h.add(r.clone());
+    }
+    h.run_to_end(200);
+    assert!(
+        h.trace.iter().any(|l| l.contains("swap_out")),
+        "{:?}",
+        h.trace
+    );
+    assert!(
+        h.trace.iter().any(|l| l.contains("swap_in")),
+        "{:?}",
+        h.trace
+    );
+    check_trace("preempt_swap", &h);
+    check_outputs(&h, &reqs);
+}
+
+#[test]
+fn parallel_samples_fork_the_prompt() {
+    let mut h = Harness::new(config(64, 8), bm_config(32, 8));
+    let mut r = req(0, 10, 5);
+    r.n = 3;
+    h.add(r.clone());
+    h.step();
+    assert_eq!(h.trace[0], "1: r0/0 prefill 0..10");
+    // The prompt's blocks are shared: 2 blocks for 10 tokens, not 6.
+    assert_eq!(h.sched.block_manager().stats().used_blocks, 2);
+    h.step();
+    // Three samples decode; the shared half-full last block is copied for two of them.
+    assert_eq!(
+        h.trace[1],
+        "2: r0/0 decode 10..11 | r0/1 decode 10..11 | r0/2 decode 10..11 | cow 2"
+    );
+    h.run_to_end(20);
+    check_trace("parallel_samples", &h);
+    check_outputs(&h, &[r]);
+}
