@@ -160,3 +160,96 @@ fn parallel_samples_fork_the_prompt() {
     check_trace("parallel_samples", &h);
     check_outputs(&h, &[r]);
 }
+
+/// A proposer that drafts the fake model's own tokens, except that every third draft is
+/// wrong: accepts and rejects in a known pattern.
+#[derive(Debug)]
+struct Oracle {
+    vocab: u32,
+}
+
+impl scheduler::spec::Proposer for Oracle {
+    fn propose(
+        &mut self,
+        requests: &[scheduler::spec::ProposeRequest<'_>],
+        out: &mut Vec<scheduler::spec::Proposal>,
+    ) -> Result<(), scheduler::spec::SpecError> {
+        out.clear();
+        for r in requests {
+            let mut h = r.tokens.to_vec();
+            let mut tokens = Vec::new();
+            for _ in 0..r.k {
+                let mut t = common::next_token(&h, 0, self.vocab);
+                if h.len() % 3 == 0 {
+                    t = t % (self.vocab - 1) + 1;
+                    if t == common::next_token(&h, 0, self.vocab) {
+                        t = t % (self.vocab - 1) + 1;
+                    }
+                }
+                h.push(t);
+                tokens.push(t);
+            }
+            out.push(scheduler::spec::Proposal {
+                tokens,
+                draft_probs: None,
+            });
+        }
+        Ok(())
+    }
+
+    fn release(&mut self, _seq: scheduler::SeqId) {}
+}
+
+fn speculation(proposer: Box<dyn scheduler::spec::Proposer>) -> scheduler::Speculation {
+    let controller = scheduler::spec::SpecController::new(scheduler::spec::SpecControllerConfig {
+        max_k: 3,
+        min_acceptance: 0.01,
+        ..Default::default()
+    })
+    .unwrap();
+    scheduler::Speculation::new(proposer, controller)
+}
+
+#[test]
+fn speculative_accept_and_reject_keep_outputs_exact() {
+    let mut h = Harness::new(config(64, 4), bm_config(64, 8));
+    h.sched
+        .set_speculation(Some(speculation(Box::new(Oracle { vocab: h.vocab }))));
+    let reqs = [req(0, 10, 12), req(1, 7, 9)];
+    for r in &reqs {
+        h.add(r.clone());
+    }
+    h.run_to_end(40);
+    let st = h.sched.stats();
+    assert!(
+        st.spec_accepted > 0 && st.spec_accepted < st.spec_proposed,
+        "{st:?}"
+    );
+    // Fewer steps than tokens: accepted drafts skip steps.
+    assert!(h.trace.len() < 12, "{:#?}", h.trace);
+    check_trace("speculative", &h);
+    check_outputs(&h, &reqs);
+}
+
+#[test]
+fn ngram_speculation_equals_plain_decoding() {
+    let ngram =
+        scheduler::spec::NgramProposer::new(scheduler::spec::NgramConfig { min_n: 1, max_n: 3 })
+            .unwrap();
+    let mut h = Harness::new(config(64, 8), bm_config(64, 8));
+    h.vocab = 7; // a small vocabulary repeats, so n-gram lookups hit
+    h.sched.set_speculation(Some(speculation(Box::new(ngram))));
+    let reqs: Vec<Request> = (0..4)
+        .map(|i| {
+            let mut r = req(i, 12, 40);
+            r.prompt = r.prompt.iter().map(|t| t % 6 + 1).collect();
+            r
+        })
+        .collect();
+    for r in &reqs {
+        h.add(r.clone());
+    }
+    h.run_to_end(200);
+    assert!(h.sched.stats().spec_accepted > 0, "{:?}", h.sched.stats());
+    check_outputs(&h, &reqs);
+}
