@@ -21,10 +21,12 @@ pub enum Policy {
     /// First come, first served.
     #[default]
     Fcfs,
-    /// Lower [`Request::priority`](crate::Request::priority) first, then arrival. A waiting
-    /// request gains one priority level per `aging_steps` steps it waits, so none starves.
+    /// Lower [`Request::priority`](crate::Request::priority) first, then arrival. A request
+    /// gains one priority level per `aging_steps` steps since its arrival (waiting, running or
+    /// preempted), so none starves: it is overtaken only by requests that arrive less than
+    /// `(its priority − theirs) · aging_steps` steps after it.
     Priority {
-        /// Steps of waiting worth one priority level (at least 1).
+        /// Steps since arrival worth one priority level (at least 1).
         aging_steps: u64,
     },
 }

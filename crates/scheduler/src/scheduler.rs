@@ -34,11 +34,29 @@ struct SeqState {
     prompt_len: usize,
     /// Leading tokens whose KV is computed (as of the last completed step).
     num_computed: usize,
+    /// Tokens the block manager got with `add_sequence` (the prompt, or every known token when
+    /// readmitted after a recompute preemption): they get slots chunk by chunk, as a prefill;
+    /// tokens sampled after them are appended one step at a time.
+    num_added: usize,
     status: Status,
-    /// Step since which it has been waiting (for priority aging).
-    waiting_since: u64,
+    /// The step that last placed it in a batch (0: never).
+    placed_step: u64,
+    /// Steps scheduled before its request arrived (for priority aging).
+    arrival_step: u64,
     /// Arrival order of its request, then sample: the FCFS rank.
     order: (u64, usize),
+    /// Its request's stop conditions that `update` checks for every token (copied here so that
+    /// a plain decode does not look the request up).
+    stops: Stops,
+}
+
+/// A request's per-token stop conditions.
+#[derive(Debug, Clone, Copy)]
+struct Stops {
+    max_tokens: usize,
+    ignore_eos: bool,
+    /// Whether the request has stop token ids (checked on the request).
+    has_stop_ids: bool,
 }
 
 impl SeqState {
@@ -53,9 +71,10 @@ impl SeqState {
     }
 
     /// Whether the next step is a single decode token (the prompt, and any recomputation,
-    /// done).
+    /// done). The last chunk of a recomputation is one token too, but that token is already in
+    /// the block manager: it is a prefill (no drafts).
     fn is_decode(&self) -> bool {
-        self.output_len() > 0 && self.pending() == 1
+        self.pending() == 1 && self.num_computed >= self.num_added
     }
 }
 
@@ -110,12 +129,21 @@ pub struct Scheduler {
     waiting: VecDeque<SeqId>,
     /// Sequences with GPU blocks, best rank first.
     running: Vec<SeqId>,
+    /// Sequences that running requests with `n > 1` will fork when their prompts complete
+    /// (`n - 1` each): seats under `max_num_seqs` that admission keeps for them.
+    reserved_forks: usize,
     /// Swapped-out sequences, best rank first.
     swapped: VecDeque<SeqId>,
+    /// No live request has a deadline before this (`None`: none has one). It may be earlier
+    /// than the earliest live deadline (requests end); `schedule` then rescans.
+    next_deadline: Option<Instant>,
     next_seq: u64,
     next_arrival: u64,
     output: SchedulerOutput,
     in_flight: Option<Vec<InFlight>>,
+    /// Buffers reused from step to step: the plan kept for `update`, the batch order.
+    spare_flight: Vec<InFlight>,
+    order: Vec<SeqId>,
     slots: StepSlots,
     spec: Option<Speculation>,
     stats: SchedulerStats,
@@ -151,11 +179,15 @@ impl Scheduler {
             seqs: FxHashMap::default(),
             waiting: VecDeque::new(),
             running: Vec::new(),
+            reserved_forks: 0,
             swapped: VecDeque::new(),
+            next_deadline: None,
             next_seq: 0,
             next_arrival: 0,
             output: SchedulerOutput::default(),
             in_flight: None,
+            spare_flight: Vec::new(),
+            order: Vec::new(),
             slots: StepSlots::default(),
             spec: None,
             stats: SchedulerStats::default(),
@@ -214,6 +246,9 @@ impl Scheduler {
                 reason,
             });
         }
+        if let Some(d) = req.deadline {
+            self.next_deadline = Some(self.next_deadline.map_or(d, |n| n.min(d)));
+        }
         let seq = self.new_seq_id();
         let arrival = self.next_arrival;
         self.next_arrival += 1;
@@ -225,9 +260,16 @@ impl Scheduler {
                 tokens: req.prompt.clone(),
                 prompt_len: req.prompt.len(),
                 num_computed: 0,
+                num_added: req.prompt.len(),
                 status: Status::Waiting,
-                waiting_since: self.stats.steps,
+                placed_step: 0,
+                arrival_step: self.stats.steps,
                 order: (arrival, 0),
+                stops: Stops {
+                    max_tokens: req.max_tokens,
+                    ignore_eos: req.ignore_eos,
+                    has_stop_ids: !req.stop_token_ids.is_empty(),
+                },
             },
         );
         self.requests.insert(
@@ -373,7 +415,14 @@ impl Scheduler {
         };
         match s.status {
             Status::Waiting => self.waiting.retain(|&q| q != seq),
-            Status::Running => self.running.retain(|&q| q != seq),
+            Status::Running => {
+                self.running.retain(|&q| q != seq);
+                let reserve = self
+                    .requests
+                    .get(&s.request)
+                    .map_or(0, |r| fork_reserve(&s, r));
+                self.reserved_forks = self.reserved_forks.saturating_sub(reserve);
+            }
             Status::Swapped => self.swapped.retain(|&q| q != seq),
         }
         if s.status != Status::Waiting {
@@ -397,33 +446,36 @@ impl Scheduler {
     }
 
     /// Rank key: lower is better.
-    fn rank(&self, seq: SeqId) -> (i64, u64, usize) {
+    ///
+    /// Under [`Policy::Priority`] a request gains one priority level per `aging_steps` steps
+    /// since its arrival, in every state (waiting, running, swapped, and across preemptions):
+    /// its effective priority at step `t` is `priority − (t − arrival) / aging_steps`, so the
+    /// order between two requests does not change with `t` and is that of the fixed key
+    /// `priority · aging_steps + arrival`. A request is therefore overtaken only by requests
+    /// that arrived less than `(its priority − theirs) · aging_steps` steps after it: none
+    /// starves, and the queues stay sorted without re-ranking.
+    fn rank(&self, seq: SeqId) -> (i128, u64, usize) {
         let Some(s) = self.seqs.get(&seq) else {
-            return (i64::MAX, u64::MAX, usize::MAX);
+            return (i128::MAX, u64::MAX, usize::MAX);
         };
-        let priority = match self.config.policy {
+        let key = match self.config.policy {
             Policy::Fcfs => 0,
             Policy::Priority { aging_steps } => {
                 let base = self
                     .requests
                     .get(&s.request)
-                    .map_or(0, |r| i64::from(r.req.priority));
-                let aged = if s.status == Status::Waiting {
-                    ((self.stats.steps - s.waiting_since) / aging_steps) as i64
-                } else {
-                    0
-                };
-                base - aged
+                    .map_or(0, |r| i128::from(r.req.priority));
+                base * i128::from(aging_steps) + i128::from(s.arrival_step)
             }
         };
-        (priority, s.order.0, s.order.1)
+        (key, s.order.0, s.order.1)
     }
 
     /// Plans the next step. `now` is checked against request deadlines.
     ///
-    /// Running sequences come first, in rank order: each decoding sequence computes one token
-    /// (plus its draft tokens when speculating), each sequence still in its prompt a chunk;
-    /// when blocks run out the lowest-ranked running sequences are preempted. Then, if nothing
+    /// Running sequences come first: decoding ones (one token each, plus draft tokens when
+    /// speculating), then those still in their prompt (a chunk each), each pass in rank order;
+    /// when blocks run out the lowest-ranked running sequences not yet placed are preempted. Then, if nothing
     /// was preempted, swapped-out sequences come back, and then waiting requests are admitted
     /// in rank order while the token budget, `max_num_seqs` and the free blocks (above the
     /// watermark) allow; admission stops at the first request that does not fit, so none is
@@ -445,16 +497,11 @@ impl Scheduler {
         clear_output(&mut out);
         out.step = self.stats.steps;
         self.slots.clear();
-        let mut flight = Vec::new();
+        let mut flight = std::mem::take(&mut self.spare_flight);
+        flight.clear();
 
-        self.expire_deadlines(now, &mut out)?;
-        if matches!(self.config.policy, Policy::Priority { .. }) {
-            let mut w: Vec<SeqId> = self.waiting.drain(..).collect();
-            w.sort_by_key(|&s| self.rank(s));
-            self.waiting = w.into();
-        }
-
-        let mut budget = self.config.max_num_batched_tokens;
+        // Drafts first: if the proposer fails, nothing has changed yet (deadlines expired
+        // here would otherwise be lost with the step).
         let drafts = match self.spec.as_mut() {
             Some(spec) => {
                 let max_len = self.config.max_model_len;
@@ -468,7 +515,10 @@ impl Scheduler {
                         // Drafts plus the bonus token stay within max_tokens and max_model_len.
                         let max_k = (r.req.max_tokens.saturating_sub(s.output_len() + 1))
                             .min(max_len.saturating_sub(s.tokens.len() + 1));
-                        s.is_decode().then_some(Candidate {
+                        // A temperature the proposer refuses would fail every step.
+                        let t = r.req.temperature;
+                        let valid = t.is_finite() && t >= 0.0;
+                        (s.is_decode() && valid).then_some(Candidate {
                             seq: q,
                             tokens: &s.tokens,
                             temperature: r.req.temperature,
@@ -482,55 +532,67 @@ impl Scheduler {
             None => FxHashMap::default(),
         };
 
-        // 1. Running sequences, best first; victims come from the end.
+        self.expire_deadlines(now, &mut out)?;
+        if matches!(self.config.policy, Policy::Priority { .. }) {
+            let mut w: Vec<SeqId> = self.waiting.drain(..).collect();
+            w.sort_by_key(|&s| self.rank(s));
+            self.waiting = w.into();
+        }
+
+        let mut budget = self.config.max_num_batched_tokens;
+
+        // 1. Running sequences: decodes first, then prompt chunks, each pass in rank order.
+        // Victims come from the end of the running list, skipping what this step placed.
         let mut preempted_any = false;
-        let mut i = 0;
-        while i < self.running.len() {
-            if flight.len() >= self.config.max_num_seqs || budget == 0 {
-                break;
-            }
-            let seq = self.running[i];
-            let Some(s) = self.seqs.get(&seq) else {
-                i += 1;
-                continue;
-            };
-            let decode = s.is_decode();
-            let mut draft = if decode {
-                drafts.get(&seq).cloned().unwrap_or_default()
-            } else {
-                Vec::new()
-            };
-            let chunk = if decode {
-                draft.truncate(budget - 1);
-                1
-            } else {
-                self.chunk(s.pending(), budget)
-            };
-            let new_tokens = chunk + draft.len();
-            // Preempt from the end until the blocks fit (possibly this sequence itself).
-            let mut fits = true;
-            loop {
-                let need = self.bm.blocks_needed(seq, new_tokens)?;
-                if need <= self.bm.num_available_blocks() {
+        for decodes in [true, false] {
+            let mut i = 0;
+            while i < self.running.len() {
+                if flight.len() >= self.config.max_num_seqs || budget == 0 {
                     break;
                 }
-                let Some(&victim) = self.running.last() else {
-                    fits = false;
-                    break;
+                let seq = self.running[i];
+                let Some(s) = self.seqs.get(&seq) else {
+                    i += 1;
+                    continue;
                 };
-                self.preempt(victim, &mut out)?;
-                preempted_any = true;
-                if victim == seq {
-                    fits = false;
+                let decode = s.is_decode();
+                if decode != decodes || s.placed_step == out.step {
+                    i += 1;
+                    continue;
+                }
+                let mut draft = if decode {
+                    drafts.get(&seq).cloned().unwrap_or_default()
+                } else {
+                    Vec::new()
+                };
+                let chunk = if decode {
+                    draft.truncate(budget.min(self.window_cap(s.num_computed)) - 1);
+                    1
+                } else {
+                    self.chunk(s.num_computed, s.pending(), budget)
+                };
+                let new_tokens = chunk + draft.len();
+                // Preempt until the blocks fit (possibly this sequence itself).
+                let mut fits = true;
+                while !self.fits(seq, new_tokens)? {
+                    let Some(victim) = self.victim(out.step) else {
+                        fits = false;
+                        break;
+                    };
+                    self.preempt(victim, &mut out)?;
+                    preempted_any = true;
+                    if victim == seq {
+                        fits = false;
+                        break;
+                    }
+                }
+                if !fits {
                     break;
                 }
+                self.place(seq, chunk, draft, &mut out, &mut flight)?;
+                budget -= new_tokens;
+                i += 1;
             }
-            if !fits {
-                break;
-            }
-            self.place(seq, chunk, draft, &mut out, &mut flight)?;
-            budget -= new_tokens;
-            i += 1;
         }
 
         // 2. Swapped-out sequences come back (only in a step without preemption).
@@ -538,8 +600,19 @@ impl Scheduler {
             let Some(&seq) = self.swapped.front() else {
                 break;
             };
+            // Its blocks and one to grow into, above the watermark. A sequence that can never
+            // get that much (it held more than the pool above the watermark, or all of it with
+            // its last block full: possible when it shared blocks or grew past the watermark
+            // while running) comes back when nothing else runs and its blocks are free.
             let blocks = self.swap_in_blocks(seq)?;
-            if self.bm.can_allocate(blocks + 1) != AllocStatus::Ok {
+            let fits = match self.bm.can_allocate(blocks + 1) {
+                AllocStatus::Ok => true,
+                AllocStatus::Later => false,
+                AllocStatus::Never => {
+                    self.running.is_empty() && blocks <= self.bm.num_available_blocks()
+                }
+            };
+            if !fits {
                 break;
             }
             out.swap_in.extend(self.bm.swap_in(&[seq])?);
@@ -552,9 +625,9 @@ impl Scheduler {
             let chunk = if s.is_decode() {
                 1
             } else {
-                self.chunk(s.pending(), budget)
+                self.chunk(s.num_computed, s.pending(), budget)
             };
-            if self.bm.blocks_needed(seq, chunk)? > self.bm.num_available_blocks() {
+            if !self.fits(seq, chunk)? {
                 break;
             }
             self.place(seq, chunk, Vec::new(), &mut out, &mut flight)?;
@@ -575,26 +648,44 @@ impl Scheduler {
                 self.waiting.pop_front();
                 continue;
             };
+            // A request with `n > 1` forks into `n` running sequences when its prompt
+            // completes: admit it only if they all fit under `max_num_seqs`, next to the
+            // running ones and the forks they will make.
+            let samples = 1 + self
+                .requests
+                .get(&s.request)
+                .map_or(0, |r| fork_reserve(s, r));
+            if self.running.len() + self.reserved_forks + samples > self.config.max_num_seqs {
+                break;
+            }
             let ns = self
                 .requests
                 .get(&s.request)
                 .and_then(|r| r.req.cache_namespace.clone());
             let m = self.bm.prefix_match(&s.tokens, ns.as_deref());
-            let chunk = self.chunk(s.tokens.len() - m.num_cached_tokens, budget);
+            let cached = m.num_cached_tokens;
+            let chunk = self.chunk(cached, s.tokens.len() - cached, budget);
             let bs = self.bm.block_size();
-            let cached_blocks = m.num_cached_tokens / bs;
-            let revived = m
+            let cached_blocks = cached / bs;
+            let mut revived = m
                 .blocks_needed
                 .saturating_sub(s.tokens.len().div_ceil(bs) - cached_blocks);
-            let blocks = revived + (m.num_cached_tokens + chunk).div_ceil(bs) - cached_blocks;
+            if let Some(w) = self.bm.config().sliding_window {
+                // Cached blocks before the window are released again at once: at most the
+                // ones inside it are taken from the pool.
+                let first_kept = ((cached + 1).saturating_sub(w) / bs).min(cached_blocks);
+                revived = revived.min(cached_blocks - first_kept);
+            }
+            let blocks = revived + (cached + chunk).div_ceil(bs) - cached_blocks;
             if self.bm.can_allocate(blocks) != AllocStatus::Ok {
                 break;
             }
             let cached = self.bm.add_sequence(seq, &s.tokens, ns.as_deref())?;
             self.waiting.pop_front();
-            let chunk = self.chunk(s.tokens.len() - cached, budget);
+            let chunk = self.chunk(cached, s.tokens.len() - cached, budget);
             if let Some(s) = self.seqs.get_mut(&seq) {
                 s.num_computed = cached;
+                s.num_added = s.tokens.len();
                 s.status = Status::Running;
             }
             self.insert_running(seq);
@@ -603,12 +694,15 @@ impl Scheduler {
         }
 
         // 4. The batch's block tables, in batch order.
-        let order: Vec<SeqId> = out.seqs.iter().map(|s| s.seq).collect();
+        let mut order = std::mem::take(&mut self.order);
+        order.clear();
+        order.extend(out.seqs.iter().map(|s| s.seq));
         out.seq_starts.push(0);
         out.seq_starts
             .extend(out.seqs.iter().map(|s| s.tokens.end as u32));
         self.bm
             .update_block_table_matrix(&order, None, &mut out.block_tables)?;
+        self.order = order;
         out.slot_mapping.extend_from_slice(&self.slots.slot_mapping);
         out.copies.extend_from_slice(&self.slots.copies);
         self.output = out;
@@ -616,10 +710,60 @@ impl Scheduler {
         Ok(&self.output)
     }
 
-    /// The prompt chunk for `pending` tokens with `budget` left.
-    fn chunk(&self, pending: usize, budget: usize) -> usize {
+    /// The prompt chunk from position `start` for `pending` tokens with `budget` left.
+    fn chunk(&self, start: usize, pending: usize, budget: usize) -> usize {
         let cap = self.config.max_prefill_chunk.unwrap_or(usize::MAX);
-        pending.min(budget).min(cap)
+        pending.min(budget).min(cap).min(self.window_cap(start))
+    }
+
+    /// With a sliding window, the most tokens from position `start` that one step can give
+    /// slots to while the sequence holds at most the pool above the watermark: the blocks of
+    /// the step span from the first one the window keeps to the last new token, and a chunk
+    /// that needed more than the pool would never fit (at least 1; unlimited without a
+    /// window). Admission guarantees that a single token always fits.
+    fn window_cap(&self, start: usize) -> usize {
+        let bc = self.bm.config();
+        let Some(w) = bc.sliding_window else {
+            return usize::MAX;
+        };
+        let usable = bc.num_gpu_blocks - (bc.num_gpu_blocks as f64 * bc.watermark) as usize;
+        let first_kept = (start + 1).saturating_sub(w) / bc.block_size;
+        ((first_kept + usable) * bc.block_size)
+            .saturating_sub(start)
+            .max(1)
+    }
+
+    /// Whether `num_tokens` more tokens of running `seq` get slots from the blocks available
+    /// now (counting those its sliding window releases first).
+    fn fits(&self, seq: SeqId, num_tokens: usize) -> Result<bool, SchedulerError> {
+        let available = self.bm.num_available_blocks();
+        // At most the blocks the tokens span, plus a copy of a shared last block.
+        if num_tokens.div_ceil(self.bm.block_size()) < available {
+            return Ok(true);
+        }
+        let need = self.bm.blocks_needed(seq, num_tokens)?;
+        if need <= available {
+            return Ok(true);
+        }
+        Ok(need <= available + self.window_releasable(seq)?)
+    }
+
+    /// With a sliding window, the blocks of `seq` that its next step releases (those before
+    /// the window of its next token that no other sequence holds): they count as available
+    /// for that step. 0 without a window.
+    fn window_releasable(&self, seq: SeqId) -> Result<usize, SchedulerError> {
+        let Some(w) = self.bm.config().sliding_window else {
+            return Ok(0);
+        };
+        let next = self.bm.num_slotted_tokens(seq)?;
+        let first_kept = (next + 1).saturating_sub(w) / self.bm.block_size();
+        let mut releasable = 0;
+        for b in self.bm.block_table(seq)?.iter().take(first_kept).flatten() {
+            if self.bm.ref_count(*b)? == 1 {
+                releasable += 1;
+            }
+        }
+        Ok(releasable)
     }
 
     /// Blocks `seq` (swapped out) needs to come back.
@@ -635,13 +779,15 @@ impl Scheduler {
     fn set_status(&mut self, seq: SeqId, status: Status) {
         if let Some(s) = self.seqs.get_mut(&seq) {
             s.status = status;
-            if status == Status::Waiting {
-                s.waiting_since = self.stats.steps;
-            }
         }
     }
 
     fn insert_running(&mut self, seq: SeqId) {
+        if let Some(s) = self.seqs.get(&seq)
+            && let Some(r) = self.requests.get(&s.request)
+        {
+            self.reserved_forks += fork_reserve(s, r);
+        }
         let key = self.rank(seq);
         let at = self.running.partition_point(|&q| self.rank(q) <= key);
         self.running.insert(at, seq);
@@ -650,6 +796,11 @@ impl Scheduler {
     /// Preempts running `seq` (swap if configured and possible, else recompute).
     fn preempt(&mut self, seq: SeqId, out: &mut SchedulerOutput) -> Result<(), SchedulerError> {
         self.running.retain(|&q| q != seq);
+        if let Some(s) = self.seqs.get(&seq)
+            && let Some(r) = self.requests.get(&s.request)
+        {
+            self.reserved_forks = self.reserved_forks.saturating_sub(fork_reserve(s, r));
+        }
         self.stats.num_preemptions += 1;
         out.preempted.push(seq);
         if let Some(spec) = &mut self.spec {
@@ -677,6 +828,15 @@ impl Scheduler {
     }
 
     /// Gives slots to `chunk` known tokens (and `draft`) of running `seq` and adds it to the
+    /// The lowest-ranked running sequence not yet placed in step `step`.
+    fn victim(&self, step: u64) -> Option<SeqId> {
+        self.running
+            .iter()
+            .rev()
+            .find(|q| self.seqs.get(q).is_some_and(|s| s.placed_step != step))
+            .copied()
+    }
+
     /// batch.
     fn place(
         &mut self,
@@ -686,17 +846,27 @@ impl Scheduler {
         out: &mut SchedulerOutput,
         flight: &mut Vec<InFlight>,
     ) -> Result<(), SchedulerError> {
-        let Some(s) = self.seqs.get(&seq) else {
+        let Some(s) = self.seqs.get_mut(&seq) else {
             return Err(SchedulerError::NotScheduled(seq));
         };
+        s.placed_step = out.step;
+        let s = &*s;
         let start = s.num_computed;
         let known = &s.tokens[start..start + chunk];
-        if self.bm.tokens(seq)?.len() > start {
+        // The manager holds the tokens added with the sequence; later ones are appended.
+        debug_assert_eq!(
+            self.bm.tokens(seq).map(|t| t.len() > start).ok(),
+            Some(start < s.num_added)
+        );
+        if start < s.num_added {
             // Prompt (or recomputed) tokens the manager already holds: give them slots.
             debug_assert!(draft.is_empty());
             self.bm.allocate_slots(seq, chunk, &mut self.slots)?;
+        } else if draft.is_empty() {
+            // A decode: the last sampled token.
+            self.bm.append_tokens(seq, known, &mut self.slots)?;
         } else {
-            // A decode: the last sampled token, then any drafts.
+            // A speculative decode: the last sampled token, then the drafts.
             let mut append = known.to_vec();
             append.extend_from_slice(&draft);
             self.bm.append_tokens(seq, &append, &mut self.slots)?;
@@ -715,8 +885,8 @@ impl Scheduler {
                 .extend((last..last + 1 + draft.len()).map(|t| t as u32));
         }
         let first_sampling = completes && s.output_len() == 0;
-        let num_samples = match self.requests.get(&s.request) {
-            Some(r) if first_sampling && r.seqs.len() == 1 => r.req.n,
+        let num_samples = match first_sampling.then(|| self.requests.get(&s.request)) {
+            Some(Some(r)) if r.seqs.len() == 1 => r.req.n,
             _ => 1,
         };
         let draft_probs = self
@@ -749,12 +919,20 @@ impl Scheduler {
         now: Instant,
         out: &mut SchedulerOutput,
     ) -> Result<(), SchedulerError> {
+        if self.next_deadline.is_none_or(|d| d > now) {
+            return Ok(());
+        }
         let expired: Vec<RequestId> = self
             .requests
             .values()
             .filter(|r| r.req.deadline.is_some_and(|d| d <= now))
             .map(|r| r.req.id)
             .collect();
+        self.next_deadline = self
+            .requests
+            .values()
+            .filter_map(|r| r.req.deadline.filter(|&d| d > now))
+            .min();
         for id in expired {
             let Some(r) = self.requests.get(&id) else {
                 continue;
@@ -783,6 +961,24 @@ impl Scheduler {
         let Some(flight) = self.in_flight.as_ref() else {
             return Err(SchedulerError::StepOrder("update without a step in flight"));
         };
+        // The usual case: one result per scheduled sequence, in batch order.
+        if results.len() == flight.len() && results.iter().zip(flight).all(|(r, f)| r.seq == f.seq)
+        {
+            for (r, f) in results.iter().zip(flight) {
+                if self.seqs.contains_key(&r.seq) {
+                    check_result(f, r)?;
+                }
+            }
+            let Some(flight) = self.in_flight.take() else {
+                return Err(SchedulerError::StepOrder("update without a step in flight"));
+            };
+            let mut outputs = Vec::with_capacity(flight.len());
+            for (f, r) in flight.iter().zip(results) {
+                self.apply(f, r, &mut outputs)?;
+            }
+            self.spare_flight = flight;
+            return Ok(outputs);
+        }
         let plan: FxHashMap<SeqId, &InFlight> = flight.iter().map(|f| (f.seq, f)).collect();
         let mut seen = FxHashSet::default();
         for r in results {
@@ -814,6 +1010,7 @@ impl Scheduler {
             };
             self.apply(f, r, &mut outputs)?;
         }
+        self.spare_flight = flight;
         Ok(outputs)
     }
 
@@ -827,9 +1024,13 @@ impl Scheduler {
         let Some(s) = self.seqs.get_mut(&seq) else {
             return Ok(());
         };
+        let computed_before = s.num_computed;
         s.num_computed += f.num_tokens;
+        let bs = self.bm.block_size();
         if !f.samples {
-            self.bm.cache_full_blocks(seq)?;
+            if s.num_computed / bs != computed_before / bs {
+                self.bm.cache_full_blocks(seq)?;
+            }
             return Ok(());
         }
         // Accepted drafts have valid KV; drop the rejected ones' slots.
@@ -849,8 +1050,21 @@ impl Scheduler {
                     .map_err(|e| SchedulerError::Proposer(e.to_string()))?;
             }
         }
-        self.bm.cache_full_blocks(seq)?;
-        // The other samples fork the prompt's blocks before any sample can finish.
+        // Only a step that filled a block has one to register (the manager keeps up with
+        // every earlier one).
+        if s.num_computed / bs != computed_before / bs {
+            self.bm.cache_full_blocks(seq)?;
+        }
+        // The other samples fork the prompt's blocks before any sample can finish; the seats
+        // reserved for them are taken now.
+        if f.num_samples > 1
+            && let Some(rs) = self.requests.get(&s.request)
+        {
+            self.reserved_forks = self.reserved_forks.saturating_sub(fork_reserve(s, rs));
+        }
+        if f.num_samples <= 1 {
+            return self.push_tokens(seq, &r.tokens, outputs);
+        }
         let mut samples = vec![(seq, r.tokens[0])];
         for (i, &t) in r.tokens.iter().enumerate().take(f.num_samples).skip(1) {
             let child = self.new_seq_id();
@@ -864,9 +1078,12 @@ impl Scheduler {
                 tokens: parent.tokens.clone(),
                 prompt_len: parent.prompt_len,
                 num_computed: parent.num_computed,
+                num_added: parent.num_added,
                 status: Status::Running,
-                waiting_since: parent.waiting_since,
+                placed_step: 0,
+                arrival_step: parent.arrival_step,
                 order: (parent.order.0, i),
+                stops: parent.stops,
             };
             let request = parent.request;
             self.seqs.insert(child, state);
@@ -877,12 +1094,8 @@ impl Scheduler {
             self.insert_running(child);
             samples.push((child, t));
         }
-        if f.num_samples > 1 {
-            for (q, t) in samples {
-                self.push_tokens(q, &[t], outputs)?;
-            }
-        } else {
-            self.push_tokens(seq, &r.tokens, outputs)?;
+        for (q, t) in samples {
+            self.push_tokens(q, &[t], outputs)?;
         }
         Ok(())
     }
@@ -897,19 +1110,25 @@ impl Scheduler {
         let Some(s) = self.seqs.get_mut(&seq) else {
             return Ok(());
         };
-        let Some(r) = self.requests.get(&s.request) else {
-            return Ok(());
+        let stops = s.stops;
+        let stop_ids: &[u32] = if stops.has_stop_ids {
+            match self.requests.get(&s.request) {
+                Some(r) => &r.req.stop_token_ids,
+                None => return Ok(()),
+            }
+        } else {
+            &[]
         };
         let mut finished = None;
         let mut new_tokens = Vec::with_capacity(tokens.len());
         for &t in tokens {
             s.tokens.push(t);
             new_tokens.push(t);
-            if r.req.stop_token_ids.contains(&t) {
+            if stop_ids.contains(&t) {
                 finished = Some(FinishReason::StopToken(t));
-            } else if !r.req.ignore_eos && self.config.eos_token_ids.contains(&t) {
+            } else if !stops.ignore_eos && self.config.eos_token_ids.contains(&t) {
                 finished = Some(FinishReason::Eos);
-            } else if s.output_len() >= r.req.max_tokens
+            } else if s.output_len() >= stops.max_tokens
                 || s.tokens.len() >= self.config.max_model_len
             {
                 finished = Some(FinishReason::Length);
@@ -930,6 +1149,16 @@ impl Scheduler {
             finished,
         });
         Ok(())
+    }
+}
+
+/// Sequences a running sequence's request will still fork (`n - 1` until its prompt
+/// completes, then 0).
+fn fork_reserve(s: &SeqState, r: &RequestState) -> usize {
+    if r.seqs.len() == 1 && s.output_len() == 0 {
+        r.req.n - 1
+    } else {
+        0
     }
 }
 

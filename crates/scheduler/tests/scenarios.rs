@@ -253,3 +253,27 @@ fn ngram_speculation_equals_plain_decoding() {
     assert!(h.sched.stats().spec_accepted > 0, "{:?}", h.sched.stats());
     check_outputs(&h, &reqs);
 }
+
+#[test]
+fn decodes_go_before_prompt_chunks_of_better_ranked_requests() {
+    let mut c = config(8, 4);
+    c.policy = scheduler::Policy::Priority { aging_steps: 1000 };
+    let mut h = Harness::new(c, bm_config(64, 8));
+    let low = {
+        let mut r = req(0, 4, 6);
+        r.priority = 5;
+        r
+    };
+    h.add(low.clone());
+    h.step();
+    h.step();
+    // A better-ranked request arrives with a long prompt: the low one's decode still comes
+    // first in the batch and in the budget, the prompt gets the rest.
+    let mut high = req(1, 30, 2);
+    high.priority = -5;
+    h.add(high.clone());
+    h.step();
+    assert_eq!(h.trace[2], "3: r0/0 decode 5..6 | r1/0 prefill 0..7");
+    h.run_to_end(40);
+    check_outputs(&h, &[low, high]);
+}

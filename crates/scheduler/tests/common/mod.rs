@@ -55,6 +55,12 @@ impl FakeKv {
     /// for its whole (windowed) context through its block table. `histories[i]` are the tokens
     /// of `out.seqs[i]` including the ones computed in this step.
     pub fn run(&mut self, out: &SchedulerOutput, histories: &[Vec<u32>]) {
+        self.copy_blocks(out);
+        self.compute(out, histories);
+    }
+
+    /// The step's swap and copy-on-write copies (what runs before the forward pass).
+    pub fn copy_blocks(&mut self, out: &SchedulerOutput) {
         let bs = self.block_size;
         for c in &out.swap_out {
             let gpu = self.gpu.clone();
@@ -68,6 +74,11 @@ impl FakeKv {
             let gpu = self.gpu.clone();
             Self::copy(&gpu, &mut self.gpu, c, bs);
         }
+    }
+
+    /// The forward pass: cache writes, then the check that every token reads the right KV.
+    pub fn compute(&mut self, out: &SchedulerOutput, histories: &[Vec<u32>]) {
+        let bs = self.block_size;
         for (s, h) in out.seqs.iter().zip(histories) {
             for t in s.tokens.clone() {
                 let p = out.positions[t] as usize;
@@ -138,6 +149,18 @@ impl Harness {
     /// One step with the fake model's greedy tokens (verifying drafts greedily). Returns the
     /// step's sample outputs.
     pub fn step(&mut self) -> Vec<SampleOutput> {
+        let (out, histories) = self.plan();
+        self.kv.run(&out, &histories);
+        let results = self.model_results(&out, &histories);
+        let samples = self.sched.update(&results).unwrap();
+        self.record(&samples);
+        samples
+    }
+
+    /// Schedules a step (at `self.now`) without running it: the plan, and the token history
+    /// of each scheduled sequence including its draft tokens. Records deadline finishes and
+    /// the trace line.
+    pub fn plan(&mut self) -> (SchedulerOutput, Vec<Vec<u32>>) {
         let out = self.sched.schedule(self.now).unwrap().clone();
         self.record_finished(&out.finished);
         let mut histories = Vec::new();
@@ -146,10 +169,14 @@ impl Harness {
             h.extend_from_slice(&s.draft_tokens);
             histories.push(h);
         }
-        self.kv.run(&out, &histories);
         self.trace.push(trace_line(&out));
+        (out, histories)
+    }
+
+    /// What the fake model samples for a planned step (greedy; drafts verified greedily).
+    pub fn model_results(&self, out: &SchedulerOutput, histories: &[Vec<u32>]) -> Vec<SeqResult> {
         let mut results = Vec::new();
-        for (s, h) in out.seqs.iter().zip(&histories) {
+        for (s, h) in out.seqs.iter().zip(histories) {
             let mut tokens = Vec::new();
             if !s.logits.is_empty() {
                 let base = h.len() - s.draft_tokens.len();
@@ -170,8 +197,12 @@ impl Harness {
             }
             results.push(SeqResult { seq: s.seq, tokens });
         }
-        let samples = self.sched.update(&results).unwrap();
-        for o in &samples {
+        results
+    }
+
+    /// Records the sample outputs of an update.
+    pub fn record(&mut self, samples: &[SampleOutput]) {
+        for o in samples {
             self.outputs
                 .entry((o.request, o.sample))
                 .or_default()
@@ -180,7 +211,6 @@ impl Harness {
                 self.finished.insert((o.request, o.sample), r);
             }
         }
-        samples
     }
 
     pub fn record_finished(&mut self, f: &[scheduler::FinishedSeq]) {
@@ -269,4 +299,75 @@ pub fn bm_config(blocks: usize, block_size: usize) -> BlockManagerConfig {
     c.block_size = block_size;
     c.watermark = 0.0;
     c
+}
+
+/// Checks the shape of a step plan against the configuration: the token budget and
+/// `max_num_seqs`, one contiguous token range per sequence matching `seq_starts`, consecutive
+/// positions, one block-table row per sequence, and logits rows (the last known token, then one
+/// per draft token) in batch order.
+pub fn check_batch(out: &SchedulerOutput, c: &SchedulerConfig) {
+    let n = out.num_tokens();
+    assert!(
+        n <= c.max_num_batched_tokens,
+        "step {}: {n} tokens over a budget of {}",
+        out.step,
+        c.max_num_batched_tokens
+    );
+    assert!(
+        out.seqs.len() <= c.max_num_seqs,
+        "step {}: {} sequences, max_num_seqs {}",
+        out.step,
+        out.seqs.len(),
+        c.max_num_seqs
+    );
+    assert_eq!(out.positions.len(), n);
+    assert_eq!(out.slot_mapping.len(), n);
+    assert_eq!(out.seq_starts.len(), out.seqs.len() + 1);
+    assert_eq!(out.seq_starts[0], 0);
+    assert_eq!(out.block_tables.num_seqs(), out.seqs.len());
+    assert_eq!(out.block_tables.context_lens().len(), out.seqs.len());
+    let mut seen = std::collections::HashSet::new();
+    let mut logits_end = 0;
+    for (i, s) in out.seqs.iter().enumerate() {
+        assert!(seen.insert(s.seq), "{:?} twice in step {}", s.seq, out.step);
+        assert_eq!(s.tokens.start, out.seq_starts[i] as usize);
+        assert_eq!(s.tokens.end, out.seq_starts[i + 1] as usize);
+        assert!(
+            s.tokens.len() > s.draft_tokens.len(),
+            "{:?} computes no known token",
+            s.seq
+        );
+        for t in s.tokens.start + 1..s.tokens.end {
+            assert_eq!(out.positions[t], out.positions[t - 1] + 1, "{:?}", s.seq);
+        }
+        assert_eq!(
+            s.logits.start, logits_end,
+            "{:?}: logits rows out of order",
+            s.seq
+        );
+        logits_end = s.logits.end;
+        assert!(s.num_samples >= 1);
+        if s.logits.is_empty() {
+            assert!(s.is_prefill && s.draft_tokens.is_empty() && s.num_samples == 1);
+        } else {
+            assert_eq!(s.logits.len(), 1 + s.draft_tokens.len(), "{:?}", s.seq);
+            let last_known = s.tokens.end - 1 - s.draft_tokens.len();
+            for (j, row) in s.logits.clone().enumerate() {
+                assert_eq!(
+                    out.logits_indices[row] as usize,
+                    last_known + j,
+                    "{:?}",
+                    s.seq
+                );
+            }
+            if s.num_samples > 1 {
+                assert!(s.draft_tokens.is_empty());
+            }
+        }
+        if let Some(p) = &s.draft_probs {
+            assert_eq!(p.len(), s.draft_tokens.len());
+        }
+    }
+    assert_eq!(logits_end, out.logits_indices.len());
+    assert_eq!(*out.seq_starts.last().unwrap() as usize, n);
 }
