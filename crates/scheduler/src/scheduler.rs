@@ -544,7 +544,11 @@ impl Scheduler {
         // 1. Running sequences: decodes first, then prompt chunks, each pass in rank order.
         // Victims come from the end of the running list, skipping what this step placed.
         let mut preempted_any = false;
+        let mut prompts_running = false;
         for decodes in [true, false] {
+            if !decodes && !prompts_running {
+                break;
+            }
             let mut i = 0;
             while i < self.running.len() {
                 if flight.len() >= self.config.max_num_seqs || budget == 0 {
@@ -557,6 +561,7 @@ impl Scheduler {
                 };
                 let decode = s.is_decode();
                 if decode != decodes || s.placed_step == out.step {
+                    prompts_running |= !decode;
                     i += 1;
                     continue;
                 }

@@ -1,0 +1,320 @@
+//! Starting an engine: loading the model, sizing the KV pool, building the scheduler (and
+//! speculative decoding), spawning the step loop.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use kv_block_manager::{BlockManager, BlockManagerConfig, SUPPORTED_BLOCK_SIZES};
+use kv_quant::KvCacheDtype;
+use model::{Backend, CpuBackend, KvCacheConfig, LoadedModel, ModelConfig, Shard, Tokenizer};
+use scheduler::spec::{
+    DraftModelConfig, DraftModelProposer, MAX_K, NgramConfig, NgramProposer, Proposer,
+    SpecController, SpecControllerConfig,
+};
+use scheduler::{Scheduler, SchedulerConfig, Speculation};
+
+use crate::api::{Device, EngineConfig, EngineError, ModelInfo, ModelSource, SpeculativeMode};
+use crate::handle::{EngineHandle, Shared};
+use crate::validate::Bounds;
+use crate::worker::Worker;
+
+/// KV-cache bytes on the CPU when [`EngineConfig::kv_cache_memory`] is not set: 256 MiB
+/// (about 11,600 tokens of the default model in fp16).
+pub const DEFAULT_CPU_KV_CACHE_MEMORY: u64 = 256 << 20;
+
+/// The KV-cache format when [`EngineConfig::kv_cache_dtype`] is not set (on the CPU).
+pub const DEFAULT_CPU_KV_CACHE_DTYPE: KvCacheDtype = KvCacheDtype::Fp16;
+
+/// Starts engines. See the [crate docs](crate).
+#[derive(Debug)]
+pub struct Engine;
+
+fn startup(what: &str, e: impl std::fmt::Display) -> EngineError {
+    EngineError::Startup(format!("{what}: {e}"))
+}
+
+fn bad_config(field: &str, reason: impl std::fmt::Display) -> EngineError {
+    EngineError::Startup(format!("invalid config `{field}`: {reason}"))
+}
+
+/// The KV cache a model gets under `config`: `kv_cache_memory` (or
+/// [`DEFAULT_CPU_KV_CACHE_MEMORY`]) divided by the bytes of one block over every layer
+/// (`kv_quant::bytes_per_block × num_layers`), and `swap_space` divided the same way for the
+/// CPU swap pool.
+///
+/// # Errors
+/// [`EngineError::Startup`] naming the field when the block layout is invalid or the budget
+/// holds no block.
+pub fn kv_cache_config(
+    config: &EngineConfig,
+    model: &ModelConfig,
+) -> Result<KvCacheConfig, EngineError> {
+    if !SUPPORTED_BLOCK_SIZES.contains(&config.block_size) {
+        return Err(bad_config(
+            "block_size",
+            format!(
+                "is {}, must be one of {SUPPORTED_BLOCK_SIZES:?}",
+                config.block_size
+            ),
+        ));
+    }
+    let dtype = config.kv_cache_dtype.unwrap_or(DEFAULT_CPU_KV_CACHE_DTYPE);
+    let per_layer =
+        kv_quant::bytes_per_block(dtype, config.block_size, model.num_kv_heads, model.head_dim)
+            .map_err(|e| bad_config("block_size / kv_cache_dtype", e))?;
+    let per_block = (per_layer as u64)
+        .checked_mul(model.num_layers as u64)
+        .filter(|&b| b > 0)
+        .ok_or_else(|| bad_config("block_size", "a KV block's size overflows"))?;
+    let budget = config
+        .kv_cache_memory
+        .unwrap_or(DEFAULT_CPU_KV_CACHE_MEMORY);
+    // Slots are i32 in the kernels: the block manager refuses more.
+    let max_blocks = (i32::MAX as u64) / config.block_size.max(1) as u64;
+    let num_blocks = (budget / per_block).min(max_blocks);
+    if num_blocks == 0 {
+        return Err(bad_config(
+            "kv_cache_memory",
+            format!("{budget} bytes hold no KV block of {per_block} bytes"),
+        ));
+    }
+    let num_cpu_blocks = (config.swap_space / per_block).min(max_blocks);
+    Ok(KvCacheConfig {
+        num_blocks: num_blocks as usize,
+        block_size: config.block_size,
+        dtype,
+        num_cpu_blocks: num_cpu_blocks as usize,
+    })
+}
+
+/// Loads a GGUF file or an HF directory; the name is the file stem or the directory name.
+fn load_path(path: &Path) -> Result<(LoadedModel, String), EngineError> {
+    let loaded = if path.is_dir() {
+        model::load_hf_dir(path, Shard::FULL)
+    } else {
+        model::load_gguf(path, Shard::FULL)
+    }
+    .map_err(|e| startup(&format!("loading {}", path.display()), e))?;
+    let name = if path.is_dir() {
+        path.file_name()
+    } else {
+        path.file_stem()
+    }
+    .map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    Ok((loaded, name))
+}
+
+fn check_config(c: &EngineConfig) -> Result<(), EngineError> {
+    if c.max_num_seqs == 0 {
+        return Err(bad_config("max_num_seqs", "must be at least 1"));
+    }
+    if c.max_num_batched_tokens == 0 {
+        return Err(bad_config("max_num_batched_tokens", "must be at least 1"));
+    }
+    if c.max_queued_requests == 0 {
+        return Err(bad_config("max_queued_requests", "must be at least 1"));
+    }
+    if c.max_model_len.is_some_and(|l| l < 2) {
+        return Err(bad_config("max_model_len", "must be at least 2"));
+    }
+    if !(c.gpu_memory_utilization > 0.0 && c.gpu_memory_utilization <= 1.0) {
+        return Err(bad_config(
+            "gpu_memory_utilization",
+            format!("is {}, must be in (0, 1]", c.gpu_memory_utilization),
+        ));
+    }
+    if c.speculative.is_some() && !(1..=MAX_K).contains(&c.num_speculative_tokens) {
+        return Err(bad_config(
+            "num_speculative_tokens",
+            format!("is {}, must be in 1..={MAX_K}", c.num_speculative_tokens),
+        ));
+    }
+    if c.limits.max_n == 0 {
+        return Err(bad_config("limits.max_n", "must be at least 1"));
+    }
+    match c.device {
+        Device::Cpu | Device::Auto => Ok(()),
+        Device::Cuda => Err(bad_config(
+            "device",
+            "CUDA is not available in this build (use cpu or auto)",
+        )),
+    }
+}
+
+fn speculation(
+    mode: &SpeculativeMode,
+    config: &EngineConfig,
+    target: &ModelConfig,
+    kv: KvCacheConfig,
+) -> Result<Speculation, EngineError> {
+    let controller = SpecController::new(SpecControllerConfig {
+        max_k: config.num_speculative_tokens,
+        ..SpecControllerConfig::default()
+    })
+    .map_err(|e| bad_config("num_speculative_tokens", e))?;
+    let proposer: Box<dyn Proposer> = match mode {
+        SpeculativeMode::Ngram => Box::new(
+            NgramProposer::new(NgramConfig::default()).map_err(|e| bad_config("speculative", e))?,
+        ),
+        SpeculativeMode::Draft(path) => {
+            let (draft, _) = load_path(path)?;
+            let dc = draft.weights.config();
+            if dc.vocab_size != target.vocab_size {
+                return Err(bad_config(
+                    "speculative",
+                    format!(
+                        "the draft model's vocabulary has {} tokens, the target's {}",
+                        dc.vocab_size, target.vocab_size
+                    ),
+                ));
+            }
+            // The draft cache holds as many blocks as the target's, in the same format.
+            let cache = KvCacheConfig {
+                num_cpu_blocks: 0,
+                ..kv
+            };
+            let backend =
+                CpuBackend::new(draft.weights, cache).map_err(|e| startup("draft model", e))?;
+            Box::new(
+                DraftModelProposer::new(Box::new(backend), DraftModelConfig::default())
+                    .map_err(|e| startup("draft model", e))?,
+            )
+        }
+    };
+    Ok(Speculation::new(proposer, controller))
+}
+
+impl Engine {
+    /// Loads the model ([`ModelSource::Default`]: the default model, fetched if missing; a
+    /// path: a GGUF file or an HF directory), sizes the KV pool from the memory budget
+    /// ([`kv_cache_config`]), builds the CPU backend and starts the step loop.
+    ///
+    /// # Errors
+    /// [`EngineError::Startup`] naming what failed (config field, model file, fetch).
+    pub fn start(config: EngineConfig) -> Result<EngineHandle, EngineError> {
+        check_config(&config)?;
+        let (loaded, name) = match &config.model {
+            ModelSource::Default => {
+                let path = model::ensure_default_model(&model::fetch::default_models_dir())
+                    .map_err(|e| startup("fetching the default model", e))?;
+                load_path(&path)?
+            }
+            ModelSource::Path(path) => load_path(path)?,
+        };
+        let kv = kv_cache_config(&config, loaded.weights.config())?;
+        let backend = CpuBackend::new(loaded.weights, kv).map_err(|e| startup("KV cache", e))?;
+        Self::start_with_backend(config, Box::new(backend), loaded.tokenizer, name)
+    }
+
+    /// Starts the step loop over a prebuilt backend and tokenizer (tests: tiny models, fault
+    /// injection). The KV pool is the backend's ([`Backend::kv_cache_config`]): the config's
+    /// `block_size`, `kv_cache_dtype`, `kv_cache_memory` and `swap_space` are not used.
+    ///
+    /// # Errors
+    /// [`EngineError::Startup`] naming the config field.
+    pub fn start_with_backend(
+        config: EngineConfig,
+        backend: Box<dyn Backend + Send>,
+        tokenizer: Tokenizer,
+        model_name: String,
+    ) -> Result<EngineHandle, EngineError> {
+        check_config(&config)?;
+        if config.device == Device::Auto {
+            tracing::info!("no CUDA backend in this build: running on the CPU");
+        }
+        let model = backend.config().clone();
+        let kv = backend.kv_cache_config();
+        let mut bmc = BlockManagerConfig::new(kv.num_blocks);
+        bmc.num_cpu_blocks = kv.num_cpu_blocks;
+        bmc.block_size = kv.block_size;
+        bmc.enable_prefix_caching = config.enable_prefix_caching;
+        bmc.sliding_window = model.sliding_window;
+        // What admission can ever use: the pool above the watermark (as the scheduler's
+        // NeverFits check counts it).
+        let watermark = (bmc.watermark * kv.num_blocks as f64) as usize;
+        let pool_blocks = kv.num_blocks.saturating_sub(watermark);
+        let fits_window = model
+            .sliding_window
+            .is_some_and(|w| w.div_ceil(kv.block_size.max(1)) < pool_blocks);
+        // A sequence of L tokens holds KV for L - 1 of them.
+        let pool_len = if fits_window {
+            usize::MAX
+        } else {
+            pool_blocks.saturating_mul(kv.block_size).saturating_add(1)
+        };
+        let wanted = config
+            .max_model_len
+            .unwrap_or(model.max_position_embeddings);
+        let max_model_len = wanted.min(pool_len).min(u32::MAX as usize);
+        if max_model_len < wanted {
+            tracing::warn!(
+                wanted,
+                max_model_len,
+                "max_model_len capped to what the KV pool holds"
+            );
+        }
+        if max_model_len < 2 {
+            return Err(bad_config(
+                "kv_cache_memory",
+                format!(
+                    "the KV pool ({} blocks of {} slots) holds no sequence",
+                    kv.num_blocks, kv.block_size
+                ),
+            ));
+        }
+        let bm = BlockManager::new(bmc).map_err(|e| startup("KV pool", e))?;
+        let vocab = model.vocab_size.min(tokenizer.vocab_size());
+        let mut sc = SchedulerConfig::new(max_model_len);
+        sc.max_num_batched_tokens = config.max_num_batched_tokens;
+        sc.max_num_seqs = config.max_num_seqs;
+        sc.preemption_mode = config.preemption_mode;
+        sc.eos_token_ids = tokenizer.eos_token_ids().to_vec();
+        sc.vocab_size = Some(vocab);
+        let mut sched = Scheduler::new(sc, bm).map_err(|e| startup("scheduler", e))?;
+        if let Some(mode) = &config.speculative {
+            sched.set_speculation(Some(speculation(mode, &config, &model, kv)?));
+        }
+        let info = ModelInfo {
+            model: model_name,
+            max_model_len: max_model_len as u32,
+            vocab_size: u32::try_from(model.vocab_size).unwrap_or(u32::MAX),
+            kv_cache_dtype: kv.dtype.to_string(),
+            block_size: u32::try_from(kv.block_size).unwrap_or(u32::MAX),
+            num_blocks: u32::try_from(kv.num_blocks).unwrap_or(u32::MAX),
+            device: "cpu".into(),
+        };
+        let bounds = Bounds {
+            limits: config.limits,
+            vocab_size: vocab,
+            max_model_len,
+            max_num_seqs: config.max_num_seqs,
+        };
+        let tokenizer = Arc::new(tokenizer);
+        let shared = Arc::new(Shared::new());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let worker = Worker::new(
+            sched,
+            backend,
+            Arc::clone(&tokenizer),
+            Arc::clone(&shared),
+            rx,
+            vocab,
+        );
+        let thread = std::thread::Builder::new()
+            .name("kvserve-step-loop".into())
+            .spawn(move || worker.run_guarded())
+            .map_err(|e| startup("spawning the step loop", e))?;
+        Ok(EngineHandle::new(
+            shared,
+            tx,
+            tokenizer,
+            info,
+            bounds,
+            config.max_queued_requests,
+            thread,
+        ))
+    }
+}

