@@ -118,13 +118,7 @@ pub fn decode_slots(
     out: &mut [f32],
 ) -> Result<(), KvQuantError> {
     check_block(layout, block.len())?;
-    if slots.start > slots.end || slots.end > layout.block_size() {
-        return Err(KvQuantError::SlotRangeOutOfRange {
-            start: slots.start,
-            end: slots.end,
-            block_size: layout.block_size(),
-        });
-    }
+    check_slot_range(layout, &slots)?;
     let per_token = layout.values_per_token();
     let expected = slots.len().saturating_mul(per_token);
     check_len("out", expected, out.len())?;
@@ -153,19 +147,8 @@ pub fn decode_head(
     out: &mut [f32],
 ) -> Result<(), KvQuantError> {
     check_block(layout, block.len())?;
-    if slots.start > slots.end || slots.end > layout.block_size() {
-        return Err(KvQuantError::SlotRangeOutOfRange {
-            start: slots.start,
-            end: slots.end,
-            block_size: layout.block_size(),
-        });
-    }
-    if head >= layout.num_kv_heads() {
-        return Err(KvQuantError::HeadOutOfRange {
-            head,
-            num_kv_heads: layout.num_kv_heads(),
-        });
-    }
+    check_slot_range(layout, &slots)?;
+    layout.check_head(head)?;
     let d = layout.head_dim();
     check_len("out", slots.len().saturating_mul(d), out.len())?;
     for (slot, oh) in slots.zip(out.chunks_exact_mut(d)) {
@@ -293,6 +276,17 @@ fn check_len(what: &'static str, expected: usize, got: usize) -> Result<(), KvQu
 
 fn check_block(layout: &BlockLayout, len: usize) -> Result<(), KvQuantError> {
     check_len("block", layout.kv_block_bytes(), len)
+}
+
+fn check_slot_range(layout: &BlockLayout, slots: &Range<usize>) -> Result<(), KvQuantError> {
+    if slots.start > slots.end || slots.end > layout.block_size() {
+        return Err(KvQuantError::SlotRangeOutOfRange {
+            start: slots.start,
+            end: slots.end,
+            block_size: layout.block_size(),
+        });
+    }
+    Ok(())
 }
 
 fn check_slot(layout: &BlockLayout, slot: usize) -> Result<(), KvQuantError> {

@@ -362,13 +362,18 @@ impl BlockLayout {
         head * self.block_size + slot
     }
 
-    pub(crate) fn check_head_slot(&self, head: usize, slot: usize) -> Result<(), KvQuantError> {
+    pub(crate) fn check_head(&self, head: usize) -> Result<(), KvQuantError> {
         if head >= self.num_kv_heads {
             return Err(KvQuantError::HeadOutOfRange {
                 head,
                 num_kv_heads: self.num_kv_heads,
             });
         }
+        Ok(())
+    }
+
+    pub(crate) fn check_head_slot(&self, head: usize, slot: usize) -> Result<(), KvQuantError> {
+        self.check_head(head)?;
         if slot >= self.block_size {
             return Err(KvQuantError::SlotOutOfRange {
                 slot,

@@ -126,6 +126,29 @@ impl ModelConfig {
         }
     }
 
+    /// A tiny Llama (2 layers, hidden 64, 4 query / 2 KV heads of 16, MLP 128, tied
+    /// embeddings) with `vocab_size` tokens: for tests and examples with dummy weights.
+    pub fn tiny(vocab_size: usize) -> Self {
+        Self {
+            architecture: Architecture::Llama,
+            hidden_size: 64,
+            intermediate_size: 128,
+            num_layers: 2,
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 16,
+            vocab_size,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            rope_style: RopeStyle::HalfSplit,
+            rope_scaling: None,
+            max_position_embeddings: 256,
+            sliding_window: None,
+            qkv_bias: false,
+            tie_word_embeddings: true,
+        }
+    }
+
     /// Llama-3.1-8B, for benchmarks of a large shape with dummy weights.
     pub fn llama31_8b() -> Self {
         Self {

@@ -13,8 +13,8 @@ use engine::{
 };
 use kv_block_manager::CopyOp;
 use model::{
-    Architecture, Backend, CpuBackend, DType, ForwardBatch, KvCacheConfig, ModelConfig, ModelError,
-    RopeStyle, Tokenizer, Weights,
+    Backend, CpuBackend, DType, ForwardBatch, KvCacheConfig, ModelConfig, ModelError, Tokenizer,
+    Weights,
 };
 
 pub fn data_dir() -> PathBuf {
@@ -35,24 +35,7 @@ pub const VOCAB: usize = 1200;
 
 /// A tiny Llama sharing the tokenizer's vocabulary.
 pub fn tiny_config() -> ModelConfig {
-    ModelConfig {
-        architecture: Architecture::Llama,
-        hidden_size: 64,
-        intermediate_size: 128,
-        num_layers: 2,
-        num_heads: 4,
-        num_kv_heads: 2,
-        head_dim: 16,
-        vocab_size: VOCAB,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10_000.0,
-        rope_style: RopeStyle::HalfSplit,
-        rope_scaling: None,
-        max_position_embeddings: 256,
-        sliding_window: None,
-        qkv_bias: false,
-        tie_word_embeddings: true,
-    }
+    ModelConfig::tiny(VOCAB)
 }
 
 pub fn tiny_weights() -> Weights {

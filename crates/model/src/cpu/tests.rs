@@ -4,28 +4,11 @@
 use kv_quant::KvCacheDtype;
 
 use super::*;
+use crate::DType;
 use crate::generate::SequenceRunner;
-use crate::{Architecture, DType};
 
 fn tiny_config() -> ModelConfig {
-    ModelConfig {
-        architecture: Architecture::Llama,
-        hidden_size: 64,
-        intermediate_size: 128,
-        num_layers: 2,
-        num_heads: 4,
-        num_kv_heads: 2,
-        head_dim: 16,
-        vocab_size: 96,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10_000.0,
-        rope_style: RopeStyle::HalfSplit,
-        rope_scaling: None,
-        max_position_embeddings: 256,
-        sliding_window: None,
-        qkv_bias: false,
-        tie_word_embeddings: true,
-    }
+    ModelConfig::tiny(96)
 }
 
 fn backend(config: &ModelConfig, dtype: DType, kv: KvCacheDtype) -> CpuBackend {

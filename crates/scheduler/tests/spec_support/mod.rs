@@ -5,10 +5,7 @@
 
 use kv_block_manager::{BlockManager, BlockManagerConfig, BlockTableMatrix, SeqId, StepSlots};
 use model::generate::argmax;
-use model::{
-    Architecture, Backend, CpuBackend, DType, ForwardBatch, KvCacheConfig, ModelConfig, RopeStyle,
-    Weights,
-};
+use model::{Backend, CpuBackend, DType, ForwardBatch, KvCacheConfig, ModelConfig, Weights};
 use scheduler::spec::{ProposeRequest, Proposer, SpecController, verify_greedy};
 
 /// A target model for greedy decoding.
@@ -244,24 +241,7 @@ pub fn speculative_greedy(
 
 /// The tiny Llama of the model crate's CPU tests.
 pub fn tiny_config() -> ModelConfig {
-    ModelConfig {
-        architecture: Architecture::Llama,
-        hidden_size: 64,
-        intermediate_size: 128,
-        num_layers: 2,
-        num_heads: 4,
-        num_kv_heads: 2,
-        head_dim: 16,
-        vocab_size: 96,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10_000.0,
-        rope_style: RopeStyle::HalfSplit,
-        rope_scaling: None,
-        max_position_embeddings: 256,
-        sliding_window: None,
-        qkv_bias: false,
-        tie_word_embeddings: true,
-    }
+    ModelConfig::tiny(96)
 }
 
 pub fn tiny_weights(config: &ModelConfig, seed: u64) -> Weights {
