@@ -151,6 +151,39 @@ def check(kv, channel, args):
     print("python client: all checks passed")
 
 
+def latency(kv, runs):
+    """Median and p90 wall-clock latency of each call, `runs` times, one at a time."""
+    import statistics
+    import time
+
+    def timed(call):
+        samples = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            call()
+            samples.append((time.perf_counter() - start) * 1000)
+        samples.sort()
+        return statistics.median(samples), samples[int(0.9 * (len(samples) - 1))]
+
+    def first_message():
+        for _ in kv.generate_stream(kv.GenerateRequest(text="The capital of France is",
+                                                       max_tokens=32)):
+            return
+
+    calls = [
+        ("GetModelInfo", lambda: kv.get_model_info(kv.GetModelInfoRequest())),
+        ("Tokenize (5 tokens)", lambda: kv.tokenize(kv.TokenizeRequest(text="The capital of France is"))),
+        ("Generate, max_tokens 1", lambda: kv.generate(kv.GenerateRequest(
+            text="The capital of France is", max_tokens=1))),
+        ("Generate, max_tokens 32 (ignore_eos)", lambda: kv.generate(kv.GenerateRequest(
+            text="The capital of France is", max_tokens=32, ignore_eos=True))),
+        ("GenerateStream, first message", first_message),
+    ]
+    for name, call in calls:
+        median, p90 = timed(call)
+        print(f"{name}: median {median:.1f} ms, p90 {p90:.1f} ms ({runs} runs)")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--addr", default="127.0.0.1:50051", help="host:port of kvserve")
@@ -162,12 +195,17 @@ def main():
     parser.add_argument("--seed", type=int)
     parser.add_argument("--stream", action="store_true", help="print tokens as they come")
     parser.add_argument("--check", action="store_true", help="run the end-to-end checks")
+    parser.add_argument("--latency", type=int, metavar="RUNS",
+                        help="time each call RUNS times and print median / p90")
     args = parser.parse_args()
 
     with grpc.insecure_channel(args.addr) as channel:
         kv = Kvserve(channel)
         if args.check:
             check(kv, channel, args)
+            return
+        if args.latency:
+            latency(kv, args.latency)
             return
         sampling = kv.SamplingParams(temperature=args.temperature)
         if args.seed is not None:
