@@ -26,8 +26,8 @@ enum Location {
     Cpu,
 }
 
-// Layout: a decode append touches only the first cache line (token and block vectors, counts,
-// flags); a matrix update also the second. Counts are `u32`: lengths are capped at
+// Layout: a decode append touches only the first cache line (the token vector, counts, flags and
+// the tail block: not the block vector); a matrix update also the second. Counts are `u32`: lengths are capped at
 // `MAX_SEQUENCE_LEN` (i32::MAX) and block counts by the pool size, so every `as u32` here is
 // exact.
 #[derive(Debug, Clone)]
@@ -41,33 +41,48 @@ struct Sequence {
     /// Leading tokens that have a KV slot. The rest are pending (prompt tokens not yet prefilled).
     num_slotted: u32,
     num_released: u32,
-    /// First logical block whose entry changed since the last matrix update (new blocks, a
-    /// copy-on-write replacement, a swap); window releases and truncations are found by
-    /// comparing lengths instead.
-    dirty_from: u32,
+    /// The last block while `tail_writable` (so a decode append reads no block vector).
+    tail: u32,
     location: Location,
     /// The last block is known to be exclusively owned and uncached, so appending into it needs
     /// neither a copy nor an uncache. `false` only means "check".
     tail_writable: bool,
+    /// Registration stopped at `chain.len()` (hash collision, or a block released unregistered).
+    chain_broken: bool,
     // -- second cache line --
     /// The matrix (0: none) and update call this sequence was last synced by.
     sync: SyncMark,
-    /// The row it was written to by that call.
-    synced_row: u32,
-    /// Registration stopped at `chain.len()` (hash collision, or a block released unregistered).
-    chain_broken: bool,
     namespace: Option<Arc<str>>,
     /// Cache chain of the leading full blocks registered so far.
     chain: Vec<ChainLink>,
+    /// The row it was written to by that call.
+    synced_row: u32,
+    /// First logical block whose entry changed since the last matrix update (new blocks, a
+    /// copy-on-write replacement, a swap); window releases and truncations are found by
+    /// comparing lengths instead.
+    dirty_from: u32,
 }
 
 /// The live sequences, in a dense `Vec` found through a small id -> index map: the map's
 /// 16-byte entries stay in cache even for large batches, and each sequence is one record.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 struct Sequences {
     index: FxHashMap<SeqId, u32>,
     ids: Vec<SeqId>,
     seqs: Vec<Sequence>,
+    /// Where [`get_mut`](Self::get_mut) looks first.
+    cursor: u32,
+}
+
+// The cursor is a lookup hint, not state: left out, so that equal managers print equally.
+impl std::fmt::Debug for Sequences {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sequences")
+            .field("index", &self.index)
+            .field("ids", &self.ids)
+            .field("seqs", &self.seqs)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Sequences {
@@ -87,8 +102,13 @@ impl Sequences {
         &mut self.seqs[index as usize]
     }
 
+    /// Tries the record after the last one got this way first: a caller walking its batch in
+    /// the order the sequences were added (a scheduler's decode pass) then reads the id
+    /// vector front to back instead of probing the hash table at random.
     fn get_mut(&mut self, id: &SeqId) -> Option<&mut Sequence> {
-        self.index.get(id).map(|&i| &mut self.seqs[i as usize])
+        let i = self.find(*id, Some(self.cursor))?;
+        self.cursor = i + 1;
+        Some(&mut self.seqs[i as usize])
     }
 
     fn contains_key(&self, id: &SeqId) -> bool {
@@ -395,11 +415,9 @@ impl Storage {
         if !s.tail_writable || self.window.is_some() || self.geo.is_block_start(position) {
             return false;
         }
-        let Some(&tail) = s.blocks.last() else {
-            return false;
-        };
+        debug_assert_eq!(s.blocks.last(), Some(&s.tail));
         s.tokens.push(token);
-        let slot = ((tail as usize) << self.geo.shift) + self.geo.offset(position);
+        let slot = ((s.tail as usize) << self.geo.shift) + self.geo.offset(position);
         out.slot_mapping.push(slot as i64);
         s.num_slotted += 1;
         true
@@ -462,6 +480,7 @@ impl Storage {
         }
         // The tail is now a fresh block, a private copy, or checked exclusive and uncached.
         s.tail_writable = true;
+        s.tail = s.blocks.last().copied().unwrap_or(RELEASED);
         // Consecutive positions of one block have consecutive slots: extend block by block.
         out.slot_mapping.reserve(n);
         let mut p = start;
@@ -598,6 +617,7 @@ impl BlockManager {
             chain,
             chain_broken: false,
             tail_writable: false,
+            tail: RELEASED,
             dirty_from: 0,
             sync: SyncMark::default(),
             synced_row: 0,

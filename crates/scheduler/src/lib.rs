@@ -19,8 +19,8 @@ mod speculation;
 pub use config::{Policy, PreemptionMode, SchedulerConfig};
 pub use error::{RejectReason, SchedulerError};
 pub use request::{
-    FinishReason, FinishedSeq, Request, RequestId, SampleOutput, ScheduledSeq, SchedulerOutput,
-    SeqResult,
+    FinishReason, FinishedSeq, NewTokens, Request, RequestId, SampleOutput, ScheduledSeq,
+    SchedulerOutput, SeqResult,
 };
 pub use scheduler::{Scheduler, SchedulerStats};
 pub use speculation::Speculation;

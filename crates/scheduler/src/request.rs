@@ -176,6 +176,10 @@ pub struct SeqResult {
     pub tokens: Vec<u32>,
 }
 
+/// A step's new tokens for one sample: inline up to four (one per step without speculation),
+/// so that a large batch's update allocates nothing per sequence.
+pub type NewTokens = smallvec::SmallVec<[u32; 4]>;
+
 /// New tokens of one sample, from [`Scheduler::update`](crate::Scheduler::update).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SampleOutput {
@@ -186,7 +190,7 @@ pub struct SampleOutput {
     /// Its sequence.
     pub seq: SeqId,
     /// Tokens appended to its output this step (those after a stop token are dropped).
-    pub new_tokens: Vec<u32>,
+    pub new_tokens: NewTokens,
     /// Set when the sample ended (its blocks are already free).
     pub finished: Option<FinishReason>,
 }

@@ -4,13 +4,15 @@ use std::collections::VecDeque;
 use std::time::Instant;
 
 use kv_block_manager::{AllocStatus, BlockManager, SeqId, StepSlots};
-use rustc_hash::{FxHashMap, FxHashSet};
+use rustc_hash::{FxBuildHasher, FxHashMap, FxHashSet};
+
+type FxIndexMap<K, V> = indexmap::IndexMap<K, V, FxBuildHasher>;
 
 use crate::config::{Policy, PreemptionMode, SchedulerConfig};
 use crate::error::{RejectReason, SchedulerError};
 use crate::request::{
-    FinishReason, FinishedSeq, Request, RequestId, SampleOutput, ScheduledSeq, SchedulerOutput,
-    SeqResult,
+    FinishReason, FinishedSeq, NewTokens, Request, RequestId, SampleOutput, ScheduledSeq,
+    SchedulerOutput, SeqResult,
 };
 use crate::speculation::{Candidate, Speculation};
 
@@ -31,6 +33,8 @@ struct SeqState {
     sample: usize,
     /// Every known token: prompt, then output.
     tokens: Vec<u32>,
+    /// The last of `tokens` (so that a decode step reads no token vector).
+    last: u32,
     prompt_len: usize,
     /// Leading tokens whose KV is computed (as of the last completed step).
     num_computed: usize,
@@ -86,16 +90,14 @@ struct RequestState {
     unfinished: usize,
 }
 
-/// What was scheduled for one sequence, kept until [`Scheduler::update`].
-#[derive(Debug, Clone)]
-struct InFlight {
-    seq: SeqId,
-    /// Known tokens computed by the step (not counting drafts).
-    num_tokens: usize,
-    drafts: Vec<u32>,
-    num_samples: usize,
-    /// Whether the step produces logits to sample from.
-    samples: bool,
+/// Known tokens a scheduled sequence computes (not counting drafts).
+fn num_known(f: &ScheduledSeq) -> usize {
+    f.tokens.len() - f.draft_tokens.len()
+}
+
+/// Whether a scheduled sequence samples (the step completes its known tokens).
+fn samples(f: &ScheduledSeq) -> bool {
+    !f.logits.is_empty()
 }
 
 /// Counters and gauges.
@@ -124,7 +126,9 @@ pub struct Scheduler {
     config: SchedulerConfig,
     bm: BlockManager,
     requests: FxHashMap<RequestId, RequestState>,
-    seqs: FxHashMap<SeqId, SeqState>,
+    /// Live sequences in a dense vector (admission order, so a pass over the running list
+    /// walks memory mostly forward) behind a small id -> index table.
+    seqs: FxIndexMap<SeqId, SeqState>,
     /// Admission queue, best rank first.
     waiting: VecDeque<SeqId>,
     /// Sequences with GPU blocks, best rank first.
@@ -140,9 +144,9 @@ pub struct Scheduler {
     next_seq: u64,
     next_arrival: u64,
     output: SchedulerOutput,
-    in_flight: Option<Vec<InFlight>>,
-    /// Buffers reused from step to step: the plan kept for `update`, the batch order.
-    spare_flight: Vec<InFlight>,
+    /// A step was scheduled and awaits its `update`: `output.seqs` is its plan.
+    in_flight: bool,
+    /// Reused from step to step: the batch order.
     order: Vec<SeqId>,
     slots: StepSlots,
     spec: Option<Speculation>,
@@ -176,7 +180,7 @@ impl Scheduler {
             config,
             bm: block_manager,
             requests: FxHashMap::default(),
-            seqs: FxHashMap::default(),
+            seqs: FxIndexMap::default(),
             waiting: VecDeque::new(),
             running: Vec::new(),
             reserved_forks: 0,
@@ -185,8 +189,7 @@ impl Scheduler {
             next_seq: 0,
             next_arrival: 0,
             output: SchedulerOutput::default(),
-            in_flight: None,
-            spare_flight: Vec::new(),
+            in_flight: false,
             order: Vec::new(),
             slots: StepSlots::default(),
             spec: None,
@@ -258,6 +261,7 @@ impl Scheduler {
                 request: req.id,
                 sample: 0,
                 tokens: req.prompt.clone(),
+                last: req.prompt.last().copied().unwrap_or_default(),
                 prompt_len: req.prompt.len(),
                 num_computed: 0,
                 num_added: req.prompt.len(),
@@ -382,10 +386,15 @@ impl Scheduler {
     /// # Errors
     /// [`SchedulerError::StepOrder`] if no step is in flight.
     pub fn fail_step(&mut self) -> Result<Vec<FinishedSeq>, SchedulerError> {
-        let flight = self.in_flight.take().ok_or(SchedulerError::StepOrder(
-            "fail_step without a step in flight",
-        ))?;
-        let mut requests: Vec<RequestId> = flight
+        if !self.in_flight {
+            return Err(SchedulerError::StepOrder(
+                "fail_step without a step in flight",
+            ));
+        }
+        self.in_flight = false;
+        let mut requests: Vec<RequestId> = self
+            .output
+            .seqs
             .iter()
             .filter_map(|f| self.seqs.get(&f.seq).map(|s| s.request))
             .collect();
@@ -410,7 +419,7 @@ impl Scheduler {
         seq: SeqId,
         reason: FinishReason,
     ) -> Result<FinishedSeq, SchedulerError> {
-        let Some(s) = self.seqs.remove(&seq) else {
+        let Some(s) = self.seqs.swap_remove(&seq) else {
             return Err(SchedulerError::NotScheduled(seq));
         };
         match s.status {
@@ -487,7 +496,7 @@ impl Scheduler {
     /// unchanged. [`SchedulerError::Proposer`] if the speculative proposer fails (the step is
     /// not scheduled; the next call retries).
     pub fn schedule(&mut self, now: Instant) -> Result<&SchedulerOutput, SchedulerError> {
-        if self.in_flight.is_some() {
+        if self.in_flight {
             return Err(SchedulerError::StepOrder(
                 "schedule called before the previous step's update",
             ));
@@ -497,12 +506,10 @@ impl Scheduler {
         clear_output(&mut out);
         out.step = self.stats.steps;
         self.slots.clear();
-        let mut flight = std::mem::take(&mut self.spare_flight);
-        flight.clear();
 
         // Drafts first: if the proposer fails, nothing has changed yet (deadlines expired
         // here would otherwise be lost with the step).
-        let drafts = match self.spec.as_mut() {
+        let mut drafts = match self.spec.as_mut() {
             Some(spec) => {
                 let max_len = self.config.max_model_len;
                 let candidates: Vec<Candidate<'_>> = self
@@ -550,23 +557,25 @@ impl Scheduler {
                 break;
             }
             let mut i = 0;
+            let mut hint = 0;
             while i < self.running.len() {
-                if flight.len() >= self.config.max_num_seqs || budget == 0 {
+                if out.seqs.len() >= self.config.max_num_seqs || budget == 0 {
                     break;
                 }
                 let seq = self.running[i];
-                let Some(s) = self.seqs.get(&seq) else {
+                let Some((index, s)) = self.find_seq(seq, hint) else {
                     i += 1;
                     continue;
                 };
+                hint = index + 1;
                 let decode = s.is_decode();
                 if decode != decodes || s.placed_step == out.step {
                     prompts_running |= !decode;
                     i += 1;
                     continue;
                 }
-                let mut draft = if decode {
-                    drafts.get(&seq).cloned().unwrap_or_default()
+                let mut draft = if decode && !drafts.is_empty() {
+                    drafts.remove(&seq).unwrap_or_default()
                 } else {
                     Vec::new()
                 };
@@ -594,14 +603,14 @@ impl Scheduler {
                 if !fits {
                     break;
                 }
-                self.place(seq, chunk, draft, &mut out, &mut flight)?;
+                self.place(seq, index, chunk, draft, &mut out)?;
                 budget -= new_tokens;
                 i += 1;
             }
         }
 
         // 2. Swapped-out sequences come back (only in a step without preemption).
-        while !preempted_any && budget > 0 && flight.len() < self.config.max_num_seqs {
+        while !preempted_any && budget > 0 && out.seqs.len() < self.config.max_num_seqs {
             let Some(&seq) = self.swapped.front() else {
                 break;
             };
@@ -635,7 +644,7 @@ impl Scheduler {
             if !self.fits(seq, chunk)? {
                 break;
             }
-            self.place(seq, chunk, Vec::new(), &mut out, &mut flight)?;
+            self.place(seq, 0, chunk, Vec::new(), &mut out)?;
             budget -= chunk;
         }
 
@@ -643,7 +652,7 @@ impl Scheduler {
         while !preempted_any
             && self.swapped.is_empty()
             && budget > 0
-            && flight.len() < self.config.max_num_seqs
+            && out.seqs.len() < self.config.max_num_seqs
             && self.running.len() < self.config.max_num_seqs
         {
             let Some(&seq) = self.waiting.front() else {
@@ -694,7 +703,7 @@ impl Scheduler {
                 s.status = Status::Running;
             }
             self.insert_running(seq);
-            self.place(seq, chunk, Vec::new(), &mut out, &mut flight)?;
+            self.place(seq, 0, chunk, Vec::new(), &mut out)?;
             budget -= chunk;
         }
 
@@ -711,8 +720,17 @@ impl Scheduler {
         out.slot_mapping.extend_from_slice(&self.slots.slot_mapping);
         out.copies.extend_from_slice(&self.slots.copies);
         self.output = out;
-        self.in_flight = Some(flight);
+        self.in_flight = true;
         Ok(&self.output)
+    }
+
+    /// `seq`'s index in `seqs` and its state, trying index `hint` first: a pass over the
+    /// running list then mostly reads `seqs` front to back instead of probing its table.
+    fn find_seq(&self, seq: SeqId, hint: usize) -> Option<(usize, &SeqState)> {
+        match self.seqs.get_index(hint) {
+            Some((&q, s)) if q == seq => Some((hint, s)),
+            _ => self.seqs.get_full(&seq).map(|(i, _, s)| (i, s)),
+        }
     }
 
     /// The prompt chunk from position `start` for `pending` tokens with `budget` left.
@@ -838,26 +856,34 @@ impl Scheduler {
         self.running
             .iter()
             .rev()
-            .find(|q| self.seqs.get(q).is_some_and(|s| s.placed_step != step))
+            .find(|q| self.seqs.get(*q).is_some_and(|s| s.placed_step != step))
             .copied()
     }
 
-    /// batch.
+    /// Gives `seq` (at index `hint` of `seqs`, if it is still there) slots for its next `chunk`
+    /// known tokens and its `draft`, and adds it to the batch.
     fn place(
         &mut self,
         seq: SeqId,
+        hint: usize,
         chunk: usize,
         draft: Vec<u32>,
         out: &mut SchedulerOutput,
-        flight: &mut Vec<InFlight>,
     ) -> Result<(), SchedulerError> {
-        let Some(s) = self.seqs.get_mut(&seq) else {
+        let Some((index, _)) = self.find_seq(seq, hint) else {
+            return Err(SchedulerError::NotScheduled(seq));
+        };
+        let Some((_, s)) = self.seqs.get_index_mut(index) else {
             return Err(SchedulerError::NotScheduled(seq));
         };
         s.placed_step = out.step;
         let s = &*s;
         let start = s.num_computed;
-        let known = &s.tokens[start..start + chunk];
+        let known = if chunk == 1 && start + 1 == s.tokens.len() {
+            std::slice::from_ref(&s.last)
+        } else {
+            &s.tokens[start..start + chunk]
+        };
         // The manager holds the tokens added with the sequence; later ones are appended.
         debug_assert_eq!(
             self.bm.tokens(seq).map(|t| t.len() > start).ok(),
@@ -877,10 +903,18 @@ impl Scheduler {
             self.bm.append_tokens(seq, &append, &mut self.slots)?;
         }
         let first = out.token_ids.len();
-        out.token_ids.extend_from_slice(known);
-        out.token_ids.extend_from_slice(&draft);
         let n = chunk + draft.len();
-        out.positions.extend((start..start + n).map(|p| p as u32));
+        if let [token] = known
+            && draft.is_empty()
+        {
+            // A plain decode (most of a large batch): no slice copies, no range iterators.
+            out.token_ids.push(*token);
+            out.positions.push(start as u32);
+        } else {
+            out.token_ids.extend_from_slice(known);
+            out.token_ids.extend_from_slice(&draft);
+            out.positions.extend((start..start + n).map(|p| p as u32));
+        }
         let completes = start + chunk == s.tokens.len();
         let logits_first = out.logits_indices.len();
         if completes {
@@ -906,15 +940,8 @@ impl Scheduler {
             is_prefill: !s.is_decode(),
             logits: logits_first..out.logits_indices.len(),
             num_samples,
-            draft_tokens: draft.clone(),
+            draft_tokens: draft,
             draft_probs,
-        });
-        flight.push(InFlight {
-            seq,
-            num_tokens: chunk,
-            drafts: draft,
-            num_samples,
-            samples: completes,
         });
         Ok(())
     }
@@ -963,28 +990,40 @@ impl Scheduler {
     /// anything changes, and the step stays in flight (fix the results, or
     /// [`fail_step`](Self::fail_step)).
     pub fn update(&mut self, results: &[SeqResult]) -> Result<Vec<SampleOutput>, SchedulerError> {
-        let Some(flight) = self.in_flight.as_ref() else {
+        if !self.in_flight {
             return Err(SchedulerError::StepOrder("update without a step in flight"));
-        };
+        }
+        // The plan is the step's output (moved out while `apply` changes the scheduler).
+        let out = std::mem::take(&mut self.output);
+        let updated = self.update_plan(&out.seqs, results);
+        self.output = out;
+        updated
+    }
+
+    fn update_plan(
+        &mut self,
+        flight: &[ScheduledSeq],
+        results: &[SeqResult],
+    ) -> Result<Vec<SampleOutput>, SchedulerError> {
         // The usual case: one result per scheduled sequence, in batch order.
         if results.len() == flight.len() && results.iter().zip(flight).all(|(r, f)| r.seq == f.seq)
         {
+            let mut hint = 0;
             for (r, f) in results.iter().zip(flight) {
-                if self.seqs.contains_key(&r.seq) {
+                if let Some((index, _)) = self.find_seq(r.seq, hint) {
+                    hint = index + 1;
                     check_result(f, r)?;
                 }
             }
-            let Some(flight) = self.in_flight.take() else {
-                return Err(SchedulerError::StepOrder("update without a step in flight"));
-            };
+            self.in_flight = false;
             let mut outputs = Vec::with_capacity(flight.len());
+            let mut hint = 0;
             for (f, r) in flight.iter().zip(results) {
-                self.apply(f, r, &mut outputs)?;
+                hint = self.apply(f, r, hint, &mut outputs)? + 1;
             }
-            self.spare_flight = flight;
             return Ok(outputs);
         }
-        let plan: FxHashMap<SeqId, &InFlight> = flight.iter().map(|f| (f.seq, f)).collect();
+        let plan: FxHashMap<SeqId, &ScheduledSeq> = flight.iter().map(|f| (f.seq, f)).collect();
         let mut seen = FxHashSet::default();
         for r in results {
             let Some(f) = plan.get(&r.seq) else {
@@ -1004,39 +1043,42 @@ impl Scheduler {
         {
             return Err(bad(f.seq, "no result for a scheduled sequence".into()));
         }
-        let Some(flight) = self.in_flight.take() else {
-            return Err(SchedulerError::StepOrder("update without a step in flight"));
-        };
+        self.in_flight = false;
         let by_seq: FxHashMap<SeqId, &SeqResult> = results.iter().map(|r| (r.seq, r)).collect();
         let mut outputs = Vec::new();
-        for f in &flight {
+        for f in flight {
             let (Some(r), true) = (by_seq.get(&f.seq), self.seqs.contains_key(&f.seq)) else {
                 continue;
             };
-            self.apply(f, r, &mut outputs)?;
+            self.apply(f, r, 0, &mut outputs)?;
         }
-        self.spare_flight = flight;
         Ok(outputs)
     }
 
+    /// Applies one sequence's result; returns its index in `seqs` (where it was found, from
+    /// `hint` on).
     fn apply(
         &mut self,
-        f: &InFlight,
+        f: &ScheduledSeq,
         r: &SeqResult,
+        hint: usize,
         outputs: &mut Vec<SampleOutput>,
-    ) -> Result<(), SchedulerError> {
+    ) -> Result<usize, SchedulerError> {
         let seq = f.seq;
-        let Some(s) = self.seqs.get_mut(&seq) else {
-            return Ok(());
+        let Some((index, _)) = self.find_seq(seq, hint) else {
+            return Ok(hint);
+        };
+        let Some((_, s)) = self.seqs.get_index_mut(index) else {
+            return Ok(hint);
         };
         let computed_before = s.num_computed;
-        s.num_computed += f.num_tokens;
+        s.num_computed += num_known(f);
         let bs = self.bm.block_size();
-        if !f.samples {
+        if !samples(f) {
             if s.num_computed / bs != computed_before / bs {
                 self.bm.cache_full_blocks(seq)?;
             }
-            return Ok(());
+            return Ok(index);
         }
         // Accepted drafts have valid KV; drop the rejected ones' slots.
         let accepted = if f.num_samples > 1 {
@@ -1044,14 +1086,14 @@ impl Scheduler {
         } else {
             r.tokens.len() - 1
         };
-        if !f.drafts.is_empty() {
+        if !f.draft_tokens.is_empty() {
             let keep = s.num_computed + accepted;
             s.num_computed = keep;
             self.bm.truncate(seq, keep)?;
-            self.stats.spec_proposed += f.drafts.len() as u64;
+            self.stats.spec_proposed += f.draft_tokens.len() as u64;
             self.stats.spec_accepted += accepted as u64;
             if let Some(spec) = &mut self.spec {
-                spec.record(seq, f.drafts.len(), accepted)
+                spec.record(seq, f.draft_tokens.len(), accepted)
                     .map_err(|e| SchedulerError::Proposer(e.to_string()))?;
             }
         }
@@ -1068,7 +1110,8 @@ impl Scheduler {
             self.reserved_forks = self.reserved_forks.saturating_sub(fork_reserve(s, rs));
         }
         if f.num_samples <= 1 {
-            return self.push_tokens(seq, &r.tokens, outputs);
+            self.push_tokens(seq, index, &r.tokens, outputs)?;
+            return Ok(index);
         }
         let mut samples = vec![(seq, r.tokens[0])];
         for (i, &t) in r.tokens.iter().enumerate().take(f.num_samples).skip(1) {
@@ -1081,6 +1124,7 @@ impl Scheduler {
                 request: parent.request,
                 sample: i,
                 tokens: parent.tokens.clone(),
+                last: parent.last,
                 prompt_len: parent.prompt_len,
                 num_computed: parent.num_computed,
                 num_added: parent.num_added,
@@ -1100,19 +1144,23 @@ impl Scheduler {
             samples.push((child, t));
         }
         for (q, t) in samples {
-            self.push_tokens(q, &[t], outputs)?;
+            self.push_tokens(q, index, &[t], outputs)?;
         }
-        Ok(())
+        Ok(index)
     }
 
     /// Appends sampled tokens to `seq`'s output, stopping at the first stop condition.
     fn push_tokens(
         &mut self,
         seq: SeqId,
+        hint: usize,
         tokens: &[u32],
         outputs: &mut Vec<SampleOutput>,
     ) -> Result<(), SchedulerError> {
-        let Some(s) = self.seqs.get_mut(&seq) else {
+        let Some((index, _)) = self.find_seq(seq, hint) else {
+            return Ok(());
+        };
+        let Some((_, s)) = self.seqs.get_index_mut(index) else {
             return Ok(());
         };
         let stops = s.stops;
@@ -1125,9 +1173,10 @@ impl Scheduler {
             &[]
         };
         let mut finished = None;
-        let mut new_tokens = Vec::with_capacity(tokens.len());
+        let mut new_tokens = NewTokens::new();
         for &t in tokens {
             s.tokens.push(t);
+            s.last = t;
             new_tokens.push(t);
             if stop_ids.contains(&t) {
                 finished = Some(FinishReason::StopToken(t));
@@ -1171,9 +1220,9 @@ fn bad(seq: SeqId, reason: String) -> SchedulerError {
     SchedulerError::BadResult { seq, reason }
 }
 
-fn check_result(f: &InFlight, r: &SeqResult) -> Result<(), SchedulerError> {
+fn check_result(f: &ScheduledSeq, r: &SeqResult) -> Result<(), SchedulerError> {
     let n = r.tokens.len();
-    if !f.samples {
+    if !samples(f) {
         if n != 0 {
             return Err(bad(
                 r.seq,
@@ -1194,16 +1243,16 @@ fn check_result(f: &InFlight, r: &SeqResult) -> Result<(), SchedulerError> {
         }
         return Ok(());
     }
-    if n == 0 || n > f.drafts.len() + 1 {
+    if n == 0 || n > f.draft_tokens.len() + 1 {
         return Err(bad(
             r.seq,
             format!(
                 "{n} tokens; expected 1..={} (accepted drafts + 1)",
-                f.drafts.len() + 1
+                f.draft_tokens.len() + 1
             ),
         ));
     }
-    if r.tokens[..n - 1] != f.drafts[..n - 1] {
+    if r.tokens[..n - 1] != f.draft_tokens[..n - 1] {
         return Err(bad(r.seq, "accepted tokens differ from the drafts".into()));
     }
     Ok(())
