@@ -19,7 +19,12 @@
 // BlockLayout::new.
 #pragma once
 
+// NVRTC has no C library headers: the one type needed here comes from a builtin.
+#if defined(__CUDACC_RTC__)
+typedef unsigned char uint8_t;
+#else
 #include <stdint.h>
+#endif
 
 #if defined(__CUDACC__)
 #define KV_LAYOUT_FN __host__ __device__ __forceinline__ constexpr

@@ -1,0 +1,116 @@
+//! Writing new K/V rows into the paged cache, quantizing on the fly.
+#![allow(unsafe_code)]
+
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use kv_quant::BlockLayout;
+
+use crate::attention::ActScalar;
+use crate::compile::{HEAD_DIMS, Program, Variant};
+use crate::device::Gpu;
+use crate::error::{KernelError, Result, bad};
+
+const KERNEL: &str = "reshape_and_cache";
+
+/// Writes token `t`'s K and V rows (`k`, `v`: `[num_tokens][num_kv_heads][head_dim]`) into
+/// slot `slot_mapping[t]` (`block * block_size + offset`; negative: skipped) of `k_cache` and
+/// `v_cache`, encoded as `layout` says, with exactly kv-quant's rounding.
+///
+/// # Errors
+/// [`KernelError::BadArgument`] for shapes or slots that do not fit (checked before
+/// launching), [`KernelError::Unsupported`] for a head_dim without a kernel, compile and
+/// driver errors.
+pub fn reshape_and_cache<T: ActScalar>(
+    gpu: &Gpu,
+    layout: &BlockLayout,
+    k: &CudaSlice<T>,
+    v: &CudaSlice<T>,
+    slot_mapping: &[i64],
+    k_cache: &mut CudaSlice<u8>,
+    v_cache: &mut CudaSlice<u8>,
+) -> Result<()> {
+    let d = layout.head_dim();
+    if !HEAD_DIMS.contains(&d) {
+        return Err(KernelError::Unsupported {
+            kernel: KERNEL,
+            what: format!("head_dim {d} (built: {HEAD_DIMS:?})"),
+        });
+    }
+    if !layout.block_size().is_power_of_two() {
+        return Err(bad(
+            KERNEL,
+            format!("block_size {} is not a power of two", layout.block_size()),
+        ));
+    }
+    let kv_heads = layout.num_kv_heads();
+    let tokens = slot_mapping.len();
+    if tokens == 0 {
+        return Ok(());
+    }
+    if tokens > i32::MAX as usize {
+        return Err(bad(KERNEL, format!("{tokens} tokens in one call")));
+    }
+    let n = tokens * kv_heads * d;
+    if k.len() != n || v.len() != n {
+        return Err(bad(
+            KERNEL,
+            format!(
+                "k has {} and v {} values, expected {tokens} tokens x {kv_heads} heads x {d}",
+                k.len(),
+                v.len()
+            ),
+        ));
+    }
+    let block_bytes = layout.kv_block_bytes();
+    if k_cache.len() != v_cache.len() || !k_cache.len().is_multiple_of(block_bytes) {
+        return Err(bad(
+            KERNEL,
+            format!(
+                "caches of {} and {} bytes are not the same whole number of {block_bytes}-byte blocks",
+                k_cache.len(),
+                v_cache.len()
+            ),
+        ));
+    }
+    let slots = (k_cache.len() / block_bytes) as i64 * layout.block_size() as i64;
+    if let Some((t, s)) = slot_mapping.iter().enumerate().find(|&(_, &s)| s >= slots) {
+        return Err(bad(
+            KERNEL,
+            format!("token {t}: slot {s} outside the cache's {slots} slots"),
+        ));
+    }
+    let variant = Variant {
+        program: Program::Cache,
+        scalar: T::SCALAR,
+        dtype: layout.dtype(),
+        head_dim: d,
+        gqa_group: 0,
+    };
+    let f = gpu.function(&variant, KERNEL)?;
+    let stream = gpu.stream();
+    let slots_dev = stream.clone_htod(slot_mapping)?;
+    let kv_heads_i = kv_heads as i32;
+    let bs = layout.block_size() as i32;
+    let shift = layout.block_size().trailing_zeros() as i32;
+    let block_bytes_i = block_bytes as i64;
+    let cfg = LaunchConfig {
+        grid_dim: (tokens as u32, kv_heads as u32, 1),
+        block_dim: (64, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut launch = stream.launch_builder(&f);
+    launch
+        .arg(&mut *k_cache)
+        .arg(&mut *v_cache)
+        .arg(k)
+        .arg(v)
+        .arg(&slots_dev)
+        .arg(&kv_heads_i)
+        .arg(&bs)
+        .arg(&shift)
+        .arg(&block_bytes_i);
+    // SAFETY: the arguments match `reshape_and_cache` in kernels/cache.cu; k and v hold
+    // `tokens x kv_heads x head_dim` values, every non-negative slot is inside the caches
+    // (checked above), and the block size is a power of two (checked: the kernel shifts).
+    unsafe { launch.launch(cfg) }?;
+    Ok(())
+}

@@ -1,0 +1,400 @@
+//! Kernel sources (embedded in the binary), their variants, and compilation by NVRTC with an
+//! on-disk cache.
+//!
+//! **Why NVRTC at run time** (not cubins shipped by a build step): the build machine and CI
+//! have no CUDA toolkit, a kernel is specialized per (KV dtype, head_dim, GQA group,
+//! activation type) and only the few a model uses are ever needed, and compiling on the
+//! device targets its exact architecture (`sm_90a` on Hopper). A variant compiles in a few
+//! hundred milliseconds once; the cubin is cached on disk, keyed by the source text, the
+//! options and NVRTC's version, so later starts only load it. CI compiles every variant for
+//! sm_80 and sm_90 with NVRTC from PyPI ([`compile_variant`] with an explicit arch) and reports
+//! registers and spills.
+
+use std::fmt;
+use std::hash::Hasher;
+use std::path::{Path, PathBuf};
+
+use kv_quant::KvCacheDtype;
+use rustc_hash::FxHasher;
+
+use crate::error::{KernelError, Result};
+use crate::ffi;
+
+/// The kernel sources, embedded at build time: `(file name, text)`.
+const SOURCES: &[(&str, &str)] = &[
+    (
+        "kv_layout.cuh",
+        include_str!("../../../kernels/kv_layout.cuh"),
+    ),
+    ("common.cuh", include_str!("../../../kernels/common.cuh")),
+    (
+        "paged_attention.cu",
+        include_str!("../../../kernels/paged_attention.cu"),
+    ),
+    ("cache.cu", include_str!("../../../kernels/cache.cu")),
+];
+
+/// Activation type of q, k, v and attention output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Scalar {
+    /// IEEE half.
+    F16,
+    /// bfloat16.
+    Bf16,
+}
+
+impl Scalar {
+    fn code(self) -> u32 {
+        match self {
+            Self::F16 => 0,
+            Self::Bf16 => 1,
+        }
+    }
+}
+
+/// The kernel source files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Program {
+    /// `paged_attention.cu`: decode attention (`paged_decode_partition`, `paged_decode_reduce`).
+    PagedAttention,
+    /// `cache.cu`: `reshape_and_cache`.
+    Cache,
+}
+
+impl Program {
+    fn file(self) -> &'static str {
+        match self {
+            Self::PagedAttention => "paged_attention.cu",
+            Self::Cache => "cache.cu",
+        }
+    }
+}
+
+/// One compiled specialization of a kernel source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Variant {
+    /// The source.
+    pub program: Program,
+    /// Activation type.
+    pub scalar: Scalar,
+    /// KV-cache storage format.
+    pub dtype: KvCacheDtype,
+    /// Channels per head.
+    pub head_dim: usize,
+    /// Query heads per KV head (attention only; 0 for other programs).
+    pub gqa_group: usize,
+}
+
+/// Head dimensions the kernels are built for.
+pub const HEAD_DIMS: [usize; 2] = [64, 128];
+
+/// Largest GQA group the decode kernel keeps in registers.
+pub const MAX_GQA_GROUP: usize = 8;
+
+impl Variant {
+    /// Compiler options selecting this variant.
+    fn defines(&self) -> Vec<String> {
+        let mut d = vec![
+            format!("-DSCALAR={}", self.scalar.code()),
+            format!("-DKV_DTYPE={}", self.dtype.tag()),
+            format!("-DHEAD_DIM={}", self.head_dim),
+        ];
+        if self.program == Program::PagedAttention {
+            d.push(format!("-DGQA_GROUP={}", self.gqa_group));
+        }
+        d
+    }
+
+    /// Every variant the crate can launch (what CI compiles).
+    pub fn all() -> Vec<Variant> {
+        let mut v = Vec::new();
+        for scalar in [Scalar::F16, Scalar::Bf16] {
+            for dtype in KvCacheDtype::ALL {
+                for head_dim in HEAD_DIMS {
+                    // e.g. int4 groups of 128 channels need head_dim >= 128.
+                    if kv_quant::BlockLayout::new(dtype, 16, 1, head_dim).is_err() {
+                        continue;
+                    }
+                    v.push(Variant {
+                        program: Program::Cache,
+                        scalar,
+                        dtype,
+                        head_dim,
+                        gqa_group: 0,
+                    });
+                    for gqa_group in 1..=MAX_GQA_GROUP {
+                        v.push(Variant {
+                            program: Program::PagedAttention,
+                            scalar,
+                            dtype,
+                            head_dim,
+                            gqa_group,
+                        });
+                    }
+                }
+            }
+        }
+        v
+    }
+}
+
+impl fmt::Display for Variant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} [{:?} kv={} d={}",
+            self.program.file(),
+            self.scalar,
+            self.dtype,
+            self.head_dim
+        )?;
+        if self.program == Program::PagedAttention {
+            write!(f, " gqa={}", self.gqa_group)?;
+        }
+        write!(f, "]")
+    }
+}
+
+/// A compiled variant.
+#[derive(Debug, Clone)]
+pub struct CompiledVariant {
+    /// Machine code for the architecture it was compiled for.
+    pub cubin: Vec<u8>,
+    /// NVRTC's log: ptxas's report (registers, shared memory, spills) and any warnings.
+    pub log: String,
+    /// Whether it came from the disk cache.
+    pub cached: bool,
+}
+
+/// `src` with our own `#include "x"` lines replaced by the embedded files (each once).
+fn expand(file: &str, seen: &mut Vec<&'static str>) -> Result<String> {
+    let (name, text) = SOURCES
+        .iter()
+        .find(|(n, _)| *n == file)
+        .copied()
+        .ok_or_else(|| KernelError::Compile {
+            kernel: file.into(),
+            options: String::new(),
+            log: "no such embedded source".into(),
+        })?;
+    if seen.contains(&name) {
+        return Ok(String::new());
+    }
+    seen.push(name);
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        let inc = line
+            .trim()
+            .strip_prefix("#include \"")
+            .and_then(|r| r.strip_suffix('"'));
+        match inc {
+            Some(inc) => out.push_str(&expand(inc, seen)?),
+            None if line.trim() == "#pragma once" => {}
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    Ok(out)
+}
+
+/// Folders searched for the CUDA headers (cuda_fp16.h, ...), in order.
+fn header_dirs() -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    if let Some(d) = std::env::var_os("KVSERVE_CUDA_INCLUDE") {
+        dirs.push(PathBuf::from(d));
+    }
+    for var in ["CUDA_HOME", "CUDA_PATH"] {
+        if let Some(d) = std::env::var_os(var) {
+            dirs.push(Path::new(&d).join("include"));
+        }
+    }
+    // Next to an nvcc on PATH (the GPU machine's toolkit).
+    if let Some(path) = std::env::var_os("PATH") {
+        for p in std::env::split_paths(&path) {
+            if p.join("nvcc").is_file() {
+                dirs.push(p.join("../include"));
+            }
+        }
+    }
+    for d in ["/usr/local/cuda/include", "/usr/local/cuda-13.0/include"] {
+        dirs.push(PathBuf::from(d));
+    }
+    dirs
+}
+
+fn find_headers() -> Result<PathBuf> {
+    let dirs = header_dirs();
+    dirs.iter()
+        .find(|d| d.join("cuda_fp16.h").is_file())
+        .cloned()
+        .ok_or_else(|| KernelError::NoHeaders {
+            searched: dirs
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+}
+
+fn cache_dir() -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os("KVSERVE_KERNEL_CACHE") {
+        return (!d.is_empty()).then(|| PathBuf::from(d));
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+        return Some(Path::new(&d).join("kvserve/kernels"));
+    }
+    std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/kvserve/kernels"))
+}
+
+/// Whether NVRTC can be loaded on this machine.
+pub fn nvrtc_available() -> bool {
+    ffi::library_present("nvrtc")
+}
+
+/// Compiles `variant` for `arch` (e.g. `"sm_90a"`, `"sm_80"`), through the disk cache
+/// (`KVSERVE_KERNEL_CACHE`, default `~/.cache/kvserve/kernels`; empty disables it).
+///
+/// # Errors
+/// [`KernelError::NoCompiler`] without NVRTC, [`KernelError::NoHeaders`] without the CUDA
+/// headers, [`KernelError::Compile`] with NVRTC's log.
+pub fn compile_variant(variant: &Variant, arch: &str) -> Result<CompiledVariant> {
+    compile_with(variant, arch, cache_dir())
+}
+
+/// As [`compile_variant`], bypassing the disk cache (always compiles; CI's check).
+///
+/// # Errors
+/// As [`compile_variant`].
+pub fn compile_fresh(variant: &Variant, arch: &str) -> Result<CompiledVariant> {
+    compile_with(variant, arch, None)
+}
+
+fn compile_with(variant: &Variant, arch: &str, cache: Option<PathBuf>) -> Result<CompiledVariant> {
+    if !nvrtc_available() {
+        return Err(KernelError::NoCompiler(
+            "libnvrtc not found (put its folder on LD_LIBRARY_PATH)".into(),
+        ));
+    }
+    let include = find_headers()?;
+    let src = expand(variant.program.file(), &mut Vec::new())?;
+    let mut options = variant.defines();
+    options.extend([
+        format!("--gpu-architecture={arch}"),
+        "--std=c++17".into(),
+        "-default-device".into(),
+        // kv_layout.cuh declares constants a given kernel does not use.
+        "--diag-suppress=177".into(),
+        "-Xptxas".into(),
+        "-v".into(),
+        format!("--include-path={}", include.display()),
+    ]);
+    let version = ffi::nvrtc_version().unwrap_or((0, 0));
+    let key = {
+        let mut h = FxHasher::default();
+        h.write(src.as_bytes());
+        for o in &options {
+            h.write(o.as_bytes());
+            h.write_u8(0);
+        }
+        h.write_i32(version.0);
+        h.write_i32(version.1);
+        h.finish()
+    };
+    let path = cache.map(|d| d.join(format!("{key:016x}.cubin")));
+    if let Some(p) = &path
+        && let Ok(cubin) = std::fs::read(p)
+        && !cubin.is_empty()
+    {
+        return Ok(CompiledVariant {
+            cubin,
+            log: String::new(),
+            cached: true,
+        });
+    }
+    let compiled = ffi::compile_cubin(&src, variant.program.file(), &options).map_err(|log| {
+        KernelError::Compile {
+            kernel: variant.to_string(),
+            options: options.join(" "),
+            log,
+        }
+    })?;
+    if let Some(p) = &path {
+        // A cache that cannot be written only costs a recompilation next time.
+        let write = p
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| {
+                let tmp = p.with_extension(format!("tmp{}", std::process::id()));
+                std::fs::write(&tmp, &compiled.cubin)?;
+                std::fs::rename(&tmp, p)
+            });
+        if let Err(e) = write {
+            tracing::debug!("kernel cache {}: {e}", p.display());
+        }
+    }
+    Ok(CompiledVariant {
+        cubin: compiled.cubin,
+        log: compiled.log,
+        cached: false,
+    })
+}
+
+/// Registers, spill bytes and stack frame of each kernel in a ptxas report (`-Xptxas -v`).
+pub fn resource_summary(log: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut current = String::new();
+    for line in log.lines() {
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            current = rest.split('\'').next().unwrap_or("").to_string();
+        } else if line.contains("bytes stack frame") || line.contains("Used ") {
+            out.push(format!(
+                "{current}: {}",
+                line.trim().trim_start_matches("ptxas info    : ")
+            ));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn includes_are_expanded_once() {
+        let src = expand("paged_attention.cu", &mut Vec::new()).unwrap();
+        assert!(!src.contains("#include \""));
+        assert_eq!(src.matches("namespace kv_layout {").count(), 1);
+        assert!(src.contains("paged_decode_partition"));
+    }
+
+    #[test]
+    fn unknown_source_is_an_error() {
+        assert!(expand("nope.cu", &mut Vec::new()).is_err());
+    }
+
+    #[test]
+    fn every_variant_has_distinct_options() {
+        let all = Variant::all();
+        // int4-g128 has no head_dim 64 variant.
+        assert_eq!(
+            all.len(),
+            2 * (KvCacheDtype::ALL.len() * HEAD_DIMS.len() - 1) * (1 + MAX_GQA_GROUP)
+        );
+        let mut opts: Vec<_> = all
+            .iter()
+            .map(|v| (v.program, v.defines().join(" ")))
+            .collect();
+        opts.sort_by(|a, b| a.1.cmp(&b.1));
+        opts.dedup();
+        assert_eq!(opts.len(), all.len());
+    }
+
+    #[test]
+    fn resource_report_is_parsed() {
+        let log = "ptxas info    : Compiling entry function 'k' for 'sm_90'\nptxas info    : Function properties for k\n    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\nptxas info    : Used 40 registers, used 0 barriers";
+        let s = resource_summary(log);
+        assert_eq!(s.len(), 2);
+        assert!(s[1].starts_with("k: Used 40 registers"));
+    }
+}

@@ -1,0 +1,127 @@
+//! The device: probing for it without panicking, its stream, and the compiled kernels.
+
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, sys};
+use cudarc::nvrtc::Ptx;
+use rustc_hash::FxHashMap;
+
+use crate::compile::{Variant, compile_variant};
+use crate::error::{KernelError, Result};
+use crate::ffi;
+
+/// One CUDA device with its stream and the kernel variants loaded so far.
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    name: String,
+    arch: String,
+    num_sms: usize,
+    modules: Mutex<FxHashMap<Variant, Arc<CudaModule>>>,
+}
+
+impl std::fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gpu")
+            .field("name", &self.name)
+            .field("arch", &self.arch)
+            .field("num_sms", &self.num_sms)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether the CUDA driver library can be loaded (it says nothing about devices).
+pub fn driver_available() -> bool {
+    ffi::library_present("cuda")
+}
+
+impl Gpu {
+    /// Opens device `ordinal`. Never panics on a machine without CUDA: the driver library is
+    /// probed before cudarc touches it.
+    ///
+    /// # Errors
+    /// [`KernelError::NoDevice`] without a driver or without that device.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        if !driver_available() {
+            return Err(KernelError::NoDevice(
+                "the CUDA driver library (libcuda) is not installed".into(),
+            ));
+        }
+        let count = CudaContext::device_count()
+            .map_err(|e| KernelError::NoDevice(format!("cuInit/cuDeviceGetCount: {e}")))?;
+        if ordinal >= count.max(0) as usize {
+            return Err(KernelError::NoDevice(format!(
+                "device {ordinal} asked for, {count} present"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal)?;
+        let (major, minor) = ctx.compute_capability()?;
+        // Hopper's arch-specific features (wgmma, setmaxnreg) need the "a" target.
+        let arch = if (major, minor) == (9, 0) {
+            "sm_90a".to_string()
+        } else {
+            format!("sm_{major}{minor}")
+        };
+        let num_sms = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
+            .max(1) as usize;
+        let name = ctx.name()?;
+        let stream = ctx.default_stream();
+        Ok(Self {
+            ctx,
+            stream,
+            name,
+            arch,
+            num_sms,
+            modules: Mutex::new(FxHashMap::default()),
+        })
+    }
+
+    /// The device's name, e.g. "NVIDIA H200".
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The architecture kernels are compiled for, e.g. "sm_90a".
+    pub fn arch(&self) -> &str {
+        &self.arch
+    }
+
+    /// Streaming multiprocessors.
+    pub fn num_sms(&self) -> usize {
+        self.num_sms
+    }
+
+    /// The stream every launch of this crate goes to.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The context.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// Kernel `name` of `variant`, compiling (or loading from the disk cache) on first use.
+    pub(crate) fn function(&self, variant: &Variant, name: &str) -> Result<CudaFunction> {
+        let module = {
+            let mut modules = self
+                .modules
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match modules.get(variant) {
+                Some(m) => m.clone(),
+                None => {
+                    let compiled = compile_variant(variant, &self.arch)?;
+                    if !compiled.cached {
+                        tracing::debug!("compiled {variant} for {}", self.arch);
+                    }
+                    let m = self.ctx.load_module(Ptx::from_binary(compiled.cubin))?;
+                    modules.insert(*variant, m.clone());
+                    m
+                }
+            }
+        };
+        Ok(module.load_function(name)?)
+    }
+}

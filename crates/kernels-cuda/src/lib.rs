@@ -1,0 +1,34 @@
+//! kvserve's CUDA kernels and their launchers: paged decode attention over the paged,
+//! optionally quantized KV cache (split-KV, GQA-aware, sliding window, dequantization fused),
+//! and the quantizing cache write.
+//!
+//! * **No CUDA at build time.** cudarc loads the driver and NVRTC at run time; the kernel
+//!   sources (`kernels/*.cu`, embedded) are compiled by NVRTC for the device's architecture
+//!   on first use and cached on disk ([`compile`] says why). The crate builds and its
+//!   host-side checks are tested on a machine with no GPU.
+//! * **Never panics without a GPU.** [`Gpu::new`] probes for the driver library before
+//!   cudarc touches it and returns [`KernelError::NoDevice`].
+//! * **Checked launches.** Every launcher validates shapes, lengths, block tables and slots
+//!   on the host and returns [`KernelError::BadArgument`] before its single `unsafe` launch.
+//! * **One layout.** Blocks are laid out as `kv-quant` says (`kernels/kv_layout.cuh` is
+//!   generated from it); kv-quant's CPU codecs are the reference the GPU tests compare with.
+//!
+//! GPU tests are `#[ignore]`d (they need a device): run them on the GPU machine with
+//! `--include-ignored`.
+
+pub mod compile;
+
+mod attention;
+mod cache;
+mod device;
+mod error;
+mod ffi;
+
+pub use attention::{ActScalar, DecodeMetadata, DecodePlan, PagedDecoder};
+pub use cache::reshape_and_cache;
+pub use compile::{Program, Scalar, Variant};
+pub use device::{Gpu, driver_available};
+pub use error::{KernelError, Result};
+
+/// Re-exported so callers allocate device buffers with the same cudarc.
+pub use cudarc;

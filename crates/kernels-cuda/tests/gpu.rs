@@ -1,0 +1,350 @@
+//! The kernels against the CPU reference (kv-quant's codecs, attention in f64), on a GPU.
+//! Ignored by default (CI has no GPU): `cargo test -p kernels-cuda -- --include-ignored` on
+//! the GPU machine. Without a GPU the non-ignored test checks the clean refusal.
+#![allow(clippy::unwrap_used, clippy::print_stderr, clippy::too_many_arguments)]
+
+use half::bf16;
+use kernels_cuda::cudarc::driver::CudaSlice;
+use kernels_cuda::{DecodeMetadata, Gpu, KernelError, PagedDecoder, reshape_and_cache};
+use kv_quant::{BlockLayout, KvCacheDtype};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+fn gpu() -> Gpu {
+    Gpu::new(0).expect("a CUDA device (these tests are for the GPU machine)")
+}
+
+#[test]
+fn no_gpu_is_an_error_not_a_panic() {
+    match Gpu::new(0) {
+        Ok(g) => eprintln!("a GPU is present: {} ({})", g.name(), g.arch()),
+        Err(KernelError::NoDevice(why)) => eprintln!("no device, as expected here: {why}"),
+        Err(e) => panic!("unexpected error kind: {e}"),
+    }
+    assert!(matches!(Gpu::new(1 << 20), Err(KernelError::NoDevice(_))));
+}
+
+/// Random values in bf16 precision (returned as the f32 both sides use).
+fn random_bf16(rng: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n)
+        .map(|_| bf16::from_f32(rng.random_range(-1.0f32..1.0) * scale).to_f32())
+        .collect()
+}
+
+fn to_bf16(x: &[f32]) -> Vec<bf16> {
+    x.iter().map(|&v| bf16::from_f32(v)).collect()
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cache_write_matches_the_cpu_encoder_byte_for_byte() {
+    let gpu = gpu();
+    let stream = gpu.stream().clone();
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let mut mismatches = Vec::new();
+    for dtype in KvCacheDtype::ALL {
+        for head_dim in [64, 128] {
+            for block_size in [8, 16, 32] {
+                let kv_heads = 3;
+                let Ok(layout) = BlockLayout::new(dtype, block_size, kv_heads, head_dim) else {
+                    continue;
+                };
+                let num_blocks = 5;
+                let bb = layout.kv_block_bytes();
+                let tokens = 2 * block_size + 3;
+                let per = kv_heads * head_dim;
+                let mut k = random_bf16(&mut rng, tokens * per, 3.0);
+                let v = random_bf16(&mut rng, tokens * per, 0.5);
+                // Edge rows: all zero, one huge value, infinities and a NaN.
+                k[..per].fill(0.0);
+                k[per] = bf16::from_f32(60000.0).to_f32();
+                k[2 * per + 1] = f32::INFINITY;
+                k[2 * per + 2] = f32::NEG_INFINITY;
+                k[2 * per + 3] = f32::NAN;
+                let mut slots: Vec<i64> = (0..(num_blocks * block_size) as i64).collect();
+                slots.shuffle(&mut rng);
+                slots.truncate(tokens);
+                slots[4] = -1; // padding: skipped
+                let mut kc = stream.alloc_zeros::<u8>(num_blocks * bb).unwrap();
+                let mut vc = stream.alloc_zeros::<u8>(num_blocks * bb).unwrap();
+                let kd = stream.clone_htod(&to_bf16(&k)).unwrap();
+                let vd = stream.clone_htod(&to_bf16(&v)).unwrap();
+                reshape_and_cache(&gpu, &layout, &kd, &vd, &slots, &mut kc, &mut vc).unwrap();
+                let kc = stream.clone_dtoh(&kc).unwrap();
+                let vc = stream.clone_dtoh(&vc).unwrap();
+                let mut k_ref = vec![0u8; num_blocks * bb];
+                let mut v_ref = vec![0u8; num_blocks * bb];
+                for (t, &s) in slots.iter().enumerate() {
+                    if s < 0 {
+                        continue;
+                    }
+                    let (b, o) = (s as usize / block_size, s as usize % block_size);
+                    let x = &k[t * per..(t + 1) * per];
+                    kv_quant::encode_token(&layout, &mut k_ref[b * bb..(b + 1) * bb], o, x)
+                        .unwrap();
+                    let x = &v[t * per..(t + 1) * per];
+                    kv_quant::encode_token(&layout, &mut v_ref[b * bb..(b + 1) * bb], o, x)
+                        .unwrap();
+                }
+                // Bytes must match, but a NaN may be stored with another payload.
+                for (name, got, want) in [("K", &kc, &k_ref), ("V", &vc, &v_ref)] {
+                    for b in 0..num_blocks {
+                        let (g, w) = (&got[b * bb..(b + 1) * bb], &want[b * bb..(b + 1) * bb]);
+                        if g == w {
+                            continue;
+                        }
+                        let mut gd = vec![0f32; block_size * per];
+                        let mut wd = vec![0f32; block_size * per];
+                        kv_quant::decode_slots(&layout, g, 0..block_size, &mut gd).unwrap();
+                        kv_quant::decode_slots(&layout, w, 0..block_size, &mut wd).unwrap();
+                        let differs = |x: &f32, y: &f32| {
+                            x.to_bits() != y.to_bits() && !(x.is_nan() && y.is_nan())
+                        };
+                        let first_value = gd.iter().zip(&wd).position(|(x, y)| differs(x, y));
+                        let float_dtype = matches!(dtype, KvCacheDtype::Fp16 | KvCacheDtype::Bf16);
+                        if first_value.is_none() && float_dtype {
+                            continue; // NaN payloads only
+                        }
+                        let i = g.iter().zip(w).position(|(x, y)| x != y).unwrap_or(0);
+                        mismatches.push(format!(
+                            "{dtype} d={head_dim} bs={block_size} {name} block {b}: byte {i} \
+                             gpu {} cpu {}; first value diff (slot, channel, gpu, cpu) {:?}",
+                            g[i],
+                            w[i],
+                            first_value.map(|v| (v / per, v % per, gd[v], wd[v]))
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        mismatches.is_empty(),
+        "GPU != CPU encoder:\n{}",
+        mismatches.join("\n")
+    );
+}
+
+/// One attention case: random caches encoded on the CPU, random block tables, bf16 q.
+struct Case {
+    layout: BlockLayout,
+    num_heads: usize,
+    contexts: Vec<usize>,
+    window: Option<usize>,
+}
+
+/// Max |out - ref| / max |ref| of the GPU decode against an f64 reference.
+fn decode_error(gpu: &Gpu, rng: &mut ChaCha8Rng, c: &Case, partition: Option<usize>) -> f64 {
+    let stream = gpu.stream().clone();
+    let l = &c.layout;
+    let (bs, kvh, d) = (l.block_size(), l.num_kv_heads(), l.head_dim());
+    let bb = l.kv_block_bytes();
+    let max_blocks = c.contexts.iter().max().unwrap().div_ceil(bs);
+    let num_blocks: usize = c.contexts.iter().map(|x| x.div_ceil(bs)).sum::<usize>() + 3;
+    let mut ids: Vec<i32> = (0..num_blocks as i32).collect();
+    ids.shuffle(rng);
+    let mut tables = vec![-1i32; c.contexts.len() * max_blocks];
+    let mut next = 0;
+    let mut kc = vec![0u8; num_blocks * bb];
+    let mut vc = vec![0u8; num_blocks * bb];
+    // Decoded (what the kernel must see) K and V per sequence: [token][head][d].
+    let mut k_dec = Vec::new();
+    let mut v_dec = Vec::new();
+    for (s, &ctx) in c.contexts.iter().enumerate() {
+        let mut kd = vec![0f32; ctx * kvh * d];
+        let mut vd = vec![0f32; ctx * kvh * d];
+        for j in 0..ctx.div_ceil(bs) {
+            let b = ids[next] as usize;
+            next += 1;
+            tables[s * max_blocks + j] = b as i32;
+            let n = bs.min(ctx - j * bs);
+            for o in 0..n {
+                let k = random_bf16(rng, kvh * d, 2.0);
+                let v = random_bf16(rng, kvh * d, 1.0);
+                kv_quant::encode_token(l, &mut kc[b * bb..(b + 1) * bb], o, &k).unwrap();
+                kv_quant::encode_token(l, &mut vc[b * bb..(b + 1) * bb], o, &v).unwrap();
+            }
+            let t0 = j * bs;
+            kv_quant::decode_slots(
+                l,
+                &kc[b * bb..(b + 1) * bb],
+                0..n,
+                &mut kd[t0 * kvh * d..(t0 + n) * kvh * d],
+            )
+            .unwrap();
+            kv_quant::decode_slots(
+                l,
+                &vc[b * bb..(b + 1) * bb],
+                0..n,
+                &mut vd[t0 * kvh * d..(t0 + n) * kvh * d],
+            )
+            .unwrap();
+        }
+        k_dec.push(kd);
+        v_dec.push(vd);
+    }
+    let nh = c.num_heads;
+    let group = nh / kvh;
+    let q = random_bf16(rng, c.contexts.len() * nh * d, 1.0);
+    let ctx_i: Vec<i32> = c.contexts.iter().map(|&x| x as i32).collect();
+    let meta =
+        DecodeMetadata::new(gpu, &tables, max_blocks, &ctx_i, bs, num_blocks, c.window).unwrap();
+    let kd = stream.clone_htod(&kc).unwrap();
+    let vd = stream.clone_htod(&vc).unwrap();
+    let qd = stream.clone_htod(&to_bf16(&q)).unwrap();
+    // Poisoned output: every element must be written.
+    let mut out: CudaSlice<bf16> = stream
+        .clone_htod(&vec![bf16::NAN; c.contexts.len() * nh * d])
+        .unwrap();
+    let mut dec = PagedDecoder::new();
+    dec.set_partition_size(partition).unwrap();
+    dec.run(gpu, &meta, l, nh, &qd, &kd, &vd, &mut out).unwrap();
+    let out: Vec<f32> = stream
+        .clone_dtoh(&out)
+        .unwrap()
+        .iter()
+        .map(|x| x.to_f32())
+        .collect();
+    let mut err = 0f64;
+    let mut scale = 1e-30f64;
+    for (s, &ctx) in c.contexts.iter().enumerate() {
+        let first = c.window.map_or(0, |w| ctx.saturating_sub(w));
+        for h in 0..nh {
+            let kv = h / group;
+            let qh = &q[(s * nh + h) * d..][..d];
+            let logits: Vec<f64> = (first..ctx)
+                .map(|t| {
+                    let k = &k_dec[s][(t * kvh + kv) * d..][..d];
+                    qh.iter()
+                        .zip(k)
+                        .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                        .sum::<f64>()
+                        / (d as f64).sqrt()
+                })
+                .collect();
+            let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let w: Vec<f64> = logits.iter().map(|x| (x - m).exp()).collect();
+            let total: f64 = w.iter().sum();
+            for i in 0..d {
+                let r: f64 = (first..ctx)
+                    .zip(&w)
+                    .map(|(t, wt)| wt * f64::from(v_dec[s][(t * kvh + kv) * d + i]))
+                    .sum::<f64>()
+                    / total;
+                let o = f64::from(out[(s * nh + h) * d + i]);
+                assert!(o.is_finite(), "seq {s} head {h} ch {i}: {o} (unwritten?)");
+                err = err.max((o - r).abs());
+                scale = scale.max(r.abs());
+            }
+        }
+    }
+    err / scale
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn decode_attention_matches_the_reference_across_dtypes_shapes_and_windows() {
+    let gpu = gpu();
+    eprintln!(
+        "device: {} ({}, {} SMs)",
+        gpu.name(),
+        gpu.arch(),
+        gpu.num_sms()
+    );
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let mut worst = Vec::new();
+    let mut i = 0usize;
+    for dtype in KvCacheDtype::ALL {
+        for head_dim in [64, 128] {
+            for (kv_heads, group) in [(2, 1), (3, 3), (2, 4), (1, 8)] {
+                i += 1;
+                let block_size = [8, 16, 32][i % 3];
+                let Ok(layout) = BlockLayout::new(dtype, block_size, kv_heads, head_dim) else {
+                    continue;
+                };
+                let window = i.is_multiple_of(4).then_some(50 + i % 7);
+                let case = Case {
+                    layout,
+                    num_heads: kv_heads * group,
+                    contexts: vec![1, 7, 100 + i, 333, 1025],
+                    window,
+                };
+                let auto = decode_error(&gpu, &mut rng, &case, None);
+                let split = decode_error(&gpu, &mut rng, &case, Some(64));
+                // bf16 output (2^-9 relative) plus f32 accumulation.
+                let tol = 1.5e-2;
+                eprintln!(
+                    "{dtype} d={head_dim} gqa={group} bs={block_size} window={window:?}: \
+                     err {auto:.2e} (auto), {split:.2e} (partitions of 64)"
+                );
+                if auto > tol || split > tol {
+                    worst.push(format!(
+                        "{dtype} d={head_dim} gqa={group}: {auto:.2e} {split:.2e}"
+                    ));
+                }
+            }
+        }
+    }
+    assert!(worst.is_empty(), "over tolerance:\n{}", worst.join("\n"));
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn decode_attention_handles_32k_contexts_and_batch_1() {
+    let gpu = gpu();
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    for dtype in [
+        KvCacheDtype::Bf16,
+        KvCacheDtype::Int8,
+        "int4-g32".parse().unwrap(),
+    ] {
+        let case = Case {
+            layout: BlockLayout::new(dtype, 16, 8, 128).unwrap(),
+            num_heads: 32,
+            contexts: vec![32768],
+            window: None,
+        };
+        let e = decode_error(&gpu, &mut rng, &case, None);
+        eprintln!("{dtype} 1 x 32K, 32/8 heads, d=128: err {e:.2e}");
+        assert!(e < 1.5e-2, "{dtype}: {e}");
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn bad_arguments_are_refused_before_launch() {
+    let gpu = gpu();
+    let stream = gpu.stream().clone();
+    let layout = BlockLayout::new(KvCacheDtype::Fp16, 16, 2, 64).unwrap();
+    let bad = |r: Result<DecodeMetadata, KernelError>| {
+        assert!(matches!(r, Err(KernelError::BadArgument { .. })), "{r:?}");
+    };
+    bad(DecodeMetadata::new(&gpu, &[], 1, &[], 16, 4, None));
+    bad(DecodeMetadata::new(&gpu, &[0], 1, &[17], 16, 4, None)); // context > table
+    bad(DecodeMetadata::new(&gpu, &[9], 1, &[3], 16, 4, None)); // block id >= num_blocks
+    bad(DecodeMetadata::new(&gpu, &[0], 1, &[3], 12, 4, None)); // block size not 2^k
+    bad(DecodeMetadata::new(&gpu, &[0, 1], 1, &[3], 16, 4, None)); // table shape
+    bad(DecodeMetadata::new(&gpu, &[0], 1, &[3], 16, 4, Some(0))); // empty window
+    let meta = DecodeMetadata::new(&gpu, &[0], 1, &[3], 16, 4, None).unwrap();
+    let kc = stream
+        .alloc_zeros::<u8>(4 * layout.kv_block_bytes())
+        .unwrap();
+    let q = stream.alloc_zeros::<bf16>(4 * 64).unwrap();
+    let mut out = stream.alloc_zeros::<bf16>(4 * 64).unwrap();
+    let mut dec = PagedDecoder::new();
+    // 3 query heads over 2 KV heads.
+    let r = dec.run(&gpu, &meta, &layout, 3, &q, &kc, &kc, &mut out);
+    assert!(matches!(r, Err(KernelError::BadArgument { .. })), "{r:?}");
+    // Cache too small for the metadata's 4 blocks.
+    let small = stream.alloc_zeros::<u8>(layout.kv_block_bytes()).unwrap();
+    let r = dec.run(&gpu, &meta, &layout, 4, &q, &small, &small, &mut out);
+    assert!(matches!(r, Err(KernelError::BadArgument { .. })), "{r:?}");
+    assert!(dec.set_partition_size(Some(100)).is_err());
+    // Slots outside the cache.
+    let mut kc2 = stream.alloc_zeros::<u8>(layout.kv_block_bytes()).unwrap();
+    let mut vc2 = stream.alloc_zeros::<u8>(layout.kv_block_bytes()).unwrap();
+    let k = stream.alloc_zeros::<bf16>(2 * 64).unwrap();
+    let r = reshape_and_cache(&gpu, &layout, &k, &k, &[16], &mut kc2, &mut vc2);
+    assert!(matches!(r, Err(KernelError::BadArgument { .. })), "{r:?}");
+}
