@@ -30,6 +30,14 @@ impl std::fmt::Debug for Gpu {
     }
 }
 
+#[allow(unsafe_code)]
+fn disable_event_tracking(ctx: &CudaContext) {
+    // SAFETY: no buffer of this context exists yet, and the crate issues all its work on the
+    // context's default stream, so stream order alone orders every access (cudarc's events
+    // only matter for buffers used from several streams).
+    unsafe { ctx.disable_event_tracking() };
+}
+
 /// Whether the CUDA driver library can be loaded (it says nothing about devices).
 pub fn driver_available() -> bool {
     ffi::library_present("cuda")
@@ -55,6 +63,10 @@ impl Gpu {
             )));
         }
         let ctx = CudaContext::new(ordinal)?;
+        // Everything of this crate runs on one stream, in order: cudarc's per-buffer events
+        // (for synchronizing buffers shared across streams) would only add two driver calls
+        // per buffer argument to every launch.
+        disable_event_tracking(&ctx);
         let (major, minor) = ctx.compute_capability()?;
         // Hopper's arch-specific features (wgmma, setmaxnreg) need the "a" target.
         let arch = if (major, minor) == (9, 0) {
@@ -92,7 +104,9 @@ impl Gpu {
         self.num_sms
     }
 
-    /// The stream every launch of this crate goes to.
+    /// The stream every launch of this crate goes to. cudarc's cross-stream event tracking is
+    /// off for this context: put all work on buffers these kernels touch on this stream (or
+    /// synchronize other streams yourself).
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
     }

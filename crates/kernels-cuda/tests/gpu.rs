@@ -341,6 +341,7 @@ fn bad_arguments_are_refused_before_launch() {
     let r = dec.run(&gpu, &meta, &layout, 4, &q, &small, &small, &mut out);
     assert!(matches!(r, Err(KernelError::BadArgument { .. })), "{r:?}");
     assert!(dec.set_partition_size(Some(100)).is_err());
+    assert!(dec.set_partition_size(Some(0)).is_err());
     // Slots outside the cache.
     let mut kc2 = stream.alloc_zeros::<u8>(layout.kv_block_bytes()).unwrap();
     let mut vc2 = stream.alloc_zeros::<u8>(layout.kv_block_bytes()).unwrap();
