@@ -27,7 +27,14 @@ constexpr int kLanesPerToken = HEAD_DIM / kChunk;  // lanes that share one row
 static_assert(kLanesPerToken <= 32 && 32 % kLanesPerToken == 0, "HEAD_DIM / 8 must divide 32");
 constexpr int kTokensPerWarp = 32 / kLanesPerToken;
 constexpr int kTokensPerIter = kWarps * kTokensPerWarp;
-constexpr int kUnroll = 4;  // rows in flight per thread
+// Rows in flight per thread: 8, but 2 for int4 (its registers go to dequantization) and 4 for
+// GQA groups over 4 (their registers go to q and the accumulators); measured on an H200
+// (kernels/NOTES.md). KV_UNROLL overrides it for tuning.
+#ifdef KV_UNROLL
+constexpr int kUnroll = KV_UNROLL;
+#else
+constexpr int kUnroll = kv_dtype_is_int4(KV_DTYPE) ? 2 : GQA_GROUP > 4 ? 4 : 8;
+#endif
 constexpr int G = GQA_GROUP;
 
 struct Row {

@@ -4,7 +4,8 @@
 //! L2, and the effective bandwidth (K + V bytes read / time). Run next to
 //! `scripts/bench_attention_baseline.py` (PyTorch SDPA and the copy roofline) in the same call:
 //!
-//! `decode_bench [--quick]`
+//! `decode_bench [--quick] [--partition N]` (`KVSERVE_KERNEL_DEFINES=-DKV_UNROLL=8` to try a
+//! kernel variant)
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 
 use half::bf16;
@@ -14,6 +15,11 @@ use kv_quant::{BlockLayout, KvCacheDtype};
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
+    // `--partition N`: force the split (tokens per CTA) instead of the automatic choice.
+    let partition: Option<usize> = std::env::args()
+        .skip_while(|a| a != "--partition")
+        .nth(1)
+        .map(|p| p.parse().unwrap());
     let gpu = Gpu::new(0).unwrap();
     let stream = gpu.stream().clone();
     println!(
@@ -23,7 +29,7 @@ fn main() {
         gpu.num_sms()
     );
     let shapes: Vec<(usize, usize)> = if quick {
-        vec![(1, 4096), (16, 4096)]
+        vec![(1, 4096), (16, 4096), (64, 4096)]
     } else {
         let mut v = Vec::new();
         for b in [1, 16, 64, 256] {
@@ -58,7 +64,12 @@ fn main() {
             // (at least 256 MiB read per round), as the SDPA baseline does.
             let sets = (256usize << 20).div_ceil(2 * bytes.len()).clamp(1, 64);
             let caches: Vec<_> = (0..sets)
-                .map(|_| (stream.clone_htod(&bytes).unwrap(), stream.clone_htod(&bytes).unwrap()))
+                .map(|_| {
+                    (
+                        stream.clone_htod(&bytes).unwrap(),
+                        stream.clone_htod(&bytes).unwrap(),
+                    )
+                })
                 .collect();
             let tables: Vec<i32> = (0..num_blocks as i32).collect();
             let ctx = vec![l as i32; b];
@@ -70,18 +81,26 @@ fn main() {
             let q = stream.clone_htod(&q).unwrap();
             let mut out = stream.alloc_zeros::<bf16>(b * heads * d).unwrap();
             let mut dec = PagedDecoder::new();
+            dec.set_partition_size(partition).unwrap();
             let launches = sets.max(8);
             let mut round = |dec: &mut PagedDecoder| {
                 for i in 0..launches {
                     let (kc, vc) = &caches[i % sets];
-                    dec.run(&gpu, &meta, &layout, heads, &q, kc, vc, &mut out).unwrap();
+                    dec.run(&gpu, &meta, &layout, heads, &q, kc, vc, &mut out)
+                        .unwrap();
                 }
             };
             round(&mut dec);
             let mut times = Vec::new();
             for _ in 0..15 {
-                let start = gpu.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).unwrap();
-                let end = gpu.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).unwrap();
+                let start = gpu
+                    .context()
+                    .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                    .unwrap();
+                let end = gpu
+                    .context()
+                    .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                    .unwrap();
                 start.record(&stream).unwrap();
                 round(&mut dec);
                 end.record(&stream).unwrap();

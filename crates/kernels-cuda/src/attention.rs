@@ -12,14 +12,22 @@ use crate::error::{KernelError, Result, bad};
 pub trait ActScalar: DeviceRepr + ValidAsZeroBits + Copy + Default + Unpin {
     /// Which kernel variant reads it.
     const SCALAR: Scalar;
+    /// 1 in this type.
+    const ONE: Self;
+    /// 0 in this type.
+    const ZERO: Self;
 }
 
 impl ActScalar for half::f16 {
     const SCALAR: Scalar = Scalar::F16;
+    const ONE: Self = half::f16::ONE;
+    const ZERO: Self = half::f16::ZERO;
 }
 
 impl ActScalar for half::bf16 {
     const SCALAR: Scalar = Scalar::Bf16;
+    const ONE: Self = half::bf16::ONE;
+    const ZERO: Self = half::bf16::ZERO;
 }
 
 const KERNEL: &str = "paged_decode";

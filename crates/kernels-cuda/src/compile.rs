@@ -32,6 +32,10 @@ const SOURCES: &[(&str, &str)] = &[
         include_str!("../../../kernels/paged_attention.cu"),
     ),
     ("cache.cu", include_str!("../../../kernels/cache.cu")),
+    (
+        "elementwise.cu",
+        include_str!("../../../kernels/elementwise.cu"),
+    ),
 ];
 
 /// Activation type of q, k, v and attention output.
@@ -59,6 +63,9 @@ pub enum Program {
     PagedAttention,
     /// `cache.cu`: `reshape_and_cache`.
     Cache,
+    /// `elementwise.cu`: embedding gather, RMSNorm (with the residual add), RoPE, SiLU·up.
+    /// Depends on the activation type only.
+    Elementwise,
 }
 
 impl Program {
@@ -66,6 +73,7 @@ impl Program {
         match self {
             Self::PagedAttention => "paged_attention.cu",
             Self::Cache => "cache.cu",
+            Self::Elementwise => "elementwise.cu",
         }
     }
 }
@@ -92,8 +100,22 @@ pub const HEAD_DIMS: [usize; 2] = [64, 128];
 pub const MAX_GQA_GROUP: usize = 8;
 
 impl Variant {
+    /// The elementwise kernels for `scalar` (KV dtype and head_dim do not apply).
+    pub fn elementwise(scalar: Scalar) -> Self {
+        Variant {
+            program: Program::Elementwise,
+            scalar,
+            dtype: KvCacheDtype::Fp16,
+            head_dim: 0,
+            gqa_group: 0,
+        }
+    }
+
     /// Compiler options selecting this variant.
     fn defines(&self) -> Vec<String> {
+        if self.program == Program::Elementwise {
+            return vec![format!("-DSCALAR={}", self.scalar.code())];
+        }
         let mut d = vec![
             format!("-DSCALAR={}", self.scalar.code()),
             format!("-DKV_DTYPE={}", self.dtype.tag()),
@@ -109,6 +131,7 @@ impl Variant {
     pub fn all() -> Vec<Variant> {
         let mut v = Vec::new();
         for scalar in [Scalar::F16, Scalar::Bf16] {
+            v.push(Variant::elementwise(scalar));
             for dtype in KvCacheDtype::ALL {
                 for head_dim in HEAD_DIMS {
                     // e.g. int4 groups of 128 channels need head_dim >= 128.
@@ -140,6 +163,9 @@ impl Variant {
 
 impl fmt::Display for Variant {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.program == Program::Elementwise {
+            return write!(f, "{} [{:?}]", self.program.file(), self.scalar);
+        }
         write!(
             f,
             "{} [{:?} kv={} d={}",
@@ -288,6 +314,15 @@ fn compile_with(variant: &Variant, arch: &str, cache: Option<PathBuf>) -> Result
         "-v".into(),
         format!("--include-path={}", include.display()),
     ]);
+    // A tuning knob: extra `-D...` options for every kernel (e.g. `-DKV_UNROLL=8`).
+    if let Ok(extra) = std::env::var("KVSERVE_KERNEL_DEFINES") {
+        options.extend(
+            extra
+                .split_whitespace()
+                .filter(|o| o.starts_with("-D"))
+                .map(str::to_owned),
+        );
+    }
     let version = ffi::nvrtc_version().unwrap_or((0, 0));
     let key = {
         let mut h = FxHasher::default();
@@ -376,10 +411,10 @@ mod tests {
     #[test]
     fn every_variant_has_distinct_options() {
         let all = Variant::all();
-        // int4-g128 has no head_dim 64 variant.
+        // int4-g128 has no head_dim 64 variant; one elementwise variant per scalar.
         assert_eq!(
             all.len(),
-            2 * (KvCacheDtype::ALL.len() * HEAD_DIMS.len() - 1) * (1 + MAX_GQA_GROUP)
+            2 * ((KvCacheDtype::ALL.len() * HEAD_DIMS.len() - 1) * (1 + MAX_GQA_GROUP) + 1)
         );
         let mut opts: Vec<_> = all
             .iter()

@@ -31,6 +31,9 @@ pub enum KernelError {
     /// A CUDA driver call failed.
     #[error("CUDA driver: {0}")]
     Driver(#[from] cudarc::driver::DriverError),
+    /// A cuBLAS call failed.
+    #[error("cuBLAS: {0}")]
+    Blas(String),
     /// A launcher was given arguments that do not fit the kernel (checked before launching).
     #[error("bad argument to {kernel}: {reason}")]
     BadArgument {

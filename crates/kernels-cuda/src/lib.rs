@@ -1,6 +1,7 @@
 //! kvserve's CUDA kernels and their launchers: paged decode attention over the paged,
 //! optionally quantized KV cache (split-KV, GQA-aware, sliding window, dequantization fused),
-//! and the quantizing cache write.
+//! the quantizing cache write, and the per-token layers of a Llama step (embedding gather,
+//! RMSNorm fused with the residual add, RoPE, SiLU·up).
 //!
 //! * **No CUDA at build time.** cudarc loads the driver and NVRTC at run time; the kernel
 //!   sources (`kernels/*.cu`, embedded) are compiled by NVRTC for the device's architecture
@@ -23,12 +24,16 @@ mod cache;
 mod device;
 mod error;
 mod ffi;
+mod gemm;
+mod layers;
 
 pub use attention::{ActScalar, DecodeMetadata, DecodePlan, PagedDecoder};
 pub use cache::reshape_and_cache;
 pub use compile::{Program, Scalar, Variant};
 pub use device::{Gpu, driver_available};
 pub use error::{KernelError, Result};
+pub use gemm::Blas;
+pub use layers::{RopeShape, embedding_gather, rms_norm, rope, silu_mul};
 
 /// Re-exported so callers allocate device buffers with the same cudarc.
 pub use cudarc;

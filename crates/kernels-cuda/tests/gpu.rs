@@ -1,7 +1,12 @@
 //! The kernels against the CPU reference (kv-quant's codecs, attention in f64), on a GPU.
 //! Ignored by default (CI has no GPU): `cargo test -p kernels-cuda -- --include-ignored` on
 //! the GPU machine. Without a GPU the non-ignored test checks the clean refusal.
-#![allow(clippy::unwrap_used, clippy::print_stderr, clippy::too_many_arguments)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::print_stderr,
+    clippy::too_many_arguments,
+    clippy::needless_range_loop
+)]
 
 use half::bf16;
 use kernels_cuda::cudarc::driver::CudaSlice;
@@ -348,4 +353,243 @@ fn bad_arguments_are_refused_before_launch() {
     let k = stream.alloc_zeros::<bf16>(2 * 64).unwrap();
     let r = reshape_and_cache(&gpu, &layout, &k, &k, &[16], &mut kc2, &mut vc2);
     assert!(matches!(r, Err(KernelError::BadArgument { .. })), "{r:?}");
+}
+
+/// Max |a − b| over max |b|.
+fn rel_err(a: &[f32], b: &[f64]) -> f64 {
+    let scale = b.iter().fold(1e-30f64, |m, x| m.max(x.abs()));
+    let err = a
+        .iter()
+        .zip(b)
+        .fold(0f64, |m, (x, y)| m.max((f64::from(*x) - y).abs()));
+    assert!(a.iter().all(|x| x.is_finite()), "non-finite output");
+    err / scale
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn per_token_layers_match_the_reference() {
+    let gpu = gpu();
+    let s = gpu.stream().clone();
+    let mut rng = ChaCha8Rng::seed_from_u64(13);
+    let (vocab, hidden, tokens) = (1000, 576, 37);
+
+    // Embedding gather: exact.
+    let table = random_bf16(&mut rng, vocab * hidden, 1.0);
+    let ids: Vec<u32> = (0..tokens)
+        .map(|_| rng.random_range(0..vocab as u32))
+        .collect();
+    let table_d = s.clone_htod(&to_bf16(&table)).unwrap();
+    let mut residual = s.alloc_zeros::<f32>(tokens * hidden).unwrap();
+    kernels_cuda::embedding_gather(&gpu, &table_d, vocab, &ids, &mut residual).unwrap();
+    let got = s.clone_dtoh(&residual).unwrap();
+    for (t, &id) in ids.iter().enumerate() {
+        assert_eq!(
+            &got[t * hidden..(t + 1) * hidden],
+            &table[id as usize * hidden..(id as usize + 1) * hidden]
+        );
+    }
+
+    // RMSNorm, with and without the residual add.
+    let weight = random_bf16(&mut rng, hidden, 2.0);
+    let delta = random_bf16(&mut rng, tokens * hidden, 3.0);
+    let w_d = s.clone_htod(&to_bf16(&weight)).unwrap();
+    let delta_d = s.clone_htod(&to_bf16(&delta)).unwrap();
+    let mut out = s.alloc_zeros::<bf16>(tokens * hidden).unwrap();
+    for add in [false, true] {
+        let before = s.clone_dtoh(&residual).unwrap();
+        let d = add.then_some(&delta_d);
+        kernels_cuda::rms_norm(&gpu, &mut residual, d, &w_d, 1e-5, &mut out).unwrap();
+        let after = s.clone_dtoh(&residual).unwrap();
+        let r: Vec<f32> = if add {
+            before.iter().zip(&delta).map(|(a, b)| a + b).collect()
+        } else {
+            before
+        };
+        assert_eq!(after, r, "residual after add={add}");
+        let mut want = vec![0f64; tokens * hidden];
+        for t in 0..tokens {
+            let row = &r[t * hidden..(t + 1) * hidden];
+            let ms = row.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>() / hidden as f64;
+            let inv = 1.0 / (ms + 1e-5).sqrt();
+            for i in 0..hidden {
+                want[t * hidden + i] = f64::from(weight[i]) * f64::from(row[i]) * inv;
+            }
+        }
+        let got: Vec<f32> = s
+            .clone_dtoh(&out)
+            .unwrap()
+            .iter()
+            .map(|x| x.to_f32())
+            .collect();
+        let e = rel_err(&got, &want);
+        eprintln!("rms_norm add={add}: err {e:.2e}");
+        assert!(e < 1e-2, "rms_norm add={add}: {e}");
+    }
+
+    // RoPE, both pair styles, positions up to 131K.
+    let (qh, kh, d) = (9, 3, 64);
+    let inv: Vec<f32> = (0..d / 2)
+        .map(|i| 1.0 / 100_000f32.powf(2.0 * i as f32 / d as f32))
+        .collect();
+    let inv_d = s.clone_htod(&inv).unwrap();
+    for interleaved in [false, true] {
+        let positions: Vec<u32> = (0..tokens).map(|_| rng.random_range(0..131_072)).collect();
+        let q = random_bf16(&mut rng, tokens * qh * d, 1.0);
+        let k = random_bf16(&mut rng, tokens * kh * d, 1.0);
+        let mut q_d = s.clone_htod(&to_bf16(&q)).unwrap();
+        let mut k_d = s.clone_htod(&to_bf16(&k)).unwrap();
+        let shape = kernels_cuda::RopeShape {
+            num_q_heads: qh,
+            num_kv_heads: kh,
+            head_dim: d,
+            interleaved,
+        };
+        kernels_cuda::rope(&gpu, shape, &positions, &inv_d, &mut q_d, &mut k_d).unwrap();
+        for (x, x_d, heads) in [(&q, &q_d, qh), (&k, &k_d, kh)] {
+            let mut want = vec![0f64; x.len()];
+            for t in 0..tokens {
+                for h in 0..heads {
+                    let base = (t * heads + h) * d;
+                    for i in 0..d / 2 {
+                        let (a, b) = if interleaved {
+                            (2 * i, 2 * i + 1)
+                        } else {
+                            (i, i + d / 2)
+                        };
+                        let angle = f64::from(positions[t] as f32 * inv[i]);
+                        let (sn, c) = angle.sin_cos();
+                        let (x0, x1) = (f64::from(x[base + a]), f64::from(x[base + b]));
+                        want[base + a] = x0 * c - x1 * sn;
+                        want[base + b] = x0 * sn + x1 * c;
+                    }
+                }
+            }
+            let got: Vec<f32> = s
+                .clone_dtoh(x_d)
+                .unwrap()
+                .iter()
+                .map(|v| v.to_f32())
+                .collect();
+            let e = rel_err(&got, &want);
+            eprintln!("rope interleaved={interleaved}: err {e:.2e}");
+            assert!(e < 1e-2, "rope: {e}");
+        }
+    }
+
+    // SiLU(gate) * up.
+    let inter = 1536;
+    let gu = random_bf16(&mut rng, tokens * 2 * inter, 4.0);
+    let gu_d = s.clone_htod(&to_bf16(&gu)).unwrap();
+    let mut out = s.alloc_zeros::<bf16>(tokens * inter).unwrap();
+    kernels_cuda::silu_mul(&gpu, &gu_d, inter, &mut out).unwrap();
+    let mut want = vec![0f64; tokens * inter];
+    for t in 0..tokens {
+        for i in 0..inter {
+            let g = f64::from(gu[t * 2 * inter + i]);
+            want[t * inter + i] = g / (1.0 + (-g).exp()) * f64::from(gu[t * 2 * inter + inter + i]);
+        }
+    }
+    let got: Vec<f32> = s
+        .clone_dtoh(&out)
+        .unwrap()
+        .iter()
+        .map(|x| x.to_f32())
+        .collect();
+    let e = rel_err(&got, &want);
+    eprintln!("silu_mul: err {e:.2e}");
+    assert!(e < 1e-2, "silu_mul: {e}");
+
+    // Bad input is refused before launching.
+    let is_bad = |r: Result<(), KernelError>| matches!(r, Err(KernelError::BadArgument { .. }));
+    assert!(is_bad(kernels_cuda::embedding_gather(
+        &gpu,
+        &table_d,
+        vocab,
+        &[vocab as u32],
+        &mut residual
+    )));
+    assert!(is_bad(kernels_cuda::embedding_gather(
+        &gpu,
+        &table_d,
+        999,
+        &ids,
+        &mut residual
+    )));
+    let mut short = s.alloc_zeros::<bf16>(hidden).unwrap();
+    assert!(is_bad(kernels_cuda::rms_norm(
+        &gpu,
+        &mut residual,
+        None,
+        &w_d,
+        1e-5,
+        &mut short
+    )));
+    assert!(is_bad(kernels_cuda::rms_norm(
+        &gpu,
+        &mut residual,
+        None,
+        &w_d,
+        f32::NAN,
+        &mut out
+    )));
+    let odd = kernels_cuda::RopeShape {
+        num_q_heads: 1,
+        num_kv_heads: 1,
+        head_dim: 3,
+        interleaved: false,
+    };
+    let mut q1 = s.alloc_zeros::<bf16>(3).unwrap();
+    let mut k1 = s.alloc_zeros::<bf16>(3).unwrap();
+    assert!(is_bad(kernels_cuda::rope(
+        &gpu,
+        odd,
+        &[0],
+        &inv_d,
+        &mut q1,
+        &mut k1
+    )));
+    assert!(is_bad(kernels_cuda::silu_mul(
+        &gpu,
+        &gu_d,
+        inter + 1,
+        &mut out
+    )));
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn linear_layer_matches_the_reference() {
+    let gpu = gpu();
+    let s = gpu.stream().clone();
+    let blas = kernels_cuda::Blas::new(&gpu).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(14);
+    for (tokens, n, k) in [(1, 576, 576), (7, 1536, 576), (33, 192, 64)] {
+        let x = random_bf16(&mut rng, tokens * k, 1.0);
+        let w = random_bf16(&mut rng, n * k, 0.1);
+        let x_d = s.clone_htod(&to_bf16(&x)).unwrap();
+        let w_d = s.clone_htod(&to_bf16(&w)).unwrap();
+        let mut out = s.alloc_zeros::<bf16>(tokens * n).unwrap();
+        blas.linear(&x_d, &w_d, n, k, &mut out).unwrap();
+        let mut want = vec![0f64; tokens * n];
+        for t in 0..tokens {
+            for j in 0..n {
+                want[t * n + j] = (0..k)
+                    .map(|i| f64::from(x[t * k + i]) * f64::from(w[j * k + i]))
+                    .sum();
+            }
+        }
+        let got: Vec<f32> = s
+            .clone_dtoh(&out)
+            .unwrap()
+            .iter()
+            .map(|v| v.to_f32())
+            .collect();
+        let e = rel_err(&got, &want);
+        eprintln!("linear {tokens} x {k} -> {n}: err {e:.2e}");
+        assert!(e < 1e-2, "linear: {e}");
+        // Wrong shapes are refused before cuBLAS is called.
+        let r = blas.linear(&x_d, &w_d, n + 1, k, &mut out);
+        assert!(matches!(r, Err(KernelError::BadArgument { .. })), "{r:?}");
+    }
 }

@@ -1,0 +1,256 @@
+//! The per-token layers of a Llama step: embedding gather, RMSNorm with the residual add,
+//! rotary embedding and SiLU·up (`kernels/elementwise.cu`). The residual stream is f32.
+#![allow(unsafe_code)]
+
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+
+use crate::attention::ActScalar;
+use crate::compile::Variant;
+use crate::device::Gpu;
+use crate::error::{Result, bad};
+
+const THREADS: u32 = 256;
+
+fn rows(tokens: usize) -> Result<LaunchConfig> {
+    if tokens == 0 || tokens > i32::MAX as usize {
+        return Err(bad("elementwise", format!("{tokens} tokens")));
+    }
+    Ok(LaunchConfig {
+        grid_dim: (tokens as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+fn dim(kernel: &'static str, what: &str, n: usize) -> Result<i32> {
+    if n == 0 || n > i32::MAX as usize {
+        return Err(bad(kernel, format!("{what} = {n}")));
+    }
+    Ok(n as i32)
+}
+
+/// `residual[t] = table[ids[t]]` (as f32): `table` is `[vocab][hidden]`, `residual`
+/// `[ids.len()][hidden]`.
+///
+/// # Errors
+/// [`crate::KernelError::BadArgument`] for a token id `>= vocab` or mismatched sizes.
+pub fn embedding_gather<T: ActScalar>(
+    gpu: &Gpu,
+    table: &CudaSlice<T>,
+    vocab: usize,
+    ids: &[u32],
+    residual: &mut CudaSlice<f32>,
+) -> Result<()> {
+    const K: &str = "embedding_gather";
+    if vocab == 0 || !table.len().is_multiple_of(vocab) {
+        return Err(bad(
+            K,
+            format!("table of {} values for vocab {vocab}", table.len()),
+        ));
+    }
+    let hidden = table.len() / vocab;
+    let h = dim(K, "hidden", hidden)?;
+    if let Some((t, id)) = ids
+        .iter()
+        .enumerate()
+        .find(|&(_, &id)| id as usize >= vocab)
+    {
+        return Err(bad(K, format!("token {t}: id {id} >= vocab {vocab}")));
+    }
+    if residual.len() != ids.len() * hidden {
+        return Err(bad(
+            K,
+            format!(
+                "residual of {} values, expected {} x {hidden}",
+                residual.len(),
+                ids.len()
+            ),
+        ));
+    }
+    let cfg = rows(ids.len())?;
+    let stream = gpu.stream();
+    let ids_dev = stream.clone_htod(&ids.iter().map(|&i| i as i32).collect::<Vec<_>>())?;
+    let f = gpu.function(&Variant::elementwise(T::SCALAR), K)?;
+    let mut launch = stream.launch_builder(&f);
+    launch.arg(&mut *residual).arg(table).arg(&ids_dev).arg(&h);
+    // SAFETY: matches `embedding_gather` in kernels/elementwise.cu; every id is below vocab
+    // (checked), so each row read is inside `table`, and `residual` holds one row per id.
+    unsafe { launch.launch(cfg) }?;
+    Ok(())
+}
+
+/// `residual += delta` (when given), then `out = RMSNorm(residual) * weight` per token;
+/// `weight` is `[hidden]`, the others `[tokens][hidden]`.
+///
+/// # Errors
+/// [`crate::KernelError::BadArgument`] for mismatched sizes or a negative or non-finite `eps`.
+pub fn rms_norm<T: ActScalar>(
+    gpu: &Gpu,
+    residual: &mut CudaSlice<f32>,
+    delta: Option<&CudaSlice<T>>,
+    weight: &CudaSlice<T>,
+    eps: f32,
+    out: &mut CudaSlice<T>,
+) -> Result<()> {
+    const K: &str = "rms_norm";
+    let hidden = weight.len();
+    let h = dim(K, "hidden", hidden)?;
+    if !eps.is_finite() || eps < 0.0 {
+        return Err(bad(K, format!("eps {eps}")));
+    }
+    if !residual.len().is_multiple_of(hidden)
+        || out.len() != residual.len()
+        || delta.is_some_and(|d| d.len() != residual.len())
+    {
+        return Err(bad(
+            K,
+            format!(
+                "residual {}, out {}, delta {:?} values for hidden {hidden}",
+                residual.len(),
+                out.len(),
+                delta.map(CudaSlice::len)
+            ),
+        ));
+    }
+    let cfg = rows(residual.len() / hidden)?;
+    let stream = gpu.stream();
+    let variant = Variant::elementwise(T::SCALAR);
+    match delta {
+        None => {
+            let f = gpu.function(&variant, "rms_norm")?;
+            let mut launch = stream.launch_builder(&f);
+            launch
+                .arg(&mut *out)
+                .arg(&mut *residual)
+                .arg(weight)
+                .arg(&h)
+                .arg(&eps);
+            // SAFETY: matches `rms_norm`; out and residual hold tokens x hidden values, the
+            // weight hidden (checked).
+            unsafe { launch.launch(cfg) }?;
+        }
+        Some(delta) => {
+            let f = gpu.function(&variant, "add_rms_norm")?;
+            let mut launch = stream.launch_builder(&f);
+            launch
+                .arg(&mut *out)
+                .arg(&mut *residual)
+                .arg(delta)
+                .arg(weight)
+                .arg(&h)
+                .arg(&eps);
+            // SAFETY: matches `add_rms_norm`; out, residual and delta hold tokens x hidden
+            // values, the weight hidden (checked).
+            unsafe { launch.launch(cfg) }?;
+        }
+    }
+    Ok(())
+}
+
+/// Shapes of a rotary embedding call.
+#[derive(Debug, Clone, Copy)]
+pub struct RopeShape {
+    /// Query heads per token.
+    pub num_q_heads: usize,
+    /// KV heads per token.
+    pub num_kv_heads: usize,
+    /// Channels per head (even).
+    pub head_dim: usize,
+    /// Pairs `(2i, 2i + 1)` (GGUF Llama) rather than `(i, i + head_dim / 2)` (HF, NeoX).
+    pub interleaved: bool,
+}
+
+/// Rotates `q` (`[tokens][num_q_heads][head_dim]`) and `k` (`[tokens][num_kv_heads][head_dim]`)
+/// in place by `positions[t] * inv_freq[i]` (`inv_freq`: `[head_dim / 2]`, scaling included).
+///
+/// # Errors
+/// [`crate::KernelError::BadArgument`] for mismatched sizes or an odd head_dim.
+pub fn rope<T: ActScalar>(
+    gpu: &Gpu,
+    shape: RopeShape,
+    positions: &[u32],
+    inv_freq: &CudaSlice<f32>,
+    q: &mut CudaSlice<T>,
+    k: &mut CudaSlice<T>,
+) -> Result<()> {
+    const K: &str = "rope";
+    let d = shape.head_dim;
+    if d == 0 || !d.is_multiple_of(2) || inv_freq.len() != d / 2 {
+        return Err(bad(
+            K,
+            format!("head_dim {d} with {} inverse frequencies", inv_freq.len()),
+        ));
+    }
+    let t = positions.len();
+    if q.len() != t * shape.num_q_heads * d || k.len() != t * shape.num_kv_heads * d {
+        return Err(bad(
+            K,
+            format!(
+                "q {} and k {} values for {t} tokens of {} + {} heads x {d}",
+                q.len(),
+                k.len(),
+                shape.num_q_heads,
+                shape.num_kv_heads
+            ),
+        ));
+    }
+    if let Some(p) = positions.iter().find(|&&p| p > i32::MAX as u32) {
+        return Err(bad(K, format!("position {p}")));
+    }
+    let cfg = rows(t)?;
+    let qh = dim(K, "num_q_heads", shape.num_q_heads)?;
+    let kh = dim(K, "num_kv_heads", shape.num_kv_heads)?;
+    let di = dim(K, "head_dim", d)?;
+    let inter = i32::from(shape.interleaved);
+    let stream = gpu.stream();
+    let pos = stream.clone_htod(&positions.iter().map(|&p| p as i32).collect::<Vec<_>>())?;
+    let f = gpu.function(&Variant::elementwise(T::SCALAR), K)?;
+    let mut launch = stream.launch_builder(&f);
+    launch
+        .arg(&mut *q)
+        .arg(&mut *k)
+        .arg(&pos)
+        .arg(inv_freq)
+        .arg(&qh)
+        .arg(&kh)
+        .arg(&di)
+        .arg(&inter);
+    // SAFETY: matches `rope`; q and k hold tokens x heads x head_dim values, inv_freq
+    // head_dim / 2, positions one per token (checked).
+    unsafe { launch.launch(cfg) }?;
+    Ok(())
+}
+
+/// `out[t][i] = silu(gate_up[t][i]) * gate_up[t][inter + i]`: `gate_up` is the fused
+/// `[tokens][2 * inter]` output of the gate and up projections, `out` `[tokens][inter]`.
+///
+/// # Errors
+/// [`crate::KernelError::BadArgument`] for mismatched sizes.
+pub fn silu_mul<T: ActScalar>(
+    gpu: &Gpu,
+    gate_up: &CudaSlice<T>,
+    inter: usize,
+    out: &mut CudaSlice<T>,
+) -> Result<()> {
+    const K: &str = "silu_mul";
+    let i = dim(K, "intermediate size", inter)?;
+    if !out.len().is_multiple_of(inter) || gate_up.len() != 2 * out.len() {
+        return Err(bad(
+            K,
+            format!(
+                "gate_up {} and out {} values for intermediate size {inter}",
+                gate_up.len(),
+                out.len()
+            ),
+        ));
+    }
+    let cfg = rows(out.len() / inter)?;
+    let f = gpu.function(&Variant::elementwise(T::SCALAR), K)?;
+    let stream = gpu.stream();
+    let mut launch = stream.launch_builder(&f);
+    launch.arg(&mut *out).arg(gate_up).arg(&i);
+    // SAFETY: matches `silu_mul`; gate_up holds tokens x 2 x inter values and out tokens x
+    // inter (checked).
+    unsafe { launch.launch(cfg) }?;
+    Ok(())
+}

@@ -1,0 +1,124 @@
+// elementwise.cu: the per-token layers of a Llama step around the GEMMs and attention:
+// embedding gather, residual add fused with RMSNorm, rotary embedding, SiLU(gate) * up.
+//
+// Compiled per activation type: SCALAR (0 = half, 1 = bfloat16). The residual stream is f32
+// (so the sum of many layers does not accumulate bf16 rounding); everything else is scalar_t.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#ifndef SCALAR
+#error "SCALAR must be defined (0 = half, 1 = bfloat16)"
+#endif
+
+#if SCALAR == 0
+typedef __half scalar_t;
+__device__ __forceinline__ float to_float(scalar_t x) { return __half2float(x); }
+__device__ __forceinline__ scalar_t from_float(float x) { return __float2half_rn(x); }
+#else
+typedef __nv_bfloat16 scalar_t;
+__device__ __forceinline__ float to_float(scalar_t x) { return __bfloat162float(x); }
+__device__ __forceinline__ scalar_t from_float(float x) { return __float2bfloat16_rn(x); }
+#endif
+
+constexpr int kThreads = 256;
+
+// Sum over the CTA (kThreads threads); every thread gets the result.
+__device__ __forceinline__ float block_sum(float v) {
+  __shared__ float partial[kThreads / 32];
+  __shared__ float total;
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = v;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float t = 0.f;
+    for (int w = 0; w < kThreads / 32; ++w) t += partial[w];
+    total = t;
+  }
+  __syncthreads();
+  return total;
+}
+
+// residual[t] = table[ids[t]] (f32). grid (num_tokens), block kThreads.
+extern "C" __global__ void __launch_bounds__(kThreads)
+    embedding_gather(float* __restrict__ residual, const scalar_t* __restrict__ table,
+                     const int* __restrict__ ids, int hidden) {
+  const long long t = blockIdx.x;
+  const scalar_t* row = table + static_cast<long long>(ids[t]) * hidden;
+  for (int i = threadIdx.x; i < hidden; i += kThreads) residual[t * hidden + i] = to_float(row[i]);
+}
+
+// residual[t] += delta[t] (when delta is not null), then
+// out[t] = weight * residual[t] / sqrt(mean(residual[t]^2) + eps).
+__device__ __forceinline__ void norm_row(scalar_t* __restrict__ out, float* __restrict__ residual,
+                                         const scalar_t* __restrict__ delta,
+                                         const scalar_t* __restrict__ weight, int hidden,
+                                         float eps) {
+  const long long base = static_cast<long long>(blockIdx.x) * hidden;
+  float ss = 0.f;
+  for (int i = threadIdx.x; i < hidden; i += kThreads) {
+    float r = residual[base + i];
+    if (delta != nullptr) {
+      r += to_float(delta[base + i]);
+      residual[base + i] = r;
+    }
+    ss = fmaf(r, r, ss);
+  }
+  const float inv = rsqrtf(block_sum(ss) / hidden + eps);
+  for (int i = threadIdx.x; i < hidden; i += kThreads)
+    out[base + i] = from_float(to_float(weight[i]) * (residual[base + i] * inv));
+}
+
+// out[t] = RMSNorm(residual[t]) * weight. grid (num_tokens), block kThreads.
+extern "C" __global__ void __launch_bounds__(kThreads)
+    rms_norm(scalar_t* __restrict__ out, float* __restrict__ residual,
+             const scalar_t* __restrict__ weight, int hidden, float eps) {
+  norm_row(out, residual, nullptr, weight, hidden, eps);
+}
+
+// residual[t] += delta[t]; out[t] = RMSNorm(residual[t]) * weight. grid (num_tokens), block
+// kThreads.
+extern "C" __global__ void __launch_bounds__(kThreads)
+    add_rms_norm(scalar_t* __restrict__ out, float* __restrict__ residual,
+                 const scalar_t* __restrict__ delta, const scalar_t* __restrict__ weight,
+                 int hidden, float eps) {
+  norm_row(out, residual, delta, weight, hidden, eps);
+}
+
+// Rotates every head of q ([T][num_q_heads][head_dim]) and k ([T][num_kv_heads][head_dim]) in
+// place by position * inv_freq[i] for each pair i: pairs (2i, 2i + 1) when interleaved, else
+// (i, i + head_dim / 2). grid (num_tokens), block kThreads.
+extern "C" __global__ void __launch_bounds__(kThreads)
+    rope(scalar_t* __restrict__ q, scalar_t* __restrict__ k, const int* __restrict__ positions,
+         const float* __restrict__ inv_freq, int num_q_heads, int num_kv_heads, int head_dim,
+         int interleaved) {
+  const long long t = blockIdx.x;
+  const int half = head_dim / 2;
+  const float pos = static_cast<float>(positions[t]);
+  const int pairs = (num_q_heads + num_kv_heads) * half;
+  for (int e = threadIdx.x; e < pairs; e += kThreads) {
+    const int h = e / half;
+    const int i = e % half;
+    scalar_t* x = h < num_q_heads ? q + (t * num_q_heads + h) * head_dim
+                                  : k + (t * num_kv_heads + (h - num_q_heads)) * head_dim;
+    const int a = interleaved ? 2 * i : i;
+    const int b = interleaved ? 2 * i + 1 : i + half;
+    float s, c;
+    // Same angle as the CPU backend: the f32 product, then an accurate sin/cos.
+    sincosf(pos * inv_freq[i], &s, &c);
+    const float x0 = to_float(x[a]), x1 = to_float(x[b]);
+    x[a] = from_float(x0 * c - x1 * s);
+    x[b] = from_float(x0 * s + x1 * c);
+  }
+}
+
+// out[t][i] = silu(gate_up[t][i]) * gate_up[t][inter + i]. grid (num_tokens), block kThreads.
+extern "C" __global__ void __launch_bounds__(kThreads)
+    silu_mul(scalar_t* __restrict__ out, const scalar_t* __restrict__ gate_up, int inter) {
+  const long long t = blockIdx.x;
+  const scalar_t* g = gate_up + t * 2 * inter;
+  for (int i = threadIdx.x; i < inter; i += kThreads) {
+    const float x = to_float(g[i]);
+    out[t * inter + i] = from_float(x / (1.f + __expf(-x)) * to_float(g[inter + i]));
+  }
+}
