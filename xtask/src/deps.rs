@@ -33,6 +33,14 @@ pub(crate) enum Rule {
         allowed: &'static [&'static str],
         why: &'static str,
     },
+    /// `krate` encapsulates `deps` behind its own API: a crate that reaches one of them *only*
+    /// through `krate` (every chain passes through it) does not break a `Forbid` or
+    /// `OnlyFrom` rule about it.
+    Boundary {
+        krate: &'static str,
+        deps: &'static [&'static str],
+        why: &'static str,
+    },
 }
 
 /// The rules table: the architecture of kvserve, bottom up.
@@ -105,6 +113,12 @@ pub(crate) const RULES: &[Rule] = &[
         allowed: &["kernels-cuda", "model", "dist", "engine", "serve-grpc"],
         why: "CUDA is reached through kernels-cuda (and dist for NCCL); the scheduler and the \
               KV bookkeeping stay host-only",
+    },
+    Rule::Boundary {
+        krate: "model",
+        deps: &["cudarc", "kernels-cuda"],
+        why: "the scheduler runs draft models through model's `Backend` trait, which hides the \
+              device; it never touches CUDA itself",
     },
 ];
 
@@ -221,12 +235,17 @@ impl Graph {
     /// Every package reachable from `start` (excluded), in breadth-first order, each
     /// with the shortest path to it from `start`, as package names.
     fn reachable(&self, start: usize) -> Vec<(usize, Vec<String>)> {
+        self.reachable_avoiding(start, None)
+    }
+
+    /// As [`reachable`](Self::reachable), never entering package `avoid`.
+    fn reachable_avoiding(&self, start: usize, avoid: Option<usize>) -> Vec<(usize, Vec<String>)> {
         let mut parent: HashMap<usize, usize> = HashMap::new();
         let mut queue = VecDeque::from([start]);
         let mut order = Vec::new();
         while let Some(i) = queue.pop_front() {
             for &dep in &self.packages[i].deps {
-                if dep != start && !parent.contains_key(&dep) {
+                if dep != start && Some(dep) != avoid && !parent.contains_key(&dep) {
                     parent.insert(dep, i);
                     queue.push_back(dep);
                     order.push(dep);
@@ -314,6 +333,24 @@ pub(crate) fn check(graph: &Graph, rules: &[Rule]) -> Report {
             continue;
         };
         report.checked.push((krate, layer));
+        // Packages reachable only through a boundary crate that encapsulates them.
+        let behind_boundary = |dep: &str| {
+            rules.iter().any(|r| match r {
+                Rule::Boundary {
+                    krate: boundary,
+                    deps,
+                    ..
+                } if deps.contains(&dep) && *boundary != krate => {
+                    let avoid = graph.member(boundary);
+                    avoid.is_some()
+                        && !graph
+                            .reachable_avoiding(start, avoid)
+                            .iter()
+                            .any(|(j, _)| graph.packages[*j].name == dep)
+                }
+                _ => false,
+            })
+        };
         for (i, path) in graph.reachable(start) {
             let dep = &graph.packages[i];
             let mut violation = |what: String, why: &'static str| {
@@ -348,7 +385,9 @@ pub(crate) fn check(graph: &Graph, rules: &[Rule]) -> Report {
             for rule in rules {
                 match rule {
                     Rule::Forbid { crates, deps, why }
-                        if crates.contains(&krate) && deps.contains(&&*dep.name) =>
+                        if crates.contains(&krate)
+                            && deps.contains(&&*dep.name)
+                            && !behind_boundary(&dep.name) =>
                     {
                         violation(format!("`{krate}` must not depend on `{}`", dep.name), why);
                     }
@@ -356,7 +395,10 @@ pub(crate) fn check(graph: &Graph, rules: &[Rule]) -> Report {
                         dep: only,
                         allowed,
                         why,
-                    } if *only == dep.name && !allowed.contains(&krate) => {
+                    } if *only == dep.name
+                        && !allowed.contains(&krate)
+                        && !behind_boundary(&dep.name) =>
+                    {
                         let allowed = allowed.join(", ");
                         let what =
                             format!("`{krate}` depends on `{only}`, allowed only in: {allowed}");
@@ -389,6 +431,14 @@ pub(crate) fn run() -> Result<()> {
     }
     for violation in &report.violations {
         println!("{violation}");
+    }
+    for rule in RULES {
+        if let Rule::Boundary { krate, deps, why } = rule {
+            println!(
+                "deps: `{krate}` encapsulates {} (reaching them only through it is allowed): {why}",
+                deps.join(", ")
+            );
+        }
     }
     match report.violations.len() {
         0 => {
@@ -470,6 +520,41 @@ mod tests {
         assert!(
             shown.contains("kv-block-manager -> some-cache -> tokio"),
             "{shown}"
+        );
+    }
+
+    #[test]
+    fn cuda_only_behind_model_is_allowed_but_not_directly() {
+        // The scheduler reaches cudarc through model: allowed (the boundary).
+        let g = graph(
+            &["scheduler", "model", "kernels-cuda"],
+            &[],
+            &[
+                ("scheduler", "model"),
+                ("model", "kernels-cuda"),
+                ("kernels-cuda", "cudarc"),
+            ],
+        );
+        assert_eq!(whats(&check(&g, RULES)), Vec::<&str>::new());
+        // Directly, or through another crate, it is not.
+        let g = graph(
+            &["scheduler", "model", "kernels-cuda"],
+            &[],
+            &[
+                ("scheduler", "model"),
+                ("model", "kernels-cuda"),
+                ("kernels-cuda", "cudarc"),
+                ("scheduler", "some-gpu-lib"),
+                ("some-gpu-lib", "cudarc"),
+            ],
+        );
+        let report = check(&g, RULES);
+        assert_eq!(report.violations.len(), 2, "{:?}", whats(&report));
+        assert!(
+            report
+                .violations
+                .iter()
+                .all(|v| v.krate == "scheduler" && v.dep == "cudarc")
         );
     }
 
@@ -608,6 +693,7 @@ mod tests {
                 Rule::Layer { .. } => &[],
                 Rule::Forbid { crates, .. } => crates,
                 Rule::OnlyFrom { allowed, .. } => allowed,
+                Rule::Boundary { krate, .. } => std::slice::from_ref(krate),
             };
             for c in named {
                 assert!(

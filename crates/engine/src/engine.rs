@@ -6,7 +6,10 @@ use std::sync::Arc;
 
 use kv_block_manager::{BlockManager, BlockManagerConfig, SUPPORTED_BLOCK_SIZES};
 use kv_quant::KvCacheDtype;
-use model::{Backend, CpuBackend, KvCacheConfig, LoadedModel, ModelConfig, Shard, Tokenizer};
+use model::{
+    Backend, CpuBackend, CudaBackend, Gpu, KvCacheConfig, LoadedModel, ModelConfig, Shard,
+    Tokenizer,
+};
 use scheduler::spec::{
     DraftModelConfig, DraftModelProposer, MAX_K, NgramConfig, NgramProposer, Proposer,
     SpecController, SpecControllerConfig,
@@ -135,13 +138,57 @@ fn check_config(c: &EngineConfig) -> Result<(), EngineError> {
     if c.limits.max_n == 0 {
         return Err(bad_config("limits.max_n", "must be at least 1"));
     }
-    match c.device {
-        Device::Cpu | Device::Auto => Ok(()),
-        Device::Cuda => Err(bad_config(
-            "device",
-            "CUDA is not available in this build (use cpu or auto)",
-        )),
+    Ok(())
+}
+
+/// The GPU `device` asks for: none for the CPU; for `auto`, device 0 if it opens (else the
+/// CPU, with one log line); for `cuda`, device 0 or an error saying why not.
+fn select_device(device: Device) -> Result<Option<Gpu>, EngineError> {
+    match device {
+        Device::Cpu => Ok(None),
+        Device::Cuda => Gpu::new(0)
+            .map(Some)
+            .map_err(|e| bad_config("device", format!("cuda was asked for: {e}"))),
+        Device::Auto => match Gpu::new(0) {
+            Ok(gpu) => Ok(Some(gpu)),
+            Err(e) => {
+                tracing::info!("device auto: {e}; running on the CPU");
+                Ok(None)
+            }
+        },
     }
+}
+
+/// Bytes of the model's weights on the GPU (bf16).
+fn gpu_weight_bytes(m: &ModelConfig) -> u64 {
+    let (h, d) = (m.hidden_size as u64, m.head_dim as u64);
+    let attn = h * d * (2 * m.num_heads as u64 + 2 * m.num_kv_heads as u64);
+    let mlp = 3 * h * m.intermediate_size as u64;
+    let embed = m.vocab_size as u64 * h * if m.tie_word_embeddings { 1 } else { 2 };
+    2 * (m.num_layers as u64 * (attn + mlp + 2 * h) + embed + h)
+}
+
+/// The KV budget on a GPU when none is set: `gpu_memory_utilization` of the device's memory,
+/// less the weights and 1 GiB for activations and workspaces.
+fn gpu_kv_budget(gpu: &Gpu, config: &EngineConfig, m: &ModelConfig) -> Result<u64, EngineError> {
+    let total = gpu
+        .context()
+        .total_mem()
+        .map_err(|e| startup("reading the GPU's memory size", e))? as u64;
+    let usable = (total as f64 * config.gpu_memory_utilization) as u64;
+    let budget = usable
+        .saturating_sub(gpu_weight_bytes(m))
+        .saturating_sub(1 << 30);
+    if budget == 0 {
+        return Err(bad_config(
+            "gpu_memory_utilization",
+            format!(
+                "{usable} bytes of the GPU leave nothing for the KV cache after {} bytes of weights",
+                gpu_weight_bytes(m)
+            ),
+        ));
+    }
+    Ok(budget)
 }
 
 fn speculation(
@@ -190,12 +237,15 @@ fn speculation(
 impl Engine {
     /// Loads the model ([`ModelSource::Default`]: the default model, fetched if missing; a
     /// path: a GGUF file or an HF directory), sizes the KV pool from the memory budget
-    /// ([`kv_cache_config`]), builds the CPU backend and starts the step loop.
+    /// ([`kv_cache_config`]; on a GPU, what `gpu_memory_utilization` leaves after the weights),
+    /// builds the backend `device` asks for and starts the step loop.
     ///
     /// # Errors
     /// [`EngineError::Startup`] naming what failed (config field, model file, fetch).
     pub fn start(config: EngineConfig) -> Result<EngineHandle, EngineError> {
         check_config(&config)?;
+        // Before loading anything: a missing GPU fails fast.
+        let gpu = select_device(config.device)?;
         let (loaded, name) = match &config.model {
             ModelSource::Default => {
                 let path = model::ensure_default_model(&model::fetch::default_models_dir())
@@ -204,14 +254,39 @@ impl Engine {
             }
             ModelSource::Path(path) => load_path(path)?,
         };
-        let kv = kv_cache_config(&config, loaded.weights.config())?;
-        let backend = CpuBackend::new(loaded.weights, kv).map_err(|e| startup("KV cache", e))?;
-        Self::start_with_backend(config, Box::new(backend), loaded.tokenizer, name)
+        let backend: Box<dyn Backend + Send> = match gpu {
+            Some(gpu) => {
+                let mut sized = config.clone();
+                if sized.kv_cache_memory.is_none() {
+                    sized.kv_cache_memory =
+                        Some(gpu_kv_budget(&gpu, &config, loaded.weights.config())?);
+                }
+                let kv = kv_cache_config(&sized, loaded.weights.config())?;
+                tracing::info!(
+                    "device: {} ({}), {} KV blocks of {} tokens ({})",
+                    gpu.name(),
+                    gpu.arch(),
+                    kv.num_blocks,
+                    kv.block_size,
+                    kv.dtype
+                );
+                Box::new(
+                    CudaBackend::new(&loaded.weights, kv, gpu)
+                        .map_err(|e| startup("the CUDA backend", e))?,
+                )
+            }
+            None => {
+                let kv = kv_cache_config(&config, loaded.weights.config())?;
+                Box::new(CpuBackend::new(loaded.weights, kv).map_err(|e| startup("KV cache", e))?)
+            }
+        };
+        Self::start_with_backend(config, backend, loaded.tokenizer, name)
     }
 
     /// Starts the step loop over a prebuilt backend and tokenizer (tests: tiny models, fault
     /// injection). The KV pool is the backend's ([`Backend::kv_cache_config`]): the config's
-    /// `block_size`, `kv_cache_dtype`, `kv_cache_memory` and `swap_space` are not used.
+    /// `device`, `block_size`, `kv_cache_dtype`, `kv_cache_memory` and `swap_space` are not
+    /// used.
     ///
     /// # Errors
     /// [`EngineError::Startup`] naming the config field.
@@ -222,9 +297,6 @@ impl Engine {
         model_name: String,
     ) -> Result<EngineHandle, EngineError> {
         check_config(&config)?;
-        if config.device == Device::Auto {
-            tracing::info!("no CUDA backend in this build: running on the CPU");
-        }
         let model = backend.config().clone();
         let kv = backend.kv_cache_config();
         let mut bmc = BlockManagerConfig::new(kv.num_blocks);
@@ -284,7 +356,7 @@ impl Engine {
             kv_cache_dtype: kv.dtype.to_string(),
             block_size: u32::try_from(kv.block_size).unwrap_or(u32::MAX),
             num_blocks: u32::try_from(kv.num_blocks).unwrap_or(u32::MAX),
-            device: "cpu".into(),
+            device: backend.device(),
         };
         let bounds = Bounds {
             limits: config.limits,

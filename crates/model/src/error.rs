@@ -52,4 +52,8 @@ pub enum ModelError {
     /// An error of the block manager (in `generate`).
     #[error(transparent)]
     Blocks(#[from] kv_block_manager::BlockManagerError),
+
+    /// The CUDA device or one of its kernels failed.
+    #[error(transparent)]
+    Cuda(#[from] kernels_cuda::KernelError),
 }

@@ -34,6 +34,7 @@
 pub mod backend;
 pub mod config;
 pub mod cpu;
+pub mod cuda;
 mod error;
 pub mod fetch;
 pub mod generate;
@@ -47,9 +48,12 @@ pub mod weights;
 pub use backend::{Backend, ForwardBatch, KvCacheConfig};
 pub use config::{Architecture, ConfigError, ModelConfig, RopeScaling, RopeStyle};
 pub use cpu::CpuBackend;
+pub use cuda::CudaBackend;
 pub use error::ModelError;
 pub use fetch::{FetchError, default_model_path, ensure_default_model};
 pub use gguf::{GgufError, GgufFile, GgufValue, TensorView};
+/// The CUDA device handle the CUDA backend runs on (from kernels-cuda).
+pub use kernels_cuda::Gpu;
 pub use load::{LoadedModel, load_gguf, load_hf_dir};
 pub use safetensors::{SafetensorsDir, SafetensorsError};
 pub use tensor::DType;

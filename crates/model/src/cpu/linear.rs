@@ -158,6 +158,11 @@ impl Linear {
     }
 
     /// Row `r` dequantized into `out` (`in_features` long): the embedding lookup.
+    /// Whether the layer adds a bias.
+    pub(crate) fn has_bias(&self) -> bool {
+        self.bias.is_some()
+    }
+
     pub(crate) fn dequantize_row_into(&self, r: usize, out: &mut [f32]) {
         let k = self.in_features;
         match &self.weights {

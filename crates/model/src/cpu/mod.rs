@@ -110,109 +110,6 @@ impl CpuBackend {
     pub fn weights(&self) -> &Weights {
         &self.weights
     }
-
-    fn validate(&self, b: &ForwardBatch<'_>) -> Result<(), ModelError> {
-        let invalid = |field, reason: String| Err(ModelError::InvalidBatch { field, reason });
-        let t = b.token_ids.len();
-        if b.positions.len() != t {
-            return invalid(
-                "positions",
-                format!("{} entries for {t} tokens", b.positions.len()),
-            );
-        }
-        if b.slot_mapping.len() != t {
-            return invalid(
-                "slot_mapping",
-                format!("{} entries for {t} tokens", b.slot_mapping.len()),
-            );
-        }
-        let n = b.num_seqs();
-        if b.seq_starts.first() != Some(&0) || b.seq_starts.last().map(|&e| e as usize) != Some(t) {
-            return invalid("seq_starts", format!("must run from 0 to {t}"));
-        }
-        if b.seq_starts.windows(2).any(|w| w[0] > w[1]) {
-            return invalid("seq_starts", "must not decrease".into());
-        }
-        if b.context_lens.len() != n {
-            return invalid(
-                "context_lens",
-                format!("{} entries for {n} sequences", b.context_lens.len()),
-            );
-        }
-        if Some(b.block_tables.len()) != n.checked_mul(b.max_blocks) {
-            return invalid(
-                "block_tables",
-                format!(
-                    "{} entries for {n} x {}",
-                    b.block_tables.len(),
-                    b.max_blocks
-                ),
-            );
-        }
-        let vocab = self.weights.config().vocab_size;
-        if let Some(&id) = b.token_ids.iter().find(|&&id| id as usize >= vocab) {
-            return invalid(
-                "token_ids",
-                format!("{id} is outside the vocabulary of {vocab}"),
-            );
-        }
-        let (blocks, bs) = (self.device.num_blocks(), self.cache_config.block_size);
-        let slots = (blocks * bs) as i64;
-        if let Some(&s) = b.slot_mapping.iter().find(|&&s| !(0..slots).contains(&s)) {
-            return invalid(
-                "slot_mapping",
-                format!("slot {s} is outside the cache's {slots} slots"),
-            );
-        }
-        if let Some(&i) = b.logits_indices.iter().find(|&&i| i as usize >= t) {
-            return invalid(
-                "logits_indices",
-                format!("{i} is not one of the {t} tokens"),
-            );
-        }
-        let window = self.weights.config().sliding_window;
-        for s in 0..n {
-            let tokens = b.seq_starts[s] as usize..b.seq_starts[s + 1] as usize;
-            if tokens.is_empty() {
-                continue;
-            }
-            let ctx = usize::try_from(b.context_lens[s]).unwrap_or(usize::MAX);
-            let row = &b.block_tables[s * b.max_blocks..(s + 1) * b.max_blocks];
-            let (mut lowest, mut highest) = (usize::MAX, 0);
-            for i in tokens {
-                let p = b.positions[i] as usize;
-                if p >= ctx {
-                    return invalid(
-                        "positions",
-                        format!("token {i} at {p} is past its context length {ctx}"),
-                    );
-                }
-                // The token's slot must be where its block table says position p lives.
-                let block = row.get(p / bs).copied().unwrap_or(-1);
-                if i64::from(block) * bs as i64 + (p % bs) as i64 != b.slot_mapping[i] {
-                    return invalid(
-                        "slot_mapping",
-                        format!(
-                            "token {i} (position {p}) maps to slot {}, but its block table says block {block}",
-                            b.slot_mapping[i]
-                        ),
-                    );
-                }
-                lowest = lowest.min(window.map_or(0, |w| (p + 1).saturating_sub(w)));
-                highest = highest.max(p);
-            }
-            for blk in lowest / bs..=highest / bs {
-                let id = row.get(blk).copied().unwrap_or(-1);
-                if id < 0 || id as usize >= blocks {
-                    return invalid(
-                        "block_tables",
-                        format!("sequence {s} block {blk} is {id}, not one of {blocks} blocks"),
-                    );
-                }
-            }
-        }
-        Ok(())
-    }
 }
 
 fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
@@ -260,7 +157,12 @@ impl Backend for CpuBackend {
     }
 
     fn forward(&mut self, b: &ForwardBatch<'_>, logits: &mut Vec<f32>) -> Result<(), ModelError> {
-        self.validate(b)?;
+        crate::backend::validate_batch(
+            b,
+            self.weights.config(),
+            self.device.num_blocks(),
+            self.cache_config.block_size,
+        )?;
         let w = &self.weights;
         let c = w.config();
         let local = w.local_shape();
