@@ -38,15 +38,16 @@
 //! local shape and run; world sizes that do not divide the model are refused.
 #![allow(clippy::unwrap_used)]
 
+mod batched;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use kv_block_manager::{BlockManager, BlockManagerConfig, BlockTableMatrix, SeqId, StepSlots};
 use kv_quant::KvCacheDtype;
 use model::generate::SequenceRunner;
 use model::{
-    Architecture, Backend, CpuBackend, ForwardBatch, KvCacheConfig, LocalShape, ModelError,
-    RopeScaling, Shard, load_hf_dir,
+    Architecture, CpuBackend, KvCacheConfig, LocalShape, ModelError, RopeScaling, Shard,
+    load_hf_dir,
 };
 use serde::Deserialize;
 use serde_json::Value;
@@ -166,71 +167,6 @@ fn run_chunked(b: &mut CpuBackend, tokens: &[u32], chunk: usize) -> Vec<f32> {
         .unwrap()
 }
 
-/// Teacher-forced logits of every position of every sequence, all sequences in the same
-/// forward passes: sequence `i` advances `chunks[i]` tokens per step (a mixed batch of prefill
-/// chunks and single tokens, sequences finishing at different steps).
-fn run_batched(b: &mut CpuBackend, seqs: &[&[u32]], chunks: &[usize]) -> Vec<Vec<f32>> {
-    let cache = b.kv_cache_config();
-    let vocab = b.config().vocab_size;
-    let mut config = BlockManagerConfig::new(cache.num_blocks);
-    config.block_size = cache.block_size;
-    config.enable_prefix_caching = false;
-    config.sliding_window = b.config().sliding_window;
-    config.watermark = 0.0;
-    let mut blocks = BlockManager::new(config).unwrap();
-    let ids: Vec<SeqId> = (0..seqs.len() as u64).map(SeqId).collect();
-    for (&id, s) in ids.iter().zip(seqs) {
-        blocks.add_sequence(id, s, None).unwrap();
-    }
-    let mut out = vec![Vec::new(); seqs.len()];
-    let (mut step, mut matrix, mut logits) = (
-        StepSlots::default(),
-        BlockTableMatrix::default(),
-        Vec::new(),
-    );
-    loop {
-        step.clear();
-        let (mut tokens, mut positions, mut starts, mut active) =
-            (Vec::new(), Vec::new(), vec![0u32], Vec::new());
-        for (i, s) in seqs.iter().enumerate() {
-            let done = blocks.num_slotted_tokens(ids[i]).unwrap();
-            if done == s.len() {
-                continue;
-            }
-            let n = chunks[i].min(s.len() - done);
-            blocks.allocate_slots(ids[i], n, &mut step).unwrap();
-            tokens.extend_from_slice(&s[done..done + n]);
-            positions.extend(done as u32..(done + n) as u32);
-            starts.push(tokens.len() as u32);
-            active.push(i);
-        }
-        if active.is_empty() {
-            return out;
-        }
-        let active_ids: Vec<SeqId> = active.iter().map(|&i| ids[i]).collect();
-        blocks
-            .update_block_table_matrix(&active_ids, None, &mut matrix)
-            .unwrap();
-        let logits_indices: Vec<u32> = (0..tokens.len() as u32).collect();
-        let batch = ForwardBatch {
-            token_ids: &tokens,
-            positions: &positions,
-            slot_mapping: &step.slot_mapping,
-            seq_starts: &starts,
-            block_tables: matrix.block_tables(),
-            max_blocks: matrix.max_blocks(),
-            context_lens: matrix.context_lens(),
-            logits_indices: &logits_indices,
-        };
-        b.copy_blocks(&step.copies).unwrap();
-        b.forward(&batch, &mut logits).unwrap();
-        for (k, &i) in active.iter().enumerate() {
-            let rows = starts[k] as usize * vocab..starts[k + 1] as usize * vocab;
-            out[i].extend_from_slice(&logits[rows]);
-        }
-    }
-}
-
 /// What running a model every way found.
 #[derive(Debug, Default)]
 struct Errors {
@@ -255,7 +191,10 @@ fn errors(variant: &str, dir: &Path, kv: KvCacheDtype) -> Errors {
         }
     }
     let seqs: Vec<&[u32]> = g.sequences.iter().map(|s| &s.token_ids[..]).collect();
-    for (s, got) in run_batched(&mut b, &seqs, &[11, 3]).into_iter().enumerate() {
+    for (s, got) in batched::run_batched(&mut b, &seqs, &[11, 3])
+        .into_iter()
+        .enumerate()
+    {
         runs.push((s, format!("sequence {s}, mixed batch"), got));
     }
     let mut e = Errors::default();
