@@ -37,11 +37,20 @@ fn model_path() -> PathBuf {
     model::fetch::ensure_default_model(&model::fetch::default_models_dir()).unwrap()
 }
 
-/// The default model on the CPU with a small, quick-to-allocate KV pool.
+/// The device the tests serve on: the CPU, or CUDA with `KVSERVE_TEST_DEVICE=cuda` (the GPU
+/// machine runs this file that way).
+fn test_device() -> Device {
+    match std::env::var("KVSERVE_TEST_DEVICE").as_deref() {
+        Ok("cuda") => Device::Cuda,
+        _ => Device::Cpu,
+    }
+}
+
+/// The default model on the test device with a small, quick-to-allocate KV pool.
 fn config() -> EngineConfig {
     EngineConfig {
         model: ModelSource::Path(model_path()),
-        device: Device::Cpu,
+        device: test_device(),
         max_model_len: Some(MAX_MODEL_LEN),
         kv_cache_memory: Some(96 << 20),
         ..EngineConfig::default()
@@ -498,7 +507,10 @@ async fn model_info_health_and_reflection() {
     assert_eq!(info.max_model_len as usize, MAX_MODEL_LEN);
     assert_eq!(info.block_size, 16);
     assert_eq!(info.kv_cache_dtype, "fp16");
-    assert_eq!(info.device, "cpu");
+    match test_device() {
+        Device::Cuda => assert!(info.device.starts_with("cuda"), "{info:?}"),
+        _ => assert_eq!(info.device, "cpu"),
+    }
     assert!(info.num_blocks > 0);
 
     // Health: overall and per service; unknown services are NOT_FOUND.
