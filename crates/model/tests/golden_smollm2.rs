@@ -21,7 +21,7 @@
 
 use kv_quant::KvCacheDtype;
 use model::generate::{SequenceRunner, argmax};
-use model::{CpuBackend, KvCacheConfig, Shard, Weights, load_gguf};
+use model::{Backend, CpuBackend, CudaBackend, KvCacheConfig, Shard, Weights, load_gguf};
 use serde::Deserialize;
 
 const VOCAB: usize = 49152;
@@ -79,13 +79,28 @@ impl Comparison {
 }
 
 fn compare(weights: Weights, kv: KvCacheDtype, gap: f32, prompts: usize) -> Comparison {
+    compare_on(false, weights, kv, gap, prompts)
+}
+
+/// As [`compare`], on the CUDA backend when `cuda`.
+fn compare_on(
+    cuda: bool,
+    weights: Weights,
+    kv: KvCacheDtype,
+    gap: f32,
+    prompts: usize,
+) -> Comparison {
     let cache = KvCacheConfig {
         num_blocks: 64,
         block_size: 16,
         dtype: kv,
         num_cpu_blocks: 0,
     };
-    let mut b = CpuBackend::new(weights, cache).unwrap();
+    let mut b: Box<dyn Backend> = if cuda {
+        Box::new(CudaBackend::new(&weights, cache, model::Gpu::new(0).unwrap()).unwrap())
+    } else {
+        Box::new(CpuBackend::new(weights, cache).unwrap())
+    };
     let mut c = Comparison::default();
     for p in golden().prompts.iter().take(prompts) {
         let tokens: Vec<u32> = p
@@ -95,7 +110,7 @@ fn compare(weights: Weights, kv: KvCacheDtype, gap: f32, prompts: usize) -> Comp
             .copied()
             .collect();
         assert_eq!(tokens.len(), p.positions.top_ids.len(), "{}", p.name);
-        let logits = SequenceRunner::new(&mut b)
+        let logits = SequenceRunner::new(b.as_mut())
             .unwrap()
             .feed(&tokens, 48, true)
             .unwrap();
@@ -164,6 +179,33 @@ fn quantized_kv_caches_keep_the_argmax_at_clear_positions() {
         let c = compare(w.clone(), kv, 1.0, 5);
         assert!(
             c.gap_agree * 100 >= c.gap_positions * 97,
+            "{kv}: argmax {}/{}",
+            c.gap_agree,
+            c.gap_positions
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_backend_stays_close_to_the_f32_oracle() {
+    let w = weights();
+    let c = compare_on(true, w.clone(), KvCacheDtype::Fp16, 0.3, usize::MAX);
+    assert!(
+        c.gap_agree * 100 >= c.gap_positions * 98,
+        "argmax {}/{}",
+        c.gap_agree,
+        c.gap_positions
+    );
+    assert!(
+        c.quantile(0.99) <= 1.5,
+        "p99 logit error {}",
+        c.quantile(0.99)
+    );
+    for kv in [KvCacheDtype::Int8, KvCacheDtype::Fp8E4m3] {
+        let c = compare_on(true, w.clone(), kv, 1.0, 5);
+        assert!(
+            c.gap_agree * 100 >= c.gap_positions * 95,
             "{kv}: argmax {}/{}",
             c.gap_agree,
             c.gap_positions
