@@ -191,17 +191,19 @@ fn quantized_kv_caches_keep_the_argmax_at_clear_positions() {
 fn cuda_backend_stays_close_to_the_f32_oracle() {
     let w = weights();
     let c = compare_on(true, w.clone(), KvCacheDtype::Fp16, 0.3, usize::MAX);
+    // Measured on an H200 (2026-11-28): p99 0.27, max 0.45, argmax 753/753.
     assert!(
-        c.gap_agree * 100 >= c.gap_positions * 98,
+        c.gap_agree * 100 >= c.gap_positions * 99,
         "argmax {}/{}",
         c.gap_agree,
         c.gap_positions
     );
     assert!(
-        c.quantile(0.99) <= 1.5,
+        c.quantile(0.99) <= 0.6,
         "p99 logit error {}",
         c.quantile(0.99)
     );
+    assert!(c.quantile(1.0) <= 1.2, "worst logit error {:?}", c.worst);
     for kv in [KvCacheDtype::Int8, KvCacheDtype::Fp8E4m3] {
         let c = compare_on(true, w.clone(), kv, 1.0, 5);
         assert!(
