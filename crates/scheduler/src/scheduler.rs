@@ -727,10 +727,7 @@ impl Scheduler {
     /// `seq`'s index in `seqs` and its state, trying index `hint` first: a pass over the
     /// running list then mostly reads `seqs` front to back instead of probing its table.
     fn find_seq(&self, seq: SeqId, hint: usize) -> Option<(usize, &SeqState)> {
-        match self.seqs.get_index(hint) {
-            Some((&q, s)) if q == seq => Some((hint, s)),
-            _ => self.seqs.get_full(&seq).map(|(i, _, s)| (i, s)),
-        }
+        find_index(&self.seqs, seq, hint).map(|i| (i, &self.seqs[i]))
     }
 
     /// The prompt chunk from position `start` for `pending` tokens with `budget` left.
@@ -870,10 +867,7 @@ impl Scheduler {
         draft: Vec<u32>,
         out: &mut SchedulerOutput,
     ) -> Result<(), SchedulerError> {
-        let Some((index, _)) = self.find_seq(seq, hint) else {
-            return Err(SchedulerError::NotScheduled(seq));
-        };
-        let Some((_, s)) = self.seqs.get_index_mut(index) else {
+        let Some((_, s)) = find_seq_mut(&mut self.seqs, seq, hint) else {
             return Err(SchedulerError::NotScheduled(seq));
         };
         s.placed_step = out.step;
@@ -1065,10 +1059,7 @@ impl Scheduler {
         outputs: &mut Vec<SampleOutput>,
     ) -> Result<usize, SchedulerError> {
         let seq = f.seq;
-        let Some((index, _)) = self.find_seq(seq, hint) else {
-            return Ok(hint);
-        };
-        let Some((_, s)) = self.seqs.get_index_mut(index) else {
+        let Some((index, s)) = find_seq_mut(&mut self.seqs, seq, hint) else {
             return Ok(hint);
         };
         let computed_before = s.num_computed;
@@ -1157,10 +1148,7 @@ impl Scheduler {
         tokens: &[u32],
         outputs: &mut Vec<SampleOutput>,
     ) -> Result<(), SchedulerError> {
-        let Some((index, _)) = self.find_seq(seq, hint) else {
-            return Ok(());
-        };
-        let Some((_, s)) = self.seqs.get_index_mut(index) else {
+        let Some((_, s)) = find_seq_mut(&mut self.seqs, seq, hint) else {
             return Ok(());
         };
         let stops = s.stops;
@@ -1214,6 +1202,25 @@ fn fork_reserve(s: &SeqState, r: &RequestState) -> usize {
     } else {
         0
     }
+}
+
+/// Index of `seq` in `seqs`, trying `hint` first (see [`Scheduler::find_seq`]).
+fn find_index(seqs: &FxIndexMap<SeqId, SeqState>, seq: SeqId, hint: usize) -> Option<usize> {
+    match seqs.get_index(hint) {
+        Some((&q, _)) if q == seq => Some(hint),
+        _ => seqs.get_index_of(&seq),
+    }
+}
+
+/// As [`Scheduler::find_seq`], for changing the state (a function of the map alone, so the
+/// scheduler's other fields stay free to borrow).
+fn find_seq_mut(
+    seqs: &mut FxIndexMap<SeqId, SeqState>,
+    seq: SeqId,
+    hint: usize,
+) -> Option<(usize, &mut SeqState)> {
+    let i = find_index(seqs, seq, hint)?;
+    seqs.get_index_mut(i).map(|(_, s)| (i, s))
 }
 
 fn bad(seq: SeqId, reason: String) -> SchedulerError {
