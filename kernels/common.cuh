@@ -1,4 +1,5 @@
-// common.cuh: helpers shared by kvserve's kernels (activation types, KV dequantization).
+// common.cuh: helpers shared by kvserve's KV-cache kernels (KV dequantization; the
+// activation type comes from scalar.cuh).
 //
 // Every kernel source is compiled by NVRTC with these macros set by the launcher
 // (crates/kernels-cuda): SCALAR (0 = half, 1 = bfloat16: the activation type of q, k, v and
@@ -11,6 +12,7 @@
 #include <cuda_fp8.h>
 
 #include "kv_layout.cuh"
+#include "scalar.cuh"
 
 // The dtype tags as preprocessor numbers (the kv_layout.cuh constants are C++ variables,
 // which `#if` would silently read as 0), pinned to them.
@@ -32,9 +34,6 @@ static_assert(KVT_FP8_E5M2 == kvserve::kv_layout::KV_DTYPE_FP8_E5M2, "tag");
 #define INFINITY __int_as_float(0x7f800000)
 #endif
 
-#ifndef SCALAR
-#error "SCALAR must be defined (0 = half, 1 = bfloat16)"
-#endif
 #ifndef KV_DTYPE
 #error "KV_DTYPE must be defined (a kv_layout.cuh dtype tag)"
 #endif
@@ -45,16 +44,6 @@ static_assert(KVT_FP8_E5M2 == kvserve::kv_layout::KV_DTYPE_FP8_E5M2, "tag");
 namespace kvserve {
 
 using namespace kv_layout;
-
-#if SCALAR == 0
-typedef __half scalar_t;
-__device__ __forceinline__ float to_float(scalar_t x) { return __half2float(x); }
-__device__ __forceinline__ scalar_t from_float(float x) { return __float2half_rn(x); }
-#else
-typedef __nv_bfloat16 scalar_t;
-__device__ __forceinline__ float to_float(scalar_t x) { return __bfloat162float(x); }
-__device__ __forceinline__ scalar_t from_float(float x) { return __float2bfloat16_rn(x); }
-#endif
 
 constexpr int kValueRowBytes = kv_value_row_bytes(KV_DTYPE, HEAD_DIM);
 constexpr int kScaleRowBytes = kv_scale_row_bytes(KV_DTYPE, HEAD_DIM);

@@ -3,22 +3,7 @@
 //
 // Compiled per activation type: SCALAR (0 = half, 1 = bfloat16). The residual stream is f32
 // (so the sum of many layers does not accumulate bf16 rounding); everything else is scalar_t.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
-#ifndef SCALAR
-#error "SCALAR must be defined (0 = half, 1 = bfloat16)"
-#endif
-
-#if SCALAR == 0
-typedef __half scalar_t;
-__device__ __forceinline__ float to_float(scalar_t x) { return __half2float(x); }
-__device__ __forceinline__ scalar_t from_float(float x) { return __float2half_rn(x); }
-#else
-typedef __nv_bfloat16 scalar_t;
-__device__ __forceinline__ float to_float(scalar_t x) { return __bfloat162float(x); }
-__device__ __forceinline__ scalar_t from_float(float x) { return __float2bfloat16_rn(x); }
-#endif
+#include "scalar.cuh"
 
 constexpr int kThreads = 256;
 
@@ -120,5 +105,32 @@ extern "C" __global__ void __launch_bounds__(kThreads)
   for (int i = threadIdx.x; i < inter; i += kThreads) {
     const float x = to_float(g[i]);
     out[t * inter + i] = from_float(x / (1.f + __expf(-x)) * to_float(g[inter + i]));
+  }
+}
+
+// out[j] = src[rows[j]], rows of `width` values. grid (num_rows), block kThreads.
+extern "C" __global__ void __launch_bounds__(kThreads)
+    gather_rows(scalar_t* __restrict__ out, const scalar_t* __restrict__ src,
+                const int* __restrict__ rows, int width) {
+  const long long j = blockIdx.x;
+  const scalar_t* row = src + static_cast<long long>(rows[j]) * width;
+  for (int i = threadIdx.x; i < width; i += kThreads) out[j * width + i] = row[i];
+}
+
+// out[i] = lo + (hi - lo) * u_i, u_i uniform in [0, 1) from a hash of (seed, i): dummy weights
+// of a real shape, generated on the device (like vLLM's load_format=dummy). Grid-stride.
+extern "C" __global__ void __launch_bounds__(kThreads)
+    fill_uniform(scalar_t* __restrict__ out, long long n, unsigned long long seed, float lo,
+                 float hi) {
+  const long long stride = static_cast<long long>(gridDim.x) * kThreads;
+  for (long long i = static_cast<long long>(blockIdx.x) * kThreads + threadIdx.x; i < n;
+       i += stride) {
+    // splitmix64 of seed + i.
+    unsigned long long z = seed + static_cast<unsigned long long>(i) * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    const float u = static_cast<float>(z >> 40) * (1.f / 16777216.f);
+    out[i] = from_float(lo + (hi - lo) * u);
   }
 }

@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
-use model::{Backend, ForwardBatch, Tokenizer};
+use model::{Backend, ForwardBatch, RowSampling, Tokenizer};
 use scheduler::spec::{verify_greedy, verify_stochastic};
 use scheduler::{
     FinishReason as SchedFinish, RejectReason, RequestId, SampleOutput, ScheduledSeq, Scheduler,
@@ -372,27 +372,57 @@ impl Worker {
                 context_lens: out.block_tables.context_lens(),
                 logits_indices: &out.logits_indices,
             };
-            match self.backend.forward(&batch, &mut self.logits) {
-                Ok(()) if self.logits.len() == out.logits_indices.len() * self.vocab.row => Ok(out
-                    .seqs
-                    .iter()
-                    .map(|s| {
-                        sample_seq(
-                            s,
-                            &self.logits,
-                            self.vocab,
-                            &mut self.requests,
-                            &mut failures,
-                        )
-                    })
-                    .collect::<Vec<_>>()),
-                Ok(()) => Err(format!(
-                    "the backend returned {} logits for {} rows of {}",
-                    self.logits.len(),
-                    out.logits_indices.len(),
-                    self.vocab.row
-                )),
-                Err(e) => Err(format!("forward pass failed: {e}")),
+            let device = if self.backend.samples_on_device() {
+                device_rows(&out.seqs, out.logits_indices.len(), &mut self.requests)
+            } else {
+                None
+            };
+            if let Some(rows) = device {
+                let sampling: Vec<RowSampling<'_>> = rows.iter().map(DeviceRow::view).collect();
+                let mut tokens = Vec::new();
+                match self.backend.forward_sampled(
+                    &batch,
+                    &sampling,
+                    self.vocab.sample,
+                    &mut tokens,
+                ) {
+                    Ok(()) if tokens.len() == sampling.len() => Ok(out
+                        .seqs
+                        .iter()
+                        .map(|s| device_result(s, &tokens, &mut failures))
+                        .collect::<Vec<_>>()),
+                    Ok(()) => Err(format!(
+                        "the backend sampled {} tokens for {} rows",
+                        tokens.len(),
+                        sampling.len()
+                    )),
+                    Err(e) => Err(format!("forward pass failed: {e}")),
+                }
+            } else {
+                match self.backend.forward(&batch, &mut self.logits) {
+                    Ok(()) if self.logits.len() == out.logits_indices.len() * self.vocab.row => {
+                        Ok(out
+                            .seqs
+                            .iter()
+                            .map(|s| {
+                                sample_seq(
+                                    s,
+                                    &self.logits,
+                                    self.vocab,
+                                    &mut self.requests,
+                                    &mut failures,
+                                )
+                            })
+                            .collect::<Vec<_>>())
+                    }
+                    Ok(()) => Err(format!(
+                        "the backend returned {} logits for {} rows of {}",
+                        self.logits.len(),
+                        out.logits_indices.len(),
+                        self.vocab.row
+                    )),
+                    Err(e) => Err(format!("forward pass failed: {e}")),
+                }
             }
         } else {
             Ok(Vec::new())
@@ -696,6 +726,107 @@ pub(crate) fn rejected(reason: RejectReason) -> EngineError {
     EngineError::InvalidArgument {
         field,
         reason: reason.to_string(),
+    }
+}
+
+/// One logits row to sample on the device, owning what its [`RowSampling`] borrows.
+#[derive(Debug)]
+struct DeviceRow {
+    params: SamplingParams,
+    /// Prompt and output so far, only when the repetition penalty applies.
+    history: Vec<u32>,
+    uniform: f64,
+}
+
+impl DeviceRow {
+    fn view(&self) -> RowSampling<'_> {
+        let p = &self.params;
+        RowSampling {
+            temperature: p.temperature,
+            top_k: p.top_k,
+            top_p: p.top_p,
+            min_p: p.min_p,
+            repetition_penalty: p.repetition_penalty,
+            history: &self.history,
+            uniform: self.uniform,
+        }
+    }
+}
+
+/// The step's rows for sampling on the device, when every sequence of the step can be: one
+/// plain token per logits row (no `n > 1` fan-out, no drafts to verify, no log-probabilities,
+/// which need the logits on the host). Each row's uniform number comes from its completion's
+/// stream, drawn only at temperature > 0 as the host path draws it, so a seeded request gets
+/// the same numbers on either path. `None` (nothing drawn): sample on the host.
+fn device_rows(
+    seqs: &[ScheduledSeq],
+    num_rows: usize,
+    requests: &mut HashMap<RequestId, ReqState>,
+) -> Option<Vec<DeviceRow>> {
+    let plain = seqs.iter().all(|s| {
+        s.logits.is_empty()
+            || (s.logits.len() == 1
+                && s.num_samples <= 1
+                && s.draft_tokens.is_empty()
+                && requests
+                    .get(&s.request)
+                    .is_some_and(|r| r.logprobs == 0 && s.sample < r.completions.len()))
+    });
+    let with_rows = seqs.iter().filter(|s| !s.logits.is_empty());
+    if !plain
+        || num_rows == 0
+        || with_rows.clone().count() != num_rows
+        || with_rows.clone().any(|s| s.logits.end > num_rows)
+    {
+        return None;
+    }
+    let mut rows: Vec<Option<DeviceRow>> = (0..num_rows).map(|_| None).collect();
+    for s in seqs.iter().filter(|s| !s.logits.is_empty()) {
+        let req = requests.get_mut(&s.request)?;
+        let params = req.params;
+        let c = req.completions.get_mut(s.sample)?;
+        let history = if params.repetition_penalty == 1.0 {
+            Vec::new()
+        } else {
+            req.prompt.iter().chain(&c.output).copied().collect()
+        };
+        let uniform = if params.temperature > 0.0 {
+            c.rng.uniform()
+        } else {
+            0.0
+        };
+        *rows.get_mut(s.logits.start)? = Some(DeviceRow {
+            params,
+            history,
+            uniform,
+        });
+    }
+    // Every row belongs to one sequence (the scheduler's plan); a gap would be a bug there.
+    rows.into_iter().collect()
+}
+
+/// A sequence's result from the tokens sampled on the device.
+fn device_result(
+    s: &ScheduledSeq,
+    tokens: &[Option<u32>],
+    failures: &mut Vec<(RequestId, String)>,
+) -> SeqResult {
+    if s.logits.is_empty() {
+        return SeqResult {
+            seq: s.seq,
+            tokens: Vec::new(),
+        };
+    }
+    let token = tokens.get(s.logits.start).copied().flatten();
+    if token.is_none() {
+        failures.push((
+            s.request,
+            "the model returned logits with no finite value".into(),
+        ));
+    }
+    SeqResult {
+        seq: s.seq,
+        tokens: vec![token.unwrap_or(0)],
     }
 }
 

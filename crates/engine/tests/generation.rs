@@ -522,3 +522,51 @@ fn greedy_samples_of_one_prompt_all_equal_plain_greedy() {
         assert_eq!(c.token_ids, want, "sample {}", c.index);
     }
 }
+
+#[test]
+fn sampling_on_the_device_gives_the_host_paths_tokens() {
+    // Greedy, seeded sampling with every filter and a repetition penalty, n = 2 (its first
+    // step fans out on the host, later steps sample each completion on the device), and a
+    // request with log-probabilities (its steps stay on the host).
+    let mut penalized = sampled(11, "The quick brown fox");
+    penalized.sampling.repetition_penalty = 1.3;
+    penalized.sampling.min_p = 0.05;
+    let mut pair = sampled(12, "Tell me a story");
+    pair.n = 2;
+    let mut with_logprobs = sampled(13, "Numbers: one two");
+    with_logprobs.logprobs = 2;
+    let requests = [
+        greedy_req(prompt("Hello there, how are you today?"), 16),
+        sampled(10, "Once upon a time"),
+        penalized,
+        pair,
+        with_logprobs,
+    ];
+    let host = cpu_engine(EngineConfig::default(), 128);
+    let backend = DeviceSamplingCpu::new(128);
+    let rows = backend.sampled_rows.clone();
+    let device = engine::Engine::start_with_backend(
+        EngineConfig {
+            device: engine::Device::Cpu,
+            ..EngineConfig::default()
+        },
+        Box::new(backend),
+        tokenizer(),
+        "tiny".into(),
+    )
+    .unwrap();
+    for r in &requests {
+        let want = run(&host, r.clone()).unwrap();
+        let got = run(&device, r.clone()).unwrap();
+        let tokens = |o: &GenerateOutput| -> Vec<Vec<u32>> {
+            o.completions.iter().map(|c| c.token_ids.clone()).collect()
+        };
+        assert_eq!(tokens(&got), tokens(&want), "{:?}", r.sampling);
+    }
+    assert!(
+        rows.load(std::sync::atomic::Ordering::Relaxed) > 40,
+        "the device path was not taken"
+    );
+    wait_idle(&host);
+    wait_idle(&device);
+}

@@ -8,6 +8,7 @@ use crate::attention::ActScalar;
 use crate::compile::{HEAD_DIMS, Program, Variant};
 use crate::device::Gpu;
 use crate::error::{KernelError, Result, bad};
+use crate::indices::Indices;
 
 const KERNEL: &str = "reshape_and_cache";
 
@@ -24,7 +25,7 @@ pub fn reshape_and_cache<T: ActScalar>(
     layout: &BlockLayout,
     k: &CudaSlice<T>,
     v: &CudaSlice<T>,
-    slot_mapping: &[i64],
+    slot_mapping: &Indices<i64>,
     k_cache: &mut CudaSlice<u8>,
     v_cache: &mut CudaSlice<u8>,
 ) -> Result<()> {
@@ -72,10 +73,13 @@ pub fn reshape_and_cache<T: ActScalar>(
         ));
     }
     let slots = (k_cache.len() / block_bytes) as i64 * layout.block_size() as i64;
-    if let Some((t, s)) = slot_mapping.iter().enumerate().find(|&(_, &s)| s >= slots) {
+    if slot_mapping.max() >= slots {
         return Err(bad(
             KERNEL,
-            format!("token {t}: slot {s} outside the cache's {slots} slots"),
+            format!(
+                "slot {} outside the cache's {slots} slots",
+                slot_mapping.max()
+            ),
         ));
     }
     let variant = Variant {
@@ -87,7 +91,6 @@ pub fn reshape_and_cache<T: ActScalar>(
     };
     let f = gpu.function(&variant, KERNEL)?;
     let stream = gpu.stream();
-    let slots_dev = stream.clone_htod(slot_mapping)?;
     let kv_heads_i = kv_heads as i32;
     let bs = layout.block_size() as i32;
     let shift = layout.block_size().trailing_zeros() as i32;
@@ -103,7 +106,7 @@ pub fn reshape_and_cache<T: ActScalar>(
         .arg(&mut *v_cache)
         .arg(k)
         .arg(v)
-        .arg(&slots_dev)
+        .arg(slot_mapping.device())
         .arg(&kv_heads_i)
         .arg(&bs)
         .arg(&shift)

@@ -26,6 +26,7 @@ const SOURCES: &[(&str, &str)] = &[
         "kv_layout.cuh",
         include_str!("../../../kernels/kv_layout.cuh"),
     ),
+    ("scalar.cuh", include_str!("../../../kernels/scalar.cuh")),
     ("common.cuh", include_str!("../../../kernels/common.cuh")),
     (
         "paged_attention.cu",
@@ -36,6 +37,7 @@ const SOURCES: &[(&str, &str)] = &[
         "elementwise.cu",
         include_str!("../../../kernels/elementwise.cu"),
     ),
+    ("sampling.cu", include_str!("../../../kernels/sampling.cu")),
 ];
 
 /// Activation type of q, k, v and attention output.
@@ -66,6 +68,9 @@ pub enum Program {
     /// `elementwise.cu`: embedding gather, RMSNorm (with the residual add), RoPE, SiLU·up.
     /// Depends on the activation type only.
     Elementwise,
+    /// `sampling.cu`: logits processing and sampling (`sample_rows`). Depends on the
+    /// activation type (of the logits) only.
+    Sampling,
 }
 
 impl Program {
@@ -74,6 +79,7 @@ impl Program {
             Self::PagedAttention => "paged_attention.cu",
             Self::Cache => "cache.cu",
             Self::Elementwise => "elementwise.cu",
+            Self::Sampling => "sampling.cu",
         }
     }
 }
@@ -111,9 +117,22 @@ impl Variant {
         }
     }
 
+    /// The sampling kernel for logits of type `scalar`.
+    pub fn sampling(scalar: Scalar) -> Self {
+        Variant {
+            program: Program::Sampling,
+            ..Self::elementwise(scalar)
+        }
+    }
+
+    /// Whether the variant depends on the activation type only.
+    fn scalar_only(&self) -> bool {
+        matches!(self.program, Program::Elementwise | Program::Sampling)
+    }
+
     /// Compiler options selecting this variant.
     fn defines(&self) -> Vec<String> {
-        if self.program == Program::Elementwise {
+        if self.scalar_only() {
             return vec![format!("-DSCALAR={}", self.scalar.code())];
         }
         let mut d = vec![
@@ -132,6 +151,7 @@ impl Variant {
         let mut v = Vec::new();
         for scalar in [Scalar::F16, Scalar::Bf16] {
             v.push(Variant::elementwise(scalar));
+            v.push(Variant::sampling(scalar));
             for dtype in KvCacheDtype::ALL {
                 for head_dim in HEAD_DIMS {
                     // e.g. int4 groups of 128 channels need head_dim >= 128.
@@ -163,7 +183,7 @@ impl Variant {
 
 impl fmt::Display for Variant {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.program == Program::Elementwise {
+        if self.scalar_only() {
             return write!(f, "{} [{:?}]", self.program.file(), self.scalar);
         }
         write!(
@@ -411,10 +431,11 @@ mod tests {
     #[test]
     fn every_variant_has_distinct_options() {
         let all = Variant::all();
-        // int4-g128 has no head_dim 64 variant; one elementwise variant per scalar.
+        // int4-g128 has no head_dim 64 variant; one elementwise and one sampling variant per
+        // scalar.
         assert_eq!(
             all.len(),
-            2 * ((KvCacheDtype::ALL.len() * HEAD_DIMS.len() - 1) * (1 + MAX_GQA_GROUP) + 1)
+            2 * ((KvCacheDtype::ALL.len() * HEAD_DIMS.len() - 1) * (1 + MAX_GQA_GROUP) + 2)
         );
         let mut opts: Vec<_> = all
             .iter()

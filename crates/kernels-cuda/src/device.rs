@@ -2,7 +2,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, sys};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, PinnedHostSlice, sys};
 use cudarc::nvrtc::Ptx;
 use rustc_hash::FxHashMap;
 
@@ -18,6 +18,8 @@ pub struct Gpu {
     arch: String,
     num_sms: usize,
     modules: Mutex<FxHashMap<Variant, Arc<CudaModule>>>,
+    /// Function handles already looked up: a launch costs no `cuModuleGetFunction`.
+    functions: Mutex<FxHashMap<(Variant, &'static str), CudaFunction>>,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -36,6 +38,12 @@ fn disable_event_tracking(ctx: &CudaContext) {
     // context's default stream, so stream order alone orders every access (cudarc's events
     // only matter for buffers used from several streams).
     unsafe { ctx.disable_event_tracking() };
+}
+
+/// Locks a map of loaded kernels. Only a panic while inserting poisons one, and its contents
+/// stay valid.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Whether the CUDA driver library can be loaded (it says nothing about devices).
@@ -86,6 +94,7 @@ impl Gpu {
             arch,
             num_sms,
             modules: Mutex::new(FxHashMap::default()),
+            functions: Mutex::new(FxHashMap::default()),
         })
     }
 
@@ -116,13 +125,32 @@ impl Gpu {
         &self.ctx
     }
 
-    /// Kernel `name` of `variant`, compiling (or loading from the disk cache) on first use.
-    pub(crate) fn function(&self, variant: &Variant, name: &str) -> Result<CudaFunction> {
+    /// `len` bytes of zeroed page-locked host memory: copies between it and the device run
+    /// at full PCIe/NVLink-C2C speed and asynchronously (the swap space of the KV cache).
+    ///
+    /// # Errors
+    /// Driver errors (`len == 0` is refused by the driver).
+    #[allow(unsafe_code)]
+    pub fn alloc_pinned(&self, len: usize) -> Result<PinnedHostSlice<u8>> {
+        // SAFETY: the memory is uninitialized until the write below, and nothing reads it
+        // before: the pointer is used only through `write_bytes`, which covers all `len`
+        // bytes of the fresh allocation (no work has been queued on it, so the synchronize
+        // inside `as_mut_ptr` returns at once).
+        unsafe {
+            let mut host = self.ctx.alloc_pinned_with_flags::<u8>(len, 0)?;
+            std::ptr::write_bytes(host.as_mut_ptr()?, 0, len);
+            Ok(host)
+        }
+    }
+
+    /// Kernel `name` of `variant`, compiling (or loading from the disk cache) on first use;
+    /// later calls return the handle looked up the first time.
+    pub(crate) fn function(&self, variant: &Variant, name: &'static str) -> Result<CudaFunction> {
+        if let Some(f) = lock(&self.functions).get(&(*variant, name)) {
+            return Ok(f.clone());
+        }
         let module = {
-            let mut modules = self
-                .modules
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut modules = lock(&self.modules);
             match modules.get(variant) {
                 Some(m) => m.clone(),
                 None => {
@@ -136,6 +164,8 @@ impl Gpu {
                 }
             }
         };
-        Ok(module.load_function(name)?)
+        let f = module.load_function(name)?;
+        lock(&self.functions).insert((*variant, name), f.clone());
+        Ok(f)
     }
 }

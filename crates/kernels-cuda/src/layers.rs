@@ -8,6 +8,7 @@ use crate::attention::ActScalar;
 use crate::compile::Variant;
 use crate::device::Gpu;
 use crate::error::{Result, bad};
+use crate::indices::Indices;
 
 const THREADS: u32 = 256;
 
@@ -33,12 +34,12 @@ fn dim(kernel: &'static str, what: &str, n: usize) -> Result<i32> {
 /// `[ids.len()][hidden]`.
 ///
 /// # Errors
-/// [`crate::KernelError::BadArgument`] for a token id `>= vocab` or mismatched sizes.
+/// [`crate::KernelError::BadArgument`] for a token id outside `0..vocab` or mismatched sizes.
 pub fn embedding_gather<T: ActScalar>(
     gpu: &Gpu,
     table: &CudaSlice<T>,
     vocab: usize,
-    ids: &[u32],
+    ids: &Indices<i32>,
     residual: &mut CudaSlice<f32>,
 ) -> Result<()> {
     const K: &str = "embedding_gather";
@@ -50,12 +51,15 @@ pub fn embedding_gather<T: ActScalar>(
     }
     let hidden = table.len() / vocab;
     let h = dim(K, "hidden", hidden)?;
-    if let Some((t, id)) = ids
-        .iter()
-        .enumerate()
-        .find(|&(_, &id)| id as usize >= vocab)
-    {
-        return Err(bad(K, format!("token {t}: id {id} >= vocab {vocab}")));
+    if !ids.is_empty() && (ids.min() < 0 || ids.max() >= vocab as i64) {
+        return Err(bad(
+            K,
+            format!(
+                "token ids span {}..={}, outside the vocabulary 0..{vocab}",
+                ids.min(),
+                ids.max()
+            ),
+        ));
     }
     if residual.len() != ids.len() * hidden {
         return Err(bad(
@@ -69,10 +73,13 @@ pub fn embedding_gather<T: ActScalar>(
     }
     let cfg = rows(ids.len())?;
     let stream = gpu.stream();
-    let ids_dev = stream.clone_htod(&ids.iter().map(|&i| i as i32).collect::<Vec<_>>())?;
     let f = gpu.function(&Variant::elementwise(T::SCALAR), K)?;
     let mut launch = stream.launch_builder(&f);
-    launch.arg(&mut *residual).arg(table).arg(&ids_dev).arg(&h);
+    launch
+        .arg(&mut *residual)
+        .arg(table)
+        .arg(ids.device())
+        .arg(&h);
     // SAFETY: matches `embedding_gather` in kernels/elementwise.cu; every id is below vocab
     // (checked), so each row read is inside `table`, and `residual` holds one row per id.
     unsafe { launch.launch(cfg) }?;
@@ -168,7 +175,7 @@ pub struct RopeShape {
 pub fn rope<T: ActScalar>(
     gpu: &Gpu,
     shape: RopeShape,
-    positions: &[u32],
+    positions: &Indices<i32>,
     inv_freq: &CudaSlice<f32>,
     q: &mut CudaSlice<T>,
     k: &mut CudaSlice<T>,
@@ -194,8 +201,8 @@ pub fn rope<T: ActScalar>(
             ),
         ));
     }
-    if let Some(p) = positions.iter().find(|&&p| p > i32::MAX as u32) {
-        return Err(bad(K, format!("position {p}")));
+    if positions.min() < 0 {
+        return Err(bad(K, format!("position {}", positions.min())));
     }
     let cfg = rows(t)?;
     let qh = dim(K, "num_q_heads", shape.num_q_heads)?;
@@ -203,13 +210,12 @@ pub fn rope<T: ActScalar>(
     let di = dim(K, "head_dim", d)?;
     let inter = i32::from(shape.interleaved);
     let stream = gpu.stream();
-    let pos = stream.clone_htod(&positions.iter().map(|&p| p as i32).collect::<Vec<_>>())?;
     let f = gpu.function(&Variant::elementwise(T::SCALAR), K)?;
     let mut launch = stream.launch_builder(&f);
     launch
         .arg(&mut *q)
         .arg(&mut *k)
-        .arg(&pos)
+        .arg(positions.device())
         .arg(inv_freq)
         .arg(&qh)
         .arg(&kh)
@@ -251,6 +257,96 @@ pub fn silu_mul<T: ActScalar>(
     launch.arg(&mut *out).arg(gate_up).arg(&i);
     // SAFETY: matches `silu_mul`; gate_up holds tokens x 2 x inter values and out tokens x
     // inter (checked).
+    unsafe { launch.launch(cfg) }?;
+    Ok(())
+}
+
+/// `out[j] = src[rows[j]]`: copies whole rows of `width` values (e.g. the hidden states of the
+/// tokens whose logits are wanted). `src` is `[n][width]`, `out` `[rows.len()][width]`.
+///
+/// # Errors
+/// [`crate::KernelError::BadArgument`] for a row outside `src` or mismatched sizes.
+pub fn gather_rows<T: ActScalar>(
+    gpu: &Gpu,
+    src: &CudaSlice<T>,
+    width: usize,
+    rows_idx: &Indices<i32>,
+    out: &mut CudaSlice<T>,
+) -> Result<()> {
+    const K: &str = "gather_rows";
+    let w = dim(K, "width", width)?;
+    if !src.len().is_multiple_of(width) || out.len() != rows_idx.len() * width {
+        return Err(bad(
+            K,
+            format!(
+                "src {} and out {} values for {} rows of {width}",
+                src.len(),
+                out.len(),
+                rows_idx.len()
+            ),
+        ));
+    }
+    let n = (src.len() / width) as i64;
+    if rows_idx.is_empty() {
+        return Ok(());
+    }
+    if rows_idx.min() < 0 || rows_idx.max() >= n {
+        return Err(bad(
+            K,
+            format!(
+                "rows {}..={} outside the source's {n}",
+                rows_idx.min(),
+                rows_idx.max()
+            ),
+        ));
+    }
+    let cfg = rows(rows_idx.len())?;
+    let f = gpu.function(&Variant::elementwise(T::SCALAR), K)?;
+    let stream = gpu.stream();
+    let mut launch = stream.launch_builder(&f);
+    launch
+        .arg(&mut *out)
+        .arg(src)
+        .arg(rows_idx.device())
+        .arg(&w);
+    // SAFETY: matches `gather_rows` in kernels/elementwise.cu; every row index is inside
+    // `src` and `out` holds one row per index (checked).
+    unsafe { launch.launch(cfg) }?;
+    Ok(())
+}
+
+/// Fills `out` with values uniform in `[lo, hi)` from a hash of `seed` and the index: dummy
+/// weights of a real shape for speed measurements, generated on the device.
+///
+/// # Errors
+/// [`crate::KernelError::BadArgument`] for non-finite bounds or `lo > hi`.
+pub fn fill_uniform<T: ActScalar>(
+    gpu: &Gpu,
+    out: &mut CudaSlice<T>,
+    seed: u64,
+    lo: f32,
+    hi: f32,
+) -> Result<()> {
+    const K: &str = "fill_uniform";
+    if !lo.is_finite() || !hi.is_finite() || lo > hi {
+        return Err(bad(K, format!("range [{lo}, {hi})")));
+    }
+    let n = out.len();
+    if n == 0 {
+        return Ok(());
+    }
+    let blocks = n.div_ceil(THREADS as usize).min(gpu.num_sms() * 16) as u32;
+    let cfg = LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let n_i = n as i64;
+    let f = gpu.function(&Variant::elementwise(T::SCALAR), K)?;
+    let stream = gpu.stream();
+    let mut launch = stream.launch_builder(&f);
+    launch.arg(&mut *out).arg(&n_i).arg(&seed).arg(&lo).arg(&hi);
+    // SAFETY: matches `fill_uniform`; the kernel writes indices below n = out.len() only.
     unsafe { launch.launch(cfg) }?;
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! kvserve's CUDA kernels and their launchers: paged decode attention over the paged,
 //! optionally quantized KV cache (split-KV, GQA-aware, sliding window, dequantization fused),
 //! the quantizing cache write, and the per-token layers of a Llama step (embedding gather,
-//! RMSNorm fused with the residual add, RoPE, SiLU·up).
+//! RMSNorm fused with the residual add, RoPE, SiLU·up), and logits processing with sampling.
 //!
 //! * **No CUDA at build time.** cudarc loads the driver and NVRTC at run time; the kernel
 //!   sources (`kernels/*.cu`, embedded) are compiled by NVRTC for the device's architecture
@@ -25,7 +25,9 @@ mod device;
 mod error;
 mod ffi;
 mod gemm;
+mod indices;
 mod layers;
+mod sampling;
 
 pub use attention::{ActScalar, DecodeMetadata, DecodePlan, PagedDecoder};
 pub use cache::reshape_and_cache;
@@ -33,7 +35,11 @@ pub use compile::{Program, Scalar, Variant};
 pub use device::{Gpu, driver_available};
 pub use error::{KernelError, Result};
 pub use gemm::Blas;
-pub use layers::{RopeShape, embedding_gather, rms_norm, rope, silu_mul};
+pub use indices::{Index, Indices};
+pub use layers::{
+    RopeShape, embedding_gather, fill_uniform, gather_rows, rms_norm, rope, silu_mul,
+};
+pub use sampling::{MAX_SAMPLING_VOCAB, RowSampling, sample_rows};
 
 /// Re-exported so callers allocate device buffers with the same cudarc.
 pub use cudarc;

@@ -10,7 +10,7 @@
 
 use half::bf16;
 use kernels_cuda::cudarc::driver::CudaSlice;
-use kernels_cuda::{DecodeMetadata, Gpu, KernelError, PagedDecoder, reshape_and_cache};
+use kernels_cuda::{DecodeMetadata, Gpu, Indices, KernelError, PagedDecoder, reshape_and_cache};
 use kv_quant::{BlockLayout, KvCacheDtype};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -75,7 +75,8 @@ fn cache_write_matches_the_cpu_encoder_byte_for_byte() {
                 let mut vc = stream.alloc_zeros::<u8>(num_blocks * bb).unwrap();
                 let kd = stream.clone_htod(&to_bf16(&k)).unwrap();
                 let vd = stream.clone_htod(&to_bf16(&v)).unwrap();
-                reshape_and_cache(&gpu, &layout, &kd, &vd, &slots, &mut kc, &mut vc).unwrap();
+                let slots_d = Indices::new(&gpu, &slots).unwrap();
+                reshape_and_cache(&gpu, &layout, &kd, &vd, &slots_d, &mut kc, &mut vc).unwrap();
                 let kc = stream.clone_dtoh(&kc).unwrap();
                 let vc = stream.clone_dtoh(&vc).unwrap();
                 let mut k_ref = vec![0u8; num_blocks * bb];
@@ -351,7 +352,8 @@ fn bad_arguments_are_refused_before_launch() {
     let mut kc2 = stream.alloc_zeros::<u8>(layout.kv_block_bytes()).unwrap();
     let mut vc2 = stream.alloc_zeros::<u8>(layout.kv_block_bytes()).unwrap();
     let k = stream.alloc_zeros::<bf16>(2 * 64).unwrap();
-    let r = reshape_and_cache(&gpu, &layout, &k, &k, &[16], &mut kc2, &mut vc2);
+    let slots = Indices::new(&gpu, &[16i64]).unwrap();
+    let r = reshape_and_cache(&gpu, &layout, &k, &k, &slots, &mut kc2, &mut vc2);
     assert!(matches!(r, Err(KernelError::BadArgument { .. })), "{r:?}");
 }
 
@@ -381,7 +383,8 @@ fn per_token_layers_match_the_reference() {
         .collect();
     let table_d = s.clone_htod(&to_bf16(&table)).unwrap();
     let mut residual = s.alloc_zeros::<f32>(tokens * hidden).unwrap();
-    kernels_cuda::embedding_gather(&gpu, &table_d, vocab, &ids, &mut residual).unwrap();
+    let ids_d = Indices::from_u32(&gpu, &ids, "ids").unwrap();
+    kernels_cuda::embedding_gather(&gpu, &table_d, vocab, &ids_d, &mut residual).unwrap();
     let got = s.clone_dtoh(&residual).unwrap();
     for (t, &id) in ids.iter().enumerate() {
         assert_eq!(
@@ -389,6 +392,24 @@ fn per_token_layers_match_the_reference() {
             &table[id as usize * hidden..(id as usize + 1) * hidden]
         );
     }
+
+    // Row gather: exact, rows repeated and out of order.
+    let picks: Vec<u32> = vec![5, 0, 5, tokens as u32 - 1];
+    let picks_d = Indices::from_u32(&gpu, &picks, "rows").unwrap();
+    let mut picked = s.alloc_zeros::<bf16>(picks.len() * hidden).unwrap();
+    kernels_cuda::gather_rows(&gpu, &table_d, hidden, &picks_d, &mut picked).unwrap();
+    let got = s.clone_dtoh(&picked).unwrap();
+    for (j, &r) in picks.iter().enumerate() {
+        let want = &table[r as usize * hidden..(r as usize + 1) * hidden];
+        let row: Vec<f32> = got[j * hidden..(j + 1) * hidden]
+            .iter()
+            .map(|x| x.to_f32())
+            .collect();
+        assert_eq!(row, want, "gathered row {j}");
+    }
+    let far = Indices::from_u32(&gpu, &[vocab as u32], "rows").unwrap();
+    let r = kernels_cuda::gather_rows(&gpu, &table_d, hidden, &far, &mut picked);
+    assert!(matches!(r, Err(KernelError::BadArgument { .. })), "{r:?}");
 
     // RMSNorm, with and without the residual add.
     let weight = random_bf16(&mut rng, hidden, 2.0);
@@ -445,7 +466,8 @@ fn per_token_layers_match_the_reference() {
             head_dim: d,
             interleaved,
         };
-        kernels_cuda::rope(&gpu, shape, &positions, &inv_d, &mut q_d, &mut k_d).unwrap();
+        let pos_d = Indices::from_u32(&gpu, &positions, "positions").unwrap();
+        kernels_cuda::rope(&gpu, shape, &pos_d, &inv_d, &mut q_d, &mut k_d).unwrap();
         for (x, x_d, heads) in [(&q, &q_d, qh), (&k, &k_d, kh)] {
             let mut want = vec![0f64; x.len()];
             for t in 0..tokens {
@@ -506,14 +528,14 @@ fn per_token_layers_match_the_reference() {
         &gpu,
         &table_d,
         vocab,
-        &[vocab as u32],
+        &Indices::from_u32(&gpu, &[vocab as u32], "ids").unwrap(),
         &mut residual
     )));
     assert!(is_bad(kernels_cuda::embedding_gather(
         &gpu,
         &table_d,
         999,
-        &ids,
+        &ids_d,
         &mut residual
     )));
     let mut short = s.alloc_zeros::<bf16>(hidden).unwrap();
@@ -544,7 +566,7 @@ fn per_token_layers_match_the_reference() {
     assert!(is_bad(kernels_cuda::rope(
         &gpu,
         odd,
-        &[0],
+        &Indices::from_u32(&gpu, &[0], "positions").unwrap(),
         &inv_d,
         &mut q1,
         &mut k1

@@ -5,6 +5,7 @@ use kv_block_manager::CopyOp;
 
 use crate::ModelConfig;
 use crate::error::ModelError;
+pub use kernels_cuda::RowSampling;
 
 /// One step's work, flattened: prefill chunks and decode tokens of many sequences together.
 ///
@@ -74,6 +75,30 @@ pub trait Backend: Send {
         logits: &mut Vec<f32>,
     ) -> Result<(), ModelError>;
 
+    /// Whether [`Backend::forward_sampled`] samples on the device; otherwise the caller
+    /// samples from [`Backend::forward`]'s logits.
+    fn samples_on_device(&self) -> bool {
+        false
+    }
+
+    /// Runs one step as [`Backend::forward`] does, then draws one token per logits row on
+    /// the device (`rows[i]` says how for row `i` of `logits_indices`; ids at or past
+    /// `sample_vocab` are never drawn), so only the tokens leave the device. `None` for a row
+    /// without a finite logit. Backends that cannot ([`Backend::samples_on_device`] false)
+    /// refuse with [`ModelError::Unsupported`].
+    fn forward_sampled(
+        &mut self,
+        batch: &ForwardBatch<'_>,
+        rows: &[RowSampling<'_>],
+        sample_vocab: usize,
+        tokens: &mut Vec<Option<u32>>,
+    ) -> Result<(), ModelError> {
+        let _ = (batch, rows, sample_vocab, tokens);
+        Err(ModelError::Unsupported(
+            "sampling on the device (this backend returns logits)".into(),
+        ))
+    }
+
     /// Copies device blocks (copy-on-write), before the next forward.
     fn copy_blocks(&mut self, copies: &[CopyOp]) -> Result<(), ModelError>;
 
@@ -82,6 +107,25 @@ pub trait Backend: Send {
 
     /// Copies host blocks to device blocks (`src` host, `dst` device).
     fn swap_in(&mut self, copies: &[CopyOp]) -> Result<(), ModelError>;
+}
+
+/// The block layout of a backend's cache for the heads it holds; a cache of no blocks is
+/// refused.
+pub(crate) fn cache_layout(
+    c: &ModelConfig,
+    local: &crate::LocalShape,
+    cache: &KvCacheConfig,
+) -> Result<kv_quant::BlockLayout, ModelError> {
+    let layout = kv_quant::BlockLayout::new(
+        cache.dtype,
+        cache.block_size,
+        local.num_kv_heads,
+        c.head_dim,
+    )?;
+    if cache.num_blocks == 0 {
+        return Err(ModelError::Unsupported("a KV cache of 0 blocks".into()));
+    }
+    Ok(layout)
 }
 
 /// Checks a batch against the model and the cache (every backend runs this before writing

@@ -8,16 +8,16 @@
 //! the whole step's K/V is written: causal by construction), SiLU·up; then the final norm and
 //! the LM head for the tokens whose logits are wanted. Logits come back to the host as f32
 //! (computed in bf16). Not yet: tensor-core prefill attention, sampling on the device, CUDA
-//! graphs, biases (Qwen2), pinned host memory for swapping.
+//! graphs, biases (Qwen2).
 
 use half::bf16;
-use kernels_cuda::cudarc::driver::CudaSlice;
-use kernels_cuda::{Blas, DecodeMetadata, Gpu, PagedDecoder, RopeShape};
+use kernels_cuda::cudarc::driver::{CudaSlice, PinnedHostSlice};
+use kernels_cuda::{Blas, DecodeMetadata, Gpu, Indices, PagedDecoder, RopeShape};
 use kv_block_manager::CopyOp;
 use kv_quant::BlockLayout;
 
 use crate::ModelConfig;
-use crate::backend::{Backend, ForwardBatch, KvCacheConfig, validate_batch};
+use crate::backend::{Backend, ForwardBatch, KvCacheConfig, RowSampling, validate_batch};
 use crate::config::RopeStyle;
 use crate::cpu::Linear;
 use crate::error::ModelError;
@@ -49,6 +49,9 @@ struct Buffers {
     proj: Option<CudaSlice<bf16>>,
     gate_up: Option<CudaSlice<bf16>>,
     act: Option<CudaSlice<bf16>>,
+    /// Hidden states of the tokens whose logits are wanted.
+    picked: Option<CudaSlice<bf16>>,
+    logits: Option<CudaSlice<bf16>>,
 }
 
 /// The model on a CUDA device, with its paged KV cache.
@@ -68,8 +71,9 @@ pub struct CudaBackend {
     inv_freq: CudaSlice<f32>,
     k_cache: Vec<CudaSlice<u8>>,
     v_cache: Vec<CudaSlice<u8>>,
-    host_k: Vec<Vec<u8>>,
-    host_v: Vec<Vec<u8>>,
+    /// Swap space in page-locked host memory (`None` without host blocks).
+    host_k: Vec<Option<PinnedHostSlice<u8>>>,
+    host_v: Vec<Option<PinnedHostSlice<u8>>>,
     buffers: Buffers,
 }
 
@@ -130,6 +134,34 @@ fn buffer<
         .ok_or_else(|| ModelError::Unsupported("device buffer vanished".into()))
 }
 
+/// The weights of the whole model on the device.
+struct DeviceWeights {
+    embedding: CudaSlice<bf16>,
+    layers: Vec<Layer>,
+    final_norm: CudaSlice<bf16>,
+    lm_head: Option<CudaSlice<bf16>>,
+}
+
+/// The cache layout for `c`, or why the CUDA backend cannot run this shape.
+fn check_shape(
+    c: &ModelConfig,
+    local: &LocalShape,
+    cache: &KvCacheConfig,
+) -> Result<BlockLayout, ModelError> {
+    let layout = crate::backend::cache_layout(c, local, cache)?;
+    if !kernels_cuda::compile::HEAD_DIMS.contains(&c.head_dim)
+        || !local.num_heads.is_multiple_of(local.num_kv_heads)
+        || local.num_heads / local.num_kv_heads > kernels_cuda::compile::MAX_GQA_GROUP
+        || !cache.block_size.is_power_of_two()
+    {
+        return Err(ModelError::Unsupported(format!(
+            "head_dim {}, {} / {} heads, block size {} on the CUDA backend",
+            c.head_dim, local.num_heads, local.num_kv_heads, cache.block_size
+        )));
+    }
+    Ok(layout)
+}
+
 impl CudaBackend {
     /// Uploads `weights` (dequantized to bf16) to `gpu` and allocates a KV cache of `cache`
     /// blocks per layer.
@@ -140,26 +172,7 @@ impl CudaBackend {
     pub fn new(weights: &Weights, cache: KvCacheConfig, gpu: Gpu) -> Result<Self, ModelError> {
         let c = weights.config().clone();
         let local = weights.local_shape();
-        let layout = BlockLayout::new(
-            cache.dtype,
-            cache.block_size,
-            local.num_kv_heads,
-            c.head_dim,
-        )?;
-        if cache.num_blocks == 0 {
-            return Err(ModelError::Unsupported("a KV cache of 0 blocks".into()));
-        }
-        if !kernels_cuda::compile::HEAD_DIMS.contains(&c.head_dim)
-            || !local.num_heads.is_multiple_of(local.num_kv_heads)
-            || local.num_heads / local.num_kv_heads > kernels_cuda::compile::MAX_GQA_GROUP
-            || !cache.block_size.is_power_of_two()
-        {
-            return Err(ModelError::Unsupported(format!(
-                "head_dim {}, {} / {} heads, block size {} on the CUDA backend",
-                c.head_dim, local.num_heads, local.num_kv_heads, cache.block_size
-            )));
-        }
-        let blas = Blas::new(&gpu)?;
+        let layout = check_shape(&c, &local, &cache)?;
         let s = gpu.stream().clone();
         let up = |x: &[bf16]| s.clone_htod(x).map_err(kernels_cuda::KernelError::from);
         let mut layers = Vec::with_capacity(weights.layers.len());
@@ -175,16 +188,128 @@ impl CudaBackend {
                 w_down: up(&rows_bf16(&[&lw.w_down])?)?,
             });
         }
-        let embedding = up(&rows_bf16(&[&weights.embedding])?)?;
-        let lm_head = match &weights.lm_head {
-            Some(l) => Some(up(&rows_bf16(&[l])?)?),
-            None => None,
+        let dw = DeviceWeights {
+            embedding: up(&rows_bf16(&[&weights.embedding])?)?,
+            lm_head: match &weights.lm_head {
+                Some(l) => Some(up(&rows_bf16(&[l])?)?),
+                None => None,
+            },
+            final_norm: up(&to_bf16(&weights.final_norm))?,
+            layers,
         };
+        Self::assemble(gpu, c, local, cache, layout, dw)
+    }
+
+    /// A model of `config`'s shape with dummy bf16 weights generated on the device (uniform
+    /// in ±0.02, norms 1; like vLLM's `load_format=dummy`): for speed measurements of large
+    /// shapes (Llama-3.1-8B) without a checkpoint. Its outputs mean nothing.
+    ///
+    /// # Errors
+    /// As [`CudaBackend::new`]; [`ModelError::Config`] for an inconsistent `config`.
+    pub fn dummy(
+        config: &ModelConfig,
+        cache: KvCacheConfig,
+        gpu: Gpu,
+        seed: u64,
+    ) -> Result<Self, ModelError> {
+        config.validate()?;
+        if config.qkv_bias {
+            return Err(ModelError::Unsupported(
+                "linear layers with a bias on the CUDA backend (yet)".into(),
+            ));
+        }
+        let c = config.clone();
+        let local = LocalShape {
+            num_heads: c.num_heads,
+            num_kv_heads: c.num_kv_heads,
+            intermediate_size: c.intermediate_size,
+        };
+        let layout = check_shape(&c, &local, &cache)?;
+        let mut next_seed = seed;
+        let mut fill = |n: usize, lo: f32, hi: f32| -> Result<CudaSlice<bf16>, ModelError> {
+            let mut t = gpu
+                .stream()
+                .alloc_zeros::<bf16>(n)
+                .map_err(kernels_cuda::KernelError::from)?;
+            next_seed = next_seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            kernels_cuda::fill_uniform(&gpu, &mut t, next_seed, lo, hi)?;
+            Ok(t)
+        };
+        let (h, d, inter) = (c.hidden_size, c.head_dim, c.intermediate_size);
+        let w = 0.02;
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for _ in 0..c.num_layers {
+            layers.push(Layer {
+                attn_norm: fill(h, 1.0, 1.0)?,
+                wq: fill(c.num_heads * d * h, -w, w)?,
+                wk: fill(c.num_kv_heads * d * h, -w, w)?,
+                wv: fill(c.num_kv_heads * d * h, -w, w)?,
+                wo: fill(h * c.num_heads * d, -w, w)?,
+                ffn_norm: fill(h, 1.0, 1.0)?,
+                w_gate_up: fill(2 * inter * h, -w, w)?,
+                w_down: fill(h * inter, -w, w)?,
+            });
+        }
+        let dw = DeviceWeights {
+            embedding: fill(c.vocab_size * h, -w, w)?,
+            lm_head: if c.tie_word_embeddings {
+                None
+            } else {
+                Some(fill(c.vocab_size * h, -w, w)?)
+            },
+            final_norm: fill(h, 1.0, 1.0)?,
+            layers,
+        };
+        Self::assemble(gpu, c, local, cache, layout, dw)
+    }
+
+    /// Bytes of weights one decode step streams (every layer, the final norm and the LM head;
+    /// the embedding only through the gathered rows): the numerator of the weight-streaming
+    /// floor of batch-1 decode.
+    pub fn streamed_weight_bytes(&self) -> usize {
+        let bytes = |t: &CudaSlice<bf16>| t.len() * std::mem::size_of::<bf16>();
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                [
+                    &l.attn_norm,
+                    &l.wq,
+                    &l.wk,
+                    &l.wv,
+                    &l.wo,
+                    &l.ffn_norm,
+                    &l.w_gate_up,
+                    &l.w_down,
+                ]
+                .into_iter()
+                .map(bytes)
+                .sum::<usize>()
+            })
+            .sum();
+        layers + bytes(&self.final_norm) + bytes(self.lm_head.as_ref().unwrap_or(&self.embedding))
+    }
+
+    fn assemble(
+        gpu: Gpu,
+        c: ModelConfig,
+        local: LocalShape,
+        cache: KvCacheConfig,
+        layout: BlockLayout,
+        dw: DeviceWeights,
+    ) -> Result<Self, ModelError> {
+        let blas = Blas::new(&gpu)?;
+        let s = gpu.stream().clone();
         let bytes = layout.kv_block_bytes() * cache.num_blocks;
         let host_bytes = layout.kv_block_bytes() * cache.num_cpu_blocks;
         let alloc = || {
             s.alloc_zeros::<u8>(bytes)
                 .map_err(kernels_cuda::KernelError::from)
+        };
+        let pinned = |n: usize| {
+            (0..c.num_layers)
+                .map(|_| (n > 0).then(|| gpu.alloc_pinned(n)).transpose())
+                .collect::<Result<Vec<_>, _>>()
         };
         let (mut k_cache, mut v_cache) = (Vec::new(), Vec::new());
         for _ in 0..c.num_layers {
@@ -192,15 +317,15 @@ impl CudaBackend {
             v_cache.push(alloc()?);
         }
         Ok(Self {
-            final_norm: up(&to_bf16(&weights.final_norm))?,
+            final_norm: dw.final_norm,
             inv_freq: s
                 .clone_htod(&c.rope_inv_freqs())
                 .map_err(kernels_cuda::KernelError::from)?,
-            embedding,
-            lm_head,
-            layers,
-            host_k: (0..c.num_layers).map(|_| vec![0u8; host_bytes]).collect(),
-            host_v: (0..c.num_layers).map(|_| vec![0u8; host_bytes]).collect(),
+            embedding: dw.embedding,
+            lm_head: dw.lm_head,
+            layers: dw.layers,
+            host_k: pinned(host_bytes)?,
+            host_v: pinned(host_bytes)?,
             k_cache,
             v_cache,
             decoder: PagedDecoder::new(),
@@ -214,58 +339,9 @@ impl CudaBackend {
         })
     }
 
-    /// The device.
-    pub fn gpu(&self) -> &Gpu {
-        &self.gpu
-    }
-
-    /// Per-token attention metadata: token `i` of sequence `s` reads `s`'s block table up to
-    /// its own position (causal; the step's K/V is written before attention).
-    fn token_metadata(&self, b: &ForwardBatch<'_>) -> Result<DecodeMetadata, ModelError> {
-        let t = b.token_ids.len();
-        let mb = b.max_blocks.max(1);
-        let mut tables = vec![0i32; t * mb];
-        let mut ctx = vec![0i32; t];
-        for s in 0..b.num_seqs() {
-            let row = &b.block_tables[s * b.max_blocks..(s + 1) * b.max_blocks];
-            for i in b.seq_starts[s] as usize..b.seq_starts[s + 1] as usize {
-                tables[i * mb..i * mb + b.max_blocks].copy_from_slice(row);
-                ctx[i] = b.positions[i] as i32 + 1;
-            }
-        }
-        // Entries past a token's position may be -1 (unused): the kernel reads only attended
-        // blocks, which validate_batch checked.
-        for v in &mut tables {
-            if *v < 0 {
-                *v = 0;
-            }
-        }
-        Ok(DecodeMetadata::new(
-            &self.gpu,
-            &tables,
-            mb,
-            &ctx,
-            self.cache_config.block_size,
-            self.cache_config.num_blocks,
-            self.config.sliding_window,
-        )?)
-    }
-}
-
-impl Backend for CudaBackend {
-    fn config(&self) -> &ModelConfig {
-        &self.config
-    }
-
-    fn kv_cache_config(&self) -> KvCacheConfig {
-        self.cache_config
-    }
-
-    fn device(&self) -> String {
-        format!("cuda ({})", self.gpu.name())
-    }
-
-    fn forward(&mut self, b: &ForwardBatch<'_>, logits: &mut Vec<f32>) -> Result<(), ModelError> {
+    /// Runs one step on the device: the K/V of every token into the cache, and the logits
+    /// of `logits_indices` into `buffers.logits` (bf16). `false` when there are no logits.
+    fn run_step(&mut self, b: &ForwardBatch<'_>) -> Result<bool, ModelError> {
         validate_batch(
             b,
             &self.config,
@@ -275,8 +351,7 @@ impl Backend for CudaBackend {
         let t = b.token_ids.len();
         let n = b.logits_indices.len();
         if t == 0 {
-            logits.clear();
-            return Ok(());
+            return Ok(false);
         }
         let c = &self.config;
         let (h, d) = (c.hidden_size, c.head_dim);
@@ -287,10 +362,14 @@ impl Backend for CudaBackend {
         );
         let meta = self.token_metadata(b)?;
         let gpu = &self.gpu;
+        // The step's index arrays go to the device once; every layer reuses them.
+        let ids = Indices::from_u32(gpu, b.token_ids, "token_ids")?;
+        let positions = Indices::from_u32(gpu, b.positions, "positions")?;
+        let slots = Indices::new(gpu, b.slot_mapping)?;
         let bf = &mut self.buffers;
         bf.tokens = t;
         let residual = buffer(&mut bf.residual, gpu, t * h)?;
-        kernels_cuda::embedding_gather(gpu, &self.embedding, c.vocab_size, b.token_ids, residual)?;
+        kernels_cuda::embedding_gather(gpu, &self.embedding, c.vocab_size, &ids, residual)?;
         let shape = RopeShape {
             num_q_heads: qh,
             num_kv_heads: kvh,
@@ -333,14 +412,14 @@ impl Backend for CudaBackend {
                     bf.q.as_mut().ok_or_else(missing)?,
                     bf.k.as_mut().ok_or_else(missing)?,
                 );
-                kernels_cuda::rope(gpu, shape, b.positions, &self.inv_freq, q, k)?;
+                kernels_cuda::rope(gpu, shape, &positions, &self.inv_freq, q, k)?;
             }
             kernels_cuda::reshape_and_cache(
                 gpu,
                 &self.layout,
                 bf.k.as_ref().ok_or_else(missing)?,
                 bf.v.as_ref().ok_or_else(missing)?,
-                b.slot_mapping,
+                &slots,
                 &mut self.k_cache[l],
                 &mut self.v_cache[l],
             )?;
@@ -401,33 +480,132 @@ impl Backend for CudaBackend {
                 normed,
             )?;
         }
-        logits.clear();
         if n == 0 {
+            return Ok(false);
+        }
+        let rows = Indices::from_u32(gpu, b.logits_indices, "logits_indices")?;
+        let picked = buffer(&mut bf.picked, gpu, n * h)?;
+        kernels_cuda::gather_rows(
+            gpu,
+            bf.normed.as_ref().ok_or_else(missing)?,
+            h,
+            &rows,
+            picked,
+        )?;
+        let vocab = c.vocab_size;
+        let out = buffer(&mut bf.logits, gpu, n * vocab)?;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embedding);
+        self.blas
+            .linear(bf.picked.as_ref().ok_or_else(missing)?, head, vocab, h, out)?;
+        Ok(true)
+    }
+
+    /// The device.
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+
+    /// Per-token attention metadata: token `i` of sequence `s` reads `s`'s block table up to
+    /// its own position (causal; the step's K/V is written before attention).
+    fn token_metadata(&self, b: &ForwardBatch<'_>) -> Result<DecodeMetadata, ModelError> {
+        let t = b.token_ids.len();
+        let mb = b.max_blocks.max(1);
+        let mut tables = vec![0i32; t * mb];
+        let mut ctx = vec![0i32; t];
+        for s in 0..b.num_seqs() {
+            let row = &b.block_tables[s * b.max_blocks..(s + 1) * b.max_blocks];
+            for i in b.seq_starts[s] as usize..b.seq_starts[s + 1] as usize {
+                tables[i * mb..i * mb + b.max_blocks].copy_from_slice(row);
+                ctx[i] = b.positions[i] as i32 + 1;
+            }
+        }
+        // Entries past a token's position may be -1 (unused): the kernel reads only attended
+        // blocks, which validate_batch checked.
+        for v in &mut tables {
+            if *v < 0 {
+                *v = 0;
+            }
+        }
+        Ok(DecodeMetadata::new(
+            &self.gpu,
+            &tables,
+            mb,
+            &ctx,
+            self.cache_config.block_size,
+            self.cache_config.num_blocks,
+            self.config.sliding_window,
+        )?)
+    }
+}
+
+impl Backend for CudaBackend {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn kv_cache_config(&self) -> KvCacheConfig {
+        self.cache_config
+    }
+
+    fn device(&self) -> String {
+        format!("cuda ({})", self.gpu.name())
+    }
+
+    fn forward(&mut self, b: &ForwardBatch<'_>, logits: &mut Vec<f32>) -> Result<(), ModelError> {
+        logits.clear();
+        if !self.run_step(b)? {
             return Ok(());
         }
-        let s = gpu.stream();
-        let normed = bf.normed.as_ref().ok_or_else(missing)?;
-        let mut picked = s
-            .alloc_zeros::<bf16>(n * h)
-            .map_err(kernels_cuda::KernelError::from)?;
-        for (j, &i) in b.logits_indices.iter().enumerate() {
-            let i = i as usize;
-            s.memcpy_dtod(
-                &normed.slice(i * h..(i + 1) * h),
-                &mut picked.slice_mut(j * h..(j + 1) * h),
-            )
-            .map_err(kernels_cuda::KernelError::from)?;
-        }
-        let vocab = c.vocab_size;
-        let mut out = s
-            .alloc_zeros::<bf16>(n * vocab)
-            .map_err(kernels_cuda::KernelError::from)?;
-        let head = self.lm_head.as_ref().unwrap_or(&self.embedding);
-        self.blas.linear(&picked, head, vocab, h, &mut out)?;
-        let host = s
-            .clone_dtoh(&out)
+        let out = self.buffers.logits.as_ref().ok_or_else(missing)?;
+        let host = self
+            .gpu
+            .stream()
+            .clone_dtoh(out)
             .map_err(kernels_cuda::KernelError::from)?;
         logits.extend(host.iter().map(|x| x.to_f32()));
+        Ok(())
+    }
+
+    fn samples_on_device(&self) -> bool {
+        true
+    }
+
+    fn forward_sampled(
+        &mut self,
+        b: &ForwardBatch<'_>,
+        rows: &[RowSampling<'_>],
+        sample_vocab: usize,
+        tokens: &mut Vec<Option<u32>>,
+    ) -> Result<(), ModelError> {
+        tokens.clear();
+        if rows.len() != b.logits_indices.len() {
+            return Err(ModelError::InvalidBatch {
+                field: "rows",
+                reason: format!(
+                    "{} sampling rows for {} logits rows",
+                    rows.len(),
+                    b.logits_indices.len()
+                ),
+            });
+        }
+        // Checked before the step runs, so a bad row writes nothing to the cache.
+        for (i, r) in rows.iter().enumerate() {
+            r.check().map_err(|reason| ModelError::InvalidBatch {
+                field: "rows",
+                reason: format!("row {i}: {reason}"),
+            })?;
+        }
+        if !self.run_step(b)? {
+            return Ok(());
+        }
+        let out = self.buffers.logits.as_ref().ok_or_else(missing)?;
+        tokens.extend(kernels_cuda::sample_rows(
+            &self.gpu,
+            out,
+            self.config.vocab_size,
+            sample_vocab,
+            rows,
+        )?);
         Ok(())
     }
 
@@ -455,6 +633,9 @@ impl Backend for CudaBackend {
             self.cache_config.num_blocks,
             self.cache_config.num_cpu_blocks,
         )?;
+        if copies.is_empty() {
+            return Ok(());
+        }
         let bb = self.layout.kv_block_bytes();
         let s = self.gpu.stream().clone();
         for (dev, host) in self
@@ -463,12 +644,14 @@ impl Backend for CudaBackend {
             .zip(self.host_k.iter_mut())
             .chain(self.v_cache.iter().zip(self.host_v.iter_mut()))
         {
+            let host = host_blocks(host)?;
             for op in copies {
                 let (src, dst) = (op.src.index() * bb, op.dst.index() * bb);
                 s.memcpy_dtoh(&dev.slice(src..src + bb), &mut host[dst..dst + bb])
                     .map_err(kernels_cuda::KernelError::from)?;
             }
         }
+        // The blocks are freed on the device after this returns: the copies must be done.
         s.synchronize().map_err(kernels_cuda::KernelError::from)?;
         Ok(())
     }
@@ -479,22 +662,37 @@ impl Backend for CudaBackend {
             self.cache_config.num_cpu_blocks,
             self.cache_config.num_blocks,
         )?;
+        if copies.is_empty() {
+            return Ok(());
+        }
         let bb = self.layout.kv_block_bytes();
         let s = self.gpu.stream().clone();
         for (dev, host) in self
             .k_cache
             .iter_mut()
-            .zip(self.host_k.iter())
-            .chain(self.v_cache.iter_mut().zip(self.host_v.iter()))
+            .zip(self.host_k.iter_mut())
+            .chain(self.v_cache.iter_mut().zip(self.host_v.iter_mut()))
         {
+            let host = host_blocks(host)?;
             for op in copies {
                 let (src, dst) = (op.src.index() * bb, op.dst.index() * bb);
+                // Pinned source: asynchronous; stream order puts it before the next forward,
+                // and the host blocks are only written again by a later swap_out on this
+                // stream.
                 s.memcpy_htod(&host[src..src + bb], &mut dev.slice_mut(dst..dst + bb))
                     .map_err(kernels_cuda::KernelError::from)?;
             }
         }
         Ok(())
     }
+}
+
+/// The host blocks of one layer's swap space.
+fn host_blocks(host: &mut Option<PinnedHostSlice<u8>>) -> Result<&mut [u8], ModelError> {
+    host.as_mut()
+        .ok_or_else(|| ModelError::Unsupported("swapping without host blocks".into()))?
+        .as_mut_slice()
+        .map_err(|e| kernels_cuda::KernelError::from(e).into())
 }
 
 fn missing() -> ModelError {

@@ -45,7 +45,7 @@ pub mod tensor;
 pub mod tokenizer;
 pub mod weights;
 
-pub use backend::{Backend, ForwardBatch, KvCacheConfig};
+pub use backend::{Backend, ForwardBatch, KvCacheConfig, RowSampling};
 pub use config::{Architecture, ConfigError, ModelConfig, RopeScaling, RopeStyle};
 pub use cpu::CpuBackend;
 pub use cuda::CudaBackend;

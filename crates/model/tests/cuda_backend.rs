@@ -137,3 +137,94 @@ fn cuda_backend_refuses_what_it_cannot_run_and_bad_batches() {
     assert!(b.copy_blocks(&bad_copy).is_err());
     assert!(b.swap_out(&bad_copy).is_err());
 }
+
+/// Copy-on-write and swapping move whole blocks: after copying a sequence's blocks elsewhere
+/// (one by `copy_blocks`, one out to the host and back in) and overwriting the originals, a
+/// decode step over the copies gives exactly the logits it gave over the originals.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_backend_copies_and_swaps_blocks_exactly() {
+    let config = ModelConfig::smollm2_135m();
+    let weights = Weights::dummy(&config, DType::Q8_0, 3).unwrap();
+    let vocab = config.vocab_size;
+    let block = |src: u32, dst: u32| kv_block_manager::CopyOp {
+        src: kv_block_manager::BlockId(src),
+        dst: kv_block_manager::BlockId(dst),
+    };
+    for kv in [KvCacheDtype::Fp16, KvCacheDtype::ALL[4]] {
+        let cache = KvCacheConfig {
+            num_blocks: 16,
+            block_size: 16,
+            dtype: kv,
+            num_cpu_blocks: 4,
+        };
+        let mut cuda = CudaBackend::new(&weights, cache, Gpu::new(0).unwrap()).unwrap();
+        let mut logits = Vec::new();
+        let prefill = |b: &mut CudaBackend, salt: usize, logits: &mut Vec<f32>| {
+            let prompt: Vec<u32> = (0..32)
+                .map(|i| ((i * 7919 + salt * 104_729) % vocab) as u32)
+                .collect();
+            let positions: Vec<u32> = (0..32).collect();
+            let slots: Vec<i64> = (0..32).collect();
+            let fb = ForwardBatch {
+                token_ids: &prompt,
+                positions: &positions,
+                slot_mapping: &slots,
+                seq_starts: &[0, 32],
+                block_tables: &[0, 1],
+                max_blocks: 2,
+                context_lens: &[32],
+                logits_indices: &[31],
+            };
+            b.forward(&fb, logits).unwrap();
+        };
+        let decode = |b: &mut CudaBackend, table: [i32; 3], logits: &mut Vec<f32>| {
+            let fb = ForwardBatch {
+                token_ids: &[17],
+                positions: &[32],
+                slot_mapping: &[i64::from(table[2]) * 16],
+                seq_starts: &[0, 1],
+                block_tables: &table,
+                max_blocks: 3,
+                context_lens: &[33],
+                logits_indices: &[0],
+            };
+            b.forward(&fb, logits).unwrap();
+            logits.clone()
+        };
+        prefill(&mut cuda, 0, &mut logits);
+        let before = decode(&mut cuda, [0, 1, 2], &mut logits);
+        cuda.copy_blocks(&[block(1, 5)]).unwrap();
+        cuda.swap_out(&[block(0, 2)]).unwrap();
+        cuda.swap_in(&[block(2, 6)]).unwrap();
+        // Overwrite the originals with another prompt.
+        prefill(&mut cuda, 1, &mut logits);
+        let overwritten = decode(&mut cuda, [0, 1, 2], &mut logits);
+        let after = decode(&mut cuda, [6, 5, 7], &mut logits);
+        assert_ne!(before, overwritten, "{kv}: the overwrite changed nothing");
+        assert_eq!(before, after, "{kv}: logits over the copied blocks differ");
+        eprintln!("{kv}: copy_blocks + swap_out + swap_in: logits identical");
+    }
+}
+
+/// Weight bytes a batch-1 decode step streams, as the floor of the 8B benchmark counts them.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn dummy_weights_have_the_shape_of_the_config() {
+    let mut llama = ModelConfig::llama31_8b();
+    llama.num_layers = 2;
+    let cache = KvCacheConfig {
+        num_blocks: 4,
+        block_size: 16,
+        dtype: KvCacheDtype::Bf16,
+        num_cpu_blocks: 0,
+    };
+    let b = CudaBackend::dummy(&llama, cache, Gpu::new(0).unwrap(), 1).unwrap();
+    let (h, i, v) = (4096, 14336, 128_256);
+    let per_layer = 2 * h + h * 4096 + 2 * h * 1024 + 4096 * h + 3 * h * i;
+    assert_eq!(b.streamed_weight_bytes(), 2 * (2 * per_layer + h + v * h));
+    let mut bad = llama.clone();
+    bad.num_kv_heads = 5;
+    let r = CudaBackend::dummy(&bad, cache, Gpu::new(0).unwrap(), 1);
+    assert!(r.is_err(), "32 heads over 5 KV heads accepted");
+}

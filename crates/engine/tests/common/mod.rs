@@ -244,3 +244,93 @@ pub fn wait_idle(engine: &EngineHandle) {
         s.requests_in_flight == 0 && s.kv_blocks_used == 0 && s.running == 0 && s.waiting == 0
     });
 }
+
+/// The CPU backend posing as one that samples on the device: `forward_sampled` runs the
+/// forward pass, then samples each row on the host with the engine's own functions, at the
+/// row's uniform number. An engine over it takes the device-sampling path, which must give
+/// exactly the host path's tokens.
+#[derive(Debug)]
+pub struct DeviceSamplingCpu {
+    pub inner: CpuBackend,
+    pub sampled_rows: Arc<AtomicUsize>,
+    logits: Vec<f32>,
+}
+
+impl DeviceSamplingCpu {
+    pub fn new(num_blocks: usize) -> Self {
+        Self {
+            inner: CpuBackend::new(tiny_weights(), cache(num_blocks)).unwrap(),
+            sampled_rows: Arc::new(AtomicUsize::new(0)),
+            logits: Vec::new(),
+        }
+    }
+}
+
+impl Backend for DeviceSamplingCpu {
+    fn config(&self) -> &ModelConfig {
+        self.inner.config()
+    }
+
+    fn kv_cache_config(&self) -> KvCacheConfig {
+        self.inner.kv_cache_config()
+    }
+
+    fn forward(
+        &mut self,
+        batch: &ForwardBatch<'_>,
+        logits: &mut Vec<f32>,
+    ) -> Result<(), ModelError> {
+        self.inner.forward(batch, logits)
+    }
+
+    fn samples_on_device(&self) -> bool {
+        true
+    }
+
+    fn forward_sampled(
+        &mut self,
+        batch: &ForwardBatch<'_>,
+        rows: &[model::RowSampling<'_>],
+        sample_vocab: usize,
+        tokens: &mut Vec<Option<u32>>,
+    ) -> Result<(), ModelError> {
+        use engine::sampling::{apply_repetition_penalty, argmax, probabilities, sample};
+        self.inner.forward(batch, &mut self.logits)?;
+        let vocab = self.inner.config().vocab_size;
+        tokens.clear();
+        for (i, r) in rows.iter().enumerate() {
+            let mut l = self.logits[i * vocab..(i + 1) * vocab].to_vec();
+            for x in l.iter_mut().skip(sample_vocab) {
+                *x = f32::NEG_INFINITY;
+            }
+            apply_repetition_penalty(&mut l, &[r.history], r.repetition_penalty);
+            let params = engine::SamplingParams {
+                temperature: r.temperature,
+                top_p: r.top_p,
+                top_k: r.top_k,
+                min_p: r.min_p,
+                repetition_penalty: r.repetition_penalty,
+                seed: None,
+            };
+            tokens.push(if r.temperature <= 0.0 {
+                argmax(&l)
+            } else {
+                probabilities(&l, &params).and_then(|p| sample(&p, r.uniform))
+            });
+        }
+        self.sampled_rows.fetch_add(rows.len(), Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn copy_blocks(&mut self, copies: &[CopyOp]) -> Result<(), ModelError> {
+        self.inner.copy_blocks(copies)
+    }
+
+    fn swap_out(&mut self, copies: &[CopyOp]) -> Result<(), ModelError> {
+        self.inner.swap_out(copies)
+    }
+
+    fn swap_in(&mut self, copies: &[CopyOp]) -> Result<(), ModelError> {
+        self.inner.swap_in(copies)
+    }
+}

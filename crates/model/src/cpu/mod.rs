@@ -87,15 +87,7 @@ impl CpuBackend {
     pub fn new(weights: Weights, cache: KvCacheConfig) -> Result<Self, ModelError> {
         let c = weights.config();
         let local = weights.local_shape();
-        let layout = BlockLayout::new(
-            cache.dtype,
-            cache.block_size,
-            local.num_kv_heads,
-            c.head_dim,
-        )?;
-        if cache.num_blocks == 0 {
-            return Err(ModelError::Unsupported("a KV cache of 0 blocks".into()));
-        }
+        let layout = crate::backend::cache_layout(c, &local, &cache)?;
         Ok(Self {
             inv_freqs: c.rope_inv_freqs(),
             device: KvPools::new(layout, c.num_layers, cache.num_blocks)?,

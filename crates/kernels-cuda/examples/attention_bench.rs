@@ -4,7 +4,7 @@
 //! L2, and the effective bandwidth (K + V bytes read / time). Run next to
 //! `scripts/bench_attention_baseline.py` (PyTorch SDPA and the copy roofline) in the same call:
 //!
-//! `decode_bench [--quick] [--partition N]` (`KVSERVE_KERNEL_DEFINES=-DKV_UNROLL=8` to try a
+//! `attention_bench [--quick] [--partition N]` (`KVSERVE_KERNEL_DEFINES=-DKV_UNROLL=8` to try a
 //! kernel variant)
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 

@@ -1,0 +1,265 @@
+//! Decode speed of the CUDA backend on a Llama-3.1-8B-shaped model with dummy bf16 weights
+//! (generated on the device), against the weight-streaming floor measured in the same run:
+//! `streamed weight bytes / copy bandwidth` (a device-to-device copy of 2 GiB, read + write
+//! bytes over time, as the attention benchmark counts it).
+//!
+//! Per batch size it prints the wall time of a decode step (host work, uploads, every kernel,
+//! the logits download: what the engine waits for), its ratio to the floor, and two splits:
+//! the same layers timed by cuBLAS alone (the seven weight products of each layer and the LM
+//! head, on buffers of the same shapes), and the host's time to enqueue a step (no logits)
+//! against the GPU's time to run it: when enqueueing is shorter, launch overhead is hidden
+//! and CUDA graphs could only save the GPU-side gaps between kernels.
+//!
+//! `cuda_decode_bench [--layers N] [--context N] [--steps N] [--kv DTYPE] [BATCH...]`
+//! (defaults: 32 layers, 1024 tokens of context, 32 steps, bf16 KV, batches 1 16 64).
+#![allow(clippy::unwrap_used, clippy::print_stdout, missing_docs)]
+
+use std::time::Instant;
+
+use half::bf16;
+use kernels_cuda::Blas;
+use kv_quant::KvCacheDtype;
+use model::{Backend, CudaBackend, ForwardBatch, Gpu, KvCacheConfig, ModelConfig};
+
+const BLOCK: usize = 16;
+
+/// Read + write bytes per second of a device-to-device copy of 2 GiB (median of 9).
+fn copy_bandwidth(gpu: &Gpu) -> f64 {
+    let s = gpu.stream();
+    let n = 2usize << 30;
+    let src = s.alloc_zeros::<u8>(n).unwrap();
+    let mut dst = s.alloc_zeros::<u8>(n).unwrap();
+    let mut times = Vec::new();
+    for _ in 0..9 {
+        s.synchronize().unwrap();
+        let t = Instant::now();
+        s.memcpy_dtod(&src, &mut dst).unwrap();
+        s.synchronize().unwrap();
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    2.0 * n as f64 / times[times.len() / 2]
+}
+
+/// Seconds per pass of the weight products of `c` at `batch` tokens, by cuBLAS alone: one
+/// layer's seven matrices (fused q/k/v as three products, o, gate·up, down) run `num_layers`
+/// times, then the LM head. One layer's weights (436 MB for 8B) far exceed the L2, so
+/// repeating them streams from memory like distinct layers would.
+fn cublas_only(gpu: &Gpu, c: &ModelConfig, batch: usize) -> f64 {
+    let s = gpu.stream();
+    let blas = Blas::new(gpu).unwrap();
+    let (h, d, i) = (c.hidden_size, c.head_dim, c.intermediate_size);
+    let shapes = [
+        (c.num_heads * d, h),
+        (c.num_kv_heads * d, h),
+        (c.num_kv_heads * d, h),
+        (h, c.num_heads * d),
+        (2 * i, h),
+        (h, i),
+    ];
+    let weights: Vec<_> = shapes
+        .iter()
+        .map(|&(n, k)| {
+            let mut w = s.alloc_zeros::<bf16>(n * k).unwrap();
+            kernels_cuda::fill_uniform(gpu, &mut w, n as u64, -0.02, 0.02).unwrap();
+            w
+        })
+        .collect();
+    let io: Vec<_> = shapes
+        .iter()
+        .map(|&(n, k)| {
+            (
+                s.alloc_zeros::<bf16>(batch * k).unwrap(),
+                s.alloc_zeros::<bf16>(batch * n).unwrap(),
+            )
+        })
+        .collect();
+    let x_head = s.alloc_zeros::<bf16>(batch * h).unwrap();
+    let mut y_head = s.alloc_zeros::<bf16>(batch * c.vocab_size).unwrap();
+    let mut head = s.alloc_zeros::<bf16>(c.vocab_size * h).unwrap();
+    kernels_cuda::fill_uniform(gpu, &mut head, 99, -0.02, 0.02).unwrap();
+    let mut io = io;
+    let mut pass = || {
+        for _ in 0..c.num_layers {
+            for ((w, &(n, k)), (x, y)) in weights.iter().zip(&shapes).zip(io.iter_mut()) {
+                blas.linear(x, w, n, k, y).unwrap();
+            }
+        }
+        blas.linear(&x_head, &head, c.vocab_size, h, &mut y_head)
+            .unwrap();
+    };
+    pass();
+    s.synchronize().unwrap();
+    let mut times = Vec::new();
+    for _ in 0..7 {
+        let t = Instant::now();
+        pass();
+        s.synchronize().unwrap();
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+struct Args {
+    layers: usize,
+    context: usize,
+    steps: usize,
+    kv: KvCacheDtype,
+    batches: Vec<usize>,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        layers: 32,
+        context: 1024,
+        steps: 32,
+        kv: KvCacheDtype::Bf16,
+        batches: Vec::new(),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(x) = it.next() {
+        match x.as_str() {
+            "--layers" => a.layers = it.next().unwrap().parse().unwrap(),
+            "--context" => a.context = it.next().unwrap().parse().unwrap(),
+            "--steps" => a.steps = it.next().unwrap().parse().unwrap(),
+            "--kv" => a.kv = it.next().unwrap().parse().unwrap(),
+            b => a.batches.push(b.parse().unwrap()),
+        }
+    }
+    if a.batches.is_empty() {
+        a.batches = vec![1, 16, 64];
+    }
+    a
+}
+
+fn main() {
+    let a = args();
+    let mut config = ModelConfig::llama31_8b();
+    config.num_layers = a.layers;
+    let max_batch = a.batches.iter().copied().max().unwrap();
+    let per_seq = (a.context + a.steps + 1).div_ceil(BLOCK);
+    let cache = KvCacheConfig {
+        num_blocks: max_batch * per_seq,
+        block_size: BLOCK,
+        dtype: a.kv,
+        num_cpu_blocks: 0,
+    };
+    let t = Instant::now();
+    let mut backend = CudaBackend::dummy(&config, cache, Gpu::new(0).unwrap(), 7).unwrap();
+    backend.gpu().stream().synchronize().unwrap();
+    let setup = t.elapsed().as_secs_f64();
+    let gpu = backend.gpu();
+    let bw = copy_bandwidth(gpu);
+    println!(
+        "device: {} ({}); copy bandwidth {:.2} TB/s (read + write)",
+        gpu.name(),
+        gpu.arch(),
+        bw / 1e12
+    );
+    let bytes = backend.streamed_weight_bytes();
+    let floor = bytes as f64 / bw;
+    println!(
+        "llama-3.1-8b shape, {} layers, dummy bf16 weights ({:.2} GB streamed per step, set up in {:.1} s), KV {}, context {}",
+        a.layers,
+        bytes as f64 / 1e9,
+        setup,
+        a.kv,
+        a.context
+    );
+    println!("weight-streaming floor: {:.3} ms per step", floor * 1e3);
+    println!(
+        "| batch | step ms | ratio to floor | tok/s | cuBLAS-only ms | host enqueue ms | GPU ms (no logits) |"
+    );
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    let vocab = config.vocab_size;
+    let mut logits = Vec::new();
+    for &b in &a.batches {
+        // Prefill every sequence (one chunk each) into its own run of blocks.
+        let table =
+            |s: usize| -> Vec<i32> { (0..per_seq).map(|j| (s * per_seq + j) as i32).collect() };
+        let tables: Vec<i32> = (0..b).flat_map(table).collect();
+        let slot = |s: usize, p: usize| {
+            (tables[s * per_seq + p / BLOCK] as usize * BLOCK + p % BLOCK) as i64
+        };
+        for s in 0..b {
+            let ids: Vec<u32> = (0..a.context)
+                .map(|i| ((i * 7919 + s * 31) % vocab) as u32)
+                .collect();
+            let positions: Vec<u32> = (0..a.context as u32).collect();
+            let slots: Vec<i64> = (0..a.context).map(|p| slot(s, p)).collect();
+            let fb = ForwardBatch {
+                token_ids: &ids,
+                positions: &positions,
+                slot_mapping: &slots,
+                seq_starts: &[0, a.context as u32],
+                block_tables: &tables[s * per_seq..(s + 1) * per_seq],
+                max_blocks: per_seq,
+                context_lens: &[a.context as i32],
+                logits_indices: &[a.context as u32 - 1],
+            };
+            backend.forward(&fb, &mut logits).unwrap();
+        }
+        let starts: Vec<u32> = (0..=b as u32).collect();
+        let all: Vec<u32> = (0..b as u32).collect();
+        let mut tokens: Vec<u32> = vec![1; b];
+        let step = |backend: &mut CudaBackend,
+                    tokens: &[u32],
+                    pos: usize,
+                    want: &[u32],
+                    logits: &mut Vec<f32>| {
+            let positions = vec![pos as u32; b];
+            let slots: Vec<i64> = (0..b).map(|s| slot(s, pos)).collect();
+            let ctx = vec![pos as i32 + 1; b];
+            let fb = ForwardBatch {
+                token_ids: tokens,
+                positions: &positions,
+                slot_mapping: &slots,
+                seq_starts: &starts,
+                block_tables: &tables,
+                max_blocks: per_seq,
+                context_lens: &ctx,
+                logits_indices: want,
+            };
+            backend.forward(&fb, logits).unwrap();
+        };
+        // Warm-up (kernels compiled and loaded, buffers grown), then timed steps: each one
+        // greedy over its logits, as the engine would.
+        step(&mut backend, &tokens, a.context, &all, &mut logits);
+        let t = Instant::now();
+        for i in 0..a.steps {
+            step(&mut backend, &tokens, a.context + i, &all, &mut logits);
+            for (s, tok) in tokens.iter_mut().enumerate() {
+                let row = &logits[s * vocab..(s + 1) * vocab];
+                *tok = row
+                    .iter()
+                    .enumerate()
+                    .fold((0, f32::MIN), |m, (j, &x)| if x > m.1 { (j, x) } else { m })
+                    .0 as u32;
+            }
+        }
+        let step_s = t.elapsed().as_secs_f64() / a.steps as f64;
+        // Enqueue vs run, without the logits (no download, so forward returns once queued).
+        let (mut enqueue, mut total) = (Vec::new(), Vec::new());
+        for _ in 0..7 {
+            backend.gpu().stream().synchronize().unwrap();
+            let t = Instant::now();
+            step(&mut backend, &tokens, a.context, &[], &mut logits);
+            enqueue.push(t.elapsed().as_secs_f64());
+            backend.gpu().stream().synchronize().unwrap();
+            total.push(t.elapsed().as_secs_f64());
+        }
+        enqueue.sort_by(f64::total_cmp);
+        total.sort_by(f64::total_cmp);
+        let blas_s = cublas_only(backend.gpu(), &config, b);
+        println!(
+            "| {b} | {:.3} | {:.2} | {:.0} | {:.3} | {:.3} | {:.3} |",
+            step_s * 1e3,
+            step_s / floor,
+            b as f64 / step_s,
+            blas_s * 1e3,
+            enqueue[3] * 1e3,
+            total[3] * 1e3
+        );
+    }
+}
