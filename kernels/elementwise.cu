@@ -134,3 +134,20 @@ extern "C" __global__ void __launch_bounds__(kThreads)
     out[i] = from_float(lo + (hi - lo) * u);
   }
 }
+
+// Copy-on-write block copies within one cache: block pairs[2j] -> block pairs[2j + 1], whole
+// blocks of `block_bytes` (16-byte vectors when that divides it). grid (num_pairs), block
+// kThreads. Pairs must not chain within a call (no destination is also a source).
+extern "C" __global__ void __launch_bounds__(kThreads)
+    copy_blocks(unsigned char* __restrict__ cache, const long long* __restrict__ pairs,
+                long long block_bytes) {
+  const long long src = pairs[2 * blockIdx.x] * block_bytes;
+  const long long dst = pairs[2 * blockIdx.x + 1] * block_bytes;
+  if (block_bytes % 16 == 0) {
+    const int4* s = reinterpret_cast<const int4*>(cache + src);
+    int4* d = reinterpret_cast<int4*>(cache + dst);
+    for (long long i = threadIdx.x; i < block_bytes / 16; i += kThreads) d[i] = s[i];
+  } else {
+    for (long long i = threadIdx.x; i < block_bytes; i += kThreads) cache[dst + i] = cache[src + i];
+  }
+}

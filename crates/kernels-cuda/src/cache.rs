@@ -117,3 +117,112 @@ pub fn reshape_and_cache<T: ActScalar>(
     unsafe { launch.launch(cfg) }?;
     Ok(())
 }
+
+/// A step's block copies, checked and on the device: build once, apply to every layer's
+/// caches with [`copy_blocks`].
+#[derive(Debug)]
+pub struct BlockCopies {
+    pairs: Indices<i64>,
+}
+
+impl BlockCopies {
+    /// Uploads `(src, dst)` block pairs.
+    ///
+    /// # Errors
+    /// [`KernelError::BadArgument`] when a destination is also a source or is written twice
+    /// (the copies run in parallel: chains would race).
+    pub fn new(gpu: &Gpu, pairs: &[(usize, usize)]) -> Result<Self> {
+        const K: &str = "copy_blocks";
+        let mut dsts: Vec<usize> = pairs.iter().map(|p| p.1).collect();
+        dsts.sort_unstable();
+        if let Some(w) = dsts.windows(2).find(|w| w[0] == w[1]) {
+            return Err(bad(K, format!("block {} is written twice", w[0])));
+        }
+        if let Some(p) = pairs.iter().find(|p| dsts.binary_search(&p.0).is_ok()) {
+            return Err(bad(
+                K,
+                format!("block {} is both a source and a destination", p.0),
+            ));
+        }
+        let mut flat = Vec::with_capacity(2 * pairs.len());
+        for &(a, b) in pairs {
+            let id = |x: usize| {
+                i64::try_from(x).map_err(|_| bad(K, format!("block {x} beyond 64-bit indices")))
+            };
+            flat.push(id(a)?);
+            flat.push(id(b)?);
+        }
+        Ok(Self {
+            pairs: Indices::new(gpu, &flat)?,
+        })
+    }
+
+    /// Number of copies.
+    pub fn len(&self) -> usize {
+        self.pairs.len() / 2
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.pairs.is_empty()
+    }
+}
+
+/// Copies whole blocks within one cache buffer (copy-on-write), every pair of `copies` in
+/// one launch.
+///
+/// # Errors
+/// [`KernelError::BadArgument`] for a block outside the cache or a cache that is not whole
+/// blocks.
+pub fn copy_blocks(
+    gpu: &Gpu,
+    cache: &mut CudaSlice<u8>,
+    block_bytes: usize,
+    copies: &BlockCopies,
+) -> Result<()> {
+    let pairs = &copies.pairs;
+    const K: &str = "copy_blocks";
+    if block_bytes == 0 || !cache.len().is_multiple_of(block_bytes) {
+        return Err(bad(
+            K,
+            format!(
+                "a cache of {} bytes is not whole {block_bytes}-byte blocks",
+                cache.len()
+            ),
+        ));
+    }
+    if pairs.is_empty() {
+        return Ok(());
+    }
+    let blocks = (cache.len() / block_bytes) as i64;
+    if pairs.min() < 0 || pairs.max() >= blocks {
+        return Err(bad(
+            K,
+            format!(
+                "blocks {}..={} outside the cache's {blocks}",
+                pairs.min(),
+                pairs.max()
+            ),
+        ));
+    }
+    if pairs.len() / 2 > i32::MAX as usize {
+        return Err(bad(K, format!("{} pairs in one call", pairs.len() / 2)));
+    }
+    let cfg = LaunchConfig {
+        grid_dim: ((pairs.len() / 2) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let bb = block_bytes as i64;
+    // Any scalar variant holds the (type-free) copy kernel; bf16 is the one the model loads.
+    let f = gpu.function(&Variant::elementwise(crate::Scalar::Bf16), K)?;
+    let stream = gpu.stream();
+    let mut launch = stream.launch_builder(&f);
+    launch.arg(&mut *cache).arg(pairs.device()).arg(&bb);
+    // SAFETY: matches `copy_blocks` in kernels/elementwise.cu (256 threads = kThreads); every
+    // block index is inside the cache (checked), so each copy reads and writes whole blocks
+    // of it; no destination is a source or written twice (BlockCopies::new), so CTAs write
+    // disjoint bytes and read none that another writes.
+    unsafe { launch.launch(cfg) }?;
+    Ok(())
+}

@@ -30,7 +30,7 @@ mod layers;
 mod sampling;
 
 pub use attention::{ActScalar, DecodeMetadata, DecodePlan, PagedDecoder};
-pub use cache::reshape_and_cache;
+pub use cache::{BlockCopies, copy_blocks, reshape_and_cache};
 pub use compile::{Program, Scalar, Variant};
 pub use device::{Gpu, driver_available};
 pub use error::{KernelError, Result};

@@ -3,8 +3,9 @@
 //! `streamed weight bytes / copy bandwidth` (a device-to-device copy of 2 GiB, read + write
 //! bytes over time, as the attention benchmark counts it).
 //!
-//! Per batch size it prints the wall time of a decode step (host work, uploads, every kernel,
-//! the logits download: what the engine waits for), its ratio to the floor, and two splits:
+//! Per batch size it prints the wall time of a greedy decode step sampled on the device (host
+//! work, uploads, every kernel, the tokens back: what the engine waits for), its ratio to the
+//! floor, the same step with the f32 logits brought to the host instead, and two splits:
 //! the same layers timed by cuBLAS alone (the seven weight products of each layer and the LM
 //! head, on buffers of the same shapes), and the host's time to enqueue a step (no logits)
 //! against the GPU's time to run it: when enqueueing is shorter, launch overhead is hidden
@@ -19,7 +20,7 @@ use std::time::Instant;
 use half::bf16;
 use kernels_cuda::Blas;
 use kv_quant::KvCacheDtype;
-use model::{Backend, CudaBackend, ForwardBatch, Gpu, KvCacheConfig, ModelConfig};
+use model::{Backend, CudaBackend, ForwardBatch, Gpu, KvCacheConfig, ModelConfig, RowSampling};
 
 const BLOCK: usize = 16;
 
@@ -169,9 +170,9 @@ fn main() {
     );
     println!("weight-streaming floor: {:.3} ms per step", floor * 1e3);
     println!(
-        "| batch | step ms | ratio to floor | tok/s | cuBLAS-only ms | host enqueue ms | GPU ms (no logits) |"
+        "| batch | step ms | ratio to floor | tok/s | step ms, logits to host | cuBLAS-only ms | host enqueue ms | GPU ms (no logits) |"
     );
-    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     let vocab = config.vocab_size;
     let mut logits = Vec::new();
     for &b in &a.batches {
@@ -203,11 +204,18 @@ fn main() {
         let starts: Vec<u32> = (0..=b as u32).collect();
         let all: Vec<u32> = (0..b as u32).collect();
         let mut tokens: Vec<u32> = vec![1; b];
-        let step = |backend: &mut CudaBackend,
-                    tokens: &[u32],
-                    pos: usize,
-                    want: &[u32],
-                    logits: &mut Vec<f32>| {
+        // How a step's tokens are chosen: on the device (greedy rows: only the tokens come
+        // back, as the engine runs plain requests), or the logits of `want` to the host.
+        enum Mode<'a> {
+            Device(&'a [RowSampling<'a>]),
+            Host(&'a [u32]),
+        }
+        let mut sampled = Vec::new();
+        let mut step = |backend: &mut CudaBackend,
+                        tokens: &mut Vec<u32>,
+                        pos: usize,
+                        mode: Mode<'_>,
+                        logits: &mut Vec<f32>| {
             let positions = vec![pos as u32; b];
             let slots: Vec<i64> = (0..b).map(|s| slot(s, pos)).collect();
             let ctx = vec![pos as i32 + 1; b];
@@ -219,32 +227,87 @@ fn main() {
                 block_tables: &tables,
                 max_blocks: per_seq,
                 context_lens: &ctx,
-                logits_indices: want,
+                logits_indices: match mode {
+                    Mode::Device(_) => &all,
+                    Mode::Host(want) => want,
+                },
             };
-            backend.forward(&fb, logits).unwrap();
+            match mode {
+                Mode::Device(rows) => {
+                    backend
+                        .forward_sampled(&fb, rows, vocab, &mut sampled)
+                        .unwrap();
+                    for (t, s) in tokens.iter_mut().zip(&sampled) {
+                        *t = s.unwrap_or(0);
+                    }
+                }
+                Mode::Host(want) => {
+                    backend.forward(&fb, logits).unwrap();
+                    for (s, tok) in tokens.iter_mut().enumerate().take(want.len()) {
+                        let row = &logits[s * vocab..(s + 1) * vocab];
+                        *tok = row
+                            .iter()
+                            .enumerate()
+                            .fold((0, f32::MIN), |m, (j, &x)| if x > m.1 { (j, x) } else { m })
+                            .0 as u32;
+                    }
+                }
+            }
         };
-        // Warm-up (kernels compiled and loaded, buffers grown), then timed steps: each one
-        // greedy over its logits, as the engine would.
-        step(&mut backend, &tokens, a.context, &all, &mut logits);
+        let greedy = RowSampling {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            history: &[],
+            uniform: 0.0,
+        };
+        let rows = vec![greedy; b];
+        // Warm-up (kernels compiled and loaded, buffers grown), then timed steps.
+        step(
+            &mut backend,
+            &mut tokens,
+            a.context,
+            Mode::Device(&rows),
+            &mut logits,
+        );
         let t = Instant::now();
         for i in 0..a.steps {
-            step(&mut backend, &tokens, a.context + i, &all, &mut logits);
-            for (s, tok) in tokens.iter_mut().enumerate() {
-                let row = &logits[s * vocab..(s + 1) * vocab];
-                *tok = row
-                    .iter()
-                    .enumerate()
-                    .fold((0, f32::MIN), |m, (j, &x)| if x > m.1 { (j, x) } else { m })
-                    .0 as u32;
-            }
+            step(
+                &mut backend,
+                &mut tokens,
+                a.context + i,
+                Mode::Device(&rows),
+                &mut logits,
+            );
         }
         let step_s = t.elapsed().as_secs_f64() / a.steps as f64;
+        // The same steps with the logits brought to the host (f32) and greedy there.
+        let host_steps = a.steps.min(8);
+        let t = Instant::now();
+        for i in 0..host_steps {
+            step(
+                &mut backend,
+                &mut tokens,
+                a.context + i,
+                Mode::Host(&all),
+                &mut logits,
+            );
+        }
+        let host_s = t.elapsed().as_secs_f64() / host_steps as f64;
         // Enqueue vs run, without the logits (no download, so forward returns once queued).
         let (mut enqueue, mut total) = (Vec::new(), Vec::new());
         for _ in 0..7 {
             backend.gpu().stream().synchronize().unwrap();
             let t = Instant::now();
-            step(&mut backend, &tokens, a.context, &[], &mut logits);
+            step(
+                &mut backend,
+                &mut tokens,
+                a.context,
+                Mode::Host(&[]),
+                &mut logits,
+            );
             enqueue.push(t.elapsed().as_secs_f64());
             backend.gpu().stream().synchronize().unwrap();
             total.push(t.elapsed().as_secs_f64());
@@ -253,10 +316,11 @@ fn main() {
         total.sort_by(f64::total_cmp);
         let blas_s = cublas_only(backend.gpu(), &config, b);
         println!(
-            "| {b} | {:.3} | {:.2} | {:.0} | {:.3} | {:.3} | {:.3} |",
+            "| {b} | {:.3} | {:.2} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} |",
             step_s * 1e3,
             step_s / floor,
             b as f64 / step_s,
+            host_s * 1e3,
             blas_s * 1e3,
             enqueue[3] * 1e3,
             total[3] * 1e3

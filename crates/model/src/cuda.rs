@@ -612,17 +612,17 @@ impl Backend for CudaBackend {
     fn copy_blocks(&mut self, copies: &[CopyOp]) -> Result<(), ModelError> {
         let n = self.cache_config.num_blocks;
         check(copies, n, n)?;
+        if copies.is_empty() {
+            return Ok(());
+        }
+        let pairs: Vec<(usize, usize)> = copies
+            .iter()
+            .map(|op| (op.src.index(), op.dst.index()))
+            .collect();
+        let copies = kernels_cuda::BlockCopies::new(&self.gpu, &pairs)?;
         let bb = self.layout.kv_block_bytes();
-        let s = self.gpu.stream().clone();
         for cache in self.k_cache.iter_mut().chain(self.v_cache.iter_mut()) {
-            for op in copies {
-                let (src, dst) = (op.src.index() * bb, op.dst.index() * bb);
-                let block = s
-                    .clone_dtod(&cache.slice(src..src + bb))
-                    .map_err(kernels_cuda::KernelError::from)?;
-                s.memcpy_dtod(&block, &mut cache.slice_mut(dst..dst + bb))
-                    .map_err(kernels_cuda::KernelError::from)?;
-            }
+            kernels_cuda::copy_blocks(&self.gpu, cache, bb, &copies)?;
         }
         Ok(())
     }

@@ -194,7 +194,10 @@ fn cuda_backend_copies_and_swaps_blocks_exactly() {
         };
         prefill(&mut cuda, 0, &mut logits);
         let before = decode(&mut cuda, [0, 1, 2], &mut logits);
-        cuda.copy_blocks(&[block(1, 5)]).unwrap();
+        // One source to two destinations is fine; a chain (a destination that is also a
+        // source in the same call) is refused before anything is copied.
+        cuda.copy_blocks(&[block(1, 5), block(1, 9)]).unwrap();
+        assert!(cuda.copy_blocks(&[block(1, 10), block(10, 11)]).is_err());
         cuda.swap_out(&[block(0, 2)]).unwrap();
         cuda.swap_in(&[block(2, 6)]).unwrap();
         // Overwrite the originals with another prompt.
@@ -203,6 +206,8 @@ fn cuda_backend_copies_and_swaps_blocks_exactly() {
         let after = decode(&mut cuda, [6, 5, 7], &mut logits);
         assert_ne!(before, overwritten, "{kv}: the overwrite changed nothing");
         assert_eq!(before, after, "{kv}: logits over the copied blocks differ");
+        let second = decode(&mut cuda, [6, 9, 12], &mut logits);
+        assert_eq!(before, second, "{kv}: the second copy of block 1 differs");
         eprintln!("{kv}: copy_blocks + swap_out + swap_in: logits identical");
     }
 }
