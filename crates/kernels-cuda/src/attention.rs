@@ -146,14 +146,54 @@ impl DecodeMetadata {
     }
 }
 
+/// Which decode-attention kernel runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DecodeKernel {
+    /// `paged_attention.cu`: every KV dtype (the default).
+    #[default]
+    Split,
+    /// `paged_attention_tc.cu`: tensor cores, cp.async tiles; 16-bit KV of the activation
+    /// type only (others run `Split`). Experimental: opt in with this or
+    /// `KVSERVE_DECODE_KERNEL=tc`.
+    TensorCore,
+}
+
+impl DecodeKernel {
+    /// The kernel `KVSERVE_DECODE_KERNEL` names (`tc`: [`DecodeKernel::TensorCore`]), else
+    /// the default.
+    pub fn from_env() -> Self {
+        match std::env::var("KVSERVE_DECODE_KERNEL").as_deref() {
+            Ok("tc") => Self::TensorCore,
+            _ => Self::Split,
+        }
+    }
+}
+
 /// Runs decode attention, keeping the scratch buffers of split-KV between calls.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct PagedDecoder {
     tmp_out: Option<CudaSlice<f32>>,
     max_logits: Option<CudaSlice<f32>>,
     exp_sums: Option<CudaSlice<f32>>,
     forced_partition: Option<usize>,
+    kernel: DecodeKernel,
 }
+
+impl Default for PagedDecoder {
+    fn default() -> Self {
+        Self {
+            tmp_out: None,
+            max_logits: None,
+            exp_sums: None,
+            forced_partition: None,
+            kernel: DecodeKernel::from_env(),
+        }
+    }
+}
+
+/// Tokens per warp tile times warps per CTA of the tensor-core kernel: its partitions are
+/// multiples of this.
+const TC_QUANTUM: usize = 32;
 
 /// How one call is split (what [`PagedDecoder::plan`] chose).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,9 +205,25 @@ pub struct DecodePlan {
 }
 
 impl PagedDecoder {
-    /// A decoder with no scratch yet.
+    /// A decoder with no scratch yet, running the kernel `KVSERVE_DECODE_KERNEL` names (the
+    /// split kernel by default).
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Chooses the kernel (for the batches it supports; others run the split kernel).
+    pub fn set_kernel(&mut self, kernel: DecodeKernel) {
+        self.kernel = kernel;
+    }
+
+    /// The kernel that runs for activations of `scalar` over a cache of `dtype`.
+    pub fn kernel_for(&self, scalar: Scalar, dtype: kv_quant::KvCacheDtype) -> DecodeKernel {
+        match self.kernel {
+            DecodeKernel::TensorCore if Variant::tensor_core_decode(scalar, dtype) => {
+                DecodeKernel::TensorCore
+            }
+            _ => DecodeKernel::Split,
+        }
     }
 
     /// Forces the partition size (a positive multiple of 64; `None`: automatic). For tests of
@@ -188,28 +244,44 @@ impl PagedDecoder {
         Ok(())
     }
 
-    /// The split for a batch: enough CTAs to fill the device (2 per SM), partitions as long
-    /// as possible, within the shared memory of one CTA.
+    /// How a batch is split for `kernel`. The split kernel: enough CTAs to fill the device
+    /// (2 per SM), partitions as long as possible within the shared memory of one CTA. The
+    /// tensor-core kernel keeps no per-token state in shared memory, so its partitions are only
+    /// sized for about six 2-warp CTAs per SM.
     pub fn plan(
         &self,
+        kernel: DecodeKernel,
         gpu: &Gpu,
         meta: &DecodeMetadata,
         num_kv_heads: usize,
         gqa_group: usize,
         head_dim: usize,
     ) -> DecodePlan {
-        let max_p = ((SMEM_LIMIT / 4 - gqa_group * head_dim) / gqa_group.max(1))
-            / PARTITION_QUANTUM
-            * PARTITION_QUANTUM;
         let ctx = meta.max_attended.max(1);
-        let p = match self.forced_partition {
-            Some(p) => p.min(max_p),
-            None => {
-                let ctas = meta.num_seqs * num_kv_heads;
-                let parts = (2 * gpu.num_sms()).div_ceil(ctas.max(1)).max(1);
-                ctx.div_ceil(parts)
-                    .next_multiple_of(PARTITION_QUANTUM)
-                    .clamp(PARTITION_QUANTUM, max_p)
+        let ctas = meta.num_seqs * num_kv_heads;
+        let p = match kernel {
+            DecodeKernel::TensorCore => match self.forced_partition {
+                Some(p) => p,
+                None => {
+                    let parts = (6 * gpu.num_sms()).div_ceil(ctas.max(1)).max(1);
+                    ctx.div_ceil(parts)
+                        .next_multiple_of(TC_QUANTUM)
+                        .max(TC_QUANTUM)
+                }
+            },
+            DecodeKernel::Split => {
+                let max_p = ((SMEM_LIMIT / 4 - gqa_group * head_dim) / gqa_group.max(1))
+                    / PARTITION_QUANTUM
+                    * PARTITION_QUANTUM;
+                match self.forced_partition {
+                    Some(p) => p.min(max_p),
+                    None => {
+                        let parts = (2 * gpu.num_sms()).div_ceil(ctas.max(1)).max(1);
+                        ctx.div_ceil(parts)
+                            .next_multiple_of(PARTITION_QUANTUM)
+                            .clamp(PARTITION_QUANTUM, max_p)
+                    }
+                }
             }
         };
         DecodePlan {
@@ -295,15 +367,25 @@ impl PagedDecoder {
                 ),
             ));
         }
-        let plan = self.plan(gpu, meta, kv_heads, group, d);
+        let kernel = self.kernel_for(T::SCALAR, layout.dtype());
+        let plan = self.plan(kernel, gpu, meta, kv_heads, group, d);
+        let (program, name, threads, smem) = match kernel {
+            DecodeKernel::Split => (
+                Program::PagedAttention,
+                "paged_decode_partition",
+                128,
+                4 * group * (plan.partition_size + d),
+            ),
+            DecodeKernel::TensorCore => (Program::PagedAttentionTc, "paged_decode_tc", 64, 0),
+        };
         let variant = Variant {
-            program: Program::PagedAttention,
+            program,
             scalar: T::SCALAR,
             dtype: layout.dtype(),
             head_dim: d,
             gqa_group: group,
         };
-        let partition = gpu.function(&variant, "paged_decode_partition")?;
+        let partition = gpu.function(&variant, name)?;
         let stream = gpu.stream();
         let scratch = meta.num_seqs * num_heads * plan.max_parts;
         let (tmp, maxl, sums) = (
@@ -322,8 +404,8 @@ impl PagedDecoder {
         let window = meta.window.map_or(0, |w| w.min(i32::MAX as usize) as i32);
         let cfg = LaunchConfig {
             grid_dim: (kv_heads as u32, meta.num_seqs as u32, plan.max_parts as u32),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: (4 * group * (plan.partition_size + d)) as u32,
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: smem as u32,
         };
         let mut launch = stream.launch_builder(&partition);
         launch
@@ -346,10 +428,12 @@ impl PagedDecoder {
             .arg(&max_parts)
             .arg(&window);
         // SAFETY: the argument list matches `paged_decode_partition` in
-        // kernels/paged_attention.cu; every buffer was checked above to hold what the kernel
-        // reads or writes for this grid (q/out sizes, caches of `num_blocks` blocks, block
-        // tables whose attended entries are below `num_blocks`, scratch of `max_parts`
-        // partitions), and the shared memory fits the 48 KiB default limit (plan()).
+        // kernels/paged_attention.cu and `paged_decode_tc` in kernels/paged_attention_tc.cu
+        // (the same list; 128 and 64 threads as their launch bounds); every buffer was checked
+        // above to hold what the kernel reads or writes for this grid (q/out sizes, caches of
+        // `num_blocks` blocks, block tables whose attended entries are below `num_blocks`,
+        // scratch of `max_parts` partitions), and the dynamic shared memory fits the 48 KiB
+        // default limit (plan(); the tensor-core kernel's is static, 35 KiB).
         unsafe { launch.launch(cfg) }?;
         if plan.max_parts > 1 {
             let reduce = gpu.function(&variant, "paged_decode_reduce")?;

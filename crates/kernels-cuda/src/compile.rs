@@ -29,8 +29,16 @@ const SOURCES: &[(&str, &str)] = &[
     ("scalar.cuh", include_str!("../../../kernels/scalar.cuh")),
     ("common.cuh", include_str!("../../../kernels/common.cuh")),
     (
+        "decode_reduce.cuh",
+        include_str!("../../../kernels/decode_reduce.cuh"),
+    ),
+    (
         "paged_attention.cu",
         include_str!("../../../kernels/paged_attention.cu"),
+    ),
+    (
+        "paged_attention_tc.cu",
+        include_str!("../../../kernels/paged_attention_tc.cu"),
     ),
     ("cache.cu", include_str!("../../../kernels/cache.cu")),
     (
@@ -63,6 +71,9 @@ impl Scalar {
 pub enum Program {
     /// `paged_attention.cu`: decode attention (`paged_decode_partition`, `paged_decode_reduce`).
     PagedAttention,
+    /// `paged_attention_tc.cu`: decode attention on tensor cores (`paged_decode_tc`, and the
+    /// same merge), for 16-bit KV of the activation type. Experimental, opt-in.
+    PagedAttentionTc,
     /// `cache.cu`: `reshape_and_cache`.
     Cache,
     /// `elementwise.cu`: embedding gather, RMSNorm (with the residual add), RoPE, SiLU·up.
@@ -77,6 +88,7 @@ impl Program {
     fn file(self) -> &'static str {
         match self {
             Self::PagedAttention => "paged_attention.cu",
+            Self::PagedAttentionTc => "paged_attention_tc.cu",
             Self::Cache => "cache.cu",
             Self::Elementwise => "elementwise.cu",
             Self::Sampling => "sampling.cu",
@@ -130,6 +142,23 @@ impl Variant {
         matches!(self.program, Program::Elementwise | Program::Sampling)
     }
 
+    /// Whether the variant is specialized per GQA group (the decode kernels).
+    fn has_gqa(&self) -> bool {
+        matches!(
+            self.program,
+            Program::PagedAttention | Program::PagedAttentionTc
+        )
+    }
+
+    /// Whether the tensor-core decode kernel exists for this activation type and KV dtype
+    /// (16-bit KV of the activation type).
+    pub fn tensor_core_decode(scalar: Scalar, dtype: KvCacheDtype) -> bool {
+        matches!(
+            (scalar, dtype),
+            (Scalar::F16, KvCacheDtype::Fp16) | (Scalar::Bf16, KvCacheDtype::Bf16)
+        )
+    }
+
     /// Compiler options selecting this variant.
     fn defines(&self) -> Vec<String> {
         if self.scalar_only() {
@@ -140,7 +169,7 @@ impl Variant {
             format!("-DKV_DTYPE={}", self.dtype.tag()),
             format!("-DHEAD_DIM={}", self.head_dim),
         ];
-        if self.program == Program::PagedAttention {
+        if self.has_gqa() {
             d.push(format!("-DGQA_GROUP={}", self.gqa_group));
         }
         d
@@ -173,6 +202,15 @@ impl Variant {
                             head_dim,
                             gqa_group,
                         });
+                        if Self::tensor_core_decode(scalar, dtype) {
+                            v.push(Variant {
+                                program: Program::PagedAttentionTc,
+                                scalar,
+                                dtype,
+                                head_dim,
+                                gqa_group,
+                            });
+                        }
                     }
                 }
             }
@@ -194,7 +232,7 @@ impl fmt::Display for Variant {
             self.dtype,
             self.head_dim
         )?;
-        if self.program == Program::PagedAttention {
+        if self.has_gqa() {
             write!(f, " gqa={}", self.gqa_group)?;
         }
         write!(f, "]")
@@ -432,10 +470,12 @@ mod tests {
     fn every_variant_has_distinct_options() {
         let all = Variant::all();
         // int4-g128 has no head_dim 64 variant; one elementwise and one sampling variant per
-        // scalar.
+        // scalar; tensor-core decode for one KV dtype per scalar.
         assert_eq!(
             all.len(),
-            2 * ((KvCacheDtype::ALL.len() * HEAD_DIMS.len() - 1) * (1 + MAX_GQA_GROUP) + 2)
+            2 * ((KvCacheDtype::ALL.len() * HEAD_DIMS.len() - 1) * (1 + MAX_GQA_GROUP)
+                + 2
+                + HEAD_DIMS.len() * MAX_GQA_GROUP)
         );
         let mut opts: Vec<_> = all
             .iter()

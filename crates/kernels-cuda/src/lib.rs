@@ -29,7 +29,7 @@ mod indices;
 mod layers;
 mod sampling;
 
-pub use attention::{ActScalar, DecodeMetadata, DecodePlan, PagedDecoder};
+pub use attention::{ActScalar, DecodeKernel, DecodeMetadata, DecodePlan, PagedDecoder};
 pub use cache::{BlockCopies, copy_blocks, reshape_and_cache};
 pub use compile::{Program, Scalar, Variant};
 pub use device::{Gpu, driver_available};

@@ -10,7 +10,9 @@
 
 use half::bf16;
 use kernels_cuda::cudarc::driver::CudaSlice;
-use kernels_cuda::{DecodeMetadata, Gpu, Indices, KernelError, PagedDecoder, reshape_and_cache};
+use kernels_cuda::{
+    DecodeKernel, DecodeMetadata, Gpu, Indices, KernelError, PagedDecoder, reshape_and_cache,
+};
 use kv_quant::{BlockLayout, KvCacheDtype};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -141,7 +143,13 @@ struct Case {
 }
 
 /// Max |out - ref| / max |ref| of the GPU decode against an f64 reference.
-fn decode_error(gpu: &Gpu, rng: &mut ChaCha8Rng, c: &Case, partition: Option<usize>) -> f64 {
+fn decode_error(
+    gpu: &Gpu,
+    rng: &mut ChaCha8Rng,
+    c: &Case,
+    partition: Option<usize>,
+    kernel: DecodeKernel,
+) -> f64 {
     let stream = gpu.stream().clone();
     let l = &c.layout;
     let (bs, kvh, d) = (l.block_size(), l.num_kv_heads(), l.head_dim());
@@ -204,6 +212,7 @@ fn decode_error(gpu: &Gpu, rng: &mut ChaCha8Rng, c: &Case, partition: Option<usi
         .clone_htod(&vec![bf16::NAN; c.contexts.len() * nh * d])
         .unwrap();
     let mut dec = PagedDecoder::new();
+    dec.set_kernel(kernel);
     dec.set_partition_size(partition).unwrap();
     dec.run(gpu, &meta, l, nh, &qd, &kd, &vd, &mut out).unwrap();
     let out: Vec<f32> = stream
@@ -276,8 +285,8 @@ fn decode_attention_matches_the_reference_across_dtypes_shapes_and_windows() {
                     contexts: vec![1, 7, 100 + i, 333, 1025],
                     window,
                 };
-                let auto = decode_error(&gpu, &mut rng, &case, None);
-                let split = decode_error(&gpu, &mut rng, &case, Some(64));
+                let auto = decode_error(&gpu, &mut rng, &case, None, DecodeKernel::Split);
+                let split = decode_error(&gpu, &mut rng, &case, Some(64), DecodeKernel::Split);
                 // bf16 output (2^-9 relative) plus f32 accumulation.
                 let tol = 1.5e-2;
                 eprintln!(
@@ -311,10 +320,61 @@ fn decode_attention_handles_32k_contexts_and_batch_1() {
             contexts: vec![32768],
             window: None,
         };
-        let e = decode_error(&gpu, &mut rng, &case, None);
+        let e = decode_error(&gpu, &mut rng, &case, None, DecodeKernel::Split);
         eprintln!("{dtype} 1 x 32K, 32/8 heads, d=128: err {e:.2e}");
         assert!(e < 1.5e-2, "{dtype}: {e}");
     }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn tensor_core_decode_matches_the_reference() {
+    // The experimental kernel (bf16 KV, bf16 activations): head dims, GQA groups 1 to 8,
+    // block sizes, windows, ragged contexts, automatic and forced partitions, and 1 x 32K.
+    let gpu = gpu();
+    let mut rng = ChaCha8Rng::seed_from_u64(21);
+    let mut worst = Vec::new();
+    let mut i = 0usize;
+    for head_dim in [64, 128] {
+        for (kv_heads, group) in [(2, 1), (3, 3), (2, 4), (1, 5), (1, 8)] {
+            for block_size in [8, 16, 32] {
+                i += 1;
+                let layout =
+                    BlockLayout::new(KvCacheDtype::Bf16, block_size, kv_heads, head_dim).unwrap();
+                let window = i.is_multiple_of(3).then_some(40 + i % 9);
+                let case = Case {
+                    layout,
+                    num_heads: kv_heads * group,
+                    contexts: vec![1, 7, 100 + i, 333, 1025],
+                    window,
+                };
+                let tc = DecodeKernel::TensorCore;
+                let auto = decode_error(&gpu, &mut rng, &case, None, tc);
+                let split = decode_error(&gpu, &mut rng, &case, Some(64), tc);
+                eprintln!(
+                    "tc d={head_dim} gqa={group} bs={block_size} window={window:?}: \
+                     err {auto:.2e} (auto), {split:.2e} (partitions of 64)"
+                );
+                if auto > 1.5e-2 || split > 1.5e-2 {
+                    worst.push(format!(
+                        "d={head_dim} gqa={group} bs={block_size}: {auto:.2e} {split:.2e}"
+                    ));
+                }
+            }
+        }
+    }
+    let long = Case {
+        layout: BlockLayout::new(KvCacheDtype::Bf16, 16, 8, 128).unwrap(),
+        num_heads: 32,
+        contexts: vec![32768],
+        window: None,
+    };
+    let e = decode_error(&gpu, &mut rng, &long, None, DecodeKernel::TensorCore);
+    eprintln!("tc 1 x 32K, 32/8 heads, d=128: err {e:.2e}");
+    if e > 1.5e-2 {
+        worst.push(format!("1 x 32K: {e:.2e}"));
+    }
+    assert!(worst.is_empty(), "over tolerance:\n{}", worst.join("\n"));
 }
 
 #[test]

@@ -19,8 +19,10 @@ fn selected() -> Vec<Variant> {
     }
     all.into_iter()
         .filter(|v| {
-            v.program != Program::PagedAttention
-                || v.gqa_group == 4
+            !matches!(
+                v.program,
+                Program::PagedAttention | Program::PagedAttentionTc
+            ) || v.gqa_group == 4
                 || (v.scalar == Scalar::Bf16 && v.dtype == KvCacheDtype::Int8 && v.head_dim == 128)
         })
         .collect()
