@@ -1,6 +1,12 @@
 // paged_attention_tc.cu: decode attention on tensor cores, for 16-bit KV caches of the
-// activation type (bf16 KV with bf16 activations, fp16 with fp16). EXPERIMENTAL: opt-in
+// activation type (bf16 KV with bf16 activations, fp16 with fp16) and 8-bit ones (int8, fp8
+// e4m3 / e5m2, one f32 scale per token and head). EXPERIMENTAL: opt-in
 // (`DecodeKernel::TensorCore`, `KVSERVE_DECODE_KERNEL=tc`) until measured on a GPU.
+//
+// 8-bit codes are exact in bf16 and fp16, so the tiles hold codes and the scales are folded
+// around the products: q . (s_k code_k) = s_k (q . code_k) scales each logit after the mma,
+// and sum_t p_t (s_v,t code_v,t) = sum_t (p_t s_v,t) code_v,t scales P before it becomes the
+// A operand (the softmax sum uses the unscaled p).
 //
 // Why: the first decode kernel (paged_attention.cu) is bound by latency and instructions per
 // byte (12-23% occupancy, at most half the DRAM peak on an H200; kernels/NOTES.md). Here each
@@ -25,20 +31,32 @@ constexpr int kTile = 16;                    // tokens per tile (the mma K of th
 constexpr int kWarps = 2;                    // warps per CTA, each with its own tiles
 constexpr int kThreads = 32 * kWarps;
 constexpr int kStages = 2;                   // tiles in shared memory per warp
-constexpr int kRowPad = 8;                   // elements of padding per row: no bank conflicts
-constexpr int kRow = HEAD_DIM + kRowPad;     // shared-memory row stride, in elements
-constexpr int kKSteps = HEAD_DIM / 16;       // mma K steps of q . k
-constexpr int kNTiles = HEAD_DIM / 8;        // mma N tiles of p . V
-constexpr int kChunksPerRow = HEAD_DIM * 2 / 16;  // 16-byte cp.async chunks per row
+#if KV_DTYPE == KVT_INT8 || KVT_IS_FP8
+#define KVS_TC_CODES 1  // 8-bit codes with one f32 scale per (token, head)
+constexpr int kBytes = 1;
+#else
+static_assert(KV_DTYPE == (SCALAR == 0 ? KVT_FP16 : KVT_BF16),
+              "16-bit KV must be of the activation type");
+#define KVS_TC_CODES 0
+constexpr int kBytes = 2;
+#endif
+constexpr int kRowBytes = HEAD_DIM * kBytes + 16;  // padded: no bank conflicts, 16-B aligned
+constexpr int kKSteps = HEAD_DIM / 16;             // mma K steps of q . k
+constexpr int kNTiles = HEAD_DIM / 8;              // mma N tiles of p . V
+constexpr int kChunksPerRow = HEAD_DIM * kBytes / 16;  // 16-byte cp.async chunks per row
 constexpr float kLog2e = 1.4426950408889634f;
 static_assert(GQA_GROUP <= 8, "the query heads fill rows 0..7 of the A operand");
-static_assert(KV_DTYPE == (SCALAR == 0 ? KVT_FP16 : KVT_BF16),
-              "the tensor-core kernel reads 16-bit KV of the activation type");
+static_assert(kTile * kChunksPerRow % 32 == 0, "whole chunks per lane");
 
-// One warp's shared memory: kStages tiles of K and of V.
+// One warp's shared memory: kStages tiles of K and of V (rows of raw bytes), and for 8-bit
+// codes their scales.
 struct WarpTiles {
-  scalar_t k[kStages][kTile][kRow];
-  scalar_t v[kStages][kTile][kRow];
+  unsigned char k[kStages][kTile][kRowBytes];
+  unsigned char v[kStages][kTile][kRowBytes];
+#if KVS_TC_CODES
+  float k_scale[kStages][kTile];
+  float v_scale[kStages][kTile];
+#endif
 };
 
 __device__ __forceinline__ unsigned pack(scalar_t lo, scalar_t hi) {
@@ -49,6 +67,28 @@ __device__ __forceinline__ unsigned pack(scalar_t lo, scalar_t hi) {
 
 __device__ __forceinline__ unsigned pack_float(float lo, float hi) {
   return pack(from_float(lo), from_float(hi));
+}
+
+// Element `i` of a shared-memory row as the activation type (an 8-bit code is exact in it).
+__device__ __forceinline__ scalar_t element(const unsigned char* row, int i) {
+#if KVS_TC_CODES
+#if KV_DTYPE == KVT_INT8
+  return from_float(static_cast<float>(static_cast<signed char>(row[i])));
+#else
+  return from_float(fp8_to_float(row[i]));
+#endif
+#else
+  return reinterpret_cast<const scalar_t*>(row)[i];
+#endif
+}
+
+// Elements i and i + 1 of a row, packed (i even).
+__device__ __forceinline__ unsigned pair(const unsigned char* row, int i) {
+#if KVS_TC_CODES
+  return pack(element(row, i), element(row, i + 1));
+#else
+  return *reinterpret_cast<const unsigned*>(row + 2 * i);
+#endif
 }
 
 #if SCALAR == 0
@@ -73,6 +113,13 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int byt
                "r"(bytes));
 }
 
+// Copies 4 bytes global -> shared asynchronously; `bytes` 0 writes zeros instead.
+__device__ __forceinline__ void cp_async4(void* smem, const void* gmem, int bytes) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(gmem),
+               "r"(bytes));
+}
+
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
 
 template <int N>
@@ -86,8 +133,8 @@ __device__ __forceinline__ void load_tile(WarpTiles& w, int stage, int t0, int f
                                           const unsigned char* __restrict__ k_cache,
                                           const unsigned char* __restrict__ v_cache,
                                           const int* __restrict__ table, int block_shift,
-                                          int block_size, long long block_bytes, int head,
-                                          int lane) {
+                                          int block_size, int num_kv_heads,
+                                          long long block_bytes, int head, int lane) {
 #pragma unroll
   for (int i = 0; i < kTile * kChunksPerRow / 32; ++i) {
     const int c = lane + 32 * i;
@@ -102,9 +149,29 @@ __device__ __forceinline__ void load_tile(WarpTiles& w, int stage, int t0, int f
             col * 16;
     }
     const int bytes = valid ? 16 : 0;
-    cp_async16(&w.k[stage][row][col * 8], k_cache + off, bytes);
-    cp_async16(&w.v[stage][row][col * 8], v_cache + off, bytes);
+    cp_async16(&w.k[stage][row][col * 16], k_cache + off, bytes);
+    cp_async16(&w.v[stage][row][col * 16], v_cache + off, bytes);
   }
+#if KVS_TC_CODES
+  // Lanes 0..15 fetch the K scales of the tile's tokens, lanes 16..31 the V scales.
+  {
+    const int row = lane % kTile;
+    const int t = t0 + row;
+    const bool valid = t >= first && t < end;
+    long long off = 0;
+    if (valid) {
+      const int block = table[t >> block_shift];
+      off = static_cast<long long>(block) * block_bytes +
+            kv_scale_offset(KV_DTYPE, block_size, num_kv_heads, HEAD_DIM, head,
+                            t & (block_size - 1));
+    }
+    if (lane < kTile) {
+      cp_async4(&w.k_scale[stage][row], k_cache + off, valid ? 4 : 0);
+    } else {
+      cp_async4(&w.v_scale[stage][row], v_cache + off, valid ? 4 : 0);
+    }
+  }
+#endif
 }
 
 }  // namespace kvserve
@@ -173,14 +240,14 @@ extern "C" __global__ void __launch_bounds__(kThreads, 6)
   constexpr int kStride = kWarps * kTile;
   if (my_tiles > 0) {
     load_tile(w, 0, my_first, p_start, p_end, k_cache, v_cache, table, block_shift,
-              block_size, block_bytes, head, lane);
+              block_size, num_kv_heads, block_bytes, head, lane);
   }
   cp_async_commit();
   for (int i = 0; i < my_tiles; ++i) {
     const int stage = i % kStages;
     if (i + 1 < my_tiles) {
-      load_tile(w, (i + 1) % kStages, my_first + (i + 1) * kStride, p_start, p_end, k_cache, v_cache,
-                table, block_shift, block_size, block_bytes, head, lane);
+      load_tile(w, (i + 1) % kStages, my_first + (i + 1) * kStride, p_start, p_end, k_cache,
+                v_cache, table, block_shift, block_size, num_kv_heads, block_bytes, head, lane);
     }
     cp_async_commit();
     cp_async_wait<1>();  // this tile's group is complete (the next one may be in flight)
@@ -191,12 +258,10 @@ extern "C" __global__ void __launch_bounds__(kThreads, 6)
 #pragma unroll
     for (int n = 0; n < 2; ++n) {
       s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
-      const scalar_t* krow = &w.k[stage][8 * n + r][0];  // B[k][n] = K[token n][channel k]
+      const unsigned char* krow = w.k[stage][8 * n + r];  // B[k][n] = K[token n][channel k]
 #pragma unroll
       for (int ks = 0; ks < kKSteps; ++ks) {
-        const unsigned b0 = *reinterpret_cast<const unsigned*>(krow + 16 * ks + kq);
-        const unsigned b1 = *reinterpret_cast<const unsigned*>(krow + 16 * ks + kq + 8);
-        mma(s[n], qa[ks], b0, b1);
+        mma(s[n], qa[ks], pair(krow, 16 * ks + kq), pair(krow, 16 * ks + kq + 8));
       }
     }
     // s[n][0..1]: row r, tokens t0 + 8 n + kq + {0, 1} (s[n][2..3]: padding rows).
@@ -207,7 +272,12 @@ extern "C" __global__ void __launch_bounds__(kThreads, 6)
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
         const int t = t0 + 8 * n + kq + c;
-        const float x = (t >= p_start && t < p_end) ? s[n][c] * scale2 : -INFINITY;
+#if KVS_TC_CODES
+        const float logit = s[n][c] * w.k_scale[stage][8 * n + kq + c];
+#else
+        const float logit = s[n][c];
+#endif
+        const float x = (t >= p_start && t < p_end) ? logit * scale2 : -INFINITY;
         s[n][c] = x;
         tile_max = fmaxf(tile_max, x);
       }
@@ -234,16 +304,23 @@ extern "C" __global__ void __launch_bounds__(kThreads, 6)
     }
     // O += P . V: P (row r, the tile's 16 tokens) is the A operand of one k step.
     unsigned pa[4];
+#if KVS_TC_CODES
+    const float* vs = w.v_scale[stage];
+    pa[0] = pack_float(p[0][0] * vs[kq], p[0][1] * vs[kq + 1]);  // tokens kq, kq + 1
+    pa[2] = pack_float(p[1][0] * vs[8 + kq], p[1][1] * vs[9 + kq]);
+#else
     pa[0] = pack_float(p[0][0], p[0][1]);  // tokens kq, kq + 1
     pa[2] = pack_float(p[1][0], p[1][1]);  // tokens 8 + kq, 8 + kq + 1
+#endif
     pa[1] = 0u;
     pa[3] = 0u;
 #pragma unroll
     for (int j = 0; j < kNTiles; ++j) {
       // B[k][n] = V[token k][channel 8 j + n], n = lane / 4.
       const int ch = 8 * j + r;
-      const unsigned b0 = pack(w.v[stage][kq][ch], w.v[stage][kq + 1][ch]);
-      const unsigned b1 = pack(w.v[stage][kq + 8][ch], w.v[stage][kq + 9][ch]);
+      const unsigned b0 = pack(element(w.v[stage][kq], ch), element(w.v[stage][kq + 1], ch));
+      const unsigned b1 =
+          pack(element(w.v[stage][kq + 8], ch), element(w.v[stage][kq + 9], ch));
       float acc[4] = {o[j][0], o[j][1], 0.f, 0.f};
       mma(acc, pa, b0, b1);
       o[j][0] = acc[0];

@@ -41,8 +41,15 @@ def mma(d, a, b):  # d[lane][4], returns new d
         out.append([D[g, 2 * t], D[g, 2 * t + 1], D[g + 8, 2 * t], D[g + 8, 2 * t + 1]])
     return out
 
-def run(G, HD, ctx, p_start, p_end, scale, kWarps=2, kTile=16):
+def run(G, HD, ctx, p_start, p_end, scale, kWarps=2, kTile=16, codes=False):
     q = rng.standard_normal((G, HD)); K = rng.standard_normal((ctx, HD)) * 2; V = rng.standard_normal((ctx, HD))
+    ks_ = np.ones(ctx); vs_ = np.ones(ctx)
+    if codes:  # int8-like codes and one scale per token: K = ks * Kc
+        ks_ = rng.uniform(0.01, 0.05, ctx); vs_ = rng.uniform(0.01, 0.05, ctx)
+        Kc = rng.integers(-127, 128, (ctx, HD)).astype(float); Vc = rng.integers(-127, 128, (ctx, HD)).astype(float)
+        K = Kc * ks_[:, None]; V = Vc * vs_[:, None]
+    else:
+        Kc, Vc = K, V
     log2e = 1.4426950408889634
     kKSteps, kNTiles = HD // 16, HD // 8
     scale2 = scale * log2e
@@ -65,11 +72,12 @@ def run(G, HD, ctx, p_start, p_end, scale, kWarps=2, kTile=16):
         for i in range(my_tiles):
             t0 = my_first + i * kWarps * kTile
             # smem tile (zero for invalid tokens)
-            Kt = np.zeros((kTile, HD)); Vt = np.zeros((kTile, HD))
+            Kt = np.zeros((kTile, HD)); Vt = np.zeros((kTile, HD)); kst = np.zeros(kTile); vst = np.zeros(kTile)
             for row in range(kTile):
                 t = t0 + row
                 if p_start <= t < p_end:
-                    Kt[row] = K[t]; Vt[row] = V[t]
+                    Kt[row] = Kc[t]; Vt[row] = Vc[t]
+                    kst[row] = ks_[t] if codes else 1.0; vst[row] = vs_[t] if codes else 1.0
             s = []
             for n in range(2):
                 d = [[0.0] * 4 for _ in range(32)]
@@ -92,7 +100,8 @@ def run(G, HD, ctx, p_start, p_end, scale, kWarps=2, kTile=16):
                 for n in range(2):
                     for c in range(2):
                         t = t0 + 8 * n + kq + c
-                        x = s[n][lane][c] * scale2 if p_start <= t < p_end else -np.inf
+                        logit = s[n][lane][c] * (kst[8 * n + kq + c] if codes else 1.0)
+                        x = logit * scale2 if p_start <= t < p_end else -np.inf
                         vals[(n, c)] = x
                         mx = max(mx, x)
                 tmax.append(mx); ps.append(vals)
@@ -110,7 +119,10 @@ def run(G, HD, ctx, p_start, p_end, scale, kWarps=2, kTile=16):
                 for j in range(kNTiles):
                     o[lane][j][0] *= alpha; o[lane][j][1] *= alpha
                 ps[lane] = p
-            pa = [[[ps[lane][(0, 0)], ps[lane][(0, 1)]], [0, 0], [ps[lane][(1, 0)], ps[lane][(1, 1)]], [0, 0]] for lane in range(32)]
+            def vsc(lane, tok):
+                return vst[tok] if codes else 1.0
+            pa = [[[ps[lane][(0, 0)] * vsc(lane, (lane % 4) * 2), ps[lane][(0, 1)] * vsc(lane, (lane % 4) * 2 + 1)], [0, 0],
+                   [ps[lane][(1, 0)] * vsc(lane, 8 + (lane % 4) * 2), ps[lane][(1, 1)] * vsc(lane, 9 + (lane % 4) * 2)], [0, 0]] for lane in range(32)]
             for j in range(kNTiles):
                 b = []
                 for lane in range(32):
@@ -150,8 +162,9 @@ def run(G, HD, ctx, p_start, p_end, scale, kWarps=2, kTile=16):
         assert abs(lg_all[g] - w.sum()) < 1e-6 * w.sum()
     return np.abs(out - ref).max() / np.abs(ref).max()
 
-for (G, HD, ctx, ps, pe) in [(4, 64, 100, 0, 100), (1, 64, 40, 7, 40), (8, 128, 300, 32, 97), (3, 64, 20, 3, 5), (5, 128, 70, 0, 70)]:
-    e = run(G, HD, ctx, ps, pe, 1 / np.sqrt(HD))
-    print(G, HD, ctx, ps, pe, "rel err", e)
-    assert e < 1e-9
+for codes in (False, True):
+    for (G, HD, ctx, ps, pe) in [(4, 64, 100, 0, 100), (1, 64, 40, 7, 40), (8, 128, 300, 32, 97), (3, 64, 20, 3, 5), (5, 128, 70, 0, 70)]:
+        e = run(G, HD, ctx, ps, pe, 1 / np.sqrt(HD), codes=codes)
+        print("codes" if codes else "16-bit", G, HD, ctx, ps, pe, "rel err", e)
+        assert e < 1e-9
 print("ok")

@@ -6,7 +6,7 @@
 //!
 //! `attention_bench [--quick] [--partition N] [--profile]` (`KVSERVE_KERNEL_DEFINES=-DKV_UNROLL=8`
 //! to try a kernel variant; `KVSERVE_DECODE_KERNEL=tc` for the experimental tensor-core kernel,
-//! which runs the bf16 rows). `--profile`: one warm-up and one measured launch per case and no
+//! which runs the bf16 and int8 rows). `--profile`: one warm-up and one measured launch per case and no
 //! timing, for `cargo xtask profile` (ncu).
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 

@@ -153,8 +153,8 @@ pub enum DecodeKernel {
     #[default]
     Split,
     /// `paged_attention_tc.cu`: tensor cores, cp.async tiles; 16-bit KV of the activation
-    /// type only (others run `Split`). Experimental: opt in with this or
-    /// `KVSERVE_DECODE_KERNEL=tc`.
+    /// type, int8 and fp8 (int4 and mixed 16-bit types run `Split`). Experimental: opt in
+    /// with this or `KVSERVE_DECODE_KERNEL=tc`.
     TensorCore,
 }
 

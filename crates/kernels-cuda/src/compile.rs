@@ -72,7 +72,7 @@ pub enum Program {
     /// `paged_attention.cu`: decode attention (`paged_decode_partition`, `paged_decode_reduce`).
     PagedAttention,
     /// `paged_attention_tc.cu`: decode attention on tensor cores (`paged_decode_tc`, and the
-    /// same merge), for 16-bit KV of the activation type. Experimental, opt-in.
+    /// same merge), for 16-bit KV of the activation type, int8 and fp8. Experimental, opt-in.
     PagedAttentionTc,
     /// `cache.cu`: `reshape_and_cache`.
     Cache,
@@ -151,11 +151,16 @@ impl Variant {
     }
 
     /// Whether the tensor-core decode kernel exists for this activation type and KV dtype
-    /// (16-bit KV of the activation type).
+    /// (16-bit KV of the activation type; int8 and fp8 with either).
     pub fn tensor_core_decode(scalar: Scalar, dtype: KvCacheDtype) -> bool {
         matches!(
             (scalar, dtype),
-            (Scalar::F16, KvCacheDtype::Fp16) | (Scalar::Bf16, KvCacheDtype::Bf16)
+            (Scalar::F16, KvCacheDtype::Fp16)
+                | (Scalar::Bf16, KvCacheDtype::Bf16)
+                | (
+                    _,
+                    KvCacheDtype::Int8 | KvCacheDtype::Fp8E4m3 | KvCacheDtype::Fp8E5m2
+                )
         )
     }
 
@@ -470,12 +475,12 @@ mod tests {
     fn every_variant_has_distinct_options() {
         let all = Variant::all();
         // int4-g128 has no head_dim 64 variant; one elementwise and one sampling variant per
-        // scalar; tensor-core decode for one KV dtype per scalar.
+        // scalar; tensor-core decode for four KV dtypes per scalar (its 16-bit one, int8, fp8).
         assert_eq!(
             all.len(),
             2 * ((KvCacheDtype::ALL.len() * HEAD_DIMS.len() - 1) * (1 + MAX_GQA_GROUP)
                 + 2
-                + HEAD_DIMS.len() * MAX_GQA_GROUP)
+                + 4 * HEAD_DIMS.len() * MAX_GQA_GROUP)
         );
         let mut opts: Vec<_> = all
             .iter()

@@ -329,18 +329,23 @@ fn decode_attention_handles_32k_contexts_and_batch_1() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn tensor_core_decode_matches_the_reference() {
-    // The experimental kernel (bf16 KV, bf16 activations): head dims, GQA groups 1 to 8,
-    // block sizes, windows, ragged contexts, automatic and forced partitions, and 1 x 32K.
+    // The experimental kernel (bf16 activations; bf16, int8 and fp8 KV): head dims, GQA groups
+    // 1 to 8, block sizes, windows, ragged contexts, automatic and forced partitions, 1 x 32K.
     let gpu = gpu();
     let mut rng = ChaCha8Rng::seed_from_u64(21);
     let mut worst = Vec::new();
     let mut i = 0usize;
-    for head_dim in [64, 128] {
-        for (kv_heads, group) in [(2, 1), (3, 3), (2, 4), (1, 5), (1, 8)] {
-            for block_size in [8, 16, 32] {
+    for dtype in [
+        KvCacheDtype::Bf16,
+        KvCacheDtype::Int8,
+        KvCacheDtype::Fp8E4m3,
+        KvCacheDtype::Fp8E5m2,
+    ] {
+        for head_dim in [64, 128] {
+            for (kv_heads, group) in [(2, 1), (3, 3), (2, 4), (1, 5), (1, 8)] {
                 i += 1;
-                let layout =
-                    BlockLayout::new(KvCacheDtype::Bf16, block_size, kv_heads, head_dim).unwrap();
+                let block_size = [8, 16, 32][i % 3];
+                let layout = BlockLayout::new(dtype, block_size, kv_heads, head_dim).unwrap();
                 let window = i.is_multiple_of(3).then_some(40 + i % 9);
                 let case = Case {
                     layout,
@@ -352,27 +357,29 @@ fn tensor_core_decode_matches_the_reference() {
                 let auto = decode_error(&gpu, &mut rng, &case, None, tc);
                 let split = decode_error(&gpu, &mut rng, &case, Some(64), tc);
                 eprintln!(
-                    "tc d={head_dim} gqa={group} bs={block_size} window={window:?}: \
+                    "tc {dtype} d={head_dim} gqa={group} bs={block_size} window={window:?}: \
                      err {auto:.2e} (auto), {split:.2e} (partitions of 64)"
                 );
                 if auto > 1.5e-2 || split > 1.5e-2 {
                     worst.push(format!(
-                        "d={head_dim} gqa={group} bs={block_size}: {auto:.2e} {split:.2e}"
+                        "{dtype} d={head_dim} gqa={group} bs={block_size}: {auto:.2e} {split:.2e}"
                     ));
                 }
             }
         }
     }
-    let long = Case {
-        layout: BlockLayout::new(KvCacheDtype::Bf16, 16, 8, 128).unwrap(),
-        num_heads: 32,
-        contexts: vec![32768],
-        window: None,
-    };
-    let e = decode_error(&gpu, &mut rng, &long, None, DecodeKernel::TensorCore);
-    eprintln!("tc 1 x 32K, 32/8 heads, d=128: err {e:.2e}");
-    if e > 1.5e-2 {
-        worst.push(format!("1 x 32K: {e:.2e}"));
+    for dtype in [KvCacheDtype::Bf16, KvCacheDtype::Int8] {
+        let long = Case {
+            layout: BlockLayout::new(dtype, 16, 8, 128).unwrap(),
+            num_heads: 32,
+            contexts: vec![32768],
+            window: None,
+        };
+        let e = decode_error(&gpu, &mut rng, &long, None, DecodeKernel::TensorCore);
+        eprintln!("tc {dtype} 1 x 32K, 32/8 heads, d=128: err {e:.2e}");
+        if e > 1.5e-2 {
+            worst.push(format!("{dtype} 1 x 32K: {e:.2e}"));
+        }
     }
     assert!(worst.is_empty(), "over tolerance:\n{}", worst.join("\n"));
 }

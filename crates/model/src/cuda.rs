@@ -5,10 +5,11 @@
 //! then per layer RMSNorm (fused with the residual add), Q/K/V, O, gate·up and down through
 //! cuBLAS, RoPE, the quantizing cache write and paged attention (every token of the batch, the
 //! prompt chunks' too, attends through the decode kernel with its own context length, after
-//! the whole step's K/V is written: causal by construction), SiLU·up; then the final norm and
-//! the LM head for the tokens whose logits are wanted. Logits come back to the host as f32
-//! (computed in bf16). Not yet: tensor-core prefill attention, sampling on the device, CUDA
-//! graphs, biases (Qwen2).
+//! the whole step's K/V is written: causal by construction), SiLU·up; then the final norm, a
+//! row gather and the LM head for the tokens whose logits are wanted. Logits come back to the
+//! host as f32 (computed in bf16), or are sampled on the device (`forward_sampled`: only the
+//! tokens come back). Copy-on-write is one block-copy launch per cache buffer; swap space is
+//! pinned host memory. Not yet: tensor-core prefill attention, CUDA graphs, biases (Qwen2).
 
 use half::bf16;
 use kernels_cuda::cudarc::driver::{CudaSlice, PinnedHostSlice};
