@@ -127,6 +127,20 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+// Where token t's row of KV head `head` starts in a cache (values, or with `scales` the
+// 8-bit codes' scale); -1 for a token outside [first, end).
+__device__ __forceinline__ long long row_offset(const int* __restrict__ table, int t, int first,
+                                                int end, int block_shift, int block_size,
+                                                int num_kv_heads, long long block_bytes,
+                                                int head, bool scales) {
+  if (t < first || t >= end) return -1;
+  const long long base = static_cast<long long>(table[t >> block_shift]) * block_bytes;
+  const int slot = t & (block_size - 1);
+  return base + (scales ? kv_scale_offset(KV_DTYPE, block_size, num_kv_heads, HEAD_DIM, head,
+                                          slot)
+                        : kv_value_offset(KV_DTYPE, block_size, HEAD_DIM, head, slot));
+}
+
 // Issues the copies of one tile (tokens t0 .. t0 + kTile) into `stage`; tokens outside
 // [first, end) are zero-filled (their weight is 0, and 0 * garbage could be NaN).
 __device__ __forceinline__ void load_tile(WarpTiles& w, int stage, int t0, int first, int end,
@@ -139,37 +153,23 @@ __device__ __forceinline__ void load_tile(WarpTiles& w, int stage, int t0, int f
   for (int i = 0; i < kTile * kChunksPerRow / 32; ++i) {
     const int c = lane + 32 * i;
     const int row = c / kChunksPerRow, col = c % kChunksPerRow;
-    const int t = t0 + row;
-    const bool valid = t >= first && t < end;
-    long long off = 0;
-    if (valid) {
-      const int block = table[t >> block_shift];
-      off = static_cast<long long>(block) * block_bytes +
-            kv_value_offset(KV_DTYPE, block_size, HEAD_DIM, head, t & (block_size - 1)) +
-            col * 16;
-    }
-    const int bytes = valid ? 16 : 0;
-    cp_async16(&w.k[stage][row][col * 16], k_cache + off, bytes);
-    cp_async16(&w.v[stage][row][col * 16], v_cache + off, bytes);
+    const long long off = row_offset(table, t0 + row, first, end, block_shift, block_size,
+                                     num_kv_heads, block_bytes, head, false);
+    const long long src = off < 0 ? 0 : off + col * 16;
+    const int bytes = off < 0 ? 0 : 16;
+    cp_async16(&w.k[stage][row][col * 16], k_cache + src, bytes);
+    cp_async16(&w.v[stage][row][col * 16], v_cache + src, bytes);
   }
 #if KVS_TC_CODES
   // Lanes 0..15 fetch the K scales of the tile's tokens, lanes 16..31 the V scales.
-  {
-    const int row = lane % kTile;
-    const int t = t0 + row;
-    const bool valid = t >= first && t < end;
-    long long off = 0;
-    if (valid) {
-      const int block = table[t >> block_shift];
-      off = static_cast<long long>(block) * block_bytes +
-            kv_scale_offset(KV_DTYPE, block_size, num_kv_heads, HEAD_DIM, head,
-                            t & (block_size - 1));
-    }
-    if (lane < kTile) {
-      cp_async4(&w.k_scale[stage][row], k_cache + off, valid ? 4 : 0);
-    } else {
-      cp_async4(&w.v_scale[stage][row], v_cache + off, valid ? 4 : 0);
-    }
+  const int row = lane % kTile;
+  const long long off = row_offset(table, t0 + row, first, end, block_shift, block_size,
+                                   num_kv_heads, block_bytes, head, true);
+  const long long src = off < 0 ? 0 : off;
+  if (lane < kTile) {
+    cp_async4(&w.k_scale[stage][row], k_cache + src, off < 0 ? 0 : 4);
+  } else {
+    cp_async4(&w.v_scale[stage][row], v_cache + src, off < 0 ? 0 : 4);
   }
 #endif
 }
