@@ -151,3 +151,11 @@ extern "C" __global__ void __launch_bounds__(kThreads)
     for (long long i = threadIdx.x; i < block_bytes; i += kThreads) cache[dst + i] = cache[src + i];
   }
 }
+
+// x[t] += bias for every token t (Qwen2's Q/K/V biases). grid (num_tokens), block kThreads.
+extern "C" __global__ void __launch_bounds__(kThreads)
+    add_bias(scalar_t* __restrict__ x, const scalar_t* __restrict__ bias, int width) {
+  const long long t = blockIdx.x;
+  for (int i = threadIdx.x; i < width; i += kThreads)
+    x[t * width + i] = from_float(to_float(x[t * width + i]) + to_float(bias[i]));
+}

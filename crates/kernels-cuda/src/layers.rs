@@ -350,3 +350,31 @@ pub fn fill_uniform<T: ActScalar>(
     unsafe { launch.launch(cfg) }?;
     Ok(())
 }
+
+/// `x[t] += bias` for every row `t` of `x` (`[tokens][bias.len()]`): the biases of Qwen2's
+/// Q/K/V projections.
+///
+/// # Errors
+/// [`crate::KernelError::BadArgument`] for a `x` that is not whole rows of `bias`.
+pub fn add_bias<T: ActScalar>(gpu: &Gpu, x: &mut CudaSlice<T>, bias: &CudaSlice<T>) -> Result<()> {
+    const K: &str = "add_bias";
+    let w = dim(K, "bias length", bias.len())?;
+    if !x.len().is_multiple_of(bias.len()) {
+        return Err(bad(
+            K,
+            format!("{} values are not rows of {}", x.len(), bias.len()),
+        ));
+    }
+    if x.is_empty() {
+        return Ok(());
+    }
+    let cfg = rows(x.len() / bias.len())?;
+    let f = gpu.function(&Variant::elementwise(T::SCALAR), K)?;
+    let stream = gpu.stream();
+    let mut launch = stream.launch_builder(&f);
+    launch.arg(&mut *x).arg(bias).arg(&w);
+    // SAFETY: matches `add_bias` in kernels/elementwise.cu; x holds whole rows of `bias`
+    // (checked), one CTA per row.
+    unsafe { launch.launch(cfg) }?;
+    Ok(())
+}

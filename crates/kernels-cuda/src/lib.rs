@@ -37,7 +37,7 @@ pub use error::{KernelError, Result};
 pub use gemm::Blas;
 pub use indices::{Index, Indices};
 pub use layers::{
-    RopeShape, embedding_gather, fill_uniform, gather_rows, rms_norm, rope, silu_mul,
+    RopeShape, add_bias, embedding_gather, fill_uniform, gather_rows, rms_norm, rope, silu_mul,
 };
 pub use sampling::{MAX_SAMPLING_VOCAB, RowSampling, sample_rows};
 

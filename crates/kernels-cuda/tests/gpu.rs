@@ -566,6 +566,36 @@ fn per_token_layers_match_the_reference() {
         }
     }
 
+    // Bias add (Qwen2's Q/K/V), in bf16.
+    let bias = random_bf16(&mut rng, 192, 1.0);
+    let xs = random_bf16(&mut rng, tokens * 192, 2.0);
+    let bias_d = s.clone_htod(&to_bf16(&bias)).unwrap();
+    let mut x_d = s.clone_htod(&to_bf16(&xs)).unwrap();
+    kernels_cuda::add_bias(&gpu, &mut x_d, &bias_d).unwrap();
+    let want: Vec<f64> = xs
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| f64::from(x) + f64::from(bias[i % 192]))
+        .collect();
+    let got: Vec<f32> = s
+        .clone_dtoh(&x_d)
+        .unwrap()
+        .iter()
+        .map(|v| v.to_f32())
+        .collect();
+    let e = rel_err(&got, &want);
+    eprintln!("add_bias: err {e:.2e}");
+    assert!(e < 1e-2, "add_bias: {e}");
+    let bad = kernels_cuda::add_bias(
+        &gpu,
+        &mut x_d,
+        &s.clone_htod(&to_bf16(&bias[..191])).unwrap(),
+    );
+    assert!(
+        matches!(bad, Err(KernelError::BadArgument { .. })),
+        "{bad:?}"
+    );
+
     // SiLU(gate) * up.
     let inter = 1536;
     let gu = random_bf16(&mut rng, tokens * 2 * inter, 4.0);

@@ -9,7 +9,8 @@
 //! row gather and the LM head for the tokens whose logits are wanted. Logits come back to the
 //! host as f32 (computed in bf16), or are sampled on the device (`forward_sampled`: only the
 //! tokens come back). Copy-on-write is one block-copy launch per cache buffer; swap space is
-//! pinned host memory. Not yet: tensor-core prefill attention, CUDA graphs, biases (Qwen2).
+//! pinned host memory. Qwen2's Q/K/V biases are added after the products. Not yet: tensor-core
+//! prefill attention, CUDA graphs.
 
 use half::bf16;
 use kernels_cuda::cudarc::driver::{CudaSlice, PinnedHostSlice};
@@ -30,6 +31,8 @@ struct Layer {
     wq: CudaSlice<bf16>,
     wk: CudaSlice<bf16>,
     wv: CudaSlice<bf16>,
+    /// Q/K/V biases (Qwen2), added after the products.
+    qkv_bias: Option<[CudaSlice<bf16>; 3]>,
     wo: CudaSlice<bf16>,
     ffn_norm: CudaSlice<bf16>,
     /// Gate rows, then up rows: one product gives `[gate | up]` per token.
@@ -91,15 +94,16 @@ fn to_bf16(x: &[f32]) -> Vec<bf16> {
     x.iter().map(|&v| bf16::from_f32(v)).collect()
 }
 
-/// `[out][in]` bf16 rows of one or more linear layers stacked (same `in`).
-fn rows_bf16(layers: &[&Linear]) -> Result<Vec<bf16>, ModelError> {
+/// `[out][in]` bf16 rows of one or more linear layers stacked (same `in`). A bias is refused
+/// unless `bias_apart` (the Q/K/V biases, which the caller uploads apart: [`qkv_biases`]).
+fn rows_bf16(layers: &[&Linear], bias_apart: bool) -> Result<Vec<bf16>, ModelError> {
     let k = layers.first().map_or(0, |l| l.in_features());
     let mut out = Vec::with_capacity(layers.iter().map(|l| l.out_features()).sum::<usize>() * k);
     let mut row = vec![0f32; k];
     for l in layers {
-        if l.has_bias() {
+        if l.has_bias() && !bias_apart {
             return Err(ModelError::Unsupported(
-                "linear layers with a bias on the CUDA backend (yet)".into(),
+                "a bias on a layer other than Q, K or V on the CUDA backend".into(),
             ));
         }
         if l.in_features() != k {
@@ -113,6 +117,17 @@ fn rows_bf16(layers: &[&Linear]) -> Result<Vec<bf16>, ModelError> {
         }
     }
     Ok(out)
+}
+
+/// The Q/K/V weights' biases in bf16, when the layer has them (all three or none).
+fn qkv_biases(wq: &Linear, wk: &Linear, wv: &Linear) -> Result<Option<[Vec<bf16>; 3]>, ModelError> {
+    match (wq.bias(), wk.bias(), wv.bias()) {
+        (None, None, None) => Ok(None),
+        (Some(q), Some(k), Some(v)) => Ok(Some([to_bf16(q), to_bf16(k), to_bf16(v)])),
+        _ => Err(ModelError::Unsupported(
+            "biases on some of Q, K and V but not all".into(),
+        )),
+    }
 }
 
 /// A buffer of at least `n` values in `slot` (reallocated when smaller); `n` exactly is used.
@@ -178,21 +193,26 @@ impl CudaBackend {
         let up = |x: &[bf16]| s.clone_htod(x).map_err(kernels_cuda::KernelError::from);
         let mut layers = Vec::with_capacity(weights.layers.len());
         for lw in &weights.layers {
+            let qkv_bias = match qkv_biases(&lw.wq, &lw.wk, &lw.wv)? {
+                Some([q, k, v]) => Some([up(&q)?, up(&k)?, up(&v)?]),
+                None => None,
+            };
             layers.push(Layer {
                 attn_norm: up(&to_bf16(&lw.attn_norm))?,
-                wq: up(&rows_bf16(&[&lw.wq])?)?,
-                wk: up(&rows_bf16(&[&lw.wk])?)?,
-                wv: up(&rows_bf16(&[&lw.wv])?)?,
-                wo: up(&rows_bf16(&[&lw.wo])?)?,
+                wq: up(&rows_bf16(&[&lw.wq], true)?)?,
+                wk: up(&rows_bf16(&[&lw.wk], true)?)?,
+                wv: up(&rows_bf16(&[&lw.wv], true)?)?,
+                qkv_bias,
+                wo: up(&rows_bf16(&[&lw.wo], false)?)?,
                 ffn_norm: up(&to_bf16(&lw.ffn_norm))?,
-                w_gate_up: up(&rows_bf16(&[&lw.w_gate, &lw.w_up])?)?,
-                w_down: up(&rows_bf16(&[&lw.w_down])?)?,
+                w_gate_up: up(&rows_bf16(&[&lw.w_gate, &lw.w_up], false)?)?,
+                w_down: up(&rows_bf16(&[&lw.w_down], false)?)?,
             });
         }
         let dw = DeviceWeights {
-            embedding: up(&rows_bf16(&[&weights.embedding])?)?,
+            embedding: up(&rows_bf16(&[&weights.embedding], false)?)?,
             lm_head: match &weights.lm_head {
-                Some(l) => Some(up(&rows_bf16(&[l])?)?),
+                Some(l) => Some(up(&rows_bf16(&[l], false)?)?),
                 None => None,
             },
             final_norm: up(&to_bf16(&weights.final_norm))?,
@@ -214,11 +234,6 @@ impl CudaBackend {
         seed: u64,
     ) -> Result<Self, ModelError> {
         config.validate()?;
-        if config.qkv_bias {
-            return Err(ModelError::Unsupported(
-                "linear layers with a bias on the CUDA backend (yet)".into(),
-            ));
-        }
         let c = config.clone();
         let local = LocalShape {
             num_heads: c.num_heads,
@@ -240,11 +255,21 @@ impl CudaBackend {
         let w = 0.02;
         let mut layers = Vec::with_capacity(c.num_layers);
         for _ in 0..c.num_layers {
+            let qkv_bias = if c.qkv_bias {
+                Some([
+                    fill(c.num_heads * d, -w, w)?,
+                    fill(c.num_kv_heads * d, -w, w)?,
+                    fill(c.num_kv_heads * d, -w, w)?,
+                ])
+            } else {
+                None
+            };
             layers.push(Layer {
                 attn_norm: fill(h, 1.0, 1.0)?,
                 wq: fill(c.num_heads * d * h, -w, w)?,
                 wk: fill(c.num_kv_heads * d * h, -w, w)?,
                 wv: fill(c.num_kv_heads * d * h, -w, w)?,
+                qkv_bias,
                 wo: fill(h * c.num_heads * d, -w, w)?,
                 ffn_norm: fill(h, 1.0, 1.0)?,
                 w_gate_up: fill(2 * inter * h, -w, w)?,
@@ -284,6 +309,7 @@ impl CudaBackend {
                     &l.w_down,
                 ]
                 .into_iter()
+                .chain(l.qkv_bias.iter().flatten())
                 .map(bytes)
                 .sum::<usize>()
             })
@@ -408,6 +434,11 @@ impl CudaBackend {
                 h,
                 buffer(&mut bf.v, gpu, t * kvh * d)?,
             )?;
+            if let Some([bq, bk, bv]) = &lw.qkv_bias {
+                kernels_cuda::add_bias(gpu, bf.q.as_mut().ok_or_else(missing)?, bq)?;
+                kernels_cuda::add_bias(gpu, bf.k.as_mut().ok_or_else(missing)?, bk)?;
+                kernels_cuda::add_bias(gpu, bf.v.as_mut().ok_or_else(missing)?, bv)?;
+            }
             {
                 let (q, k) = (
                     bf.q.as_mut().ok_or_else(missing)?,

@@ -259,11 +259,11 @@ impl Weights {
             src.insert(format!("blk.{i}.attn_norm.weight"), ones(h));
             src.insert(format!("blk.{i}.ffn_norm.weight"), ones(h));
             if config.qkv_bias {
+                // Random, not zero: a bias that is dropped or added twice must show.
                 for (t, len) in [("attn_q.bias", q), ("attn_k.bias", kv), ("attn_v.bias", kv)] {
-                    src.insert(
-                        format!("blk.{i}.{t}"),
-                        (DType::F32, vec![len], vec![0; len * 4]),
-                    );
+                    let name = format!("blk.{i}.{t}");
+                    let bytes = random_matrix(DType::F32, len, 1, seed ^ fxhash(&name));
+                    src.insert(name, (DType::F32, vec![len], bytes));
                 }
             }
         }

@@ -89,6 +89,13 @@ fn cuda_backend_matches_the_cpu_backend() {
     ] {
         check_model("smollm2-135m (dummy)", &smol, kv);
     }
+    let mut biased = smol.clone();
+    biased.qkv_bias = true;
+    check_model(
+        "smollm2 shape, Q/K/V biases (Qwen2)",
+        &biased,
+        KvCacheDtype::Fp16,
+    );
     let mut windowed = smol.clone();
     windowed.sliding_window = Some(24);
     check_model("smollm2 shape, window 24", &windowed, KvCacheDtype::Fp16);

@@ -163,6 +163,11 @@ impl Linear {
         self.bias.is_some()
     }
 
+    /// The bias, if the layer adds one.
+    pub(crate) fn bias(&self) -> Option<&[f32]> {
+        self.bias.as_deref()
+    }
+
     pub(crate) fn dequantize_row_into(&self, r: usize, out: &mut [f32]) {
         let k = self.in_features;
         match &self.weights {

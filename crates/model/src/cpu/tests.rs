@@ -73,13 +73,19 @@ fn reference_logits(weights: &Weights, tokens: &[u32]) -> Vec<Vec<f32>> {
         let mut vs = Vec::new();
         for (p, xt) in x.iter().enumerate() {
             let n = norm(xt, &lw.attn_norm);
-            let mut q = matvec(&wq, &n, nh * d);
-            let mut k = matvec(&wk, &n, nkv * d);
+            let biased = |mut y: Vec<f32>, l: &Linear| {
+                for (a, b) in y.iter_mut().zip(l.bias().unwrap_or(&[])) {
+                    *a += b;
+                }
+                y
+            };
+            let mut q = biased(matvec(&wq, &n, nh * d), &lw.wq);
+            let mut k = biased(matvec(&wk, &n, nkv * d), &lw.wk);
             rope(&mut q, &[p as u32], d, &inv, c.rope_style);
             rope(&mut k, &[p as u32], d, &inv, c.rope_style);
             qs.push(q);
             ks.push(k);
-            vs.push(matvec(&wv, &n, nkv * d));
+            vs.push(biased(matvec(&wv, &n, nkv * d), &lw.wv));
         }
         for p in 0..t {
             let start = c.sliding_window.map_or(0, |w| (p + 1).saturating_sub(w));
