@@ -781,7 +781,7 @@ fn device_rows(
         return None;
     }
     let mut rows: Vec<Option<DeviceRow>> = (0..num_rows).map(|_| None).collect();
-    for s in seqs.iter().filter(|s| !s.logits.is_empty()) {
+    for s in with_rows {
         let req = requests.get_mut(&s.request)?;
         let params = req.params;
         let c = req.completions.get_mut(s.sample)?;

@@ -259,29 +259,23 @@ impl PagedDecoder {
     ) -> DecodePlan {
         let ctx = meta.max_attended.max(1);
         let ctas = meta.num_seqs * num_kv_heads;
-        let p = match kernel {
-            DecodeKernel::TensorCore => match self.forced_partition {
-                Some(p) => p,
-                None => {
-                    let parts = (6 * gpu.num_sms()).div_ceil(ctas.max(1)).max(1);
-                    ctx.div_ceil(parts)
-                        .next_multiple_of(TC_QUANTUM)
-                        .max(TC_QUANTUM)
-                }
-            },
-            DecodeKernel::Split => {
-                let max_p = ((SMEM_LIMIT / 4 - gqa_group * head_dim) / gqa_group.max(1))
-                    / PARTITION_QUANTUM
-                    * PARTITION_QUANTUM;
-                match self.forced_partition {
-                    Some(p) => p.min(max_p),
-                    None => {
-                        let parts = (2 * gpu.num_sms()).div_ceil(ctas.max(1)).max(1);
-                        ctx.div_ceil(parts)
-                            .next_multiple_of(PARTITION_QUANTUM)
-                            .clamp(PARTITION_QUANTUM, max_p)
-                    }
-                }
+        // CTAs per SM to aim for, the partition quantum, and the longest partition.
+        let (per_sm, quantum, max_p) = match kernel {
+            DecodeKernel::TensorCore => (6, TC_QUANTUM, usize::MAX),
+            DecodeKernel::Split => (
+                2,
+                PARTITION_QUANTUM,
+                ((SMEM_LIMIT / 4 - gqa_group * head_dim) / gqa_group.max(1)) / PARTITION_QUANTUM
+                    * PARTITION_QUANTUM,
+            ),
+        };
+        let p = match self.forced_partition {
+            Some(p) => p.min(max_p),
+            None => {
+                let parts = (per_sm * gpu.num_sms()).div_ceil(ctas.max(1)).max(1);
+                ctx.div_ceil(parts)
+                    .next_multiple_of(quantum)
+                    .clamp(quantum, max_p)
             }
         };
         DecodePlan {
