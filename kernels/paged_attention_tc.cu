@@ -1,7 +1,7 @@
 // paged_attention_tc.cu: decode attention on tensor cores, for 16-bit KV caches of the
 // activation type (bf16 KV with bf16 activations, fp16 with fp16) and 8-bit ones (int8, fp8
-// e4m3 / e5m2, one f32 scale per token and head). EXPERIMENTAL: opt-in
-// (`DecodeKernel::TensorCore`, `KVSERVE_DECODE_KERNEL=tc`) until measured on a GPU.
+// e4m3 / e5m2, one f32 scale per token and head). The default decode kernel for those
+// caches (`KVSERVE_DECODE_KERNEL=split` forces paged_attention.cu); measured in BENCHMARKS.md.
 //
 // 8-bit codes are exact in bf16 and fp16, so the tiles hold codes and the scales are folded
 // around the products: q . (s_k code_k) = s_k (q . code_k) scales each logit after the mma,

@@ -5,8 +5,8 @@
 //! `scripts/bench_attention_baseline.py` (PyTorch SDPA and the copy roofline) in the same call:
 //!
 //! `attention_bench [--quick] [--partition N] [--profile]` (`KVSERVE_KERNEL_DEFINES=-DKV_UNROLL=8`
-//! to try a kernel variant; `KVSERVE_DECODE_KERNEL=tc` for the experimental tensor-core kernel,
-//! which runs the bf16 and int8 rows). `--profile`: one warm-up and one measured launch per case and no
+//! to try a kernel variant; `KVSERVE_DECODE_KERNEL=split` for the CUDA-core kernel on the rows
+//! the default tensor-core kernel runs: bf16 and int8). `--profile`: one warm-up and one measured launch per case and no
 //! timing, for `cargo xtask profile` (ncu).
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 

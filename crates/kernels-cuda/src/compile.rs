@@ -72,7 +72,7 @@ pub enum Program {
     /// `paged_attention.cu`: decode attention (`paged_decode_partition`, `paged_decode_reduce`).
     PagedAttention,
     /// `paged_attention_tc.cu`: decode attention on tensor cores (`paged_decode_tc`, and the
-    /// same merge), for 16-bit KV of the activation type, int8 and fp8. Experimental, opt-in.
+    /// same merge), for 16-bit KV of the activation type, int8 and fp8: the default for those.
     PagedAttentionTc,
     /// `cache.cu`: `reshape_and_cache`.
     Cache,

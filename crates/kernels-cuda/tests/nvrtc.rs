@@ -3,7 +3,7 @@
 //! (nvidia-cuda-nvrtc, nvidia-cuda-runtime) and sets `LD_LIBRARY_PATH` and
 //! `KVSERVE_CUDA_INCLUDE`; elsewhere the test says it skipped. It compiles each kernel for
 //! every KV dtype, head_dim and activation type, and the attention kernel for every GQA
-//! group with bf16 and int8 (`KVSERVE_NVRTC_ALL=1`: every variant).
+//! group with bf16 activations over bf16 and int8 KV at d = 128 (`KVSERVE_NVRTC_ALL=1`: every variant).
 #![allow(clippy::unwrap_used, clippy::print_stderr)]
 
 use std::time::Instant;
@@ -23,7 +23,9 @@ fn selected() -> Vec<Variant> {
                 v.program,
                 Program::PagedAttention | Program::PagedAttentionTc
             ) || v.gqa_group == 4
-                || (v.scalar == Scalar::Bf16 && v.dtype == KvCacheDtype::Int8 && v.head_dim == 128)
+                || (v.scalar == Scalar::Bf16
+                    && matches!(v.dtype, KvCacheDtype::Int8 | KvCacheDtype::Bf16)
+                    && v.head_dim == 128)
         })
         .collect()
 }
