@@ -31,7 +31,7 @@ use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 // Harness
 // ---------------------------------------------------------------------------------------
 
-const MAX_MODEL_LEN: usize = 512;
+const MAX_MODEL_LEN: usize = 4096;
 
 /// Held by the tests whose assertions depend on time (a drain deadline) and by the one that
 /// loads the CPU most (64 concurrent streams), so that they never run at the same time: the
@@ -61,7 +61,7 @@ fn config() -> EngineConfig {
         model: ModelSource::Path(model_path()),
         device: test_device(),
         max_model_len: Some(MAX_MODEL_LEN),
-        kv_cache_memory: Some(96 << 20),
+        kv_cache_memory: Some(192 << 20),
         ..EngineConfig::default()
     }
 }
@@ -230,7 +230,9 @@ fn long_request(id: Option<&str>) -> pb::GenerateRequest {
     pb::GenerateRequest {
         request_id: id.map(str::to_owned),
         ignore_eos: true,
-        ..text_request("Once upon a time", 400)
+        // Long in time on every device: ~3 s of decode steps on an H200 (SmolLM2 decodes a
+        // token in under a millisecond there, so 400 tokens ended before a 1.5 s deadline).
+        ..text_request("Once upon a time", 4000)
     }
 }
 

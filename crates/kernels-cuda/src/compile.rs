@@ -46,6 +46,7 @@ const SOURCES: &[(&str, &str)] = &[
         include_str!("../../../kernels/elementwise.cu"),
     ),
     ("sampling.cu", include_str!("../../../kernels/sampling.cu")),
+    ("gemv.cu", include_str!("../../../kernels/gemv.cu")),
 ];
 
 /// Activation type of q, k, v and attention output.
@@ -82,6 +83,9 @@ pub enum Program {
     /// `sampling.cu`: logits processing and sampling (`sample_rows`). Depends on the
     /// activation type (of the logits) only.
     Sampling,
+    /// `gemv.cu`: linear layers for decode batches of at most 8 tokens (`gemv_M`,
+    /// `gemv_glu_M`). Depends on the activation type only.
+    Gemv,
 }
 
 impl Program {
@@ -92,6 +96,7 @@ impl Program {
             Self::Cache => "cache.cu",
             Self::Elementwise => "elementwise.cu",
             Self::Sampling => "sampling.cu",
+            Self::Gemv => "gemv.cu",
         }
     }
 }
@@ -137,9 +142,20 @@ impl Variant {
         }
     }
 
+    /// The small-batch linear layers for activations of type `scalar`.
+    pub fn gemv(scalar: Scalar) -> Self {
+        Variant {
+            program: Program::Gemv,
+            ..Self::elementwise(scalar)
+        }
+    }
+
     /// Whether the variant depends on the activation type only.
     fn scalar_only(&self) -> bool {
-        matches!(self.program, Program::Elementwise | Program::Sampling)
+        matches!(
+            self.program,
+            Program::Elementwise | Program::Sampling | Program::Gemv
+        )
     }
 
     /// Whether the variant is specialized per GQA group (the decode kernels).
@@ -186,6 +202,7 @@ impl Variant {
         for scalar in [Scalar::F16, Scalar::Bf16] {
             v.push(Variant::elementwise(scalar));
             v.push(Variant::sampling(scalar));
+            v.push(Variant::gemv(scalar));
             for dtype in KvCacheDtype::ALL {
                 for head_dim in HEAD_DIMS {
                     // e.g. int4 groups of 128 channels need head_dim >= 128.
@@ -474,12 +491,13 @@ mod tests {
     #[test]
     fn every_variant_has_distinct_options() {
         let all = Variant::all();
-        // int4-g128 has no head_dim 64 variant; one elementwise and one sampling variant per
-        // scalar; tensor-core decode for four KV dtypes per scalar (its 16-bit one, int8, fp8).
+        // int4-g128 has no head_dim 64 variant; one elementwise, one sampling and one GEMV
+        // variant per scalar; tensor-core decode for four KV dtypes per scalar (its 16-bit
+        // one, int8, fp8).
         assert_eq!(
             all.len(),
             2 * ((KvCacheDtype::ALL.len() * HEAD_DIMS.len() - 1) * (1 + MAX_GQA_GROUP)
-                + 2
+                + 3
                 + 4 * HEAD_DIMS.len() * MAX_GQA_GROUP)
         );
         let mut opts: Vec<_> = all

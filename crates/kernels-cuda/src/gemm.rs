@@ -3,7 +3,7 @@
 
 use cudarc::cublas::sys::cublasOperation_t;
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, DevicePtr};
 
 use crate::attention::ActScalar;
 use crate::device::Gpu;
@@ -36,14 +36,15 @@ impl Blas {
     }
 
     /// `out[t][j] = Σ_i x[t][i] · w[j][i]`: a linear layer with the weight stored `[n][k]`
-    /// row-major (as PyTorch's `Linear`), `x` `[tokens][k]`, `out` `[tokens][n]`.
+    /// row-major (as PyTorch's `Linear`), `x` `[tokens][k]`, `out` `[tokens][n]`. `w` may be a
+    /// view (rows of a stacked weight).
     ///
     /// # Errors
     /// [`KernelError::BadArgument`] for sizes that do not fit; cuBLAS errors.
-    pub fn linear<T: ActScalar>(
+    pub fn linear<T: ActScalar, W: DevicePtr<T>>(
         &self,
         x: &CudaSlice<T>,
-        w: &CudaSlice<T>,
+        w: &W,
         n: usize,
         k: usize,
         out: &mut CudaSlice<T>,

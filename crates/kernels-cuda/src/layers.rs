@@ -2,7 +2,7 @@
 //! rotary embedding and SiLU·up (`kernels/elementwise.cu`). The residual stream is f32.
 #![allow(unsafe_code)]
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 
 use crate::attention::ActScalar;
 use crate::compile::Variant;
@@ -352,11 +352,15 @@ pub fn fill_uniform<T: ActScalar>(
 }
 
 /// `x[t] += bias` for every row `t` of `x` (`[tokens][bias.len()]`): the biases of Qwen2's
-/// Q/K/V projections.
+/// Q/K/V projections (`bias` may be part of a stacked bias: `slice(..)`, or `as_view()`).
 ///
 /// # Errors
 /// [`crate::KernelError::BadArgument`] for a `x` that is not whole rows of `bias`.
-pub fn add_bias<T: ActScalar>(gpu: &Gpu, x: &mut CudaSlice<T>, bias: &CudaSlice<T>) -> Result<()> {
+pub fn add_bias<T: ActScalar>(
+    gpu: &Gpu,
+    x: &mut CudaSlice<T>,
+    bias: &CudaView<'_, T>,
+) -> Result<()> {
     const K: &str = "add_bias";
     let w = dim(K, "bias length", bias.len())?;
     if !x.len().is_multiple_of(bias.len()) {

@@ -25,6 +25,7 @@ mod device;
 mod error;
 mod ffi;
 mod gemm;
+mod gemv;
 mod indices;
 mod layers;
 mod sampling;
@@ -35,6 +36,7 @@ pub use compile::{Program, Scalar, Variant};
 pub use device::{Gpu, driver_available};
 pub use error::{KernelError, Result};
 pub use gemm::Blas;
+pub use gemv::{GEMV_MAX_TOKENS, GemvOut, gemv, gemv_silu_mul};
 pub use indices::{Index, Indices};
 pub use layers::{
     RopeShape, add_bias, embedding_gather, fill_uniform, gather_rows, rms_norm, rope, silu_mul,

@@ -571,7 +571,7 @@ fn per_token_layers_match_the_reference() {
     let xs = random_bf16(&mut rng, tokens * 192, 2.0);
     let bias_d = s.clone_htod(&to_bf16(&bias)).unwrap();
     let mut x_d = s.clone_htod(&to_bf16(&xs)).unwrap();
-    kernels_cuda::add_bias(&gpu, &mut x_d, &bias_d).unwrap();
+    kernels_cuda::add_bias(&gpu, &mut x_d, &bias_d.as_view()).unwrap();
     let want: Vec<f64> = xs
         .iter()
         .enumerate()
@@ -589,7 +589,7 @@ fn per_token_layers_match_the_reference() {
     let bad = kernels_cuda::add_bias(
         &gpu,
         &mut x_d,
-        &s.clone_htod(&to_bf16(&bias[..191])).unwrap(),
+        &s.clone_htod(&to_bf16(&bias[..191])).unwrap().as_view(),
     );
     assert!(
         matches!(bad, Err(KernelError::BadArgument { .. })),
@@ -711,4 +711,186 @@ fn linear_layer_matches_the_reference() {
         let r = blas.linear(&x_d, &w_d, n + 1, k, &mut out);
         assert!(matches!(r, Err(KernelError::BadArgument { .. })), "{r:?}");
     }
+}
+
+/// One output taking every row.
+fn one(out: &mut CudaSlice<bf16>, width: usize) -> Vec<kernels_cuda::GemvOut<'_, bf16>> {
+    vec![kernels_cuda::GemvOut { out, width }]
+}
+
+/// `x Wᵀ` in f64: `x` `[tokens][k]`, `w` `[n][k]`.
+fn matmul_ref(x: &[f32], w: &[f32], tokens: usize, n: usize, k: usize) -> Vec<f64> {
+    let mut out = vec![0f64; tokens * n];
+    for t in 0..tokens {
+        for j in 0..n {
+            out[t * n + j] = (0..k)
+                .map(|i| f64::from(x[t * k + i]) * f64::from(w[j * k + i]))
+                .sum();
+        }
+    }
+    out
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gemv_matches_the_reference_and_refuses_bad_shapes() {
+    use kernels_cuda::{GEMV_MAX_TOKENS, GemvOut};
+    let gpu = gpu();
+    let s = gpu.stream().clone();
+    let mut rng = ChaCha8Rng::seed_from_u64(15);
+    let is_bad = |r: kernels_cuda::Result<()>| matches!(r, Err(KernelError::BadArgument { .. }));
+    // (k, widths of the outputs, bias): a fused Q/K/V of SmolLM2's shape with a bias, an odd
+    // number of rows (the last warp has one row when two rows share a warp), one long row.
+    let shapes: [(usize, &[usize], bool); 3] = [
+        (576, &[576, 192, 192], true),
+        (1536, &[577], false),
+        (4096, &[1024, 8], false),
+    ];
+    for tokens in 1..=GEMV_MAX_TOKENS {
+        for &(k, widths, with_bias) in &shapes {
+            let n: usize = widths.iter().sum();
+            let x = random_bf16(&mut rng, tokens * k, 1.0);
+            let w = random_bf16(&mut rng, n * k, 0.05);
+            let b = random_bf16(&mut rng, n, 1.0);
+            let x_d = s.clone_htod(&to_bf16(&x)).unwrap();
+            let w_d = s.clone_htod(&to_bf16(&w)).unwrap();
+            let b_d = s.clone_htod(&to_bf16(&b)).unwrap();
+            let mut bufs: Vec<CudaSlice<bf16>> = widths
+                .iter()
+                .map(|&wd| s.alloc_zeros::<bf16>(tokens * wd).unwrap())
+                .collect();
+            let mut outs: Vec<GemvOut<'_, bf16>> = bufs
+                .iter_mut()
+                .zip(widths)
+                .map(|(out, &width)| GemvOut { out, width })
+                .collect();
+            let bias = with_bias.then_some(&b_d);
+            kernels_cuda::gemv(&gpu, &x_d, &w_d, k, bias, &mut outs).unwrap();
+            drop(outs);
+            let mut want = matmul_ref(&x, &w, tokens, n, k);
+            if with_bias {
+                for t in 0..tokens {
+                    for j in 0..n {
+                        want[t * n + j] += f64::from(b[j]);
+                    }
+                }
+            }
+            // The outputs side by side, as rows of n.
+            let mut got = vec![0f32; tokens * n];
+            let mut start = 0;
+            for (buf, &wd) in bufs.iter().zip(widths) {
+                let h = s.clone_dtoh(buf).unwrap();
+                for t in 0..tokens {
+                    for j in 0..wd {
+                        got[t * n + start + j] = h[t * wd + j].to_f32();
+                    }
+                }
+                start += wd;
+            }
+            let e = rel_err(&got, &want);
+            eprintln!("gemv {tokens} x {k} -> {widths:?} bias {with_bias}: err {e:.2e}");
+            assert!(e < 1e-2, "gemv {tokens} x {k} -> {widths:?}: {e}");
+        }
+        // Gate/up fused with SiLU: 2 x 1536 rows of 576.
+        let (inter, k) = (1536, 576);
+        let x = random_bf16(&mut rng, tokens * k, 1.0);
+        let w = random_bf16(&mut rng, 2 * inter * k, 0.1);
+        let x_d = s.clone_htod(&to_bf16(&x)).unwrap();
+        let w_d = s.clone_htod(&to_bf16(&w)).unwrap();
+        let mut out = s.alloc_zeros::<bf16>(tokens * inter).unwrap();
+        kernels_cuda::gemv_silu_mul(&gpu, &x_d, &w_d, inter, k, &mut out).unwrap();
+        let gu = matmul_ref(&x, &w, tokens, 2 * inter, k);
+        let want: Vec<f64> = (0..tokens * inter)
+            .map(|i| {
+                let (t, j) = (i / inter, i % inter);
+                let g = gu[t * 2 * inter + j];
+                g / (1.0 + (-g).exp()) * gu[t * 2 * inter + inter + j]
+            })
+            .collect();
+        let got: Vec<f32> = s
+            .clone_dtoh(&out)
+            .unwrap()
+            .iter()
+            .map(|v| v.to_f32())
+            .collect();
+        let e = rel_err(&got, &want);
+        eprintln!("gemv_silu_mul {tokens} x {k} -> {inter}: err {e:.2e}");
+        assert!(e < 2e-2, "gemv_silu_mul {tokens}: {e}");
+    }
+
+    // Bad shapes are refused before the launch.
+    let (k, n) = (64, 16);
+    let x_d = s.alloc_zeros::<bf16>(2 * k).unwrap();
+    let w_d = s.alloc_zeros::<bf16>(n * k).unwrap();
+    let mut out = s.alloc_zeros::<bf16>(2 * n).unwrap();
+    // k not a multiple of 8; more tokens than the kernels take; widths that do not add up to
+    // the weight; an output of the wrong size; a bias of the wrong size; no outputs.
+    assert!(is_bad(kernels_cuda::gemv(
+        &gpu,
+        &x_d,
+        &w_d,
+        60,
+        None,
+        &mut one(&mut out, n)
+    )));
+    let many = s.alloc_zeros::<bf16>(9 * k).unwrap();
+    assert!(is_bad(kernels_cuda::gemv(
+        &gpu,
+        &many,
+        &w_d,
+        k,
+        None,
+        &mut one(&mut out, n)
+    )));
+    assert!(is_bad(kernels_cuda::gemv(
+        &gpu,
+        &x_d,
+        &w_d,
+        k,
+        None,
+        &mut one(&mut out, n - 1)
+    )));
+    let mut small = s.alloc_zeros::<bf16>(n).unwrap();
+    assert!(is_bad(kernels_cuda::gemv(
+        &gpu,
+        &x_d,
+        &w_d,
+        k,
+        None,
+        &mut one(&mut small, n)
+    )));
+    let short_bias = s.alloc_zeros::<bf16>(n - 1).unwrap();
+    assert!(is_bad(kernels_cuda::gemv(
+        &gpu,
+        &x_d,
+        &w_d,
+        k,
+        Some(&short_bias),
+        &mut one(&mut out, n)
+    )));
+    assert!(is_bad(kernels_cuda::gemv(
+        &gpu,
+        &x_d,
+        &w_d,
+        k,
+        None,
+        &mut []
+    )));
+    // Gate/up: a weight that is not 2 x inter rows; an output of the wrong size.
+    assert!(is_bad(kernels_cuda::gemv_silu_mul(
+        &gpu, &x_d, &w_d, n, k, &mut out
+    )));
+    let mut half_out = s.alloc_zeros::<bf16>(2 * (n / 2) + 1).unwrap();
+    assert!(is_bad(kernels_cuda::gemv_silu_mul(
+        &gpu,
+        &x_d,
+        &w_d,
+        n / 2,
+        k,
+        &mut half_out
+    )));
+    // The good calls still work after the refusals.
+    let mut act = s.alloc_zeros::<bf16>(2 * (n / 2)).unwrap();
+    kernels_cuda::gemv_silu_mul(&gpu, &x_d, &w_d, n / 2, k, &mut act).unwrap();
+    kernels_cuda::gemv(&gpu, &x_d, &w_d, k, None, &mut one(&mut out, n)).unwrap();
 }

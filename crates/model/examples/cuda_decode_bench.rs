@@ -5,9 +5,11 @@
 //!
 //! Per batch size it prints the wall time of a greedy decode step sampled on the device (host
 //! work, uploads, every kernel, the tokens back: what the engine waits for), its ratio to the
-//! floor, the same step with the f32 logits brought to the host instead, and two splits:
-//! the same layers timed by cuBLAS alone (the seven weight products of each layer and the LM
-//! head, on buffers of the same shapes), and the host's time to enqueue a step (no logits)
+//! floor, the same step with the small-batch GEMV kernels turned off (cuBLAS for every
+//! product; batches of at most 8 tokens), the same step with the f32 logits brought to the
+//! host instead, and two splits: the weight products alone (each layer's and the LM head, on
+//! buffers of the same shapes) by the GEMV kernels and by cuBLAS, and the host's time to
+//! enqueue a step (no logits)
 //! against the GPU's time to run it: when enqueueing is shorter, launch overhead is hidden
 //! and CUDA graphs could only save the GPU-side gaps between kernels.
 //!
@@ -18,7 +20,7 @@
 use std::time::Instant;
 
 use half::bf16;
-use kernels_cuda::Blas;
+use kernels_cuda::{Blas, GEMV_MAX_TOKENS, GemvOut};
 use kv_quant::KvCacheDtype;
 use model::{Backend, CudaBackend, ForwardBatch, Gpu, KvCacheConfig, ModelConfig, RowSampling};
 
@@ -40,6 +42,22 @@ fn copy_bandwidth(gpu: &Gpu) -> f64 {
     }
     times.sort_by(f64::total_cmp);
     2.0 * n as f64 / times[times.len() / 2]
+}
+
+/// Median seconds of 7 runs of `pass` (after one warm-up), to the end of its GPU work.
+fn median_pass(gpu: &Gpu, mut pass: impl FnMut()) -> f64 {
+    let s = gpu.stream();
+    pass();
+    s.synchronize().unwrap();
+    let mut times = Vec::new();
+    for _ in 0..7 {
+        let t = Instant::now();
+        pass();
+        s.synchronize().unwrap();
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
 }
 
 /// Seconds per pass of the weight products of `c` at `batch` tokens, by cuBLAS alone: one
@@ -80,7 +98,7 @@ fn cublas_only(gpu: &Gpu, c: &ModelConfig, batch: usize) -> f64 {
     let mut head = s.alloc_zeros::<bf16>(c.vocab_size * h).unwrap();
     kernels_cuda::fill_uniform(gpu, &mut head, 99, -0.02, 0.02).unwrap();
     let mut io = io;
-    let mut pass = || {
+    let pass = || {
         for _ in 0..c.num_layers {
             for ((w, &(n, k)), (x, y)) in weights.iter().zip(&shapes).zip(io.iter_mut()) {
                 blas.linear(x, w, n, k, y).unwrap();
@@ -89,17 +107,70 @@ fn cublas_only(gpu: &Gpu, c: &ModelConfig, batch: usize) -> f64 {
         blas.linear(&x_head, &head, c.vocab_size, h, &mut y_head)
             .unwrap();
     };
-    pass();
-    s.synchronize().unwrap();
-    let mut times = Vec::new();
-    for _ in 0..7 {
-        let t = Instant::now();
-        pass();
-        s.synchronize().unwrap();
-        times.push(t.elapsed().as_secs_f64());
-    }
-    times.sort_by(f64::total_cmp);
-    times[times.len() / 2]
+    median_pass(gpu, pass)
+}
+
+/// Seconds per pass of the weight products of `c` at `batch` tokens (≤ 8) by the GEMV
+/// kernels alone, as the backend runs them: fused Q/K/V, o, gate·up fused with SiLU, down,
+/// then the LM head.
+fn gemv_only(gpu: &Gpu, c: &ModelConfig, batch: usize) -> f64 {
+    let s = gpu.stream();
+    let (h, d, i) = (c.hidden_size, c.head_dim, c.intermediate_size);
+    let (nq, nkv) = (c.num_heads * d, c.num_kv_heads * d);
+    let alloc = |n: usize, seed: u64| {
+        let mut w = s.alloc_zeros::<bf16>(n).unwrap();
+        kernels_cuda::fill_uniform(gpu, &mut w, seed, -0.02, 0.02).unwrap();
+        w
+    };
+    let (w_qkv, w_o) = (alloc((nq + 2 * nkv) * h, 1), alloc(h * nq, 2));
+    let (w_gu, w_down) = (alloc(2 * i * h, 3), alloc(h * i, 4));
+    let head = alloc(c.vocab_size * h, 5);
+    let x_h = alloc(batch * h, 6);
+    let x_q = alloc(batch * nq, 7);
+    let x_i = alloc(batch * i, 8);
+    let (mut q, mut k, mut v) = (
+        alloc(batch * nq, 9),
+        alloc(batch * nkv, 9),
+        alloc(batch * nkv, 9),
+    );
+    let (mut y_h, mut act) = (alloc(batch * h, 9), alloc(batch * i, 9));
+    let mut logits = alloc(batch * c.vocab_size, 9);
+    let pass = || {
+        for _ in 0..c.num_layers {
+            let mut outs = [
+                GemvOut {
+                    out: &mut q,
+                    width: nq,
+                },
+                GemvOut {
+                    out: &mut k,
+                    width: nkv,
+                },
+                GemvOut {
+                    out: &mut v,
+                    width: nkv,
+                },
+            ];
+            kernels_cuda::gemv(gpu, &x_h, &w_qkv, h, None, &mut outs).unwrap();
+            let mut o = [GemvOut {
+                out: &mut y_h,
+                width: h,
+            }];
+            kernels_cuda::gemv(gpu, &x_q, &w_o, nq, None, &mut o).unwrap();
+            kernels_cuda::gemv_silu_mul(gpu, &x_h, &w_gu, i, h, &mut act).unwrap();
+            let mut o = [GemvOut {
+                out: &mut y_h,
+                width: h,
+            }];
+            kernels_cuda::gemv(gpu, &x_i, &w_down, i, None, &mut o).unwrap();
+        }
+        let mut o = [GemvOut {
+            out: &mut logits,
+            width: c.vocab_size,
+        }];
+        kernels_cuda::gemv(gpu, &x_h, &head, h, None, &mut o).unwrap();
+    };
+    median_pass(gpu, pass)
 }
 
 struct Args {
@@ -170,9 +241,9 @@ fn main() {
     );
     println!("weight-streaming floor: {:.3} ms per step", floor * 1e3);
     println!(
-        "| batch | step ms | ratio to floor | tok/s | step ms, logits to host | cuBLAS-only ms | host enqueue ms | GPU ms (no logits) |"
+        "| batch | step ms | ratio to floor | tok/s | step ms, cuBLAS products | step ms, logits to host | GEMV-only ms | cuBLAS-only ms | host enqueue ms | GPU ms (no logits) |"
     );
-    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     let vocab = config.vocab_size;
     let mut logits = Vec::new();
     for &b in &a.batches {
@@ -283,6 +354,24 @@ fn main() {
             );
         }
         let step_s = t.elapsed().as_secs_f64() / a.steps as f64;
+        // The same steps with cuBLAS for every product (only differs for small batches).
+        let blas_step_s = if b <= GEMV_MAX_TOKENS {
+            backend.set_small_batch_gemv(false);
+            let t = Instant::now();
+            for i in 0..a.steps {
+                step(
+                    &mut backend,
+                    &mut tokens,
+                    a.context + i,
+                    Mode::Device(&rows),
+                    &mut logits,
+                );
+            }
+            backend.set_small_batch_gemv(true);
+            Some(t.elapsed().as_secs_f64() / a.steps as f64)
+        } else {
+            None
+        };
         // The same steps with the logits brought to the host (f32) and greedy there.
         let host_steps = a.steps.min(8);
         let t = Instant::now();
@@ -315,12 +404,16 @@ fn main() {
         enqueue.sort_by(f64::total_cmp);
         total.sort_by(f64::total_cmp);
         let blas_s = cublas_only(backend.gpu(), &config, b);
+        let ms = |x: Option<f64>| x.map_or("—".to_string(), |x| format!("{:.3}", x * 1e3));
+        let gemv_s = (b <= GEMV_MAX_TOKENS).then(|| gemv_only(backend.gpu(), &config, b));
         println!(
-            "| {b} | {:.3} | {:.2} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} |",
+            "| {b} | {:.3} | {:.2} | {:.0} | {} | {:.3} | {} | {:.3} | {:.3} | {:.3} |",
             step_s * 1e3,
             step_s / floor,
             b as f64 / step_s,
+            ms(blas_step_s),
             host_s * 1e3,
+            ms(gemv_s),
             blas_s * 1e3,
             enqueue[3] * 1e3,
             total[3] * 1e3

@@ -1,0 +1,205 @@
+//! Linear layers for decode batches of at most [`GEMV_MAX_TOKENS`] tokens (`kernels/gemv.cu`):
+//! bound by streaming the weight once, which cuBLAS's GEMM does at ~3.2 TB/s on an H200 for
+//! one token (BENCHMARKS.md). One launch can split its rows into up to three outputs (a fused
+//! Q/K/V weight) and add a bias; [`gemv_silu_mul`] fuses the gate/up product with SiLU·up.
+#![allow(unsafe_code)]
+
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+
+use crate::attention::ActScalar;
+use crate::compile::Variant;
+use crate::device::Gpu;
+use crate::error::{Result, bad};
+
+/// The most tokens (rows of `x`) the GEMV kernels take; larger batches go to cuBLAS.
+pub const GEMV_MAX_TOKENS: usize = 8;
+
+/// Warps per CTA (`kWarps` in gemv.cu).
+const WARPS: usize = 8;
+
+/// Entry points by token count (index `tokens - 1`).
+const PLAIN: [&str; GEMV_MAX_TOKENS] = [
+    "gemv_1", "gemv_2", "gemv_3", "gemv_4", "gemv_5", "gemv_6", "gemv_7", "gemv_8",
+];
+const GLU: [&str; GEMV_MAX_TOKENS] = [
+    "gemv_glu_1",
+    "gemv_glu_2",
+    "gemv_glu_3",
+    "gemv_glu_4",
+    "gemv_glu_5",
+    "gemv_glu_6",
+    "gemv_glu_7",
+    "gemv_glu_8",
+];
+
+/// One output of a [`gemv`]: the next `width` rows of the weight, written `[tokens][width]`.
+#[derive(Debug)]
+pub struct GemvOut<'a, T> {
+    /// Receives `tokens * width` values.
+    pub out: &'a mut CudaSlice<T>,
+    /// Weight rows (output features) it takes.
+    pub width: usize,
+}
+
+/// Rows of `x` (`[tokens][k]`) for a weight of width `k`, checked.
+fn tokens_of(kernel: &'static str, x_len: usize, k: usize) -> Result<usize> {
+    if k == 0 || !k.is_multiple_of(8) || k > i32::MAX as usize {
+        return Err(bad(
+            kernel,
+            format!("input width {k} (must be a positive multiple of 8)"),
+        ));
+    }
+    if !x_len.is_multiple_of(k) {
+        return Err(bad(
+            kernel,
+            format!("x of {x_len} values is not whole rows of {k}"),
+        ));
+    }
+    let tokens = x_len / k;
+    if tokens == 0 || tokens > GEMV_MAX_TOKENS {
+        return Err(bad(
+            kernel,
+            format!("{tokens} tokens (1..={GEMV_MAX_TOKENS})"),
+        ));
+    }
+    Ok(tokens)
+}
+
+fn grid(rows_per_cta: usize, n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(rows_per_cta) as u32, 1, 1),
+        block_dim: ((WARPS * 32) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// `out[t][j] = Σ_i x[t][i] · w[j][i] (+ bias[j])` for a weight `[n][k]` row-major (as
+/// PyTorch's `Linear`) and `x` `[tokens][k]` with `tokens ≤ GEMV_MAX_TOKENS`; the `n` rows are
+/// split in order among `outs` (1 to 3; `n` is the sum of their widths). f32 accumulation.
+///
+/// # Errors
+/// [`crate::KernelError::BadArgument`] for sizes that do not fit: `k` not a multiple of 8,
+/// too many tokens, outputs or a bias of the wrong size.
+pub fn gemv<T: ActScalar>(
+    gpu: &Gpu,
+    x: &CudaSlice<T>,
+    w: &CudaSlice<T>,
+    k: usize,
+    bias: Option<&CudaSlice<T>>,
+    outs: &mut [GemvOut<'_, T>],
+) -> Result<()> {
+    const K: &str = "gemv";
+    let tokens = tokens_of(K, x.len(), k)?;
+    if outs.is_empty() || outs.len() > 3 || outs.iter().any(|o| o.width == 0) {
+        return Err(bad(
+            K,
+            format!(
+                "{} outputs of widths {:?} (1 to 3, each positive)",
+                outs.len(),
+                outs.iter().map(|o| o.width).collect::<Vec<_>>()
+            ),
+        ));
+    }
+    let n: usize = outs.iter().map(|o| o.width).sum();
+    if n > i32::MAX as usize || w.len() != n * k {
+        return Err(bad(
+            K,
+            format!("weight of {} values for {n} rows of {k}", w.len()),
+        ));
+    }
+    if let Some(o) = outs.iter().find(|o| o.out.len() != tokens * o.width) {
+        return Err(bad(
+            K,
+            format!(
+                "an output of {} values, expected {tokens} x {}",
+                o.out.len(),
+                o.width
+            ),
+        ));
+    }
+    if let Some(b) = bias
+        && b.len() != n
+    {
+        return Err(bad(K, format!("bias of {} values for {n} rows", b.len())));
+    }
+    let n0 = outs[0].width as i32;
+    let n01 = n0 + outs.get(1).map_or(0, |o| o.width as i32);
+    let (n_i, k_i) = (n as i32, k as i32);
+    // Two rows per warp from 3 tokens on (gemv.cu's PlainRows).
+    let rows_per_warp = if tokens >= 3 { 2 } else { 1 };
+    let cfg = grid(WARPS * rows_per_warp, n);
+    let f = gpu.function(&Variant::gemv(T::SCALAR), PLAIN[tokens - 1])?;
+    let stream = gpu.stream();
+    let mut launch = stream.launch_builder(&f);
+    // Absent outputs and bias are null pointers; the kernel never touches them (no rows map
+    // to an absent output).
+    let null = 0u64;
+    match outs {
+        [a] => launch.arg(&mut *a.out).arg(&null).arg(&null),
+        [a, b] => launch.arg(&mut *a.out).arg(&mut *b.out).arg(&null),
+        [a, b, c] => launch.arg(&mut *a.out).arg(&mut *b.out).arg(&mut *c.out),
+        _ => return Err(bad(K, "outputs".to_string())),
+    };
+    launch.arg(w).arg(x);
+    match bias {
+        Some(b) => launch.arg(b),
+        None => launch.arg(&null),
+    };
+    launch.arg(&n0).arg(&n01).arg(&n_i).arg(&k_i);
+    // SAFETY: matches `gemv_<tokens>` in kernels/gemv.cu: w holds n x k values and x tokens x k
+    // (k a multiple of 8, so every row starts 16-byte aligned in a cudarc allocation), each
+    // output tokens x its width, the bias n values or null (all checked above); rows map to
+    // outputs by the prefix sums n0 and n01 of the widths.
+    unsafe { launch.launch(cfg) }?;
+    Ok(())
+}
+
+/// `out[t][j] = silu(g) · u` with `g = (x Wᵀ)[t][j]` and `u = (x Wᵀ)[t][inter + j]`: the
+/// gate and up projections stacked in one weight `[2 · inter][k]` (gate rows first), fused
+/// with SiLU·up. `x` is `[tokens][k]` with `tokens ≤ GEMV_MAX_TOKENS`, `out`
+/// `[tokens][inter]`. `g` and `u` are rounded to the activation type first, as the unfused
+/// product and `silu_mul` do.
+///
+/// # Errors
+/// [`crate::KernelError::BadArgument`] for sizes that do not fit.
+pub fn gemv_silu_mul<T: ActScalar>(
+    gpu: &Gpu,
+    x: &CudaSlice<T>,
+    w_gate_up: &CudaSlice<T>,
+    inter: usize,
+    k: usize,
+    out: &mut CudaSlice<T>,
+) -> Result<()> {
+    const K: &str = "gemv_silu_mul";
+    let tokens = tokens_of(K, x.len(), k)?;
+    if inter == 0 || inter > (i32::MAX as usize) / 2 || w_gate_up.len() != 2 * inter * k {
+        return Err(bad(
+            K,
+            format!(
+                "gate/up weight of {} values for 2 x {inter} rows of {k}",
+                w_gate_up.len()
+            ),
+        ));
+    }
+    if out.len() != tokens * inter {
+        return Err(bad(
+            K,
+            format!("out of {} values, expected {tokens} x {inter}", out.len()),
+        ));
+    }
+    let (i_i, k_i) = (inter as i32, k as i32);
+    let cfg = grid(WARPS, inter);
+    let f = gpu.function(&Variant::gemv(T::SCALAR), GLU[tokens - 1])?;
+    let stream = gpu.stream();
+    let mut launch = stream.launch_builder(&f);
+    launch
+        .arg(&mut *out)
+        .arg(w_gate_up)
+        .arg(x)
+        .arg(&i_i)
+        .arg(&k_i);
+    // SAFETY: matches `gemv_glu_<tokens>` in kernels/gemv.cu: w_gate_up holds 2 inter x k
+    // values, x tokens x k (k a multiple of 8), out tokens x inter (checked above).
+    unsafe { launch.launch(cfg) }?;
+    Ok(())
+}

@@ -1,0 +1,190 @@
+// gemv.cu: linear layers for a few tokens (decode batches of M <= 8), where a GEMM library
+// leaves bandwidth on the table: y[m][n] = sum_k x[m][k] * w[n][k] (+ bias[n]), the weight
+// `[N][K]` row-major as PyTorch's Linear.
+//
+// Bound by streaming the weight once: each warp owns R consecutive rows and reads them with
+// 16-byte loads, kUnroll per lane and row in flight (2: faster than 4 or 8 on an H200,
+// kernels/NOTES.md), evict-first (the weight is read once per
+// step; x stays in L1); every token of the batch reuses each loaded chunk. f32 accumulation,
+// a warp reduction per (row, token). Rows can be split into up to three outputs (a fused
+// Q/K/V weight writes q, k and v apart), and gate/up pairs can be fused with SiLU (`gemv_glu`:
+// rows j and inter + j of the stacked weight give act[j] = silu(gate) * up).
+//
+// Compiled per activation type: SCALAR (0 = half, 1 = bfloat16). K must be a multiple of 8
+// and the weight 16-byte aligned (checked by the launcher).
+#include "scalar.cuh"
+
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;
+#ifndef GEMV_UNROLL
+#define GEMV_UNROLL 2
+#endif
+constexpr int kUnroll = GEMV_UNROLL;
+
+// Two packed 16-bit values as f32.
+__device__ __forceinline__ float2 pair_to_float2(unsigned v) {
+#if SCALAR == 0
+  __half2 h = *reinterpret_cast<__half2*>(&v);
+  return __half22float2(h);
+#else
+  return make_float2(__uint_as_float(v << 16), __uint_as_float(v & 0xffff0000u));
+#endif
+}
+
+// acc += dot(a, b) over 8 packed values each.
+__device__ __forceinline__ float dot8(const uint4& a, const uint4& b, float acc) {
+  const unsigned av[4] = {a.x, a.y, a.z, a.w};
+  const unsigned bv[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 fa = pair_to_float2(av[i]);
+    const float2 fb = pair_to_float2(bv[i]);
+    acc = fmaf(fa.x, fb.x, acc);
+    acc = fmaf(fa.y, fb.y, acc);
+  }
+  return acc;
+}
+
+__device__ __forceinline__ uint4 load_stream(const uint4* p) {
+  const int4 v = __ldcs(reinterpret_cast<const int4*>(p));
+  return make_uint4(v.x, v.y, v.z, v.w);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// acc[r][m] = sum_k x[m][k] * rows[r][k] for this warp's R rows (null rows are skipped: the
+// last warp of an odd N). Every lane gets the full sums.
+template <int M, int R>
+__device__ __forceinline__ void rows_dot(const scalar_t* const (&rows)[R],
+                                         const scalar_t* __restrict__ x, int k,
+                                         float (&acc)[R][M]) {
+  const int lane = threadIdx.x % 32;
+  const int chunks = k / 8;
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
+  const uint4* x4 = reinterpret_cast<const uint4*>(x);
+  for (int c0 = lane; c0 < chunks; c0 += 32 * kUnroll) {
+    uint4 wv[R][kUnroll];
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int c = c0 + u * 32;
+        wv[r][u] = (rows[r] != nullptr && c < chunks)
+                       ? load_stream(reinterpret_cast<const uint4*>(rows[r]) + c)
+                       : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int c = c0 + u * 32;
+      if (c < chunks) {
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+          const uint4 xv = __ldg(x4 + static_cast<long long>(m) * chunks + c);
+#pragma unroll
+          for (int r = 0; r < R; ++r) acc[r][m] = dot8(wv[r][u], xv, acc[r][m]);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int m = 0; m < M; ++m) acc[r][m] = warp_sum(acc[r][m]);
+}
+
+// Rows per warp: two when the batch is large enough that the x loads (from L1) would
+// otherwise rival the weight loads.
+template <int M>
+struct PlainRows {
+  static constexpr int value = M >= 3 ? 2 : 1;
+};
+
+// y = x W^T (+ bias): rows [0, n0) go to y0 ([M][n0]), [n0, n01) to y1 ([M][n01 - n0]),
+// [n01, n) to y2 ([M][n - n01]). grid (ceil(n / (kWarps * R))), block kThreads.
+template <int M>
+__device__ __forceinline__ void gemv_impl(scalar_t* __restrict__ y0, scalar_t* __restrict__ y1,
+                                          scalar_t* __restrict__ y2,
+                                          const scalar_t* __restrict__ w,
+                                          const scalar_t* __restrict__ x,
+                                          const scalar_t* __restrict__ bias, int n0, int n01,
+                                          int n, int k) {
+  constexpr int R = PlainRows<M>::value;
+  const int warp = blockIdx.x * kWarps + threadIdx.x / 32;
+  const int first = warp * R;
+  if (first >= n) return;
+  const scalar_t* rows[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+    rows[r] = first + r < n ? w + static_cast<long long>(first + r) * k : nullptr;
+  float acc[R][M];
+  rows_dot<M, R>(rows, x, k, acc);
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int row = first + r;
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      if (lane != m || row >= n) continue;
+      float v = acc[r][m];
+      if (bias != nullptr) v += to_float(bias[row]);
+      if (row < n0)
+        y0[static_cast<long long>(m) * n0 + row] = from_float(v);
+      else if (row < n01)
+        y1[static_cast<long long>(m) * (n01 - n0) + (row - n0)] = from_float(v);
+      else
+        y2[static_cast<long long>(m) * (n - n01) + (row - n01)] = from_float(v);
+    }
+  }
+}
+
+// y[m][j] = silu(g) * u with g = (x W^T)[m][j], u = (x W^T)[m][inter + j], each rounded to
+// scalar_t first (as the unfused GEMM + silu_mul path). grid (ceil(inter / kWarps)), block
+// kThreads.
+template <int M>
+__device__ __forceinline__ void gemv_glu_impl(scalar_t* __restrict__ y,
+                                              const scalar_t* __restrict__ w,
+                                              const scalar_t* __restrict__ x, int inter, int k) {
+  const int j = blockIdx.x * kWarps + threadIdx.x / 32;
+  if (j >= inter) return;
+  const scalar_t* rows[2] = {w + static_cast<long long>(j) * k,
+                             w + static_cast<long long>(inter + j) * k};
+  float acc[2][M];
+  rows_dot<M, 2>(rows, x, k, acc);
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    if (lane != m) continue;
+    const float g = to_float(from_float(acc[0][m]));
+    const float u = to_float(from_float(acc[1][m]));
+    y[static_cast<long long>(m) * inter + j] = from_float(g / (1.f + __expf(-g)) * u);
+  }
+}
+
+#define GEMV_ENTRY(M)                                                                          \
+  extern "C" __global__ void __launch_bounds__(kThreads)                                      \
+      gemv_##M(scalar_t* __restrict__ y0, scalar_t* __restrict__ y1, scalar_t* __restrict__ y2, \
+               const scalar_t* __restrict__ w, const scalar_t* __restrict__ x,                \
+               const scalar_t* __restrict__ bias, int n0, int n01, int n, int k) {            \
+    gemv_impl<M>(y0, y1, y2, w, x, bias, n0, n01, n, k);                                      \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(kThreads)                                      \
+      gemv_glu_##M(scalar_t* __restrict__ y, const scalar_t* __restrict__ w,                  \
+                   const scalar_t* __restrict__ x, int inter, int k) {                        \
+    gemv_glu_impl<M>(y, w, x, inter, k);                                                      \
+  }
+
+GEMV_ENTRY(1)
+GEMV_ENTRY(2)
+GEMV_ENTRY(3)
+GEMV_ENTRY(4)
+GEMV_ENTRY(5)
+GEMV_ENTRY(6)
+GEMV_ENTRY(7)
+GEMV_ENTRY(8)
