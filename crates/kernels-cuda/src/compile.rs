@@ -40,6 +40,10 @@ const SOURCES: &[(&str, &str)] = &[
         "paged_attention_tc.cu",
         include_str!("../../../kernels/paged_attention_tc.cu"),
     ),
+    (
+        "paged_prefill_tc.cu",
+        include_str!("../../../kernels/paged_prefill_tc.cu"),
+    ),
     ("cache.cu", include_str!("../../../kernels/cache.cu")),
     (
         "elementwise.cu",
@@ -75,6 +79,9 @@ pub enum Program {
     /// `paged_attention_tc.cu`: decode attention on tensor cores (`paged_decode_tc`, and the
     /// same merge), for 16-bit KV of the activation type, int8 and fp8: the default for those.
     PagedAttentionTc,
+    /// `paged_prefill_tc.cu`: prefill / chunked-prefill attention on tensor cores
+    /// (`paged_prefill_tc`), for the KV dtypes of [`Variant::tensor_core_decode`].
+    PagedPrefillTc,
     /// `cache.cu`: `reshape_and_cache`.
     Cache,
     /// `elementwise.cu`: embedding gather, RMSNorm (with the residual add), RoPE, SiLU·up.
@@ -93,6 +100,7 @@ impl Program {
         match self {
             Self::PagedAttention => "paged_attention.cu",
             Self::PagedAttentionTc => "paged_attention_tc.cu",
+            Self::PagedPrefillTc => "paged_prefill_tc.cu",
             Self::Cache => "cache.cu",
             Self::Elementwise => "elementwise.cu",
             Self::Sampling => "sampling.cu",
@@ -158,11 +166,11 @@ impl Variant {
         )
     }
 
-    /// Whether the variant is specialized per GQA group (the decode kernels).
+    /// Whether the variant is specialized per GQA group (the attention kernels).
     fn has_gqa(&self) -> bool {
         matches!(
             self.program,
-            Program::PagedAttention | Program::PagedAttentionTc
+            Program::PagedAttention | Program::PagedAttentionTc | Program::PagedPrefillTc
         )
     }
 
@@ -225,13 +233,15 @@ impl Variant {
                             gqa_group,
                         });
                         if Self::tensor_core_decode(scalar, dtype) {
-                            v.push(Variant {
-                                program: Program::PagedAttentionTc,
-                                scalar,
-                                dtype,
-                                head_dim,
-                                gqa_group,
-                            });
+                            for program in [Program::PagedAttentionTc, Program::PagedPrefillTc] {
+                                v.push(Variant {
+                                    program,
+                                    scalar,
+                                    dtype,
+                                    head_dim,
+                                    gqa_group,
+                                });
+                            }
                         }
                     }
                 }
@@ -491,14 +501,14 @@ mod tests {
     #[test]
     fn every_variant_has_distinct_options() {
         let all = Variant::all();
-        // int4-g128 has no head_dim 64 variant; one elementwise, one sampling and one GEMV
-        // variant per scalar; tensor-core decode for four KV dtypes per scalar (its 16-bit
-        // one, int8, fp8).
+        // int4-g128 has no head_dim 64 variant; one elementwise, one sampling and one gemv
+        // variant per scalar; tensor-core decode and prefill for four KV dtypes per scalar (its
+        // 16-bit one, int8, fp8).
         assert_eq!(
             all.len(),
             2 * ((KvCacheDtype::ALL.len() * HEAD_DIMS.len() - 1) * (1 + MAX_GQA_GROUP)
                 + 3
-                + 4 * HEAD_DIMS.len() * MAX_GQA_GROUP)
+                + 2 * 4 * HEAD_DIMS.len() * MAX_GQA_GROUP)
         );
         let mut opts: Vec<_> = all
             .iter()

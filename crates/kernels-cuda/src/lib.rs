@@ -1,6 +1,7 @@
 //! kvserve's CUDA kernels and their launchers: paged decode attention over the paged,
 //! optionally quantized KV cache (split-KV, GQA-aware, sliding window, dequantization fused),
-//! the quantizing cache write, and the per-token layers of a Llama step (embedding gather,
+//! prefill / chunked-prefill attention over the same cache on tensor cores, the quantizing
+//! cache write, and the per-token layers of a Llama step (embedding gather,
 //! RMSNorm fused with the residual add, RoPE, SiLU·up), and logits processing with sampling.
 //!
 //! * **No CUDA at build time.** cudarc loads the driver and NVRTC at run time; the kernel
@@ -28,6 +29,7 @@ mod gemm;
 mod gemv;
 mod indices;
 mod layers;
+mod prefill;
 mod sampling;
 
 pub use attention::{ActScalar, DecodeKernel, DecodeMetadata, DecodePlan, PagedDecoder};
@@ -41,6 +43,7 @@ pub use indices::{Index, Indices};
 pub use layers::{
     RopeShape, add_bias, embedding_gather, fill_uniform, gather_rows, rms_norm, rope, silu_mul,
 };
+pub use prefill::{PrefillBatch, PrefillMetadata, paged_prefill};
 pub use sampling::{MAX_SAMPLING_VOCAB, RowSampling, sample_rows};
 
 /// Re-exported so callers allocate device buffers with the same cudarc.

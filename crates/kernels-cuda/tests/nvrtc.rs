@@ -2,8 +2,9 @@
 //! NVRTC and the CUDA headers, not a GPU: `.ci/run` installs them from PyPI
 //! (nvidia-cuda-nvrtc, nvidia-cuda-runtime) and sets `LD_LIBRARY_PATH` and
 //! `KVSERVE_CUDA_INCLUDE`; elsewhere the test says it skipped. It compiles each kernel for
-//! every KV dtype, head_dim and activation type, and the attention kernel for every GQA
-//! group with bf16 activations over bf16 and int8 KV at d = 128 (`KVSERVE_NVRTC_ALL=1`: every variant).
+//! every KV dtype, head_dim and activation type, and the attention kernels (decode and prefill)
+//! for every GQA group with bf16 activations over bf16 and int8 KV at d = 128
+//! (`KVSERVE_NVRTC_ALL=1`: every variant).
 #![allow(clippy::unwrap_used, clippy::print_stderr)]
 
 use std::time::Instant;
@@ -21,7 +22,7 @@ fn selected() -> Vec<Variant> {
         .filter(|v| {
             !matches!(
                 v.program,
-                Program::PagedAttention | Program::PagedAttentionTc
+                Program::PagedAttention | Program::PagedAttentionTc | Program::PagedPrefillTc
             ) || v.gqa_group == 4
                 || (v.scalar == Scalar::Bf16
                     && matches!(v.dtype, KvCacheDtype::Int8 | KvCacheDtype::Bf16)

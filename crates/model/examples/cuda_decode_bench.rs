@@ -246,6 +246,48 @@ fn main() {
     println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     let vocab = config.vocab_size;
     let mut logits = Vec::new();
+    // One prompt of `context` tokens in one chunk: attention through the prefill kernel, then
+    // through the decode kernel one row per token (the path before the prefill kernel).
+    {
+        let ids: Vec<u32> = (0..a.context)
+            .map(|i| ((i * 7919) % vocab) as u32)
+            .collect();
+        let positions: Vec<u32> = (0..a.context as u32).collect();
+        let table: Vec<i32> = (0..per_seq as i32).collect();
+        let slots: Vec<i64> = (0..a.context)
+            .map(|p| (table[p / BLOCK] as usize * BLOCK + p % BLOCK) as i64)
+            .collect();
+        let fb = ForwardBatch {
+            token_ids: &ids,
+            positions: &positions,
+            slot_mapping: &slots,
+            seq_starts: &[0, a.context as u32],
+            block_tables: &table,
+            max_blocks: per_seq,
+            context_lens: &[a.context as i32],
+            logits_indices: &[a.context as u32 - 1],
+        };
+        let mut time = |backend: &mut CudaBackend, prefill_kernel: bool| {
+            backend.set_prefill_kernel(prefill_kernel);
+            let mut best = f64::MAX;
+            for _ in 0..3 {
+                let t = Instant::now();
+                backend.forward(&fb, &mut logits).unwrap();
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            best
+        };
+        let with = time(&mut backend, true);
+        let without = time(&mut backend, false);
+        backend.set_prefill_kernel(true);
+        println!(
+            "prefill of one {}-token prompt: {:.2} ms with the prefill kernel, {:.2} ms with the decode kernel per token ({:.0} prompt tok/s)",
+            a.context,
+            with * 1e3,
+            without * 1e3,
+            a.context as f64 / with
+        );
+    }
     for &b in &a.batches {
         // Prefill every sequence (one chunk each) into its own run of blocks.
         let table =

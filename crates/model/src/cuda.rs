@@ -1,20 +1,24 @@
 //! The CUDA backend: the same model as the CPU backend, on the GPU, over a paged KV cache in
 //! device memory (kv-quant's layout, any KV dtype).
 //!
-//! First version: weights are dequantized to bf16 at load; one step runs embedding gather,
-//! then per layer RMSNorm (fused with the residual add), Q/K/V, O, gate·up and down through
-//! cuBLAS, RoPE, the quantizing cache write and paged attention (every token of the batch, the
-//! prompt chunks' too, attends through the decode kernel with its own context length, after
-//! the whole step's K/V is written: causal by construction), SiLU·up; then the final norm, a
-//! row gather and the LM head for the tokens whose logits are wanted. Logits come back to the
-//! host as f32 (computed in bf16), or are sampled on the device (`forward_sampled`: only the
-//! tokens come back). Copy-on-write is one block-copy launch per cache buffer; swap space is
-//! pinned host memory. Qwen2's Q/K/V biases are added after the products. Not yet: tensor-core
-//! prefill attention, CUDA graphs.
+//! Weights are dequantized to bf16 at load; one step runs embedding gather, then per layer
+//! RMSNorm (fused with the residual add), the Q/K/V product (one stacked weight), RoPE, the
+//! quantizing cache write, attention, the O product, RMSNorm, gate·up with SiLU·up and down;
+//! then the final norm, a row gather and the LM head for the tokens whose logits are wanted.
+//! Products: GEMV kernels for steps of at most 4 tokens, cuBLAS above. Attention: steps with a
+//! prompt chunk run the prefill kernel (every sequence, after the whole step's K/V is
+//! written: causal by construction); decode-only steps, and int4 caches, the decode kernel
+//! with one row per token. Logits come back to the host as f32 (computed in bf16), or are
+//! sampled on the device (`forward_sampled`: only the tokens come back). Copy-on-write is one
+//! block-copy launch per cache buffer; swap space is pinned host memory. Qwen2's Q/K/V biases
+//! are added in the product (GEMV) or after it. Not yet: CUDA graphs.
 
 use half::bf16;
 use kernels_cuda::cudarc::driver::{CudaSlice, PinnedHostSlice};
-use kernels_cuda::{Blas, DecodeMetadata, GemvOut, Gpu, Indices, PagedDecoder, RopeShape};
+use kernels_cuda::{
+    Blas, DecodeMetadata, GemvOut, Gpu, Indices, PagedDecoder, PrefillBatch, PrefillMetadata,
+    RopeShape, Scalar,
+};
 use kv_block_manager::CopyOp;
 use kv_quant::BlockLayout;
 
@@ -65,6 +69,9 @@ pub struct CudaBackend {
     /// Small batches (≤ [`GEMV_TOKENS`] tokens) run their linear layers through the GEMV
     /// kernels instead of cuBLAS (`KVSERVE_GEMV=0` turns this off).
     gemv: bool,
+    /// Steps with prompt chunks attend through the prefill kernel
+    /// (`KVSERVE_PREFILL_KERNEL=0`: through the decode kernel, one row per token).
+    prefill: bool,
     config: ModelConfig,
     local: LocalShape,
     cache_config: KvCacheConfig,
@@ -381,6 +388,7 @@ impl CudaBackend {
             v_cache,
             decoder: PagedDecoder::new(),
             gemv: std::env::var("KVSERVE_GEMV").as_deref() != Ok("0"),
+            prefill: std::env::var("KVSERVE_PREFILL_KERNEL").as_deref() != Ok("0"),
             blas,
             gpu,
             config: c,
@@ -412,7 +420,14 @@ impl CudaBackend {
             self.local.num_kv_heads,
             self.local.intermediate_size,
         );
-        let meta = self.token_metadata(b)?;
+        // Steps with a prompt chunk attend through the prefill kernel (every sequence, decode
+        // rows too); decode-only steps (and KV dtypes without it) through the decode kernel,
+        // one row per token.
+        let prefill = self.prefill_metadata(b)?;
+        let meta = match prefill {
+            Some(_) => None,
+            None => Some(self.token_metadata(b)?),
+        };
         let gpu = &self.gpu;
         // The step's index arrays go to the device once; every layer reuses them.
         let ids = Indices::from_u32(gpu, b.token_ids, "token_ids")?;
@@ -488,16 +503,18 @@ impl CudaBackend {
                 &mut self.v_cache[l],
             )?;
             let attn = buffer(&mut bf.attn, gpu, t * qh * d)?;
-            self.decoder.run(
-                gpu,
-                &meta,
-                &self.layout,
-                qh,
-                bf.q.as_ref().ok_or_else(missing)?,
-                &self.k_cache[l],
-                &self.v_cache[l],
-                attn,
-            )?;
+            let q = bf.q.as_ref().ok_or_else(missing)?;
+            let (kc, vc) = (&self.k_cache[l], &self.v_cache[l]);
+            match (&prefill, &meta) {
+                (Some(p), _) => {
+                    kernels_cuda::paged_prefill(gpu, p, &self.layout, qh, q, kc, vc, attn)?
+                }
+                (None, Some(m)) => {
+                    self.decoder
+                        .run(gpu, m, &self.layout, qh, q, kc, vc, attn)?;
+                }
+                (None, None) => return Err(missing()),
+            }
             products.linear(
                 bf.attn.as_ref().ok_or_else(missing)?,
                 &lw.wo,
@@ -579,9 +596,52 @@ impl CudaBackend {
         self.gemv = on;
     }
 
+    /// Runs prompt chunks' attention through the decode kernel, one row per token, instead
+    /// of the prefill kernel (for comparisons; `KVSERVE_PREFILL_KERNEL=0` at construction).
+    pub fn set_prefill_kernel(&mut self, on: bool) {
+        self.prefill = on;
+    }
+
     /// The device.
     pub fn gpu(&self) -> &Gpu {
         &self.gpu
+    }
+
+    /// The step as a prefill batch, when it has a sequence of more than one token, the
+    /// prefill kernel runs this cache's dtype and is on (`KVSERVE_PREFILL_KERNEL=0` turns it
+    /// off), and every sequence's tokens are the last of its context (as the engine sends
+    /// them); `None` otherwise.
+    fn prefill_metadata(
+        &self,
+        b: &ForwardBatch<'_>,
+    ) -> Result<Option<PrefillMetadata>, ModelError> {
+        let n = b.num_seqs();
+        let chunked = (0..n).any(|s| b.seq_starts[s + 1] - b.seq_starts[s] > 1);
+        if !self.prefill
+            || !chunked
+            || !kernels_cuda::Variant::tensor_core_decode(Scalar::Bf16, self.layout.dtype())
+        {
+            return Ok(None);
+        }
+        let trailing = (0..n).all(|s| {
+            let (start, end) = (b.seq_starts[s] as usize, b.seq_starts[s + 1] as usize);
+            let ctx = i64::from(b.context_lens[s]);
+            (start..end).all(|i| i64::from(b.positions[i]) == ctx - (end - i) as i64)
+        });
+        if !trailing {
+            return Ok(None);
+        }
+        let query_starts: Vec<i32> = b.seq_starts.iter().map(|&x| x as i32).collect();
+        let batch = PrefillBatch {
+            block_tables: b.block_tables,
+            max_blocks: b.max_blocks,
+            query_starts: &query_starts,
+            context_lens: b.context_lens,
+            block_size: self.cache_config.block_size,
+            num_blocks: self.cache_config.num_blocks,
+            window: self.config.sliding_window,
+        };
+        Ok(Some(PrefillMetadata::new(&self.gpu, &batch)?))
     }
 
     /// Per-token attention metadata: token `i` of sequence `s` reads `s`'s block table up to
