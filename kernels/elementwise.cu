@@ -6,10 +6,15 @@
 #include "scalar.cuh"
 
 constexpr int kThreads = 256;
+// RMSNorm: up to 1024 threads per row (the launcher sizes the CTA to the row), each keeping
+// kNormPer values in registers between the sum of squares and the scaling, so every load
+// is issued at once instead of one dependent round trip per loop iteration.
+constexpr int kNormThreads = 1024;
+constexpr int kNormPer = 8;
 
-// Sum over the CTA (kThreads threads); every thread gets the result.
+// Sum over the CTA (blockDim.x threads, a multiple of 32); every thread gets the result.
 __device__ __forceinline__ float block_sum(float v) {
-  __shared__ float partial[kThreads / 32];
+  __shared__ float partial[32];
   __shared__ float total;
 #pragma unroll
   for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -17,7 +22,7 @@ __device__ __forceinline__ float block_sum(float v) {
   __syncthreads();
   if (threadIdx.x == 0) {
     float t = 0.f;
-    for (int w = 0; w < kThreads / 32; ++w) t += partial[w];
+    for (int w = 0; w < static_cast<int>(blockDim.x / 32); ++w) t += partial[w];
     total = t;
   }
   __syncthreads();
@@ -34,14 +39,34 @@ extern "C" __global__ void __launch_bounds__(kThreads)
 }
 
 // residual[t] += delta[t] (when delta is not null), then
-// out[t] = weight * residual[t] / sqrt(mean(residual[t]^2) + eps).
+// out[t] = weight * residual[t] / sqrt(mean(residual[t]^2) + eps). Values i = tid + j * blockDim
+// for j < kNormPer stay in registers; rows longer than kNormPer * blockDim re-read the rest.
 __device__ __forceinline__ void norm_row(scalar_t* __restrict__ out, float* __restrict__ residual,
                                          const scalar_t* __restrict__ delta,
                                          const scalar_t* __restrict__ weight, int hidden,
                                          float eps) {
   const long long base = static_cast<long long>(blockIdx.x) * hidden;
+  const int tid = threadIdx.x, n = blockDim.x;
+  float v[kNormPer];
   float ss = 0.f;
-  for (int i = threadIdx.x; i < hidden; i += kThreads) {
+#pragma unroll
+  for (int j = 0; j < kNormPer; ++j) {
+    const int i = tid + j * n;
+    v[j] = i < hidden ? residual[base + i] : 0.f;
+  }
+  if (delta != nullptr) {
+#pragma unroll
+    for (int j = 0; j < kNormPer; ++j) {
+      const int i = tid + j * n;
+      if (i < hidden) {
+        v[j] += to_float(delta[base + i]);
+        residual[base + i] = v[j];
+      }
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < kNormPer; ++j) ss = fmaf(v[j], v[j], ss);
+  for (int i = tid + kNormPer * n; i < hidden; i += n) {
     float r = residual[base + i];
     if (delta != nullptr) {
       r += to_float(delta[base + i]);
@@ -50,20 +75,26 @@ __device__ __forceinline__ void norm_row(scalar_t* __restrict__ out, float* __re
     ss = fmaf(r, r, ss);
   }
   const float inv = rsqrtf(block_sum(ss) / hidden + eps);
-  for (int i = threadIdx.x; i < hidden; i += kThreads)
+#pragma unroll
+  for (int j = 0; j < kNormPer; ++j) {
+    const int i = tid + j * n;
+    if (i < hidden) out[base + i] = from_float(to_float(weight[i]) * (v[j] * inv));
+  }
+  for (int i = tid + kNormPer * n; i < hidden; i += n)
     out[base + i] = from_float(to_float(weight[i]) * (residual[base + i] * inv));
 }
 
-// out[t] = RMSNorm(residual[t]) * weight. grid (num_tokens), block kThreads.
-extern "C" __global__ void __launch_bounds__(kThreads)
+// out[t] = RMSNorm(residual[t]) * weight. grid (num_tokens), block a multiple of 32 up to
+// kNormThreads.
+extern "C" __global__ void __launch_bounds__(kNormThreads)
     rms_norm(scalar_t* __restrict__ out, float* __restrict__ residual,
              const scalar_t* __restrict__ weight, int hidden, float eps) {
   norm_row(out, residual, nullptr, weight, hidden, eps);
 }
 
-// residual[t] += delta[t]; out[t] = RMSNorm(residual[t]) * weight. grid (num_tokens), block
-// kThreads.
-extern "C" __global__ void __launch_bounds__(kThreads)
+// residual[t] += delta[t]; out[t] = RMSNorm(residual[t]) * weight. grid (num_tokens), block a
+// multiple of 32 up to kNormThreads.
+extern "C" __global__ void __launch_bounds__(kNormThreads)
     add_rms_norm(scalar_t* __restrict__ out, float* __restrict__ residual,
                  const scalar_t* __restrict__ delta, const scalar_t* __restrict__ weight,
                  int hidden, float eps) {
@@ -72,18 +103,17 @@ extern "C" __global__ void __launch_bounds__(kThreads)
 
 // Rotates every head of q ([T][num_q_heads][head_dim]) and k ([T][num_kv_heads][head_dim]) in
 // place by position * inv_freq[i] for each pair i: pairs (2i, 2i + 1) when interleaved, else
-// (i, i + head_dim / 2). grid (num_tokens), block kThreads.
+// (i, i + head_dim / 2). grid (num_tokens, num_q_heads + num_kv_heads), block head_dim / 2
+// threads (one pair each; a CTA per head keeps every load of a step in flight at once).
 extern "C" __global__ void __launch_bounds__(kThreads)
     rope(scalar_t* __restrict__ q, scalar_t* __restrict__ k, const int* __restrict__ positions,
          const float* __restrict__ inv_freq, int num_q_heads, int num_kv_heads, int head_dim,
          int interleaved) {
   const long long t = blockIdx.x;
+  const int h = blockIdx.y;
   const int half = head_dim / 2;
   const float pos = static_cast<float>(positions[t]);
-  const int pairs = (num_q_heads + num_kv_heads) * half;
-  for (int e = threadIdx.x; e < pairs; e += kThreads) {
-    const int h = e / half;
-    const int i = e % half;
+  for (int i = threadIdx.x; i < half; i += blockDim.x) {
     scalar_t* x = h < num_q_heads ? q + (t * num_q_heads + h) * head_dim
                                   : k + (t * num_kv_heads + (h - num_q_heads)) * head_dim;
     const int a = interleaved ? 2 * i : i;

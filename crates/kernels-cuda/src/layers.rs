@@ -11,6 +11,8 @@ use crate::error::{Result, bad};
 use crate::indices::Indices;
 
 const THREADS: u32 = 256;
+/// The most threads of an RMSNorm CTA (`kNormThreads` in elementwise.cu).
+const NORM_THREADS: usize = 1024;
 
 fn rows(tokens: usize) -> Result<LaunchConfig> {
     if tokens == 0 || tokens > i32::MAX as usize {
@@ -119,7 +121,9 @@ pub fn rms_norm<T: ActScalar>(
             ),
         ));
     }
-    let cfg = rows(residual.len() / hidden)?;
+    let mut cfg = rows(residual.len() / hidden)?;
+    // About 4 values per thread (each keeps up to 8 in registers), a multiple of 32 threads.
+    cfg.block_dim.0 = (hidden.div_ceil(4).div_ceil(32) * 32).clamp(32, NORM_THREADS) as u32;
     let stream = gpu.stream();
     let variant = Variant::elementwise(T::SCALAR);
     match delta {
@@ -204,7 +208,14 @@ pub fn rope<T: ActScalar>(
     if positions.min() < 0 {
         return Err(bad(K, format!("position {}", positions.min())));
     }
-    let cfg = rows(t)?;
+    // One CTA per (token, head), a thread per rotated pair.
+    let mut cfg = rows(t)?;
+    let heads = shape.num_q_heads + shape.num_kv_heads;
+    if heads > 65_535 {
+        return Err(bad(K, format!("{heads} heads per token")));
+    }
+    cfg.grid_dim.1 = heads as u32;
+    cfg.block_dim.0 = (d / 2).div_ceil(32).clamp(1, 8) as u32 * 32;
     let qh = dim(K, "num_q_heads", shape.num_q_heads)?;
     let kh = dim(K, "num_kv_heads", shape.num_kv_heads)?;
     let di = dim(K, "head_dim", d)?;
