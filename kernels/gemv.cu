@@ -2,13 +2,18 @@
 // leaves bandwidth on the table: y[m][n] = sum_k x[m][k] * w[n][k] (+ bias[n]), the weight
 // `[N][K]` row-major as PyTorch's Linear.
 //
-// Bound by streaming the weight once: each warp owns R consecutive rows and reads them with
-// 16-byte loads, kUnroll per lane and row in flight (2: faster than 4 or 8 on an H200,
-// kernels/NOTES.md), evict-first (the weight is read once per
-// step; x stays in L1); every token of the batch reuses each loaded chunk. f32 accumulation,
-// a warp reduction per (row, token). Rows can be split into up to three outputs (a fused
-// Q/K/V weight writes q, k and v apart), and gate/up pairs can be fused with SiLU (`gemv_glu`:
-// rows j and inter + j of the stacked weight give act[j] = silu(gate) * up).
+// Bound by streaming the weight once: each warp owns R consecutive rows (or a 1 / ksplit share
+// of their K range: `ksplit` warps of a CTA split a row group's K and add their sums through
+// shared memory, so short grids still keep enough bytes in flight) and reads them with 16-byte
+// loads, kUnroll per lane and row in flight, evict-first (the weight is read once per step; x
+// stays in L1); every token of the batch reuses each loaded chunk. f32 accumulation, a warp
+// reduction per (row, token).
+//
+// Entry points (M = tokens):
+//   gemv_M            y = x W^T (+ bias), rows split into up to three outputs (a fused Q/K/V
+//                     weight writes q, k and v apart);
+//   gemv_glu_M        act[j] = silu(gate) * up from rows j and inter + j of a stacked gate/up
+//                     weight.
 //
 // Compiled per activation type: SCALAR (0 = half, 1 = bfloat16). K must be a multiple of 8
 // and the weight 16-byte aligned (checked by the launcher).
@@ -19,6 +24,8 @@ constexpr int kThreads = kWarps * 32;
 #ifndef GEMV_UNROLL
 #define GEMV_UNROLL 2
 #endif
+// 16-byte weight loads in flight per lane and row: 2 read the DRAM better than 4 or 8 on an
+// H200 (kernels/NOTES.md).
 constexpr int kUnroll = GEMV_UNROLL;
 
 // Two packed 16-bit values as f32.
@@ -56,34 +63,34 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// acc[r][m] = sum_k x[m][k] * rows[r][k] for this warp's R rows (null rows are skipped: the
-// last warp of an odd N). Every lane gets the full sums.
+// acc[r][m] = sum over chunks [c_begin, c_end) of x[m] . rows[r] (8 values per chunk) for this
+// warp's R rows (null rows are skipped: the last warp of an odd N). Every lane gets the full
+// sums.
 template <int M, int R>
 __device__ __forceinline__ void rows_dot(const scalar_t* const (&rows)[R],
-                                         const scalar_t* __restrict__ x, int k,
-                                         float (&acc)[R][M]) {
+                                         const scalar_t* __restrict__ x, int chunks, int c_begin,
+                                         int c_end, float (&acc)[R][M]) {
   const int lane = threadIdx.x % 32;
-  const int chunks = k / 8;
 #pragma unroll
   for (int r = 0; r < R; ++r)
 #pragma unroll
     for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
   const uint4* x4 = reinterpret_cast<const uint4*>(x);
-  for (int c0 = lane; c0 < chunks; c0 += 32 * kUnroll) {
+  for (int c0 = c_begin + lane; c0 < c_end; c0 += 32 * kUnroll) {
     uint4 wv[R][kUnroll];
 #pragma unroll
     for (int r = 0; r < R; ++r)
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int c = c0 + u * 32;
-        wv[r][u] = (rows[r] != nullptr && c < chunks)
+        wv[r][u] = (rows[r] != nullptr && c < c_end)
                        ? load_stream(reinterpret_cast<const uint4*>(rows[r]) + c)
                        : make_uint4(0, 0, 0, 0);
       }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int c = c0 + u * 32;
-      if (c < chunks) {
+      if (c < c_end) {
 #pragma unroll
         for (int m = 0; m < M; ++m) {
           const uint4 xv = __ldg(x4 + static_cast<long long>(m) * chunks + c);
@@ -99,32 +106,72 @@ __device__ __forceinline__ void rows_dot(const scalar_t* const (&rows)[R],
     for (int m = 0; m < M; ++m) acc[r][m] = warp_sum(acc[r][m]);
 }
 
-// Rows per warp: two when the batch is large enough that the x loads (from L1) would
-// otherwise rival the weight loads.
+// Adds the partial sums of the `ksplit` warps sharing a row group (consecutive warps of the
+// CTA); the first of them returns true with the totals in `acc`. Every thread of the CTA
+// must call it (it holds a barrier).
+template <int M, int R>
+__device__ __forceinline__ bool combine_parts(float (&acc)[R][M], int ksplit) {
+  if (ksplit == 1) return true;
+  __shared__ float partial[kWarps][R][M];
+  const int warp = threadIdx.x / 32;
+  if (threadIdx.x % 32 == 0) {
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int m = 0; m < M; ++m) partial[warp][r][m] = acc[r][m];
+  }
+  __syncthreads();
+  if (warp % ksplit != 0) return false;
+  for (int p = 1; p < ksplit; ++p)
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int m = 0; m < M; ++m) acc[r][m] += partial[warp + p][r][m];
+  return true;
+}
+
+// Rows per warp in the plain products: two when the batch is large enough that the x loads
+// (from L1) would otherwise rival the weight loads.
 template <int M>
 struct PlainRows {
   static constexpr int value = M >= 3 ? 2 : 1;
 };
 
-// y = x W^T (+ bias): rows [0, n0) go to y0 ([M][n0]), [n0, n01) to y1 ([M][n01 - n0]),
-// [n01, n) to y2 ([M][n - n01]). grid (ceil(n / (kWarps * R))), block kThreads.
+// Where this warp works: its row group (index) and its share [c_begin, c_end) of the K
+// chunks; `ksplit` consecutive warps share a group.
+struct Share {
+  int group, c_begin, c_end;
+};
+
+__device__ __forceinline__ Share share_of(int chunks, int ksplit) {
+  const int warp = threadIdx.x / 32;
+  const int part = warp % ksplit;
+  const int per = (chunks + ksplit - 1) / ksplit;
+  return {blockIdx.x * (kWarps / ksplit) + warp / ksplit, min(chunks, part * per),
+          min(chunks, (part + 1) * per)};
+}
+
+// y = x W^T (+ bias) over n rows of K = 8 * chunks: rows [0, n0) go to y0 ([M][n0]), [n0, n01)
+// to y1 ([M][n01 - n0]), [n01, n) to y2 ([M][n - n01]). grid (ceil(n / (kWarps / ksplit * R))),
+// block kThreads.
 template <int M>
 __device__ __forceinline__ void gemv_impl(scalar_t* __restrict__ y0, scalar_t* __restrict__ y1,
                                           scalar_t* __restrict__ y2,
                                           const scalar_t* __restrict__ w,
                                           const scalar_t* __restrict__ x,
                                           const scalar_t* __restrict__ bias, int n0, int n01,
-                                          int n, int k) {
+                                          int n, int k, int ksplit) {
   constexpr int R = PlainRows<M>::value;
-  const int warp = blockIdx.x * kWarps + threadIdx.x / 32;
-  const int first = warp * R;
-  if (first >= n) return;
+  const int chunks = k / 8;
+  const Share sh = share_of(chunks, ksplit);
+  const int first = sh.group * R;
   const scalar_t* rows[R];
 #pragma unroll
   for (int r = 0; r < R; ++r)
     rows[r] = first + r < n ? w + static_cast<long long>(first + r) * k : nullptr;
   float acc[R][M];
-  rows_dot<M, R>(rows, x, k, acc);
+  rows_dot<M, R>(rows, x, chunks, sh.c_begin, sh.c_end, acc);
+  if (!combine_parts<M, R>(acc, ksplit)) return;
   const int lane = threadIdx.x % 32;
 #pragma unroll
   for (int r = 0; r < R; ++r) {
@@ -145,18 +192,21 @@ __device__ __forceinline__ void gemv_impl(scalar_t* __restrict__ y0, scalar_t* _
 }
 
 // y[m][j] = silu(g) * u with g = (x W^T)[m][j], u = (x W^T)[m][inter + j], each rounded to
-// scalar_t first (as the unfused GEMM + silu_mul path). grid (ceil(inter / kWarps)), block
-// kThreads.
+// scalar_t first (as the unfused GEMM + silu_mul path). grid (ceil(inter / (kWarps / ksplit))),
+// block kThreads.
 template <int M>
 __device__ __forceinline__ void gemv_glu_impl(scalar_t* __restrict__ y,
                                               const scalar_t* __restrict__ w,
-                                              const scalar_t* __restrict__ x, int inter, int k) {
-  const int j = blockIdx.x * kWarps + threadIdx.x / 32;
-  if (j >= inter) return;
-  const scalar_t* rows[2] = {w + static_cast<long long>(j) * k,
-                             w + static_cast<long long>(inter + j) * k};
+                                              const scalar_t* __restrict__ x, int inter, int k,
+                                              int ksplit) {
+  const int chunks = k / 8;
+  const Share sh = share_of(chunks, ksplit);
+  const int j = sh.group;
+  const scalar_t* rows[2] = {j < inter ? w + static_cast<long long>(j) * k : nullptr,
+                             j < inter ? w + static_cast<long long>(inter + j) * k : nullptr};
   float acc[2][M];
-  rows_dot<M, 2>(rows, x, k, acc);
+  rows_dot<M, 2>(rows, x, chunks, sh.c_begin, sh.c_end, acc);
+  if (!combine_parts<M, 2>(acc, ksplit) || j >= inter) return;
   const int lane = threadIdx.x % 32;
 #pragma unroll
   for (int m = 0; m < M; ++m) {
@@ -168,16 +218,16 @@ __device__ __forceinline__ void gemv_glu_impl(scalar_t* __restrict__ y,
 }
 
 #define GEMV_ENTRY(M)                                                                          \
-  extern "C" __global__ void __launch_bounds__(kThreads)                                      \
+  extern "C" __global__ void __launch_bounds__(kThreads, 2)                                   \
       gemv_##M(scalar_t* __restrict__ y0, scalar_t* __restrict__ y1, scalar_t* __restrict__ y2, \
                const scalar_t* __restrict__ w, const scalar_t* __restrict__ x,                \
-               const scalar_t* __restrict__ bias, int n0, int n01, int n, int k) {            \
-    gemv_impl<M>(y0, y1, y2, w, x, bias, n0, n01, n, k);                                      \
+               const scalar_t* __restrict__ bias, int n0, int n01, int n, int k, int ksplit) { \
+    gemv_impl<M>(y0, y1, y2, w, x, bias, n0, n01, n, k, ksplit);                              \
   }                                                                                            \
-  extern "C" __global__ void __launch_bounds__(kThreads)                                      \
+  extern "C" __global__ void __launch_bounds__(kThreads, 2)                                   \
       gemv_glu_##M(scalar_t* __restrict__ y, const scalar_t* __restrict__ w,                  \
-                   const scalar_t* __restrict__ x, int inter, int k) {                        \
-    gemv_glu_impl<M>(y, w, x, inter, k);                                                      \
+                   const scalar_t* __restrict__ x, int inter, int k, int ksplit) {            \
+    gemv_glu_impl<M>(y, w, x, inter, k, ksplit);                                              \
   }
 
 GEMV_ENTRY(1)

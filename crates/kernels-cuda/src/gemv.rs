@@ -31,7 +31,6 @@ const GLU: [&str; GEMV_MAX_TOKENS] = [
     "gemv_glu_7",
     "gemv_glu_8",
 ];
-
 /// One output of a [`gemv`]: the next `width` rows of the weight, written `[tokens][width]`.
 #[derive(Debug)]
 pub struct GemvOut<'a, T> {
@@ -65,12 +64,33 @@ fn tokens_of(kernel: &'static str, x_len: usize, k: usize) -> Result<usize> {
     Ok(tokens)
 }
 
-fn grid(rows_per_cta: usize, n: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (n.div_ceil(rows_per_cta) as u32, 1, 1),
+/// The launch over `groups` row groups (one warp's rows each) of width `k`: how many warps
+/// split each group's K, and the grid. Tuned on an H200 with the 8B shapes (ncu, per launch):
+/// short grids split in 2 when each share keeps ≥ 256 16-byte chunks (O, 4,096 rows of
+/// 4,096: 12.8 → 11.9 µs), long rows in 4 (down, 4,096 rows of 14,336: 38.7 → 31.8 µs); the
+/// 6,144-row Q/K/V product ran slower split (16.2 → 18.4 µs), so grids of more than half the
+/// ~64 warps per SM are not.
+fn launch_shape(gpu: &Gpu, groups: usize, k: usize) -> (i32, LaunchConfig) {
+    let chunks = k / 8;
+    let target = 64 * gpu.num_sms();
+    let mut ksplit = 1;
+    if groups * 2 <= target && chunks >= 2 * 256 {
+        ksplit = 2;
+        if chunks >= 4 * 256 && groups <= target {
+            ksplit = 4;
+        }
+    }
+    let cfg = LaunchConfig {
+        grid_dim: (groups.div_ceil(WARPS / ksplit) as u32, 1, 1),
         block_dim: ((WARPS * 32) as u32, 1, 1),
         shared_mem_bytes: 0,
-    }
+    };
+    (ksplit as i32, cfg)
+}
+
+/// Rows per warp of the plain products (gemv.cu's PlainRows).
+fn plain_rows(tokens: usize) -> usize {
+    if tokens >= 3 { 2 } else { 1 }
 }
 
 /// `out[t][j] = Σ_i x[t][i] · w[j][i] (+ bias[j])` for a weight `[n][k]` row-major (as
@@ -101,12 +121,7 @@ pub fn gemv<T: ActScalar>(
         ));
     }
     let n: usize = outs.iter().map(|o| o.width).sum();
-    if n > i32::MAX as usize || w.len() != n * k {
-        return Err(bad(
-            K,
-            format!("weight of {} values for {n} rows of {k}", w.len()),
-        ));
-    }
+    check_weight(K, w.len(), n, k)?;
     if let Some(o) = outs.iter().find(|o| o.out.len() != tokens * o.width) {
         return Err(bad(
             K,
@@ -125,9 +140,7 @@ pub fn gemv<T: ActScalar>(
     let n0 = outs[0].width as i32;
     let n01 = n0 + outs.get(1).map_or(0, |o| o.width as i32);
     let (n_i, k_i) = (n as i32, k as i32);
-    // Two rows per warp from 3 tokens on (gemv.cu's PlainRows).
-    let rows_per_warp = if tokens >= 3 { 2 } else { 1 };
-    let cfg = grid(WARPS * rows_per_warp, n);
+    let (ksplit, cfg) = launch_shape(gpu, n.div_ceil(plain_rows(tokens)), k);
     let f = gpu.function(&Variant::gemv(T::SCALAR), PLAIN[tokens - 1])?;
     let stream = gpu.stream();
     let mut launch = stream.launch_builder(&f);
@@ -145,12 +158,22 @@ pub fn gemv<T: ActScalar>(
         Some(b) => launch.arg(b),
         None => launch.arg(&null),
     };
-    launch.arg(&n0).arg(&n01).arg(&n_i).arg(&k_i);
+    launch.arg(&n0).arg(&n01).arg(&n_i).arg(&k_i).arg(&ksplit);
     // SAFETY: matches `gemv_<tokens>` in kernels/gemv.cu: w holds n x k values and x tokens x k
     // (k a multiple of 8, so every row starts 16-byte aligned in a cudarc allocation), each
-    // output tokens x its width, the bias n values or null (all checked above); rows map to
-    // outputs by the prefix sums n0 and n01 of the widths.
+    // output tokens x its width, the bias n values or null (all checked above); rows map to outputs by the prefix sums n0 and
+    // n01 of the widths; the grid covers n rows at `ksplit` warps per row group.
     unsafe { launch.launch(cfg) }?;
+    Ok(())
+}
+
+fn check_weight(kernel: &'static str, len: usize, n: usize, k: usize) -> Result<()> {
+    if n == 0 || n > i32::MAX as usize || len != n * k {
+        return Err(bad(
+            kernel,
+            format!("weight of {len} values for {n} rows of {k}"),
+        ));
+    }
     Ok(())
 }
 
@@ -188,7 +211,7 @@ pub fn gemv_silu_mul<T: ActScalar>(
         ));
     }
     let (i_i, k_i) = (inter as i32, k as i32);
-    let cfg = grid(WARPS, inter);
+    let (ksplit, cfg) = launch_shape(gpu, inter, k);
     let f = gpu.function(&Variant::gemv(T::SCALAR), GLU[tokens - 1])?;
     let stream = gpu.stream();
     let mut launch = stream.launch_builder(&f);
@@ -197,9 +220,10 @@ pub fn gemv_silu_mul<T: ActScalar>(
         .arg(w_gate_up)
         .arg(x)
         .arg(&i_i)
-        .arg(&k_i);
+        .arg(&k_i)
+        .arg(&ksplit);
     // SAFETY: matches `gemv_glu_<tokens>` in kernels/gemv.cu: w_gate_up holds 2 inter x k
-    // values, x tokens x k (k a multiple of 8), out tokens x inter (checked above).
+    // values, x tokens x k (k a multiple of 8), out tokens x inter (checked above); the grid covers inter row pairs at `ksplit` warps each.
     unsafe { launch.launch(cfg) }?;
     Ok(())
 }
