@@ -812,22 +812,36 @@ fn device_result(
     failures: &mut Vec<(RequestId, String)>,
 ) -> SeqResult {
     if s.logits.is_empty() {
-        return SeqResult {
-            seq: s.seq,
-            tokens: Vec::new(),
-        };
+        return no_tokens(s);
     }
     let token = tokens.get(s.logits.start).copied().flatten();
-    if token.is_none() {
+    sampled(s, token.map(|t| vec![t]), 1, failures)
+}
+
+/// The result of a sequence that wanted no logits this step (a prompt chunk short of its end).
+fn no_tokens(s: &ScheduledSeq) -> SeqResult {
+    SeqResult {
+        seq: s.seq,
+        tokens: Vec::new(),
+    }
+}
+
+/// The result of a sequence's sampling: its tokens, or (`None`: the model gave no finite
+/// logit) `count` placeholder tokens with the request recorded as failed.
+fn sampled(
+    s: &ScheduledSeq,
+    tokens: Option<Vec<u32>>,
+    count: usize,
+    failures: &mut Vec<(RequestId, String)>,
+) -> SeqResult {
+    let tokens = tokens.unwrap_or_else(|| {
         failures.push((
             s.request,
             "the model returned logits with no finite value".into(),
         ));
-    }
-    SeqResult {
-        seq: s.seq,
-        tokens: vec![token.unwrap_or(0)],
-    }
+        vec![0; count]
+    });
+    SeqResult { seq: s.seq, tokens }
 }
 
 /// A row of logits ready for sampling: ids past the sampling vocabulary masked, the repetition
@@ -870,12 +884,8 @@ fn sample_seq(
     failures: &mut Vec<(RequestId, String)>,
 ) -> SeqResult {
     if s.logits.is_empty() {
-        return SeqResult {
-            seq: s.seq,
-            tokens: Vec::new(),
-        };
+        return no_tokens(s);
     }
-    let placeholder = vec![0; s.num_samples.max(1)];
     let row = |i: usize| {
         let r = s.logits.start + i;
         logits
@@ -885,19 +895,7 @@ fn sample_seq(
     let tokens = requests
         .get_mut(&s.request)
         .and_then(|req| sample_for(s, &row, vocab, req));
-    match tokens {
-        Some(tokens) => SeqResult { seq: s.seq, tokens },
-        None => {
-            failures.push((
-                s.request,
-                "the model returned logits with no finite value".into(),
-            ));
-            SeqResult {
-                seq: s.seq,
-                tokens: placeholder,
-            }
-        }
-    }
+    sampled(s, tokens, s.num_samples.max(1), failures)
 }
 
 fn sample_for<'a>(
