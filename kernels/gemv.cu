@@ -217,6 +217,157 @@ __device__ __forceinline__ void gemv_glu_impl(scalar_t* __restrict__ y,
   }
 }
 
+// ---------------------------------------------------------------------------------------
+// Tensor-core variant (gemv_tc_M, gemv_glu_tc_M): a warp computes a tile of 16 weight rows
+// for all M <= 8 tokens with mma.m16n8k16 (weight rows as A, the tokens as the 8 columns of
+// B), so its cost does not grow with the tokens the way the f32 FMAs above do. K order is
+// permuted inside each 32-wide chunk so that every lane's operands are whole 16-byte loads:
+// lane (g = lane / 4, t = lane % 4) loads k = base + 8t .. + 7 of rows g and g + 8 and of
+// token g's x; the first mma takes k + 0..3 and the second k + 4..7 in the fragment slots
+// (2t, 2t + 1, 2t + 8, 2t + 9) of A's rows and B's column: the same permutation on both
+// sides, so the sums are the same.
+
+#if SCALAR == 0
+#define GEMV_MMA_TYPE "f16"
+#else
+#define GEMV_MMA_TYPE "bf16"
+#endif
+
+__device__ __forceinline__ void mma_16816(float (&d)[4], unsigned a0, unsigned a1, unsigned a2,
+                                          unsigned a3, unsigned b0, unsigned b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." GEMV_MMA_TYPE "." GEMV_MMA_TYPE
+               ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// d[T][4] += W[tile T rows] . x over the chunks [c_begin, c_end) (32 values each) for T tiles
+// of 16 rows starting at rows[T] (rows past n zero; tokens past M zero). d[T] holds C(row g,
+// tokens 2t, 2t + 1) and C(row g + 8, tokens 2t, 2t + 1) of tile T.
+template <int M, int T>
+__device__ __forceinline__ void tiles_dot(const scalar_t* __restrict__ w, const int (&tile_row)[T],
+                                          int n, const scalar_t* __restrict__ x, int k,
+                                          int c_begin, int c_end, float (&d)[T][4]) {
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int i = 0; i < T; ++i) d[i][0] = d[i][1] = d[i][2] = d[i][3] = 0.f;
+  const scalar_t* lo[T];
+  const scalar_t* hi[T];
+#pragma unroll
+  for (int i = 0; i < T; ++i) {
+    const int r0 = tile_row[i] + g, r1 = tile_row[i] + g + 8;
+    lo[i] = r0 < n ? w + static_cast<long long>(r0) * k + 8 * t : nullptr;
+    hi[i] = r1 < n ? w + static_cast<long long>(r1) * k + 8 * t : nullptr;
+  }
+  const scalar_t* xg = g < M ? x + static_cast<long long>(g) * k + 8 * t : nullptr;
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+  // 32-wide chunks in flight: 4 for one tile (4 KB per warp), 2 for two.
+  constexpr int U = 4 / T;
+  for (int c = c_begin; c < c_end; c += U) {
+    uint4 a_lo[U][T], a_hi[U][T], b[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const bool in = c + u < c_end;
+      const long long off = static_cast<long long>(c + u) * 32;
+#pragma unroll
+      for (int i = 0; i < T; ++i) {
+        a_lo[u][i] = in && lo[i] ? load_stream(reinterpret_cast<const uint4*>(lo[i] + off)) : zero;
+        a_hi[u][i] = in && hi[i] ? load_stream(reinterpret_cast<const uint4*>(hi[i] + off)) : zero;
+      }
+      b[u] = in && xg ? __ldg(reinterpret_cast<const uint4*>(xg + off)) : zero;
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int i = 0; i < T; ++i) {
+        mma_16816(d[i], a_lo[u][i].x, a_hi[u][i].x, a_lo[u][i].y, a_hi[u][i].y, b[u].x, b[u].y);
+        mma_16816(d[i], a_lo[u][i].z, a_hi[u][i].z, a_lo[u][i].w, a_hi[u][i].w, b[u].z, b[u].w);
+      }
+  }
+}
+
+// Adds the fragments of the `ksplit` warps sharing a tile (consecutive warps of the CTA); the
+// first returns true with the totals. Every thread of the CTA must call it.
+template <int T>
+__device__ __forceinline__ bool combine_tiles(float (&d)[T][4], int ksplit) {
+  if (ksplit == 1) return true;
+  __shared__ float partial[kWarps][T][4][32];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+  for (int i = 0; i < T; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) partial[warp][i][j][lane] = d[i][j];
+  __syncthreads();
+  if (warp % ksplit != 0) return false;
+  for (int p = 1; p < ksplit; ++p)
+#pragma unroll
+    for (int i = 0; i < T; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) d[i][j] += partial[warp + p][i][j][lane];
+  return true;
+}
+
+// y = x W^T (+ bias) as gemv_impl, a tile of 16 rows per warp group. grid
+// (ceil(ceil(n / 16) / (kWarps / ksplit))), block kThreads.
+template <int M>
+__device__ __forceinline__ void gemv_tc_impl(scalar_t* __restrict__ y0, scalar_t* __restrict__ y1,
+                                             scalar_t* __restrict__ y2,
+                                             const scalar_t* __restrict__ w,
+                                             const scalar_t* __restrict__ x,
+                                             const scalar_t* __restrict__ bias, int n0, int n01,
+                                             int n, int k, int ksplit) {
+  const int chunks = k / 32;
+  const Share sh = share_of(chunks, ksplit);
+  const int tile_row[1] = {sh.group * 16};
+  float d[1][4];
+  tiles_dot<M, 1>(w, tile_row, n, x, k, sh.c_begin, sh.c_end, d);
+  if (!combine_tiles<1>(d, ksplit)) return;
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int row = tile_row[0] + g + (j >= 2 ? 8 : 0);
+    const int m = 2 * t + (j & 1);
+    if (m >= M || row >= n) continue;
+    float v = d[0][j];
+    if (bias != nullptr) v += to_float(bias[row]);
+    if (row < n0)
+      y0[static_cast<long long>(m) * n0 + row] = from_float(v);
+    else if (row < n01)
+      y1[static_cast<long long>(m) * (n01 - n0) + (row - n0)] = from_float(v);
+    else
+      y2[static_cast<long long>(m) * (n - n01) + (row - n01)] = from_float(v);
+  }
+}
+
+// act = silu(gate) * up as gemv_glu_impl, tiles of 16 gate rows and their 16 up rows per
+// warp group. grid (ceil(ceil(inter / 16) / (kWarps / ksplit))), block kThreads.
+template <int M>
+__device__ __forceinline__ void gemv_glu_tc_impl(scalar_t* __restrict__ y,
+                                                 const scalar_t* __restrict__ w,
+                                                 const scalar_t* __restrict__ x, int inter,
+                                                 int k, int ksplit) {
+  const int chunks = k / 32;
+  const Share sh = share_of(chunks, ksplit);
+  const int j0 = sh.group * 16;
+  // The bound inter + limit stops the up tile at the last pair; gate rows past `inter` (a
+  // partial last tile) read up rows, whose results are dropped below.
+  const int tile_row[2] = {j0, inter + j0};
+  float d[2][4];
+  const int limit = min(inter, j0 + 16);
+  tiles_dot<M, 2>(w, tile_row, inter + limit, x, k, sh.c_begin, sh.c_end, d);
+  if (!combine_tiles<2>(d, ksplit)) return;
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int row = j0 + g + (j >= 2 ? 8 : 0);
+    const int m = 2 * t + (j & 1);
+    if (m >= M || row >= inter) continue;
+    const float gv = to_float(from_float(d[0][j]));
+    const float uv = to_float(from_float(d[1][j]));
+    y[static_cast<long long>(m) * inter + row] = from_float(gv / (1.f + __expf(-gv)) * uv);
+  }
+}
+
 #define GEMV_ENTRY(M)                                                                          \
   extern "C" __global__ void __launch_bounds__(kThreads, 2)                                   \
       gemv_##M(scalar_t* __restrict__ y0, scalar_t* __restrict__ y1, scalar_t* __restrict__ y2, \
@@ -228,6 +379,18 @@ __device__ __forceinline__ void gemv_glu_impl(scalar_t* __restrict__ y,
       gemv_glu_##M(scalar_t* __restrict__ y, const scalar_t* __restrict__ w,                  \
                    const scalar_t* __restrict__ x, int inter, int k, int ksplit) {            \
     gemv_glu_impl<M>(y, w, x, inter, k, ksplit);                                              \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(kThreads, 2)                                   \
+      gemv_tc_##M(scalar_t* __restrict__ y0, scalar_t* __restrict__ y1,                       \
+                  scalar_t* __restrict__ y2, const scalar_t* __restrict__ w,                  \
+                  const scalar_t* __restrict__ x, const scalar_t* __restrict__ bias, int n0,  \
+                  int n01, int n, int k, int ksplit) {                                         \
+    gemv_tc_impl<M>(y0, y1, y2, w, x, bias, n0, n01, n, k, ksplit);                           \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(kThreads, 2)                                   \
+      gemv_glu_tc_##M(scalar_t* __restrict__ y, const scalar_t* __restrict__ w,               \
+                      const scalar_t* __restrict__ x, int inter, int k, int ksplit) {         \
+    gemv_glu_tc_impl<M>(y, w, x, inter, k, ksplit);                                           \
   }
 
 GEMV_ENTRY(1)

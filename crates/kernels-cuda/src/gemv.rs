@@ -2,6 +2,8 @@
 //! bound by streaming the weight once, which cuBLAS's GEMM does at ~3.2 TB/s on an H200 for
 //! one token (BENCHMARKS.md). One launch can split its rows into up to three outputs (a fused
 //! Q/K/V weight) and add a bias; [`gemv_silu_mul`] fuses the gate/up product with SiLU·up.
+//! From [`GEMV_TC_MIN_TOKENS`] tokens (and `k` a multiple of 32) the products run on tensor
+//! cores, whose cost does not grow with the tokens as the f32 FMAs do.
 #![allow(unsafe_code)]
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
@@ -17,9 +19,65 @@ pub const GEMV_MAX_TOKENS: usize = 8;
 /// Warps per CTA (`kWarps` in gemv.cu).
 const WARPS: usize = 8;
 
+/// Tokens from which the tensor-core kernels run (`KVSERVE_GEMV_TC_MIN` overrides it, for
+/// comparisons; 9 or more turns them off).
+pub const GEMV_TC_MIN_TOKENS: usize = 3;
+
+fn tc_min_tokens() -> usize {
+    static MIN: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MIN.get_or_init(|| {
+        std::env::var("KVSERVE_GEMV_TC_MIN")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(GEMV_TC_MIN_TOKENS)
+    })
+}
+
+/// Whether `tokens` rows of width `k` go to the tensor-core kernels.
+fn use_tc(tokens: usize, k: usize) -> bool {
+    tokens >= tc_min_tokens() && k.is_multiple_of(32)
+}
+
+/// The tensor-core launch over `tiles` tiles of 16 rows of width `k`: up to 8 warps split
+/// each tile's K (the tiles are few: 384 for the 8B Q/K/V) while each keeps ≥ 8 chunks of 32.
+fn tc_launch_shape(gpu: &Gpu, tiles: usize, k: usize) -> (i32, LaunchConfig) {
+    let chunks = k / 32;
+    let target = 64 * gpu.num_sms();
+    let mut ksplit = 1;
+    while ksplit < WARPS && tiles * ksplit * 2 <= 2 * target && chunks / (2 * ksplit) >= 8 {
+        ksplit *= 2;
+    }
+    let cfg = LaunchConfig {
+        grid_dim: (tiles.div_ceil(WARPS / ksplit) as u32, 1, 1),
+        block_dim: ((WARPS * 32) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    (ksplit as i32, cfg)
+}
+
 /// Entry points by token count (index `tokens - 1`).
 const PLAIN: [&str; GEMV_MAX_TOKENS] = [
     "gemv_1", "gemv_2", "gemv_3", "gemv_4", "gemv_5", "gemv_6", "gemv_7", "gemv_8",
+];
+const PLAIN_TC: [&str; GEMV_MAX_TOKENS] = [
+    "gemv_tc_1",
+    "gemv_tc_2",
+    "gemv_tc_3",
+    "gemv_tc_4",
+    "gemv_tc_5",
+    "gemv_tc_6",
+    "gemv_tc_7",
+    "gemv_tc_8",
+];
+const GLU_TC: [&str; GEMV_MAX_TOKENS] = [
+    "gemv_glu_tc_1",
+    "gemv_glu_tc_2",
+    "gemv_glu_tc_3",
+    "gemv_glu_tc_4",
+    "gemv_glu_tc_5",
+    "gemv_glu_tc_6",
+    "gemv_glu_tc_7",
+    "gemv_glu_tc_8",
 ];
 const GLU: [&str; GEMV_MAX_TOKENS] = [
     "gemv_glu_1",
@@ -140,8 +198,14 @@ pub fn gemv<T: ActScalar>(
     let n0 = outs[0].width as i32;
     let n01 = n0 + outs.get(1).map_or(0, |o| o.width as i32);
     let (n_i, k_i) = (n as i32, k as i32);
-    let (ksplit, cfg) = launch_shape(gpu, n.div_ceil(plain_rows(tokens)), k);
-    let f = gpu.function(&Variant::gemv(T::SCALAR), PLAIN[tokens - 1])?;
+    let (ksplit, cfg, name) = if use_tc(tokens, k) {
+        let (ks, cfg) = tc_launch_shape(gpu, n.div_ceil(16), k);
+        (ks, cfg, PLAIN_TC[tokens - 1])
+    } else {
+        let (ks, cfg) = launch_shape(gpu, n.div_ceil(plain_rows(tokens)), k);
+        (ks, cfg, PLAIN[tokens - 1])
+    };
+    let f = gpu.function(&Variant::gemv(T::SCALAR), name)?;
     let stream = gpu.stream();
     let mut launch = stream.launch_builder(&f);
     // Absent outputs and bias are null pointers; the kernel never touches them (no rows map
@@ -159,7 +223,8 @@ pub fn gemv<T: ActScalar>(
         None => launch.arg(&null),
     };
     launch.arg(&n0).arg(&n01).arg(&n_i).arg(&k_i).arg(&ksplit);
-    // SAFETY: matches `gemv_<tokens>` in kernels/gemv.cu: w holds n x k values and x tokens x k
+    // SAFETY: matches `gemv_<tokens>` and `gemv_tc_<tokens>` in kernels/gemv.cu (same
+    // arguments; the latter only for k a multiple of 32): w holds n x k values and x tokens x k
     // (k a multiple of 8, so every row starts 16-byte aligned in a cudarc allocation), each
     // output tokens x its width, the bias n values or null (all checked above); rows map to outputs by the prefix sums n0 and
     // n01 of the widths; the grid covers n rows at `ksplit` warps per row group.
@@ -211,8 +276,14 @@ pub fn gemv_silu_mul<T: ActScalar>(
         ));
     }
     let (i_i, k_i) = (inter as i32, k as i32);
-    let (ksplit, cfg) = launch_shape(gpu, inter, k);
-    let f = gpu.function(&Variant::gemv(T::SCALAR), GLU[tokens - 1])?;
+    let (ksplit, cfg, name) = if use_tc(tokens, k) {
+        let (ks, cfg) = tc_launch_shape(gpu, inter.div_ceil(16), k);
+        (ks, cfg, GLU_TC[tokens - 1])
+    } else {
+        let (ks, cfg) = launch_shape(gpu, inter, k);
+        (ks, cfg, GLU[tokens - 1])
+    };
+    let f = gpu.function(&Variant::gemv(T::SCALAR), name)?;
     let stream = gpu.stream();
     let mut launch = stream.launch_builder(&f);
     launch
@@ -222,7 +293,8 @@ pub fn gemv_silu_mul<T: ActScalar>(
         .arg(&i_i)
         .arg(&k_i)
         .arg(&ksplit);
-    // SAFETY: matches `gemv_glu_<tokens>` in kernels/gemv.cu: w_gate_up holds 2 inter x k
+    // SAFETY: matches `gemv_glu_<tokens>` and `gemv_glu_tc_<tokens>` in kernels/gemv.cu (same
+    // arguments; the latter only for k a multiple of 32): w_gate_up holds 2 inter x k
     // values, x tokens x k (k a multiple of 8), out tokens x inter (checked above); the grid covers inter row pairs at `ksplit` warps each.
     unsafe { launch.launch(cfg) }?;
     Ok(())

@@ -38,7 +38,7 @@ pub use compile::{Program, Scalar, Variant};
 pub use device::{Gpu, driver_available};
 pub use error::{KernelError, Result};
 pub use gemm::Blas;
-pub use gemv::{GEMV_MAX_TOKENS, GemvOut, gemv, gemv_silu_mul};
+pub use gemv::{GEMV_MAX_TOKENS, GEMV_TC_MIN_TOKENS, GemvOut, gemv, gemv_silu_mul};
 pub use indices::{Index, Indices};
 pub use layers::{
     RopeShape, add_bias, embedding_gather, fill_uniform, gather_rows, rms_norm, rope, silu_mul,

@@ -159,10 +159,14 @@ fn buffer<
         .ok_or_else(|| ModelError::Unsupported("device buffer vanished".into()))
 }
 
-/// Batches up to this many tokens run their products through the GEMV kernels: faster than
-/// cuBLAS up to 4 tokens on an H200 (8B shape, whole step: 5.2 vs 8.6 ms at 1 token, 6.3 vs
-/// 7.4 at 4), slower at 8 (8.8 vs 7.6: the kernel's FMAs grow with the tokens).
-const GEMV_TOKENS: usize = 4;
+/// Batches up to this many tokens run their products through the GEMV kernels when every
+/// width is a multiple of 32 (the tensor-core GEMV from `GEMV_TC_MIN_TOKENS` on), else up to
+/// [`GEMV_FMA_TOKENS`].
+const GEMV_TOKENS: usize = kernels_cuda::GEMV_MAX_TOKENS;
+
+/// The f32-FMA GEMV alone beats cuBLAS up to 4 tokens on an H200 (8B shape, whole step: 5.2
+/// vs 8.6 ms at 1 token, 6.3 vs 7.4 at 4), not at 8 (8.8 vs 7.6: its FMAs grow with the tokens).
+const GEMV_FMA_TOKENS: usize = 4;
 
 /// The linear layers of one step: through the GEMV kernels for small batches, else cuBLAS.
 struct Products<'a> {
@@ -446,8 +450,13 @@ impl CudaBackend {
         let eps = c.rms_norm_eps;
         // Small batches stream each weight once through the GEMV kernels (their inputs must be
         // rows of a multiple of 8 values).
-        let small =
-            self.gemv && t <= GEMV_TOKENS && [h, qh * d, inter].iter().all(|x| x.is_multiple_of(8));
+        let widths = [h, qh * d, inter];
+        let max_small = if widths.iter().all(|x| x.is_multiple_of(32)) {
+            GEMV_TOKENS
+        } else {
+            GEMV_FMA_TOKENS
+        };
+        let small = self.gemv && t <= max_small && widths.iter().all(|x| x.is_multiple_of(8));
         let products = Products {
             gpu,
             blas: &self.blas,
@@ -574,7 +583,13 @@ impl CudaBackend {
         let out = buffer(&mut bf.logits, gpu, n * vocab)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embedding);
         let picked = bf.picked.as_ref().ok_or_else(missing)?;
-        let small_head = self.gemv && n <= GEMV_TOKENS && h.is_multiple_of(8);
+        let small_head = self.gemv
+            && h.is_multiple_of(8)
+            && n <= if h.is_multiple_of(32) {
+                GEMV_TOKENS
+            } else {
+                GEMV_FMA_TOKENS
+            };
         if small_head {
             kernels_cuda::gemv(
                 gpu,
