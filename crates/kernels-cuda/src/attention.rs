@@ -262,7 +262,11 @@ impl PagedDecoder {
         let ctas = meta.num_seqs * num_kv_heads;
         // CTAs per SM to aim for, the partition quantum, and the longest partition.
         let (per_sm, quantum, max_p) = match kernel {
-            DecodeKernel::TensorCore => (6, TC_QUANTUM, usize::MAX),
+            // Measured on an H200 with forced partitions (BENCHMARKS.md): about 2 CTAs per
+            // SM and partitions of at most 1,024 tokens were the fastest or within 8% of it at
+            // every batch {1, 16, 64, 256} x context {1K, 4K, 32K}; 6 per SM (the first
+            // choice) split too finely (16 x 4K: 88.6 us against 77.1).
+            DecodeKernel::TensorCore => (2, TC_QUANTUM, 1024),
             DecodeKernel::Split => (
                 2,
                 PARTITION_QUANTUM,
