@@ -741,10 +741,13 @@ fn gemv_matches_the_reference_and_refuses_bad_shapes() {
     let is_bad = |r: kernels_cuda::Result<()>| matches!(r, Err(KernelError::BadArgument { .. }));
     // (k, widths of the outputs, bias): a fused Q/K/V of SmolLM2's shape with a bias, an odd
     // number of rows (the last warp has one row when two rows share a warp), one long row.
-    let shapes: [(usize, &[usize], bool); 3] = [
+    let shapes: [(usize, &[usize], bool); 4] = [
         (576, &[576, 192, 192], true),
         (1536, &[577], false),
         (4096, &[1024, 8], false),
+        // Not a multiple of 32: the f32-FMA kernels at every token count (the others take the
+        // tensor-core kernels from GEMV_TC_MIN_TOKENS on).
+        (584, &[200, 56], true),
     ];
     for tokens in 1..=GEMV_MAX_TOKENS {
         for &(k, widths, with_bias) in &shapes {
