@@ -39,30 +39,53 @@ fn every_kernel_compiles_for_sm80_and_sm90_without_spills() {
     }
     let variants = selected();
     let start = Instant::now();
+    // Every (arch, variant) compiles independently: spread them over the cores (NVRTC is
+    // thread-safe), which keeps this test, the longest of the suite, short on CI's 2 cores.
+    let jobs: Vec<(&str, &Variant)> = ["sm_80", "sm_90"]
+        .into_iter()
+        .flat_map(|arch| variants.iter().map(move |v| (arch, v)))
+        .collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let results: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let jobs = &jobs;
+                scope.spawn(move || {
+                    jobs.iter()
+                        .skip(t)
+                        .step_by(threads)
+                        .map(|&(arch, v)| (arch, v, compile_fresh(v, arch)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
     let mut spills = Vec::new();
-    for arch in ["sm_80", "sm_90"] {
-        for v in &variants {
-            let c = match compile_fresh(v, arch) {
-                Ok(c) => c,
-                Err(KernelError::NoHeaders { searched }) => {
-                    eprintln!("SKIPPED: no CUDA headers (searched {searched})");
-                    return;
-                }
-                Err(e) => panic!("{v} for {arch}: {e}"),
-            };
-            assert!(!c.cubin.is_empty(), "{v} {arch}: empty cubin");
-            for line in resource_summary(&c.log) {
-                if line.contains("bytes stack frame") && !line.contains(" 0 bytes spill stores") {
-                    spills.push(format!("{arch} {v}: {line}"));
-                }
-                if arch == "sm_90" && v.dtype == KvCacheDtype::Int8 && v.scalar == Scalar::Bf16 {
-                    eprintln!("{arch} {v}: {line}");
-                }
+    for (arch, v, result) in results {
+        let c = match result {
+            Ok(c) => c,
+            Err(KernelError::NoHeaders { searched }) => {
+                eprintln!("SKIPPED: no CUDA headers (searched {searched})");
+                return;
+            }
+            Err(e) => panic!("{v} for {arch}: {e}"),
+        };
+        assert!(!c.cubin.is_empty(), "{v} {arch}: empty cubin");
+        for line in resource_summary(&c.log) {
+            if line.contains("bytes stack frame") && !line.contains(" 0 bytes spill stores") {
+                spills.push(format!("{arch} {v}: {line}"));
+            }
+            if arch == "sm_90" && v.dtype == KvCacheDtype::Int8 && v.scalar == Scalar::Bf16 {
+                eprintln!("{arch} {v}: {line}");
             }
         }
     }
     eprintln!(
-        "compiled {} variants x 2 archs in {:.1} s",
+        "compiled {} variants x 2 archs in {:.1} s on {threads} threads",
         variants.len(),
         start.elapsed().as_secs_f64()
     );
