@@ -27,8 +27,11 @@
 // third buffer (8-bit codes are exact in bf16 and fp16) and the per-token scales fold around
 // the products as in paged_attention_tc.cu: each logit is scaled by s_k after q . K, and P is
 // scaled by s_v before it becomes the A operand (the softmax sum uses the unscaled p).
-#include "common.cuh"
+#include "tc_common.cuh"
 
+#if KVS_TC_INT4
+#error "int4 KV has no prefill kernel (its tokens attend through paged_attention_tc.cu)"
+#endif
 #ifndef GQA_GROUP
 #error "GQA_GROUP must be defined"
 #endif
@@ -40,15 +43,6 @@ constexpr int kThreads = 32 * kWarps;
 constexpr int kBlockM = 16 * kWarps;                    // rows (token, head) per CTA
 constexpr int kBlockN = HEAD_DIM == 64 ? 64 : 32;       // keys per tile
 constexpr int kStages = 2;
-#if KV_DTYPE == KVT_INT8 || KVT_IS_FP8
-#define KVS_TC_CODES 1  // 8-bit codes with one f32 scale per (token, head)
-constexpr int kBytes = 1;
-#else
-static_assert(KV_DTYPE == (SCALAR == 0 ? KVT_FP16 : KVT_BF16),
-              "16-bit KV must be of the activation type");
-#define KVS_TC_CODES 0
-constexpr int kBytes = 2;
-#endif
 constexpr int kRow16 = HEAD_DIM * 2 + 16;        // bytes of a 16-bit smem row: padded so the
                                                  // 8 rows of an ldmatrix hit distinct banks
 constexpr int kChunksPerRow = HEAD_DIM * kBytes / 16;  // 16-byte cp.async chunks per row
@@ -56,7 +50,6 @@ constexpr int kKSteps = HEAD_DIM / 16;           // mma K steps of q . K^T
 constexpr int kNTilesS = kBlockN / 8;            // mma N tiles of S (8 keys each)
 constexpr int kKStepsPV = kBlockN / 16;          // mma K steps of P . V (16 keys each)
 constexpr int kNTilesO = HEAD_DIM / 8;           // mma N tiles of O (8 channels each)
-constexpr float kLog2e = 1.4426950408889634f;
 static_assert(GQA_GROUP >= 1 && GQA_GROUP <= 8, "GQA group 1..8");
 static_assert(kBlockN * kChunksPerRow % kThreads == 0, "whole chunks per thread");
 static_assert(2 * kBlockN <= kThreads, "one scale per thread");
@@ -77,81 +70,6 @@ struct Tiles {
 #endif
 };
 static_assert(sizeof(Tiles) <= 48 * 1024, "static shared memory");
-
-__device__ __forceinline__ unsigned pack(scalar_t lo, scalar_t hi) {
-  const unsigned short a = *reinterpret_cast<const unsigned short*>(&lo);
-  const unsigned short b = *reinterpret_cast<const unsigned short*>(&hi);
-  return static_cast<unsigned>(a) | (static_cast<unsigned>(b) << 16);
-}
-
-__device__ __forceinline__ unsigned pack_float(float lo, float hi) {
-  return pack(from_float(lo), from_float(hi));
-}
-
-#if SCALAR == 0
-#define KVS_MMA_TYPE "f16"
-#else
-#define KVS_MMA_TYPE "bf16"
-#endif
-
-// D = A * B + D for one m16n8k16 tile, f32 accumulators.
-__device__ __forceinline__ void mma(float (&d)[4], const unsigned (&a)[4], unsigned b0,
-                                    unsigned b1) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." KVS_MMA_TYPE "." KVS_MMA_TYPE
-               ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// Four 8x8 matrices of 16-bit elements from shared memory; lane l gives the address of row
-// l % 8 of matrix l / 8 and receives, of matrix i, in r[i] the elements (row l / 4, columns
-// 2 (l % 4), + 1) (with .trans: (rows 2 (l % 4), + 1, column l / 4)).
-__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], unsigned addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], unsigned addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-// Copies 16 bytes global -> shared asynchronously; `bytes` 0 writes zeros instead.
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int bytes) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
-               "r"(bytes));
-}
-
-// Copies 4 bytes global -> shared asynchronously; `bytes` 0 writes zeros instead.
-__device__ __forceinline__ void cp_async4(void* smem, const void* gmem, int bytes) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(gmem),
-               "r"(bytes));
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
-
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-// Where token t's row of KV head `head` starts in a cache (values, or with `scales` the
-// 8-bit codes' scale); -1 for a token outside [lo, hi).
-__device__ __forceinline__ long long row_offset(const int* __restrict__ table, int t, int lo,
-                                                int hi, int block_shift, int block_size,
-                                                int num_kv_heads, long long block_bytes,
-                                                int head, bool scales) {
-  if (t < lo || t >= hi) return -1;
-  const long long base = static_cast<long long>(table[t >> block_shift]) * block_bytes;
-  const int slot = t & (block_size - 1);
-  return base + (scales ? kv_scale_offset(KV_DTYPE, block_size, num_kv_heads, HEAD_DIM, head,
-                                          slot)
-                        : kv_value_offset(KV_DTYPE, block_size, HEAD_DIM, head, slot));
-}
 
 // Issues the copies of the tile of keys t0 .. t0 + kBlockN into `stage`; tokens outside
 // [lo, hi) are zero-filled (never read from the cache: their table entries may be padding).

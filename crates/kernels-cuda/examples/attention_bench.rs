@@ -5,14 +5,16 @@
 //! `scripts/bench_attention_baseline.py` (PyTorch SDPA and the copy roofline) in the same call:
 //!
 //! `attention_bench [--quick] [--partition N] [--profile]` (`KVSERVE_KERNEL_DEFINES=-DKV_UNROLL=8`
-//! to try a kernel variant; `KVSERVE_DECODE_KERNEL=split` for the CUDA-core kernel on the rows
-//! the default tensor-core kernel runs: bf16 and int8). `--profile`: one warm-up and one measured launch per case and no
-//! timing, for `cargo xtask profile` (ncu).
+//! to try a kernel variant; the default tensor-core kernel runs every row (bf16, int8 and
+//! int4-g32), `KVSERVE_DECODE_KERNEL=split` runs them on the CUDA-core kernel). `--profile`: one
+//! warm-up and one measured launch per case and no timing, for `cargo xtask profile` (ncu).
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 
+mod common;
+
+use common::{cache_bytes, median_us, open_gpu, query};
 use half::bf16;
-use kernels_cuda::cudarc::driver::sys::CUevent_flags;
-use kernels_cuda::{DecodeMetadata, Gpu, PagedDecoder};
+use kernels_cuda::{DecodeMetadata, PagedDecoder};
 use kv_quant::{BlockLayout, KvCacheDtype};
 
 fn main() {
@@ -23,14 +25,8 @@ fn main() {
         .skip_while(|a| a != "--partition")
         .nth(1)
         .map(|p| p.parse().unwrap());
-    let gpu = Gpu::new(0).unwrap();
+    let gpu = open_gpu();
     let stream = gpu.stream().clone();
-    println!(
-        "device: {} ({}, {} SMs)",
-        gpu.name(),
-        gpu.arch(),
-        gpu.num_sms()
-    );
     let shapes: Vec<(usize, usize)> = if quick {
         vec![(1, 4096), (16, 4096), (64, 4096)]
     } else {
@@ -58,11 +54,7 @@ fn main() {
             let per_seq = l / bs;
             let num_blocks = b * per_seq;
             let bb = layout.kv_block_bytes();
-            // Random bytes: any code is a valid value (scales included, finite or not does
-            // not change the memory traffic); never zeros.
-            let bytes: Vec<u8> = (0..num_blocks * bb)
-                .map(|i| ((i as u64).wrapping_mul(0x9e37_79b9) >> 13) as u8 & 0x3f)
-                .collect();
+            let bytes = cache_bytes(num_blocks * bb);
             // Enough copies of the cache that back-to-back launches do not hit in the L2
             // (at least 256 MiB read per round), as the SDPA baseline does.
             let sets = (256usize << 20).div_ceil(2 * bytes.len()).clamp(1, 64);
@@ -78,21 +70,11 @@ fn main() {
             let ctx = vec![l as i32; b];
             let meta =
                 DecodeMetadata::new(&gpu, &tables, per_seq, &ctx, bs, num_blocks, None).unwrap();
-            let q: Vec<bf16> = (0..b * heads * d)
-                .map(|i| bf16::from_f32(((i % 97) as f32 - 48.0) / 64.0))
-                .collect();
-            let q = stream.clone_htod(&q).unwrap();
+            let q = stream.clone_htod(&query(b * heads * d)).unwrap();
             let mut out = stream.alloc_zeros::<bf16>(b * heads * d).unwrap();
             let mut dec = PagedDecoder::new();
             dec.set_partition_size(partition).unwrap();
             let launches = sets.max(8);
-            let mut round = |dec: &mut PagedDecoder| {
-                for i in 0..launches {
-                    let (kc, vc) = &caches[i % sets];
-                    dec.run(&gpu, &meta, &layout, heads, &q, kc, vc, &mut out)
-                        .unwrap();
-                }
-            };
             if profile {
                 for _ in 0..2 {
                     dec.run(
@@ -111,25 +93,11 @@ fn main() {
                 println!("| {b} | {l} | {dtype} | (profiled) | | |");
                 continue;
             }
-            round(&mut dec);
-            let mut times = Vec::new();
-            for _ in 0..15 {
-                let start = gpu
-                    .context()
-                    .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            let us = median_us(&gpu, 15, launches, |i| {
+                let (kc, vc) = &caches[i % sets];
+                dec.run(&gpu, &meta, &layout, heads, &q, kc, vc, &mut out)
                     .unwrap();
-                let end = gpu
-                    .context()
-                    .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-                    .unwrap();
-                start.record(&stream).unwrap();
-                round(&mut dec);
-                end.record(&stream).unwrap();
-                end.synchronize().unwrap();
-                times.push(f64::from(start.elapsed_ms(&end).unwrap()) * 1e3 / launches as f64);
-            }
-            times.sort_by(|a, b| a.partial_cmp(b).unwrap());
-            let us = times[times.len() / 2];
+            });
             let read = 2.0 * (b * l * kv_heads * layout.bytes_per_token_per_head()) as f64;
             if dtype == KvCacheDtype::Bf16 {
                 bf16_us = us;

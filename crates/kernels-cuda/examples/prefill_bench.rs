@@ -9,50 +9,17 @@
 //! `prefill_bench [--quick]` (`--quick`: bf16 only, no 8K prompt).
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 
-use half::bf16;
-use kernels_cuda::cudarc::driver::sys::CUevent_flags;
-use kernels_cuda::{
-    DecodeMetadata, Gpu, PagedDecoder, PrefillBatch, PrefillMetadata, paged_prefill,
-};
-use kv_quant::{BlockLayout, KvCacheDtype};
+mod common;
 
-/// Median µs per call of `f` (called `reps` times per timed round).
-fn time(gpu: &Gpu, reps: usize, mut f: impl FnMut()) -> f64 {
-    let stream = gpu.stream().clone();
-    f();
-    stream.synchronize().unwrap();
-    let mut times = Vec::new();
-    for _ in 0..9 {
-        let start = gpu
-            .context()
-            .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-            .unwrap();
-        let end = gpu
-            .context()
-            .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-            .unwrap();
-        start.record(&stream).unwrap();
-        for _ in 0..reps {
-            f();
-        }
-        end.record(&stream).unwrap();
-        end.synchronize().unwrap();
-        times.push(f64::from(start.elapsed_ms(&end).unwrap()) * 1e3 / reps as f64);
-    }
-    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    times[times.len() / 2]
-}
+use common::{cache_bytes, median_us, open_gpu, query};
+use half::bf16;
+use kernels_cuda::{DecodeMetadata, PagedDecoder, PrefillBatch, PrefillMetadata, paged_prefill};
+use kv_quant::{BlockLayout, KvCacheDtype};
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
-    let gpu = Gpu::new(0).unwrap();
+    let gpu = open_gpu();
     let stream = gpu.stream().clone();
-    println!(
-        "device: {} ({}, {} SMs)",
-        gpu.name(),
-        gpu.arch(),
-        gpu.num_sms()
-    );
     let (kv_heads, heads, d, bs) = (8usize, 32usize, 128usize, 16usize);
     // (name, [(query_len, context_len)])
     let mut cases: Vec<(&str, Vec<(usize, usize)>)> = vec![
@@ -78,10 +45,7 @@ fn main() {
             let max_blocks = seqs.iter().map(|s| s.1.div_ceil(bs)).max().unwrap();
             let num_blocks: usize = seqs.iter().map(|s| s.1.div_ceil(bs)).sum();
             let bb = layout.kv_block_bytes();
-            // Random bytes (finite values and scales), never zeros.
-            let bytes: Vec<u8> = (0..num_blocks * bb)
-                .map(|i| ((i as u64).wrapping_mul(0x9e37_79b9) >> 13) as u8 & 0x3f)
-                .collect();
+            let bytes = cache_bytes(num_blocks * bb);
             let kc = stream.clone_htod(&bytes).unwrap();
             let vc = stream.clone_htod(&bytes).unwrap();
             let mut tables = vec![0i32; seqs.len() * max_blocks];
@@ -98,10 +62,7 @@ fn main() {
             }
             let tokens = *starts.last().unwrap() as usize;
             let ctx: Vec<i32> = seqs.iter().map(|s| s.1 as i32).collect();
-            let q: Vec<bf16> = (0..tokens * heads * d)
-                .map(|i| bf16::from_f32(((i % 97) as f32 - 48.0) / 64.0))
-                .collect();
-            let q = stream.clone_htod(&q).unwrap();
+            let q = stream.clone_htod(&query(tokens * heads * d)).unwrap();
             let mut out = stream.alloc_zeros::<bf16>(tokens * heads * d).unwrap();
             let meta = PrefillMetadata::new(
                 &gpu,
@@ -140,11 +101,11 @@ fn main() {
             .unwrap();
             let keys: usize = tok_ctx.iter().map(|&c| c as usize).sum();
             let flops = 4.0 * (d * heads * keys) as f64;
-            let us = time(&gpu, 10, || {
+            let us = median_us(&gpu, 9, 10, |_| {
                 paged_prefill(&gpu, &meta, &layout, heads, &q, &kc, &vc, &mut out).unwrap();
             });
             let mut dec = PagedDecoder::new();
-            let dus = time(&gpu, 3, || {
+            let dus = median_us(&gpu, 9, 3, |_| {
                 dec.run(&gpu, &dmeta, &layout, heads, &q, &kc, &vc, &mut out)
                     .unwrap();
             });

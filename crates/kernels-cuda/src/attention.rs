@@ -1,7 +1,9 @@
 //! Paged decode attention: one query token per sequence over its cached context.
 #![allow(unsafe_code)]
 
-use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits};
+use cudarc::driver::{
+    CudaSlice, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+};
 use kv_quant::BlockLayout;
 
 use crate::compile::{HEAD_DIMS, MAX_GQA_GROUP, Program, Scalar, Variant};
@@ -70,33 +72,17 @@ impl DecodeMetadata {
         num_blocks: usize,
         window: Option<usize>,
     ) -> Result<Self> {
-        let num_seqs = context_lens.len();
-        if num_seqs == 0 {
-            return Err(bad(KERNEL, "empty batch (no context lengths)"));
-        }
-        if !block_size.is_power_of_two() || block_size > 1024 {
-            return Err(bad(
-                KERNEL,
-                format!("block_size {block_size} is not a power of two <= 1024"),
-            ));
-        }
-        if max_blocks == 0 || block_tables.len() != num_seqs * max_blocks {
-            return Err(bad(
-                KERNEL,
-                format!(
-                    "block_tables has {} entries, expected {num_seqs} x {max_blocks}",
-                    block_tables.len()
-                ),
-            ));
-        }
-        if num_blocks > i32::MAX as usize
-            || max_blocks.saturating_mul(block_size) > i32::MAX as usize
-        {
-            return Err(bad(KERNEL, "cache or table too large for 32-bit indices"));
-        }
-        if window == Some(0) {
-            return Err(bad(KERNEL, "a sliding window of 0 tokens"));
-        }
+        let tables = Tables {
+            kernel: KERNEL,
+            block_tables,
+            num_seqs: context_lens.len(),
+            max_blocks,
+            block_size,
+            num_blocks,
+            window,
+        };
+        tables.check()?;
+        let num_seqs = tables.num_seqs;
         let mut max_attended = 0;
         for (s, &ctx) in context_lens.iter().enumerate() {
             if ctx < 1 || ctx as usize > max_blocks * block_size {
@@ -111,21 +97,7 @@ impl DecodeMetadata {
             let ctx = ctx as usize;
             let first = window.map_or(0, |w| ctx.saturating_sub(w));
             max_attended = max_attended.max(ctx - first);
-            let row = &block_tables[s * max_blocks..(s + 1) * max_blocks];
-            for (j, &b) in row[first / block_size..ctx.div_ceil(block_size)]
-                .iter()
-                .enumerate()
-            {
-                if b < 0 || b as usize >= num_blocks {
-                    return Err(bad(
-                        KERNEL,
-                        format!(
-                            "sequence {s}: block table entry {} is {b}, outside 0..{num_blocks}",
-                            first / block_size + j
-                        ),
-                    ));
-                }
-            }
+            tables.check_row(s, first, ctx)?;
         }
         let stream = gpu.stream();
         Ok(Self {
@@ -150,11 +122,11 @@ impl DecodeMetadata {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DecodeKernel {
     /// `paged_attention.cu`: CUDA cores, every KV dtype. Runs what the tensor-core kernel
-    /// does not (int4, mixed 16-bit types); `KVSERVE_DECODE_KERNEL=split` forces it.
+    /// does not (mixed 16-bit types); `KVSERVE_DECODE_KERNEL=split` forces it.
     Split,
     /// `paged_attention_tc.cu`: tensor cores, cp.async tiles; 16-bit KV of the activation
-    /// type, int8 and fp8 (int4 and mixed 16-bit types run `Split`). The default: 1.1–1.4×
-    /// faster than `Split` on an H200 (BENCHMARKS.md).
+    /// type, int8, fp8 and int4 (mixed 16-bit types run `Split`). The default: 1.1–1.4×
+    /// faster than `Split` on an H200 for 16-bit and 8-bit KV (BENCHMARKS.md).
     #[default]
     TensorCore,
 }
@@ -310,62 +282,23 @@ impl PagedDecoder {
         v_cache: &CudaSlice<u8>,
         out: &mut CudaSlice<T>,
     ) -> Result<DecodePlan> {
+        let group = check_launch(
+            KERNEL,
+            layout,
+            &LaunchShapes {
+                rows: meta.num_seqs,
+                row_name: "seqs",
+                num_heads,
+                q: q.len(),
+                out: out.len(),
+                k_cache: k_cache.len(),
+                v_cache: v_cache.len(),
+                num_blocks: meta.num_blocks,
+                block_size: meta.block_size,
+            },
+        )?;
         let d = layout.head_dim();
         let kv_heads = layout.num_kv_heads();
-        if !HEAD_DIMS.contains(&d) {
-            return Err(KernelError::Unsupported {
-                kernel: KERNEL,
-                what: format!("head_dim {d} (built: {HEAD_DIMS:?})"),
-            });
-        }
-        if num_heads == 0 || !num_heads.is_multiple_of(kv_heads) {
-            return Err(bad(
-                KERNEL,
-                format!("{num_heads} query heads are not a multiple of {kv_heads} KV heads"),
-            ));
-        }
-        let group = num_heads / kv_heads;
-        if group > MAX_GQA_GROUP {
-            return Err(KernelError::Unsupported {
-                kernel: KERNEL,
-                what: format!("GQA group {group} (at most {MAX_GQA_GROUP})"),
-            });
-        }
-        if layout.block_size() != meta.block_size {
-            return Err(bad(
-                KERNEL,
-                format!(
-                    "layout block_size {} but the metadata's is {}",
-                    layout.block_size(),
-                    meta.block_size
-                ),
-            ));
-        }
-        let n = meta.num_seqs * num_heads * d;
-        if q.len() != n || out.len() != n {
-            return Err(bad(
-                KERNEL,
-                format!(
-                    "q has {} and out {} values, expected {} seqs x {num_heads} heads x {d}",
-                    q.len(),
-                    out.len(),
-                    meta.num_seqs
-                ),
-            ));
-        }
-        let block_bytes = layout.kv_block_bytes();
-        let need = meta.num_blocks * block_bytes;
-        if k_cache.len() < need || v_cache.len() < need {
-            return Err(bad(
-                KERNEL,
-                format!(
-                    "caches of {} and {} bytes hold fewer than {} blocks of {block_bytes}",
-                    k_cache.len(),
-                    v_cache.len(),
-                    meta.num_blocks
-                ),
-            ));
-        }
         let kernel = self.kernel_for(T::SCALAR, layout.dtype());
         let plan = self.plan(kernel, gpu, meta, kv_heads, group, d);
         let (program, name, threads, smem) = match kernel {
@@ -392,15 +325,9 @@ impl PagedDecoder {
             grow(&mut self.max_logits, gpu, scratch)?,
             grow(&mut self.exp_sums, gpu, scratch)?,
         );
-        let scale = 1.0f32 / (d as f32).sqrt();
-        let kv_heads_i = kv_heads as i32;
-        let bs = meta.block_size as i32;
-        let shift = meta.block_size.trailing_zeros() as i32;
-        let block_bytes_i = block_bytes as i64;
-        let max_blocks = meta.max_blocks as i32;
+        let cache = CacheArgs::new(layout, meta.max_blocks, meta.window);
         let p = plan.partition_size as i32;
         let max_parts = plan.max_parts as i32;
-        let window = meta.window.map_or(0, |w| w.min(i32::MAX as usize) as i32);
         let cfg = LaunchConfig {
             grid_dim: (kv_heads as u32, meta.num_seqs as u32, plan.max_parts as u32),
             block_dim: (threads, 1, 1),
@@ -416,23 +343,16 @@ impl PagedDecoder {
             .arg(k_cache)
             .arg(v_cache)
             .arg(&meta.block_tables)
-            .arg(&meta.context_lens)
-            .arg(&scale)
-            .arg(&kv_heads_i)
-            .arg(&bs)
-            .arg(&shift)
-            .arg(&block_bytes_i)
-            .arg(&max_blocks)
-            .arg(&p)
-            .arg(&max_parts)
-            .arg(&window);
+            .arg(&meta.context_lens);
+        cache.push(&mut launch);
+        launch.arg(&p).arg(&max_parts).arg(&cache.window);
         // SAFETY: the argument list matches `paged_decode_partition` in
         // kernels/paged_attention.cu and `paged_decode_tc` in kernels/paged_attention_tc.cu
         // (the same list; 128 and 64 threads as their launch bounds); every buffer was checked
         // above to hold what the kernel reads or writes for this grid (q/out sizes, caches of
         // `num_blocks` blocks, block tables whose attended entries are below `num_blocks`,
         // scratch of `max_parts` partitions), and the dynamic shared memory fits the 48 KiB
-        // default limit (plan(); the tensor-core kernel's is static, 35 KiB).
+        // default limit (plan(); the tensor-core kernel's is static, at most 35 KiB).
         unsafe { launch.launch(cfg) }?;
         if plan.max_parts > 1 {
             let reduce = gpu.function(&variant, "paged_decode_reduce")?;
@@ -452,7 +372,7 @@ impl PagedDecoder {
                 .arg(&heads)
                 .arg(&p)
                 .arg(&max_parts)
-                .arg(&window);
+                .arg(&cache.window);
             // SAFETY: matches `paged_decode_reduce`; it reads the partitions the launch
             // above wrote (same partition size, window and context lengths) and writes `out`,
             // checked above.
@@ -460,6 +380,217 @@ impl PagedDecoder {
         }
         Ok(plan)
     }
+}
+
+/// The scalar arguments both attention kernels take after the block tables, in their order:
+/// softmax scale, KV heads, block size and its log2, bytes of a block, entries per table row
+/// (pushed by [`CacheArgs::push`]); and the window (0: none), which comes later.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CacheArgs {
+    scale: f32,
+    num_kv_heads: i32,
+    block_size: i32,
+    block_shift: i32,
+    block_bytes: i64,
+    max_blocks: i32,
+    /// Sliding window in tokens, 0 without one.
+    pub(crate) window: i32,
+}
+
+impl CacheArgs {
+    /// The arguments for caches of `layout` read through tables of `max_blocks` entries (sizes
+    /// checked to fit by [`Tables::check`]).
+    pub(crate) fn new(layout: &BlockLayout, max_blocks: usize, window: Option<usize>) -> Self {
+        Self {
+            scale: 1.0 / (layout.head_dim() as f32).sqrt(),
+            num_kv_heads: layout.num_kv_heads() as i32,
+            block_size: layout.block_size() as i32,
+            block_shift: layout.block_size().trailing_zeros() as i32,
+            block_bytes: layout.kv_block_bytes() as i64,
+            max_blocks: max_blocks as i32,
+            window: window.map_or(0, |w| w.min(i32::MAX as usize) as i32),
+        }
+    }
+
+    /// Pushes scale, num_kv_heads, block_size, block_shift, block_bytes and max_blocks.
+    pub(crate) fn push<'a>(&'a self, launch: &mut LaunchArgs<'a>) {
+        launch
+            .arg(&self.scale)
+            .arg(&self.num_kv_heads)
+            .arg(&self.block_size)
+            .arg(&self.block_shift)
+            .arg(&self.block_bytes)
+            .arg(&self.max_blocks);
+    }
+}
+
+/// A batch's block tables as a launcher receives them; the checks the decode and prefill
+/// metadata share.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Tables<'a> {
+    /// The kernel named in errors.
+    pub(crate) kernel: &'static str,
+    /// `[num_seqs][max_blocks]` block ids, row-major.
+    pub(crate) block_tables: &'a [i32],
+    pub(crate) num_seqs: usize,
+    pub(crate) max_blocks: usize,
+    /// Tokens per block.
+    pub(crate) block_size: usize,
+    /// Blocks in the cache.
+    pub(crate) num_blocks: usize,
+    /// Sliding window, if any.
+    pub(crate) window: Option<usize>,
+}
+
+impl Tables<'_> {
+    /// A non-empty batch, a power-of-two block size, tables of `num_seqs x max_blocks`
+    /// entries, sizes that fit 32-bit indices, no empty window.
+    ///
+    /// # Errors
+    /// [`KernelError::BadArgument`] naming the first problem.
+    pub(crate) fn check(&self) -> Result<()> {
+        let (k, n, mb, bs) = (self.kernel, self.num_seqs, self.max_blocks, self.block_size);
+        if n == 0 {
+            return Err(bad(k, "empty batch (no context lengths)"));
+        }
+        if !bs.is_power_of_two() || bs > 1024 {
+            return Err(bad(
+                k,
+                format!("block_size {bs} is not a power of two <= 1024"),
+            ));
+        }
+        if mb == 0 || self.block_tables.len() != n * mb {
+            return Err(bad(
+                k,
+                format!(
+                    "block_tables has {} entries, expected {n} x {mb}",
+                    self.block_tables.len()
+                ),
+            ));
+        }
+        if self.num_blocks > i32::MAX as usize || mb.saturating_mul(bs) > i32::MAX as usize {
+            return Err(bad(k, "cache or table too large for 32-bit indices"));
+        }
+        if self.window == Some(0) {
+            return Err(bad(k, "a sliding window of 0 tokens"));
+        }
+        Ok(())
+    }
+
+    /// Every table entry of sequence `s` holding a position in `first..ctx` is a block of the
+    /// cache (`ctx` at most `max_blocks * block_size`).
+    ///
+    /// # Errors
+    /// [`KernelError::BadArgument`] naming the first entry outside the cache.
+    pub(crate) fn check_row(&self, s: usize, first: usize, ctx: usize) -> Result<()> {
+        let (mb, bs) = (self.max_blocks, self.block_size);
+        let row = &self.block_tables[s * mb..(s + 1) * mb];
+        for (j, &b) in row
+            .iter()
+            .enumerate()
+            .take(ctx.div_ceil(bs))
+            .skip(first / bs)
+        {
+            if b < 0 || b as usize >= self.num_blocks {
+                return Err(bad(
+                    self.kernel,
+                    format!(
+                        "sequence {s}: block table entry {j} is {b}, outside 0..{}",
+                        self.num_blocks
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Buffer lengths of one attention launch over the paged cache, checked by [`check_launch`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LaunchShapes {
+    /// Rows of q and out: sequences (decode) or query tokens (prefill).
+    pub(crate) rows: usize,
+    /// What a row is, for errors ("seqs", "tokens").
+    pub(crate) row_name: &'static str,
+    pub(crate) num_heads: usize,
+    /// Elements of q and out.
+    pub(crate) q: usize,
+    pub(crate) out: usize,
+    /// Bytes of the caches.
+    pub(crate) k_cache: usize,
+    pub(crate) v_cache: usize,
+    /// Blocks and block size of the metadata.
+    pub(crate) num_blocks: usize,
+    pub(crate) block_size: usize,
+}
+
+/// Checks a launch of `kernel` over caches of `layout`: a head_dim with kernels, query heads a
+/// multiple of the KV heads in a GQA group with kernels, the metadata's block size, q and out
+/// of `rows x num_heads x head_dim` values, caches holding the metadata's blocks. Returns the
+/// GQA group.
+///
+/// # Errors
+/// [`KernelError::Unsupported`] for a head_dim or GQA group without a kernel,
+/// [`KernelError::BadArgument`] for the rest.
+pub(crate) fn check_launch(
+    kernel: &'static str,
+    layout: &BlockLayout,
+    s: &LaunchShapes,
+) -> Result<usize> {
+    let d = layout.head_dim();
+    let kv_heads = layout.num_kv_heads();
+    if !HEAD_DIMS.contains(&d) {
+        return Err(KernelError::Unsupported {
+            kernel,
+            what: format!("head_dim {d} (built: {HEAD_DIMS:?})"),
+        });
+    }
+    let num_heads = s.num_heads;
+    if num_heads == 0 || !num_heads.is_multiple_of(kv_heads) {
+        return Err(bad(
+            kernel,
+            format!("{num_heads} query heads are not a multiple of {kv_heads} KV heads"),
+        ));
+    }
+    let group = num_heads / kv_heads;
+    if group > MAX_GQA_GROUP {
+        return Err(KernelError::Unsupported {
+            kernel,
+            what: format!("GQA group {group} (at most {MAX_GQA_GROUP})"),
+        });
+    }
+    if layout.block_size() != s.block_size {
+        return Err(bad(
+            kernel,
+            format!(
+                "layout block_size {} but the metadata's is {}",
+                layout.block_size(),
+                s.block_size
+            ),
+        ));
+    }
+    let n = s.rows * num_heads * d;
+    if s.q != n || s.out != n {
+        return Err(bad(
+            kernel,
+            format!(
+                "q has {} and out {} values, expected {} {} x {num_heads} heads x {d}",
+                s.q, s.out, s.rows, s.row_name
+            ),
+        ));
+    }
+    let block_bytes = layout.kv_block_bytes();
+    let need = s.num_blocks.saturating_mul(block_bytes);
+    if s.k_cache < need || s.v_cache < need {
+        return Err(bad(
+            kernel,
+            format!(
+                "caches of {} and {} bytes hold fewer than {} blocks of {block_bytes}",
+                s.k_cache, s.v_cache, s.num_blocks
+            ),
+        ));
+    }
+    Ok(group)
 }
 
 /// `slot` holding at least `n` values (reallocated when smaller).

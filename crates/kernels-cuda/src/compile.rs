@@ -29,6 +29,10 @@ const SOURCES: &[(&str, &str)] = &[
     ("scalar.cuh", include_str!("../../../kernels/scalar.cuh")),
     ("common.cuh", include_str!("../../../kernels/common.cuh")),
     (
+        "tc_common.cuh",
+        include_str!("../../../kernels/tc_common.cuh"),
+    ),
+    (
         "decode_reduce.cuh",
         include_str!("../../../kernels/decode_reduce.cuh"),
     ),
@@ -77,10 +81,11 @@ pub enum Program {
     /// `paged_attention.cu`: decode attention (`paged_decode_partition`, `paged_decode_reduce`).
     PagedAttention,
     /// `paged_attention_tc.cu`: decode attention on tensor cores (`paged_decode_tc`, and the
-    /// same merge), for 16-bit KV of the activation type, int8 and fp8: the default for those.
+    /// same merge), for 16-bit KV of the activation type, int8, fp8 and int4: the default for
+    /// those.
     PagedAttentionTc,
     /// `paged_prefill_tc.cu`: prefill / chunked-prefill attention on tensor cores
-    /// (`paged_prefill_tc`), for the KV dtypes of [`Variant::tensor_core_decode`].
+    /// (`paged_prefill_tc`), for the KV dtypes of [`Variant::tensor_core_prefill`].
     PagedPrefillTc,
     /// `cache.cu`: `reshape_and_cache`.
     Cache,
@@ -175,8 +180,14 @@ impl Variant {
     }
 
     /// Whether the tensor-core decode kernel exists for this activation type and KV dtype
-    /// (16-bit KV of the activation type; int8 and fp8 with either).
+    /// (16-bit KV of the activation type; int8, fp8 and int4 with either).
     pub fn tensor_core_decode(scalar: Scalar, dtype: KvCacheDtype) -> bool {
+        Self::tensor_core_prefill(scalar, dtype) || matches!(dtype, KvCacheDtype::Int4 { .. })
+    }
+
+    /// Whether the tensor-core prefill kernel exists for this activation type and KV dtype
+    /// (16-bit KV of the activation type; int8 and fp8 with either; not int4).
+    pub fn tensor_core_prefill(scalar: Scalar, dtype: KvCacheDtype) -> bool {
         matches!(
             (scalar, dtype),
             (Scalar::F16, KvCacheDtype::Fp16)
@@ -232,16 +243,18 @@ impl Variant {
                             head_dim,
                             gqa_group,
                         });
+                        let tc = |program| Variant {
+                            program,
+                            scalar,
+                            dtype,
+                            head_dim,
+                            gqa_group,
+                        };
                         if Self::tensor_core_decode(scalar, dtype) {
-                            for program in [Program::PagedAttentionTc, Program::PagedPrefillTc] {
-                                v.push(Variant {
-                                    program,
-                                    scalar,
-                                    dtype,
-                                    head_dim,
-                                    gqa_group,
-                                });
-                            }
+                            v.push(tc(Program::PagedAttentionTc));
+                        }
+                        if Self::tensor_core_prefill(scalar, dtype) {
+                            v.push(tc(Program::PagedPrefillTc));
                         }
                     }
                 }
@@ -503,12 +516,14 @@ mod tests {
         let all = Variant::all();
         // int4-g128 has no head_dim 64 variant; one elementwise, one sampling and one gemv
         // variant per scalar; tensor-core decode and prefill for four KV dtypes per scalar (its
-        // 16-bit one, int8, fp8).
+        // 16-bit one, int8, fp8), tensor-core decode also for the four int4 ones (seven
+        // (dtype, head_dim) pairs).
         assert_eq!(
             all.len(),
             2 * ((KvCacheDtype::ALL.len() * HEAD_DIMS.len() - 1) * (1 + MAX_GQA_GROUP)
                 + 3
-                + 2 * 4 * HEAD_DIMS.len() * MAX_GQA_GROUP)
+                + 2 * 4 * HEAD_DIMS.len() * MAX_GQA_GROUP
+                + 7 * MAX_GQA_GROUP)
         );
         let mut opts: Vec<_> = all
             .iter()
@@ -517,6 +532,26 @@ mod tests {
         opts.sort_by(|a, b| a.1.cmp(&b.1));
         opts.dedup();
         assert_eq!(opts.len(), all.len());
+    }
+
+    #[test]
+    fn int4_decodes_on_tensor_cores_without_a_prefill_kernel() {
+        for scalar in [Scalar::F16, Scalar::Bf16] {
+            for dtype in KvCacheDtype::ALL {
+                let decode = Variant::tensor_core_decode(scalar, dtype);
+                let prefill = Variant::tensor_core_prefill(scalar, dtype);
+                if matches!(dtype, KvCacheDtype::Int4 { .. }) {
+                    assert!(decode && !prefill, "{dtype}");
+                } else {
+                    assert_eq!(decode, prefill, "{dtype}");
+                }
+            }
+        }
+        // 16-bit KV of the other type runs the split kernel.
+        assert!(!Variant::tensor_core_decode(
+            Scalar::Bf16,
+            KvCacheDtype::Fp16
+        ));
     }
 
     #[test]

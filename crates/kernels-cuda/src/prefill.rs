@@ -17,8 +17,8 @@ use std::sync::OnceLock;
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use kv_quant::BlockLayout;
 
-use crate::attention::ActScalar;
-use crate::compile::{HEAD_DIMS, MAX_GQA_GROUP, Program, Scalar, Variant};
+use crate::attention::{ActScalar, CacheArgs, LaunchShapes, Tables, check_launch};
+use crate::compile::{MAX_GQA_GROUP, Program, Scalar, Variant};
 use crate::device::Gpu;
 use crate::error::{KernelError, Result, bad};
 
@@ -65,10 +65,17 @@ impl PrefillBatch<'_> {
 
     /// As [`Self::validate`], returning the number of query tokens.
     fn check(&self) -> Result<usize> {
-        let num_seqs = self.context_lens.len();
-        if num_seqs == 0 {
-            return Err(bad(KERNEL, "empty batch (no context lengths)"));
-        }
+        let tables = Tables {
+            kernel: KERNEL,
+            block_tables: self.block_tables,
+            num_seqs: self.context_lens.len(),
+            max_blocks: self.max_blocks,
+            block_size: self.block_size,
+            num_blocks: self.num_blocks,
+            window: self.window,
+        };
+        tables.check()?;
+        let num_seqs = tables.num_seqs;
         if self.query_starts.len() != num_seqs + 1 {
             return Err(bad(
                 KERNEL,
@@ -85,29 +92,7 @@ impl PrefillBatch<'_> {
                 format!("query_starts[0] is {}, expected 0", self.query_starts[0]),
             ));
         }
-        let bs = self.block_size;
-        if !bs.is_power_of_two() || bs > 1024 {
-            return Err(bad(
-                KERNEL,
-                format!("block_size {bs} is not a power of two <= 1024"),
-            ));
-        }
-        let mb = self.max_blocks;
-        if mb == 0 || self.block_tables.len() != num_seqs * mb {
-            return Err(bad(
-                KERNEL,
-                format!(
-                    "block_tables has {} entries, expected {num_seqs} x {mb}",
-                    self.block_tables.len()
-                ),
-            ));
-        }
-        if self.num_blocks > i32::MAX as usize || mb.saturating_mul(bs) > i32::MAX as usize {
-            return Err(bad(KERNEL, "cache or table too large for 32-bit indices"));
-        }
-        if self.window == Some(0) {
-            return Err(bad(KERNEL, "a sliding window of 0 tokens"));
-        }
+        let (bs, mb) = (self.block_size, self.max_blocks);
         for s in 0..num_seqs {
             let (start, end) = (self.query_starts[s], self.query_starts[s + 1]);
             if end <= start {
@@ -136,23 +121,7 @@ impl PrefillBatch<'_> {
             let first = self
                 .window
                 .map_or(0, |w| (ctx - q_len + 1).saturating_sub(w));
-            let row = &self.block_tables[s * mb..(s + 1) * mb];
-            for (j, &b) in row
-                .iter()
-                .enumerate()
-                .take(ctx.div_ceil(bs))
-                .skip(first / bs)
-            {
-                if b < 0 || b as usize >= self.num_blocks {
-                    return Err(bad(
-                        KERNEL,
-                        format!(
-                            "sequence {s}: block table entry {j} is {b}, outside 0..{}",
-                            self.num_blocks
-                        ),
-                    ));
-                }
-            }
+            tables.check_row(s, first, ctx)?;
         }
         let tokens = self.query_starts[num_seqs] as usize;
         // The kernel indexes rows (token x query head) of one sequence with 32-bit ints.
@@ -267,23 +236,10 @@ impl PrefillMetadata {
     }
 }
 
-/// Buffer lengths of one launch, checked against the metadata and layout by [`check_shapes`].
-struct Shapes {
-    tokens: usize,
-    num_heads: usize,
-    q: usize,
-    out: usize,
-    k_cache: usize,
-    v_cache: usize,
-    num_blocks: usize,
-    block_size: usize,
-}
-
-/// Checks a launch's shapes; returns the GQA group.
-fn check_shapes(layout: &BlockLayout, scalar: Scalar, s: &Shapes) -> Result<usize> {
-    let d = layout.head_dim();
-    let kv_heads = layout.num_kv_heads();
-    if !Variant::tensor_core_decode(scalar, layout.dtype()) {
+/// Checks a launch's shapes ([`check_launch`]) and that the prefill kernel reads the cache's
+/// dtype; returns the GQA group.
+fn check_shapes(layout: &BlockLayout, scalar: Scalar, s: &LaunchShapes) -> Result<usize> {
+    if !Variant::tensor_core_prefill(scalar, layout.dtype()) {
         return Err(KernelError::Unsupported {
             kernel: KERNEL,
             what: format!(
@@ -293,60 +249,7 @@ fn check_shapes(layout: &BlockLayout, scalar: Scalar, s: &Shapes) -> Result<usiz
             ),
         });
     }
-    if !HEAD_DIMS.contains(&d) {
-        return Err(KernelError::Unsupported {
-            kernel: KERNEL,
-            what: format!("head_dim {d} (built: {HEAD_DIMS:?})"),
-        });
-    }
-    if s.num_heads == 0 || !s.num_heads.is_multiple_of(kv_heads) {
-        return Err(bad(
-            KERNEL,
-            format!(
-                "{} query heads are not a multiple of {kv_heads} KV heads",
-                s.num_heads
-            ),
-        ));
-    }
-    let group = s.num_heads / kv_heads;
-    if group > MAX_GQA_GROUP {
-        return Err(KernelError::Unsupported {
-            kernel: KERNEL,
-            what: format!("GQA group {group} (at most {MAX_GQA_GROUP})"),
-        });
-    }
-    if layout.block_size() != s.block_size {
-        return Err(bad(
-            KERNEL,
-            format!(
-                "layout block_size {} but the metadata's is {}",
-                layout.block_size(),
-                s.block_size
-            ),
-        ));
-    }
-    let n = s.tokens * s.num_heads * d;
-    if s.q != n || s.out != n {
-        return Err(bad(
-            KERNEL,
-            format!(
-                "q has {} and out {} values, expected {} tokens x {} heads x {d}",
-                s.q, s.out, s.tokens, s.num_heads
-            ),
-        ));
-    }
-    let block_bytes = layout.kv_block_bytes();
-    let need = s.num_blocks.saturating_mul(block_bytes);
-    if s.k_cache < need || s.v_cache < need {
-        return Err(bad(
-            KERNEL,
-            format!(
-                "caches of {} and {} bytes hold fewer than {} blocks of {block_bytes}",
-                s.k_cache, s.v_cache, s.num_blocks
-            ),
-        ));
-    }
-    Ok(group)
+    check_launch(KERNEL, layout, s)
 }
 
 /// `out[t][h] = softmax(q[t][h] · K_s[attended] / sqrt(head_dim)) · V_s[attended]` for every
@@ -354,7 +257,7 @@ fn check_shapes(layout: &BlockLayout, scalar: Scalar, s: &Shapes) -> Result<usiz
 /// layer through the block tables (causal: the positions up to the token's own, within the
 /// window). `q` and `out` are `[num_tokens][num_heads][head_dim]`; `k_cache` and `v_cache`
 /// hold `num_blocks` blocks of `layout`. KV dtypes: those of
-/// [`Variant::tensor_core_decode`] (16-bit KV of the activation type, int8, fp8); head_dim 64
+/// [`Variant::tensor_core_prefill`] (16-bit KV of the activation type, int8, fp8); head_dim 64
 /// or 128; GQA group 1 to 8.
 ///
 /// # Errors
@@ -375,8 +278,9 @@ pub fn paged_prefill<T: ActScalar>(
     let group = check_shapes(
         layout,
         T::SCALAR,
-        &Shapes {
-            tokens: meta.num_tokens,
+        &LaunchShapes {
+            rows: meta.num_tokens,
+            row_name: "tokens",
             num_heads,
             q: q.len(),
             out: out.len(),
@@ -403,13 +307,7 @@ pub fn paged_prefill<T: ActScalar>(
         gqa_group: group,
     };
     let function = gpu.function(&variant, "paged_prefill_tc")?;
-    let scale = 1.0f32 / (layout.head_dim() as f32).sqrt();
-    let kv_heads_i = kv_heads as i32;
-    let bs = meta.block_size as i32;
-    let shift = meta.block_size.trailing_zeros() as i32;
-    let block_bytes = layout.kv_block_bytes() as i64;
-    let max_blocks = meta.max_blocks as i32;
-    let window = meta.window.map_or(0, |w| w.min(i32::MAX as usize) as i32);
+    let cache = CacheArgs::new(layout, meta.max_blocks, meta.window);
     let cfg = LaunchConfig {
         grid_dim: (ctas as u32, 1, 1),
         block_dim: (THREADS, 1, 1),
@@ -425,14 +323,9 @@ pub fn paged_prefill<T: ActScalar>(
         .arg(&meta.block_tables)
         .arg(&meta.query_starts)
         .arg(&meta.context_lens)
-        .arg(work)
-        .arg(&scale)
-        .arg(&kv_heads_i)
-        .arg(&bs)
-        .arg(&shift)
-        .arg(&block_bytes)
-        .arg(&max_blocks)
-        .arg(&window);
+        .arg(work);
+    cache.push(&mut launch);
+    launch.arg(&cache.window);
     // SAFETY: the argument list matches `paged_prefill_tc` in kernels/paged_prefill_tc.cu
     // (128 threads, its launch bound; static shared memory only). Every buffer was checked to
     // hold what the kernel touches for this grid: q and out have num_tokens x num_heads x
@@ -485,8 +378,9 @@ mod tests {
     fn launch_shapes_are_checked() {
         let layout = BlockLayout::new(KvCacheDtype::Bf16, 16, 2, 64).unwrap();
         let bb = layout.kv_block_bytes();
-        let good = || Shapes {
-            tokens: 5,
+        let good = || LaunchShapes {
+            rows: 5,
+            row_name: "tokens",
             num_heads: 8,
             q: 5 * 8 * 64,
             out: 5 * 8 * 64,
@@ -496,40 +390,40 @@ mod tests {
             block_size: 16,
         };
         assert_eq!(check_shapes(&layout, Scalar::Bf16, &good()).unwrap(), 4);
-        let is_bad = |s: Shapes| {
+        let is_bad = |s: LaunchShapes| {
             matches!(
                 check_shapes(&layout, Scalar::Bf16, &s),
                 Err(KernelError::BadArgument { .. })
             )
         };
-        assert!(is_bad(Shapes {
+        assert!(is_bad(LaunchShapes {
             q: 5 * 8 * 64 - 1,
             ..good()
         }));
-        assert!(is_bad(Shapes {
+        assert!(is_bad(LaunchShapes {
             out: 6 * 8 * 64,
             ..good()
         }));
-        assert!(is_bad(Shapes {
+        assert!(is_bad(LaunchShapes {
             num_heads: 7,
             q: 5 * 7 * 64,
             out: 5 * 7 * 64,
             ..good()
         }));
-        assert!(is_bad(Shapes {
+        assert!(is_bad(LaunchShapes {
             k_cache: 4 * bb - 1,
             ..good()
         }));
-        assert!(is_bad(Shapes {
+        assert!(is_bad(LaunchShapes {
             v_cache: bb,
             ..good()
         }));
-        assert!(is_bad(Shapes {
+        assert!(is_bad(LaunchShapes {
             block_size: 32,
             ..good()
         }));
         // GQA group 9, fp16 KV under bf16 activations, int4 KV, head_dim 96: no kernel.
-        let unsupported = |l: &BlockLayout, scalar, s: Shapes| {
+        let unsupported = |l: &BlockLayout, scalar, s: LaunchShapes| {
             matches!(
                 check_shapes(l, scalar, &s),
                 Err(KernelError::Unsupported { .. })
@@ -538,7 +432,7 @@ mod tests {
         assert!(unsupported(
             &layout,
             Scalar::Bf16,
-            Shapes {
+            LaunchShapes {
                 num_heads: 18,
                 q: 5 * 18 * 64,
                 out: 5 * 18 * 64,

@@ -8,6 +8,9 @@
     clippy::needless_range_loop
 )]
 
+mod common;
+
+use common::{Act, MaxError, attention_ref, gpu, paged_cache, random_act, random_bf16, to_bf16};
 use half::bf16;
 use kernels_cuda::cudarc::driver::CudaSlice;
 use kernels_cuda::{
@@ -18,10 +21,6 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-fn gpu() -> Gpu {
-    Gpu::new(0).expect("a CUDA device (these tests are for the GPU machine)")
-}
-
 #[test]
 fn no_gpu_is_an_error_not_a_panic() {
     match Gpu::new(0) {
@@ -30,17 +29,6 @@ fn no_gpu_is_an_error_not_a_panic() {
         Err(e) => panic!("unexpected error kind: {e}"),
     }
     assert!(matches!(Gpu::new(1 << 20), Err(KernelError::NoDevice(_))));
-}
-
-/// Random values in bf16 precision (returned as the f32 both sides use).
-fn random_bf16(rng: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
-    (0..n)
-        .map(|_| bf16::from_f32(rng.random_range(-1.0f32..1.0) * scale).to_f32())
-        .collect()
-}
-
-fn to_bf16(x: &[f32]) -> Vec<bf16> {
-    x.iter().map(|&v| bf16::from_f32(v)).collect()
 }
 
 #[test]
@@ -142,8 +130,20 @@ struct Case {
     window: Option<usize>,
 }
 
-/// Max |out - ref| / max |ref| of the GPU decode against an f64 reference.
+/// Max |out - ref| / max |ref| of the GPU decode (bf16 activations) against an f64
+/// reference of the decoded cache.
 fn decode_error(
+    gpu: &Gpu,
+    rng: &mut ChaCha8Rng,
+    c: &Case,
+    partition: Option<usize>,
+    kernel: DecodeKernel,
+) -> f64 {
+    decode_error_as::<bf16>(gpu, rng, c, partition, kernel)
+}
+
+/// [`decode_error`] with activations (q, out, the values cached) of type `T`.
+fn decode_error_as<T: Act>(
     gpu: &Gpu,
     rng: &mut ChaCha8Rng,
     c: &Case,
@@ -153,63 +153,35 @@ fn decode_error(
     let stream = gpu.stream().clone();
     let l = &c.layout;
     let (bs, kvh, d) = (l.block_size(), l.num_kv_heads(), l.head_dim());
-    let bb = l.kv_block_bytes();
     let max_blocks = c.contexts.iter().max().unwrap().div_ceil(bs);
-    let num_blocks: usize = c.contexts.iter().map(|x| x.div_ceil(bs)).sum::<usize>() + 3;
-    let mut ids: Vec<i32> = (0..num_blocks as i32).collect();
-    ids.shuffle(rng);
-    let mut tables = vec![-1i32; c.contexts.len() * max_blocks];
-    let mut next = 0;
-    let mut kc = vec![0u8; num_blocks * bb];
-    let mut vc = vec![0u8; num_blocks * bb];
-    // Decoded (what the kernel must see) K and V per sequence: [token][head][d].
-    let mut k_dec = Vec::new();
-    let mut v_dec = Vec::new();
-    for (s, &ctx) in c.contexts.iter().enumerate() {
-        let mut kd = vec![0f32; ctx * kvh * d];
-        let mut vd = vec![0f32; ctx * kvh * d];
-        for j in 0..ctx.div_ceil(bs) {
-            let b = ids[next] as usize;
-            next += 1;
-            tables[s * max_blocks + j] = b as i32;
-            let n = bs.min(ctx - j * bs);
-            for o in 0..n {
-                let k = random_bf16(rng, kvh * d, 2.0);
-                let v = random_bf16(rng, kvh * d, 1.0);
-                kv_quant::encode_token(l, &mut kc[b * bb..(b + 1) * bb], o, &k).unwrap();
-                kv_quant::encode_token(l, &mut vc[b * bb..(b + 1) * bb], o, &v).unwrap();
-            }
-            let t0 = j * bs;
-            kv_quant::decode_slots(
-                l,
-                &kc[b * bb..(b + 1) * bb],
-                0..n,
-                &mut kd[t0 * kvh * d..(t0 + n) * kvh * d],
-            )
-            .unwrap();
-            kv_quant::decode_slots(
-                l,
-                &vc[b * bb..(b + 1) * bb],
-                0..n,
-                &mut vd[t0 * kvh * d..(t0 + n) * kvh * d],
-            )
-            .unwrap();
-        }
-        k_dec.push(kd);
-        v_dec.push(vd);
-    }
+    let seqs: Vec<(usize, usize)> = c.contexts.iter().map(|&ctx| (0, ctx)).collect();
+    let cache = paged_cache(rng, l, &seqs, max_blocks, |rng| {
+        (
+            random_act::<T>(rng, kvh * d, 2.0),
+            random_act::<T>(rng, kvh * d, 1.0),
+        )
+    });
     let nh = c.num_heads;
     let group = nh / kvh;
-    let q = random_bf16(rng, c.contexts.len() * nh * d, 1.0);
+    let q = random_act::<T>(rng, c.contexts.len() * nh * d, 1.0);
     let ctx_i: Vec<i32> = c.contexts.iter().map(|&x| x as i32).collect();
-    let meta =
-        DecodeMetadata::new(gpu, &tables, max_blocks, &ctx_i, bs, num_blocks, c.window).unwrap();
-    let kd = stream.clone_htod(&kc).unwrap();
-    let vd = stream.clone_htod(&vc).unwrap();
-    let qd = stream.clone_htod(&to_bf16(&q)).unwrap();
+    let meta = DecodeMetadata::new(
+        gpu,
+        &cache.tables,
+        max_blocks,
+        &ctx_i,
+        bs,
+        cache.num_blocks,
+        c.window,
+    )
+    .unwrap();
+    let kd = stream.clone_htod(&cache.k).unwrap();
+    let vd = stream.clone_htod(&cache.v).unwrap();
+    let q_t: Vec<T> = q.iter().map(|&x| T::of(x)).collect();
+    let qd = stream.clone_htod(&q_t).unwrap();
     // Poisoned output: every element must be written.
-    let mut out: CudaSlice<bf16> = stream
-        .clone_htod(&vec![bf16::NAN; c.contexts.len() * nh * d])
+    let mut out: CudaSlice<T> = stream
+        .clone_htod(&vec![T::NAN; c.contexts.len() * nh * d])
         .unwrap();
     let mut dec = PagedDecoder::new();
     dec.set_kernel(kernel);
@@ -219,42 +191,97 @@ fn decode_error(
         .clone_dtoh(&out)
         .unwrap()
         .iter()
-        .map(|x| x.to_f32())
+        .map(|x| x.f32())
         .collect();
-    let mut err = 0f64;
-    let mut scale = 1e-30f64;
+    let mut err = MaxError::default();
     for (s, &ctx) in c.contexts.iter().enumerate() {
         let first = c.window.map_or(0, |w| ctx.saturating_sub(w));
         for h in 0..nh {
-            let kv = h / group;
             let qh = &q[(s * nh + h) * d..][..d];
-            let logits: Vec<f64> = (first..ctx)
-                .map(|t| {
-                    let k = &k_dec[s][(t * kvh + kv) * d..][..d];
-                    qh.iter()
-                        .zip(k)
-                        .map(|(a, b)| f64::from(*a) * f64::from(*b))
-                        .sum::<f64>()
-                        / (d as f64).sqrt()
-                })
-                .collect();
-            let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            let w: Vec<f64> = logits.iter().map(|x| (x - m).exp()).collect();
-            let total: f64 = w.iter().sum();
-            for i in 0..d {
-                let r: f64 = (first..ctx)
-                    .zip(&w)
-                    .map(|(t, wt)| wt * f64::from(v_dec[s][(t * kvh + kv) * d + i]))
-                    .sum::<f64>()
-                    / total;
+            let r = attention_ref(
+                qh,
+                &cache.k_dec[s],
+                &cache.v_dec[s],
+                kvh,
+                h / group,
+                first..ctx,
+            );
+            for (i, r) in r.into_iter().enumerate() {
                 let o = f64::from(out[(s * nh + h) * d + i]);
                 assert!(o.is_finite(), "seq {s} head {h} ch {i}: {o} (unwritten?)");
-                err = err.max((o - r).abs());
-                scale = scale.max(r.abs());
+                err.add(o, r);
             }
         }
     }
-    err / scale
+    err.relative()
+}
+
+/// A grid of decode cases: for each dtype, head dims 64 and 128 (where the layout exists) and
+/// each (KV heads, GQA group) pair, block sizes 8/16/32 in turn and a window where
+/// `window(case number)` gives one, ragged contexts; each case run with the automatic and with
+/// forced 64-token partitions.
+struct Grid<'a> {
+    dtypes: &'a [KvCacheDtype],
+    pairs: &'a [(usize, usize)],
+    window: fn(usize) -> Option<usize>,
+    kernel: DecodeKernel,
+    /// Prefix of the printed lines.
+    label: &'a str,
+}
+
+impl Grid<'_> {
+    /// Runs the grid (bf16 activations), numbering cases from `*i + 1`; returns the cases over
+    /// the tolerance (bf16 output, 2^-9 relative, plus f32 accumulation: 1.5e-2).
+    fn run(&self, gpu: &Gpu, rng: &mut ChaCha8Rng, i: &mut usize) -> Vec<String> {
+        let mut worst = Vec::new();
+        for &dtype in self.dtypes {
+            for head_dim in [64, 128] {
+                for &(kv_heads, group) in self.pairs {
+                    *i += 1;
+                    let block_size = [8, 16, 32][*i % 3];
+                    let Ok(layout) = BlockLayout::new(dtype, block_size, kv_heads, head_dim) else {
+                        continue;
+                    };
+                    let window = (self.window)(*i);
+                    let case = Case {
+                        layout,
+                        num_heads: kv_heads * group,
+                        contexts: vec![1, 7, 100 + *i, 333, 1025],
+                        window,
+                    };
+                    let auto = decode_error(gpu, rng, &case, None, self.kernel);
+                    let split = decode_error(gpu, rng, &case, Some(64), self.kernel);
+                    let name = format!("{dtype} d={head_dim} gqa={group} bs={block_size}");
+                    eprintln!(
+                        "{}{name} window={window:?}: err {auto:.2e} (auto), {split:.2e} \
+                         (partitions of 64)",
+                        self.label
+                    );
+                    if auto > 1.5e-2 || split > 1.5e-2 {
+                        worst.push(format!("{name}: {auto:.2e} {split:.2e}"));
+                    }
+                }
+            }
+        }
+        worst
+    }
+}
+
+/// [`decode_error`] of one 32K-token sequence with Llama-3-8B heads (32 query / 8 KV,
+/// d = 128), block size 16, no window.
+fn long_context_error(
+    gpu: &Gpu,
+    rng: &mut ChaCha8Rng,
+    dtype: KvCacheDtype,
+    kernel: DecodeKernel,
+) -> f64 {
+    let case = Case {
+        layout: BlockLayout::new(dtype, 16, 8, 128).unwrap(),
+        num_heads: 32,
+        contexts: vec![32768],
+        window: None,
+    };
+    decode_error(gpu, rng, &case, None, kernel)
 }
 
 #[test]
@@ -268,39 +295,14 @@ fn decode_attention_matches_the_reference_across_dtypes_shapes_and_windows() {
         gpu.num_sms()
     );
     let mut rng = ChaCha8Rng::seed_from_u64(11);
-    let mut worst = Vec::new();
-    let mut i = 0usize;
-    for dtype in KvCacheDtype::ALL {
-        for head_dim in [64, 128] {
-            for (kv_heads, group) in [(2, 1), (3, 3), (2, 4), (1, 8)] {
-                i += 1;
-                let block_size = [8, 16, 32][i % 3];
-                let Ok(layout) = BlockLayout::new(dtype, block_size, kv_heads, head_dim) else {
-                    continue;
-                };
-                let window = i.is_multiple_of(4).then_some(50 + i % 7);
-                let case = Case {
-                    layout,
-                    num_heads: kv_heads * group,
-                    contexts: vec![1, 7, 100 + i, 333, 1025],
-                    window,
-                };
-                let auto = decode_error(&gpu, &mut rng, &case, None, DecodeKernel::Split);
-                let split = decode_error(&gpu, &mut rng, &case, Some(64), DecodeKernel::Split);
-                // bf16 output (2^-9 relative) plus f32 accumulation.
-                let tol = 1.5e-2;
-                eprintln!(
-                    "{dtype} d={head_dim} gqa={group} bs={block_size} window={window:?}: \
-                     err {auto:.2e} (auto), {split:.2e} (partitions of 64)"
-                );
-                if auto > tol || split > tol {
-                    worst.push(format!(
-                        "{dtype} d={head_dim} gqa={group}: {auto:.2e} {split:.2e}"
-                    ));
-                }
-            }
-        }
-    }
+    let grid = Grid {
+        dtypes: &KvCacheDtype::ALL,
+        pairs: &[(2, 1), (3, 3), (2, 4), (1, 8)],
+        window: |i| i.is_multiple_of(4).then_some(50 + i % 7),
+        kernel: DecodeKernel::Split,
+        label: "",
+    };
+    let worst = grid.run(&gpu, &mut rng, &mut 0);
     assert!(worst.is_empty(), "over tolerance:\n{}", worst.join("\n"));
 }
 
@@ -314,13 +316,7 @@ fn decode_attention_handles_32k_contexts_and_batch_1() {
         KvCacheDtype::Int8,
         "int4-g32".parse().unwrap(),
     ] {
-        let case = Case {
-            layout: BlockLayout::new(dtype, 16, 8, 128).unwrap(),
-            num_heads: 32,
-            contexts: vec![32768],
-            window: None,
-        };
-        let e = decode_error(&gpu, &mut rng, &case, None, DecodeKernel::Split);
+        let e = long_context_error(&gpu, &mut rng, dtype, DecodeKernel::Split);
         eprintln!("{dtype} 1 x 32K, 32/8 heads, d=128: err {e:.2e}");
         assert!(e < 1.5e-2, "{dtype}: {e}");
     }
@@ -329,56 +325,85 @@ fn decode_attention_handles_32k_contexts_and_batch_1() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn tensor_core_decode_matches_the_reference() {
-    // The experimental kernel (bf16 activations; bf16, int8 and fp8 KV): head dims, GQA groups
-    // 1 to 8, block sizes, windows, ragged contexts, automatic and forced partitions, 1 x 32K.
+    // The tensor-core kernel (bf16 activations; bf16, int8, fp8 and every int4 layout):
+    // head dims, GQA groups 1 to 8, block sizes, windows, ragged contexts, automatic and
+    // forced partitions, 1 x 32K; then fp16 activations. Tolerance: max |out - ref| / max |ref|
+    // < 1.5e-2 against f64 attention over the *decoded* cache (quantization error is not
+    // counted), as for the split kernel. Expected: ~3e-3 for bf16 KV, ~4-7e-3 for codes (P s
+    // is rounded to bf16 before the P . V mma, and so is the output: the int4 emulation,
+    // `kernels/experiments/tc_emulation.py --round`, gives 3.3-6.8e-3 with bf16 and
+    // 2.4-4.9e-4 with fp16 activations).
     let gpu = gpu();
     let mut rng = ChaCha8Rng::seed_from_u64(21);
-    let mut worst = Vec::new();
+    let tc = DecodeKernel::TensorCore;
+    const PAIRS: &[(usize, usize)] = &[(2, 1), (3, 3), (2, 4), (1, 5), (1, 8)];
+    let window = |i: usize| i.is_multiple_of(3).then_some(40 + i % 9);
     let mut i = 0usize;
-    for dtype in [
-        KvCacheDtype::Bf16,
-        KvCacheDtype::Int8,
-        KvCacheDtype::Fp8E4m3,
-        KvCacheDtype::Fp8E5m2,
-    ] {
-        for head_dim in [64, 128] {
-            for (kv_heads, group) in [(2, 1), (3, 3), (2, 4), (1, 5), (1, 8)] {
-                i += 1;
-                let block_size = [8, 16, 32][i % 3];
-                let layout = BlockLayout::new(dtype, block_size, kv_heads, head_dim).unwrap();
-                let window = i.is_multiple_of(3).then_some(40 + i % 9);
-                let case = Case {
-                    layout,
-                    num_heads: kv_heads * group,
-                    contexts: vec![1, 7, 100 + i, 333, 1025],
-                    window,
-                };
-                let tc = DecodeKernel::TensorCore;
-                let auto = decode_error(&gpu, &mut rng, &case, None, tc);
-                let split = decode_error(&gpu, &mut rng, &case, Some(64), tc);
-                eprintln!(
-                    "tc {dtype} d={head_dim} gqa={group} bs={block_size} window={window:?}: \
-                     err {auto:.2e} (auto), {split:.2e} (partitions of 64)"
-                );
-                if auto > 1.5e-2 || split > 1.5e-2 {
-                    worst.push(format!(
-                        "{dtype} d={head_dim} gqa={group} bs={block_size}: {auto:.2e} {split:.2e}"
-                    ));
-                }
-            }
-        }
+    let mut worst = Grid {
+        dtypes: &[
+            KvCacheDtype::Bf16,
+            KvCacheDtype::Int8,
+            KvCacheDtype::Fp8E4m3,
+            KvCacheDtype::Fp8E5m2,
+        ],
+        pairs: PAIRS,
+        window,
+        kernel: tc,
+        label: "tc ",
     }
+    .run(&gpu, &mut rng, &mut i);
     for dtype in [KvCacheDtype::Bf16, KvCacheDtype::Int8] {
-        let long = Case {
-            layout: BlockLayout::new(dtype, 16, 8, 128).unwrap(),
-            num_heads: 32,
-            contexts: vec![32768],
-            window: None,
-        };
-        let e = decode_error(&gpu, &mut rng, &long, None, DecodeKernel::TensorCore);
+        let e = long_context_error(&gpu, &mut rng, dtype, tc);
         eprintln!("tc {dtype} 1 x 32K, 32/8 heads, d=128: err {e:.2e}");
         if e > 1.5e-2 {
             worst.push(format!("{dtype} 1 x 32K: {e:.2e}"));
+        }
+    }
+    // int4 (its own kernel body): every group size at d 64 and 128 (int4-g128 needs 128).
+    let mut rng = ChaCha8Rng::seed_from_u64(22);
+    let int4: Vec<KvCacheDtype> = KvCacheDtype::ALL
+        .into_iter()
+        .filter(|d| matches!(d, KvCacheDtype::Int4 { .. }))
+        .collect();
+    for &dtype in &int4 {
+        let kernel = PagedDecoder::new().kernel_for(kernels_cuda::Scalar::Bf16, dtype);
+        assert_eq!(kernel, tc, "{dtype} runs the tensor-core kernel");
+    }
+    worst.extend(
+        Grid {
+            dtypes: &int4,
+            pairs: PAIRS,
+            window,
+            kernel: tc,
+            label: "tc ",
+        }
+        .run(&gpu, &mut rng, &mut i),
+    );
+    for dtype in ["int4-g32", "int4"] {
+        let e = long_context_error(&gpu, &mut rng, dtype.parse().unwrap(), tc);
+        eprintln!("tc {dtype} 1 x 32K, 32/8 heads, d=128: err {e:.2e}");
+        if e > 1.5e-2 {
+            worst.push(format!("{dtype} 1 x 32K: {e:.2e}"));
+        }
+    }
+    // fp16 activations: fp16, int8 and int4 KV (the fp16 fragments and nibble patterns).
+    for (dtype, head_dim, window) in [
+        ("fp16", 128, None),
+        ("int8", 64, Some(77)),
+        ("int4-g32", 128, None),
+        ("int4-g64", 64, Some(77)),
+        ("int4", 128, Some(300)),
+    ] {
+        let case = Case {
+            layout: BlockLayout::new(dtype.parse().unwrap(), 16, 2, head_dim).unwrap(),
+            num_heads: 8,
+            contexts: vec![1, 30, 500, 2049],
+            window,
+        };
+        let e = decode_error_as::<half::f16>(&gpu, &mut rng, &case, None, tc);
+        eprintln!("tc f16 activations, {dtype} d={head_dim} window={window:?}: err {e:.2e}");
+        if e > 1.5e-2 {
+            worst.push(format!("f16 {dtype} d={head_dim}: {e:.2e}"));
         }
     }
     assert!(worst.is_empty(), "over tolerance:\n{}", worst.join("\n"));

@@ -3,7 +3,8 @@
 //! (nvidia-cuda-nvrtc, nvidia-cuda-runtime) and sets `LD_LIBRARY_PATH` and
 //! `KVSERVE_CUDA_INCLUDE`; elsewhere the test says it skipped. It compiles each kernel for
 //! every KV dtype, head_dim and activation type, and the attention kernels (decode and prefill)
-//! for every GQA group with bf16 activations over bf16 and int8 KV at d = 128
+//! for every GQA group with bf16 activations over bf16, int8 and int4-g32 KV at d = 128 (the
+//! tensor-core decode kernel's int4 body has its own register budget)
 //! (`KVSERVE_NVRTC_ALL=1`: every variant).
 #![allow(clippy::unwrap_used, clippy::print_stderr)]
 
@@ -11,7 +12,7 @@ use std::time::Instant;
 
 use kernels_cuda::compile::{Variant, compile_fresh, nvrtc_available, resource_summary};
 use kernels_cuda::{KernelError, Program, Scalar};
-use kv_quant::KvCacheDtype;
+use kv_quant::{Int4GroupSize, KvCacheDtype};
 
 fn selected() -> Vec<Variant> {
     let all = Variant::all();
@@ -25,7 +26,14 @@ fn selected() -> Vec<Variant> {
                 Program::PagedAttention | Program::PagedAttentionTc | Program::PagedPrefillTc
             ) || v.gqa_group == 4
                 || (v.scalar == Scalar::Bf16
-                    && matches!(v.dtype, KvCacheDtype::Int8 | KvCacheDtype::Bf16)
+                    && matches!(
+                        v.dtype,
+                        KvCacheDtype::Int8
+                            | KvCacheDtype::Bf16
+                            | KvCacheDtype::Int4 {
+                                group_size: Int4GroupSize::G32
+                            }
+                    )
                     && v.head_dim == 128)
         })
         .collect()

@@ -16,44 +16,15 @@
     clippy::needless_range_loop
 )]
 
+mod common;
+
+use common::{Act, MaxError, attention_ref, gpu, paged_cache};
 use half::{bf16, f16};
 use kernels_cuda::cudarc::driver::CudaSlice;
-use kernels_cuda::{ActScalar, Gpu, KernelError, PrefillBatch, PrefillMetadata, paged_prefill};
+use kernels_cuda::{Gpu, KernelError, PrefillBatch, PrefillMetadata, paged_prefill};
 use kv_quant::{BlockLayout, KvCacheDtype};
-use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-
-fn gpu() -> Gpu {
-    Gpu::new(0).expect("a CUDA device (these tests are for the GPU machine)")
-}
-
-/// An activation type as the test converts it.
-trait Act: ActScalar {
-    fn of(x: f32) -> Self;
-    fn f32(self) -> f32;
-    const NAN: Self;
-}
-
-impl Act for bf16 {
-    fn of(x: f32) -> Self {
-        bf16::from_f32(x)
-    }
-    fn f32(self) -> f32 {
-        self.to_f32()
-    }
-    const NAN: Self = bf16::NAN;
-}
-
-impl Act for f16 {
-    fn of(x: f32) -> Self {
-        f16::from_f32(x)
-    }
-    fn f32(self) -> f32 {
-        self.to_f32()
-    }
-    const NAN: Self = f16::NAN;
-}
 
 /// One case: sequences of (query_len, context_len), random caches encoded on the CPU, random
 /// block tables (entries nobody attends to left at -1), random q.
@@ -76,47 +47,27 @@ fn prefill_error<T: Act>(gpu: &Gpu, rng: &mut ChaCha8Rng, c: &Case) -> f64 {
     let stream = gpu.stream().clone();
     let l = &c.layout;
     let (bs, kvh, d) = (l.block_size(), l.num_kv_heads(), l.head_dim());
-    let bb = l.kv_block_bytes();
     let max_blocks = c.seqs.iter().map(|s| s.1.div_ceil(bs)).max().unwrap() + 1;
-    let num_blocks: usize = c.seqs.iter().map(|s| s.1.div_ceil(bs)).sum::<usize>() + 3;
-    let mut ids: Vec<i32> = (0..num_blocks as i32).collect();
-    ids.shuffle(rng);
-    let mut tables = vec![-1i32; c.seqs.len() * max_blocks];
-    let mut next = 0;
-    let mut kc = vec![0u8; num_blocks * bb];
-    let mut vc = vec![0u8; num_blocks * bb];
-    // Decoded K and V per sequence ([position][kv head][d]; zero before the first attended
-    // block, which is not in the table).
-    let mut k_dec = Vec::new();
-    let mut v_dec = Vec::new();
-    for (s, &(q_len, ctx)) in c.seqs.iter().enumerate() {
-        let first = c.window.map_or(0, |w| (ctx - q_len + 1).saturating_sub(w));
-        let mut kd = vec![0f32; ctx * kvh * d];
-        let mut vd = vec![0f32; ctx * kvh * d];
-        for j in first / bs..ctx.div_ceil(bs) {
-            let b = ids[next] as usize;
-            next += 1;
-            tables[s * max_blocks + j] = b as i32;
-            let n = bs.min(ctx - j * bs);
-            for o in 0..n {
-                let k: Vec<f32> = (0..kvh * d)
-                    .map(|_| T::of(rng.random_range(-2.0f32..2.0)).f32())
-                    .collect();
-                let v: Vec<f32> = (0..kvh * d)
-                    .map(|_| T::of(rng.random_range(-1.0f32..1.0)).f32())
-                    .collect();
-                kv_quant::encode_token(l, &mut kc[b * bb..(b + 1) * bb], o, &k).unwrap();
-                kv_quant::encode_token(l, &mut vc[b * bb..(b + 1) * bb], o, &v).unwrap();
-            }
-            let t0 = j * bs * kvh * d;
-            let t1 = (j * bs + n) * kvh * d;
-            let block = b * bb..(b + 1) * bb;
-            kv_quant::decode_slots(l, &kc[block.clone()], 0..n, &mut kd[t0..t1]).unwrap();
-            kv_quant::decode_slots(l, &vc[block], 0..n, &mut vd[t0..t1]).unwrap();
-        }
-        k_dec.push(kd);
-        v_dec.push(vd);
-    }
+    // Blocks before the window of a sequence's first query token are not in the table.
+    let seqs: Vec<(usize, usize)> = c
+        .seqs
+        .iter()
+        .map(|&(q_len, ctx)| {
+            (
+                c.window.map_or(0, |w| (ctx - q_len + 1).saturating_sub(w)),
+                ctx,
+            )
+        })
+        .collect();
+    let cache = paged_cache(rng, l, &seqs, max_blocks, |rng| {
+        let k: Vec<f32> = (0..kvh * d)
+            .map(|_| T::of(rng.random_range(-2.0f32..2.0)).f32())
+            .collect();
+        let v: Vec<f32> = (0..kvh * d)
+            .map(|_| T::of(rng.random_range(-1.0f32..1.0)).f32())
+            .collect();
+        (k, v)
+    });
     let nh = c.num_heads;
     let group = nh / kvh;
     let mut starts = vec![0i32];
@@ -129,17 +80,17 @@ fn prefill_error<T: Act>(gpu: &Gpu, rng: &mut ChaCha8Rng, c: &Case) -> f64 {
         .collect();
     let ctx_i: Vec<i32> = c.seqs.iter().map(|s| s.1 as i32).collect();
     let batch = PrefillBatch {
-        block_tables: &tables,
+        block_tables: &cache.tables,
         max_blocks,
         query_starts: &starts,
         context_lens: &ctx_i,
         block_size: bs,
-        num_blocks,
+        num_blocks: cache.num_blocks,
         window: c.window,
     };
     let meta = PrefillMetadata::new(gpu, &batch).unwrap();
-    let kd = stream.clone_htod(&kc).unwrap();
-    let vd = stream.clone_htod(&vc).unwrap();
+    let kd = stream.clone_htod(&cache.k).unwrap();
+    let vd = stream.clone_htod(&cache.v).unwrap();
     let q_t: Vec<T> = q.iter().map(|&x| T::of(x)).collect();
     let qd = stream.clone_htod(&q_t).unwrap();
     // Poisoned output: every element must be written.
@@ -159,47 +110,23 @@ fn prefill_error<T: Act>(gpu: &Gpu, rng: &mut ChaCha8Rng, c: &Case) -> f64 {
             out[i]
         );
     }
-    let mut err = 0f64;
-    let mut scale = 1e-30f64;
-    let inv_sqrt_d = 1.0 / (d as f64).sqrt();
+    let mut err = MaxError::default();
     for (s, &(q_len, ctx)) in c.seqs.iter().enumerate() {
         for i in (0..q_len).filter(|&i| compared(i, q_len)) {
             let pos = ctx - q_len + i;
             let first = c.window.map_or(0, |w| (pos + 1).saturating_sub(w));
             let tok = starts[s] as usize + i;
             for h in 0..nh {
-                let kv = h / group;
                 let qh = &q[(tok * nh + h) * d..][..d];
-                let logits: Vec<f64> = (first..=pos)
-                    .map(|t| {
-                        let k = &k_dec[s][(t * kvh + kv) * d..][..d];
-                        qh.iter()
-                            .zip(k)
-                            .map(|(a, b)| f64::from(*a) * f64::from(*b))
-                            .sum::<f64>()
-                            * inv_sqrt_d
-                    })
-                    .collect();
-                let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let w: Vec<f64> = logits.iter().map(|x| (x - m).exp()).collect();
-                let total: f64 = w.iter().sum();
-                let mut r = vec![0f64; d];
-                for (t, wt) in (first..=pos).zip(&w) {
-                    let v = &v_dec[s][(t * kvh + kv) * d..][..d];
-                    for (ri, vi) in r.iter_mut().zip(v) {
-                        *ri += wt * f64::from(*vi);
-                    }
-                }
-                for (ch, ri) in r.iter().enumerate() {
-                    let o = f64::from(out[(tok * nh + h) * d + ch]);
-                    let ri = ri / total;
-                    err = err.max((o - ri).abs());
-                    scale = scale.max(ri.abs());
+                let (k, v) = (&cache.k_dec[s], &cache.v_dec[s]);
+                let r = attention_ref(qh, k, v, kvh, h / group, first..pos + 1);
+                for (ch, r) in r.into_iter().enumerate() {
+                    err.add(f64::from(out[(tok * nh + h) * d + ch]), r);
                 }
             }
         }
     }
-    err / scale
+    err.relative()
 }
 
 /// Tolerance of max |out - ref| / max |ref| (see the module docs).

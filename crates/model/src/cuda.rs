@@ -634,7 +634,7 @@ impl CudaBackend {
         let chunked = (0..n).any(|s| b.seq_starts[s + 1] - b.seq_starts[s] > 1);
         if !self.prefill
             || !chunked
-            || !kernels_cuda::Variant::tensor_core_decode(Scalar::Bf16, self.layout.dtype())
+            || !kernels_cuda::Variant::tensor_core_prefill(Scalar::Bf16, self.layout.dtype())
         {
             return Ok(None);
         }
