@@ -1,10 +1,13 @@
 // cache.cu: writing new K/V rows into the paged cache (reshape_and_cache), quantizing on the
-// fly with exactly the rules of kv-quant's CPU encoder (the reference; tests compare bytes).
+// fly with exactly the rules of kv-quant's CPU encoder (the reference; tests compare bytes), and
+// the same write fused with the rotary embedding of q and k (rope_and_cache).
 //
-// grid (num_tokens, num_kv_heads), block 64 threads: warp 0 writes the K row, warp 1 the V row
-// of one (token, KV head). Lane l holds channels [l * kPerLane, (l + 1) * kPerLane).
-// k, v: [num_tokens][num_kv_heads][HEAD_DIM] (scalar_t); slot_mapping [num_tokens] (int64,
-// block * block_size + offset; negative = skip the token).
+// grid (num_tokens, num_kv_heads): warp 0 of a CTA writes the K row, warp 1 the V row of one
+// (token, KV head); rope_and_cache's further warps rotate query heads. Lane l holds channels
+// [l * kPerLane, (l + 1) * kPerLane) of a row.
+// q: [num_tokens][num_q_heads][HEAD_DIM], k, v: [num_tokens][num_kv_heads][HEAD_DIM]
+// (scalar_t); slot_mapping [num_tokens] (int64, block * block_size + offset; negative = skip
+// the token's K and V).
 #include "common.cuh"
 
 namespace kvserve {
@@ -124,6 +127,44 @@ __device__ __forceinline__ void write_row(unsigned char* __restrict__ base, int 
 #endif
 }
 
+// Rotates one head row (x: this lane's kPerLane values, the warp holding the row) by
+// pos * inv_freq[i] for each channel pair i, pairs (2i, 2i + 1) when interleaved, else
+// (i, i + HEAD_DIM / 2), and returns the results rounded to the activation type.
+//
+// The arithmetic is exactly that of `rope` in elementwise.cu as ptxas compiles it (checked in
+// its SASS for sm_80 and sm_90, f16 and bf16): the angle is the rounded product pos * inv_freq,
+// sin and cos come from sincosf, and with (x0, x1) the pair,
+//   x0' = fma(x0, c, -(x1 * s)),  x1' = fma(x0, s, x1 * c)   (inner products rounded).
+// It is spelled out with _rn intrinsics here, which the compiler never contracts, so the
+// results do not depend on how this kernel happens to be optimized.
+//
+// Interleaved pairs lie within a lane (kPerLane is even); half-split pairs are lanes l and
+// l + 16 (HEAD_DIM / 2 = 16 * kPerLane), exchanged with one shuffle per value.
+__device__ __forceinline__ void rotate_row(const float (&x)[kPerLane], scalar_t (&y)[kPerLane],
+                                           float pos, const float* __restrict__ inv_freq,
+                                           int lane, int interleaved) {
+  if (interleaved) {
+#pragma unroll
+    for (int p = 0; p < kPerLane / 2; ++p) {
+      float s, c;
+      sincosf(__fmul_rn(pos, inv_freq[lane * (kPerLane / 2) + p]), &s, &c);
+      const float x0 = x[2 * p], x1 = x[2 * p + 1];
+      y[2 * p] = from_float(__fmaf_rn(x0, c, -__fmul_rn(x1, s)));
+      y[2 * p + 1] = from_float(__fmaf_rn(x0, s, __fmul_rn(x1, c)));
+    }
+  } else {
+    const bool first = lane < 16;  // holds x0 of its pairs (channels below HEAD_DIM / 2)
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) {
+      const float other = __shfl_xor_sync(0xffffffffu, x[i], 16);
+      float s, c;
+      sincosf(__fmul_rn(pos, inv_freq[(lane % 16) * kPerLane + i]), &s, &c);
+      y[i] = from_float(first ? __fmaf_rn(x[i], c, -__fmul_rn(other, s))
+                              : __fmaf_rn(other, s, __fmul_rn(x[i], c)));
+    }
+  }
+}
+
 }  // namespace kvserve
 
 using namespace kvserve;
@@ -133,6 +174,8 @@ extern "C" __global__ void __launch_bounds__(64)
                       const scalar_t* __restrict__ k, const scalar_t* __restrict__ v,
                       const long long* __restrict__ slot_mapping, int num_kv_heads,
                       int block_size, int block_shift, long long block_bytes) {
+  kvs_wait_prior();  // PDL (scalar.cuh)
+  kvs_launch_dependents();
   const int token = blockIdx.x;
   const int head = blockIdx.y;
   const long long slot = slot_mapping[token];
@@ -147,6 +190,65 @@ extern "C" __global__ void __launch_bounds__(64)
   float x[kPerLane];
 #pragma unroll
   for (int i = 0; i < kPerLane; ++i) x[i] = to_float(src[i]);
+  unsigned char* base = (is_v ? v_cache : k_cache) + block * block_bytes;
+  write_row(base, head, offset, block_size, num_kv_heads, lane, x);
+}
+
+// Query-head warps of a rope_and_cache CTA at most (the launcher picks
+// min(ceil(num_q_heads / num_kv_heads), kMaxQueryWarps)).
+constexpr int kMaxQueryWarps = 8;
+
+// rope followed by reshape_and_cache in one launch, with the same results bit for bit: q is
+// rotated in place; k is rotated, rounded to scalar_t (as rope stores it) and written into the
+// cache with v, while the k buffer itself is left as it was (attention reads K from the cache).
+// grid (num_tokens, num_kv_heads), block 32 * (2 + query warps) threads: warp 0 the K row and
+// warp 1 the V row of (token, KV head) blockIdx.y, as reshape_and_cache (nothing for a negative
+// slot); the other warps rotate query heads blockIdx.y + j * num_kv_heads (j = 0, 1, ...; any
+// num_q_heads works), one head per warp at a time, whatever the slot.
+extern "C" __global__ void __launch_bounds__(32 * (2 + kMaxQueryWarps), 1)
+    rope_and_cache(scalar_t* __restrict__ q, unsigned char* __restrict__ k_cache,
+                   unsigned char* __restrict__ v_cache, const scalar_t* __restrict__ k,
+                   const scalar_t* __restrict__ v, const int* __restrict__ positions,
+                   const float* __restrict__ inv_freq, const long long* __restrict__ slot_mapping,
+                   int num_q_heads, int num_kv_heads, int interleaved, int block_size,
+                   int block_shift, long long block_bytes) {
+  kvs_wait_prior();  // PDL (scalar.cuh)
+  kvs_launch_dependents();
+  const int token = blockIdx.x;
+  const int head = blockIdx.y;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  float x[kPerLane];
+  scalar_t y[kPerLane];
+  if (warp >= 2) {
+    const float pos = static_cast<float>(positions[token]);
+    const int step = (blockDim.x / 32 - 2) * num_kv_heads;
+    for (int h = head + (warp - 2) * num_kv_heads; h < num_q_heads; h += step) {
+      scalar_t* row =
+          q + (static_cast<long long>(token) * num_q_heads + h) * HEAD_DIM + lane * kPerLane;
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) x[i] = to_float(row[i]);
+      rotate_row(x, y, pos, inv_freq, lane, interleaved);
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) row[i] = y[i];
+    }
+    return;
+  }
+  const long long slot = slot_mapping[token];
+  if (slot < 0) return;
+  const int is_v = warp;
+  const long long block = slot >> block_shift;
+  const int offset = static_cast<int>(slot & (block_size - 1));
+  const scalar_t* src = (is_v ? v : k) +
+                        (static_cast<long long>(token) * num_kv_heads + head) * HEAD_DIM +
+                        lane * kPerLane;
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) x[i] = to_float(src[i]);
+  if (!is_v) {
+    rotate_row(x, y, static_cast<float>(positions[token]), inv_freq, lane, interleaved);
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) x[i] = to_float(y[i]);
+  }
   unsigned char* base = (is_v ? v_cache : k_cache) + block * block_bytes;
   write_row(base, head, offset, block_size, num_kv_heads, lane, x);
 }

@@ -33,6 +33,8 @@ __device__ __forceinline__ float block_sum(float v) {
 extern "C" __global__ void __launch_bounds__(kThreads)
     embedding_gather(float* __restrict__ residual, const scalar_t* __restrict__ table,
                      const int* __restrict__ ids, int hidden) {
+  kvs_wait_prior();  // PDL (scalar.cuh)
+  kvs_launch_dependents();
   const long long t = blockIdx.x;
   const scalar_t* row = table + static_cast<long long>(ids[t]) * hidden;
   for (int i = threadIdx.x; i < hidden; i += kThreads) residual[t * hidden + i] = to_float(row[i]);
@@ -89,6 +91,8 @@ __device__ __forceinline__ void norm_row(scalar_t* __restrict__ out, float* __re
 extern "C" __global__ void __launch_bounds__(kNormThreads)
     rms_norm(scalar_t* __restrict__ out, float* __restrict__ residual,
              const scalar_t* __restrict__ weight, int hidden, float eps) {
+  kvs_wait_prior();  // PDL (scalar.cuh)
+  kvs_launch_dependents();
   norm_row(out, residual, nullptr, weight, hidden, eps);
 }
 
@@ -98,6 +102,8 @@ extern "C" __global__ void __launch_bounds__(kNormThreads)
     add_rms_norm(scalar_t* __restrict__ out, float* __restrict__ residual,
                  const scalar_t* __restrict__ delta, const scalar_t* __restrict__ weight,
                  int hidden, float eps) {
+  kvs_wait_prior();  // PDL (scalar.cuh)
+  kvs_launch_dependents();
   norm_row(out, residual, delta, weight, hidden, eps);
 }
 
@@ -109,6 +115,8 @@ extern "C" __global__ void __launch_bounds__(kThreads)
     rope(scalar_t* __restrict__ q, scalar_t* __restrict__ k, const int* __restrict__ positions,
          const float* __restrict__ inv_freq, int num_q_heads, int num_kv_heads, int head_dim,
          int interleaved) {
+  kvs_wait_prior();  // PDL (scalar.cuh)
+  kvs_launch_dependents();
   const long long t = blockIdx.x;
   const int h = blockIdx.y;
   const int half = head_dim / 2;
@@ -119,17 +127,21 @@ extern "C" __global__ void __launch_bounds__(kThreads)
     const int a = interleaved ? 2 * i : i;
     const int b = interleaved ? 2 * i + 1 : i + half;
     float s, c;
-    // Same angle as the CPU backend: the f32 product, then an accurate sin/cos.
-    sincosf(pos * inv_freq[i], &s, &c);
+    // Same angle as the CPU backend: the f32 product, then an accurate sin/cos. The
+    // roundings are spelled out (the ones ptxas chose for the plain expressions) so that
+    // rope_and_cache (cache.cu) gives the same bits.
+    sincosf(__fmul_rn(pos, inv_freq[i]), &s, &c);
     const float x0 = to_float(x[a]), x1 = to_float(x[b]);
-    x[a] = from_float(x0 * c - x1 * s);
-    x[b] = from_float(x0 * s + x1 * c);
+    x[a] = from_float(__fmaf_rn(x0, c, -__fmul_rn(x1, s)));
+    x[b] = from_float(__fmaf_rn(x0, s, __fmul_rn(x1, c)));
   }
 }
 
 // out[t][i] = silu(gate_up[t][i]) * gate_up[t][inter + i]. grid (num_tokens), block kThreads.
 extern "C" __global__ void __launch_bounds__(kThreads)
     silu_mul(scalar_t* __restrict__ out, const scalar_t* __restrict__ gate_up, int inter) {
+  kvs_wait_prior();  // PDL (scalar.cuh)
+  kvs_launch_dependents();
   const long long t = blockIdx.x;
   const scalar_t* g = gate_up + t * 2 * inter;
   for (int i = threadIdx.x; i < inter; i += kThreads) {
@@ -142,6 +154,8 @@ extern "C" __global__ void __launch_bounds__(kThreads)
 extern "C" __global__ void __launch_bounds__(kThreads)
     gather_rows(scalar_t* __restrict__ out, const scalar_t* __restrict__ src,
                 const int* __restrict__ rows, int width) {
+  kvs_wait_prior();  // PDL (scalar.cuh)
+  kvs_launch_dependents();
   const long long j = blockIdx.x;
   const scalar_t* row = src + static_cast<long long>(rows[j]) * width;
   for (int i = threadIdx.x; i < width; i += kThreads) out[j * width + i] = row[i];
@@ -152,6 +166,8 @@ extern "C" __global__ void __launch_bounds__(kThreads)
 extern "C" __global__ void __launch_bounds__(kThreads)
     fill_uniform(scalar_t* __restrict__ out, long long n, unsigned long long seed, float lo,
                  float hi) {
+  kvs_wait_prior();  // PDL (scalar.cuh)
+  kvs_launch_dependents();
   const long long stride = static_cast<long long>(gridDim.x) * kThreads;
   for (long long i = static_cast<long long>(blockIdx.x) * kThreads + threadIdx.x; i < n;
        i += stride) {
@@ -171,6 +187,8 @@ extern "C" __global__ void __launch_bounds__(kThreads)
 extern "C" __global__ void __launch_bounds__(kThreads)
     copy_blocks(unsigned char* __restrict__ cache, const long long* __restrict__ pairs,
                 long long block_bytes) {
+  kvs_wait_prior();  // PDL (scalar.cuh)
+  kvs_launch_dependents();
   const long long src = pairs[2 * blockIdx.x] * block_bytes;
   const long long dst = pairs[2 * blockIdx.x + 1] * block_bytes;
   if (block_bytes % 16 == 0) {
@@ -185,6 +203,8 @@ extern "C" __global__ void __launch_bounds__(kThreads)
 // x[t] += bias for every token t (Qwen2's Q/K/V biases). grid (num_tokens), block kThreads.
 extern "C" __global__ void __launch_bounds__(kThreads)
     add_bias(scalar_t* __restrict__ x, const scalar_t* __restrict__ bias, int width) {
+  kvs_wait_prior();  // PDL (scalar.cuh)
+  kvs_launch_dependents();
   const long long t = blockIdx.x;
   for (int i = threadIdx.x; i < width; i += kThreads)
     x[t * width + i] = from_float(to_float(x[t * width + i]) + to_float(bias[i]));

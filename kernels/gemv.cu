@@ -13,7 +13,20 @@
 //   gemv_M            y = x W^T (+ bias), rows split into up to three outputs (a fused Q/K/V
 //                     weight writes q, k and v apart);
 //   gemv_glu_M        act[j] = silu(gate) * up from rows j and inter + j of a stacked gate/up
-//                     weight.
+//                     weight;
+//   *_tc_M            the same on tensor cores (below);
+//   *_norm_M          the same with the RMSNorm of the f32 residual stream folded into the
+//                     input: x[m][i] = scalar_t(nweight[i] * (residual[m][i] * rinv[m])), rounded
+//                     as elementwise.cu's norm_row rounds it, rinv[m] = rsqrt(sum_p
+//                     partials[m][p] / K + eps) from the sums of squares a residual epilogue
+//                     (next) left. Each CTA adds the partials in one fixed order (the same in
+//                     every CTA and kernel), then every warp reads the residual row and the
+//                     norm weight where it would have read x (from L1 / L2).
+// Epilogue of gemv_M / gemv_tc_M / their norm entries: with `res_out` null the rows go to
+// their outputs; otherwise ("residual") residual[m][row] += float(scalar_t(y)) (the rounding of
+// the unfused product + add_rms_norm), nothing else is stored, and each CTA writes the sum of
+// squares of the new residual values it owns to part_out[m][blockIdx.x] (`gridDim.x` partials
+// per token; every row is finished by exactly one warp of one CTA; no atomics: deterministic).
 //
 // Compiled per activation type: SCALAR (0 = half, 1 = bfloat16). K must be a multiple of 8
 // and the weight 16-byte aligned (checked by the launcher).
@@ -35,6 +48,17 @@ __device__ __forceinline__ float2 pair_to_float2(unsigned v) {
   return __half22float2(h);
 #else
   return make_float2(__uint_as_float(v << 16), __uint_as_float(v & 0xffff0000u));
+#endif
+}
+
+// Two values packed as 16-bit pair (`lo` first in memory).
+__device__ __forceinline__ unsigned pack_pair(scalar_t lo, scalar_t hi) {
+#if SCALAR == 0
+  return static_cast<unsigned>(__half_as_ushort(lo)) |
+         (static_cast<unsigned>(__half_as_ushort(hi)) << 16);
+#else
+  return static_cast<unsigned>(__bfloat16_as_ushort(lo)) |
+         (static_cast<unsigned>(__bfloat16_as_ushort(hi)) << 16);
 #endif
 }
 
@@ -63,19 +87,184 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// ---------------------------------------------------------------------------------------
+// Inputs. A source's at(m, off[, shared(off)]) returns x[m][off .. off + 7] packed (off a
+// multiple of 8; shared(off) is what the tokens share at that offset, loaded once for all);
+// token(m) is the source of token m alone (as its token 0), for the tensor-core kernels where
+// a lane reads one token; unroll<M>() is the FMA kernels' weight loads in flight per lane and
+// row with it.
+
+// Rows of scalar_t, `[M][k]`.
+struct PlainSrc {
+  const scalar_t* x;
+  int k;
+  struct Shared {};
+  template <int M>
+  static constexpr int unroll() { return kUnroll; }
+  __device__ __forceinline__ Shared shared(long long) const { return {}; }
+  __device__ __forceinline__ uint4 at(int m, long long off, Shared = {}) const {
+    return __ldg(reinterpret_cast<const uint4*>(x + static_cast<long long>(m) * k + off));
+  }
+  __device__ __forceinline__ PlainSrc token(int m) const {
+    return {x + static_cast<long long>(m) * k, k};
+  }
+};
+
+// The RMSNorm of the f32 residual rows `[M][k]` with the weight `w` `[k]`, rounded as
+// norm_row does: scalar_t(w * (r * rinv)).
+template <int M>
+struct NormSrc {
+  const float* res;
+  const scalar_t* w;
+  int k;
+  float rinv[M];
+  // Weight loads in flight per lane and row: fewer for many tokens, whose residual chunks
+  // (8 registers per token) take the room.
+  template <int>
+  static constexpr int unroll() { return M > 4 ? 1 : kUnroll; }
+  // What the tokens share at one offset: the norm weight's chunk.
+  typedef uint4 Shared;
+  __device__ __forceinline__ uint4 shared(long long off) const {
+    return __ldg(reinterpret_cast<const uint4*>(w + off));
+  }
+  __device__ __forceinline__ uint4 at(int m, long long off) const {
+    return at(m, off, shared(off));
+  }
+  __device__ __forceinline__ uint4 at(int m, long long off, const uint4& wv) const {
+    const float4* r = reinterpret_cast<const float4*>(res + static_cast<long long>(m) * k + off);
+    const float4 a = __ldg(r), b = __ldg(r + 1);
+    const float s = rinv[m];
+    const float2 w0 = pair_to_float2(wv.x), w1 = pair_to_float2(wv.y);
+    const float2 w2 = pair_to_float2(wv.z), w3 = pair_to_float2(wv.w);
+    return make_uint4(pack_pair(from_float(w0.x * (a.x * s)), from_float(w0.y * (a.y * s))),
+                      pack_pair(from_float(w1.x * (a.z * s)), from_float(w1.y * (a.w * s))),
+                      pack_pair(from_float(w2.x * (b.x * s)), from_float(w2.y * (b.y * s))),
+                      pack_pair(from_float(w3.x * (b.z * s)), from_float(w3.y * (b.w * s))));
+  }
+  __device__ __forceinline__ NormSrc<1> token(int m) const {
+    // A select chain, not a dynamically indexed (local-memory) array.
+    float s = 0.f;
+#pragma unroll
+    for (int i = 0; i < M; ++i)
+      if (i == m) s = rinv[i];
+    return {res + static_cast<long long>(m) * k, w, k, {s}};
+  }
+};
+
+// rinv[m] = rsqrt(sum_p partials[m][p] / k + eps) for every token, the sum in one fixed order:
+// thread i adds p = i, i + kThreads, ...; then the lanes of each warp; then the warps in
+// order. The same in every CTA of every kernel (all have kThreads threads), so every consumer
+// of one residual scales a token by the same rinv. Every thread of the CTA must call it (it
+// holds barriers).
+template <int M>
+__device__ __forceinline__ void norm_scales(const float* __restrict__ partials, int count, int k,
+                                            float eps, float (&rinv)[M]) {
+  __shared__ float part[kWarps][M];
+  __shared__ float scale[M];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  float s[M];
+#pragma unroll
+  for (int m = 0; m < M; ++m) s[m] = 0.f;
+#pragma unroll 4
+  for (int i = threadIdx.x; i < count; i += kThreads)
+#pragma unroll
+    for (int m = 0; m < M; ++m) s[m] += __ldg(partials + static_cast<long long>(m) * count + i);
+#pragma unroll
+  for (int m = 0; m < M; ++m) s[m] = warp_sum(s[m]);
+  if (lane == 0)
+#pragma unroll
+    for (int m = 0; m < M; ++m) part[warp][m] = s[m];
+  __syncthreads();
+  if (threadIdx.x < M) {
+    float total = 0.f;
+    for (int p = 0; p < kWarps; ++p) total += part[p][threadIdx.x];
+    scale[threadIdx.x] = rsqrtf(total / k + eps);
+  }
+  __syncthreads();
+#pragma unroll
+  for (int m = 0; m < M; ++m) rinv[m] = scale[m];
+}
+
+// ---------------------------------------------------------------------------------------
+// Epilogues, shared by the f32-FMA and the tensor-core kernels.
+
+// Where the rows of a product go: rows [0, n0) to y0 ([M][n0]), [n0, n01) to y1
+// ([M][n01 - n0]), [n01, n) to y2 ([M][n - n01]); or, with `residual` not null, added to the
+// residual stream ([M][n], f32), with the CTA's sums of squares into `partials`.
+struct Out {
+  scalar_t* y0;
+  scalar_t* y1;
+  scalar_t* y2;
+  float* residual;
+  float* partials;
+  const scalar_t* bias;
+  int n0, n01, n;
+};
+
+// Output (token m, row) of a product whose f32 sum is `acc`: the bias added, rounded to
+// scalar_t, then stored into its output, or added to the residual stream. Returns the new
+// residual value (0 when storing).
+__device__ __forceinline__ float store_row(const Out& o, int m, int row, float acc) {
+  float v = acc;
+  if (o.bias != nullptr) v += to_float(o.bias[row]);
+  const scalar_t y = from_float(v);
+  if (o.residual != nullptr) {
+    float* r = o.residual + static_cast<long long>(m) * o.n + row;
+    const float updated = *r + to_float(y);
+    *r = updated;
+    return updated;
+  }
+  if (row < o.n0)
+    o.y0[static_cast<long long>(m) * o.n0 + row] = y;
+  else if (row < o.n01)
+    o.y1[static_cast<long long>(m) * (o.n01 - o.n0) + (row - o.n0)] = y;
+  else
+    o.y2[static_cast<long long>(m) * (o.n - o.n01) + (row - o.n01)] = y;
+  return 0.f;
+}
+
+// y[m][j] = silu(g) * u with the gate and up sums each rounded to scalar_t first (as the
+// unfused GEMM + silu_mul path).
+__device__ __forceinline__ void store_glu(scalar_t* y, int inter, int m, int j, float gate,
+                                          float up) {
+  const float g = to_float(from_float(gate));
+  const float u = to_float(from_float(up));
+  y[static_cast<long long>(m) * inter + j] = from_float(g / (1.f + __expf(-g)) * u);
+}
+
+// The residual epilogue's sums of squares: lane m < M of every warp holds the sum over the
+// rows the warp stored for token m (`owner`: the warp stored rows; the others add 0). Thread m
+// of the CTA writes the CTA's total, warps added in order, to partials[m][blockIdx.x]. Every
+// thread of the CTA must call it (it holds a barrier).
+template <int M>
+__device__ __forceinline__ void write_partials(float* __restrict__ partials, float ss,
+                                               bool owner) {
+  __shared__ float part[kWarps][M];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane < M) part[warp][lane] = owner ? ss : 0.f;
+  __syncthreads();
+  if (threadIdx.x < M) {
+    float total = 0.f;
+    for (int p = 0; p < kWarps; ++p) total += part[p][threadIdx.x];
+    partials[static_cast<long long>(threadIdx.x) * gridDim.x + blockIdx.x] = total;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// f32-FMA kernels (one warp per row group).
+
 // acc[r][m] = sum over chunks [c_begin, c_end) of x[m] . rows[r] (8 values per chunk) for this
 // warp's R rows (null rows are skipped: the last warp of an odd N). Every lane gets the full
 // sums.
-template <int M, int R>
-__device__ __forceinline__ void rows_dot(const scalar_t* const (&rows)[R],
-                                         const scalar_t* __restrict__ x, int chunks, int c_begin,
-                                         int c_end, float (&acc)[R][M]) {
+template <int M, int R, class Src>
+__device__ __forceinline__ void rows_dot(const scalar_t* const (&rows)[R], const Src& src,
+                                         int c_begin, int c_end, float (&acc)[R][M]) {
+  constexpr int kUnroll = Src::template unroll<M>();
   const int lane = threadIdx.x % 32;
 #pragma unroll
   for (int r = 0; r < R; ++r)
 #pragma unroll
     for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
-  const uint4* x4 = reinterpret_cast<const uint4*>(x);
   for (int c0 = c_begin + lane; c0 < c_end; c0 += 32 * kUnroll) {
     uint4 wv[R][kUnroll];
 #pragma unroll
@@ -91,9 +280,10 @@ __device__ __forceinline__ void rows_dot(const scalar_t* const (&rows)[R],
     for (int u = 0; u < kUnroll; ++u) {
       const int c = c0 + u * 32;
       if (c < c_end) {
+        const auto sv = src.shared(static_cast<long long>(c) * 8);
 #pragma unroll
         for (int m = 0; m < M; ++m) {
-          const uint4 xv = __ldg(x4 + static_cast<long long>(m) * chunks + c);
+          const uint4 xv = src.at(m, static_cast<long long>(c) * 8, sv);
 #pragma unroll
           for (int r = 0; r < R; ++r) acc[r][m] = dot8(wv[r][u], xv, acc[r][m]);
         }
@@ -151,17 +341,13 @@ __device__ __forceinline__ Share share_of(int chunks, int ksplit) {
           min(chunks, (part + 1) * per)};
 }
 
-// y = x W^T (+ bias) over n rows of K = 8 * chunks: rows [0, n0) go to y0 ([M][n0]), [n0, n01)
-// to y1 ([M][n01 - n0]), [n01, n) to y2 ([M][n - n01]). grid (ceil(n / (kWarps / ksplit * R))),
-// block kThreads.
-template <int M>
-__device__ __forceinline__ void gemv_impl(scalar_t* __restrict__ y0, scalar_t* __restrict__ y1,
-                                          scalar_t* __restrict__ y2,
-                                          const scalar_t* __restrict__ w,
-                                          const scalar_t* __restrict__ x,
-                                          const scalar_t* __restrict__ bias, int n0, int n01,
-                                          int n, int k, int ksplit) {
+// y = x W^T (+ bias) over o.n rows of K = 8 * chunks, into `o`. grid
+// (ceil(n / (kWarps / ksplit * R))), block kThreads.
+template <int M, class Src>
+__device__ __forceinline__ void gemv_impl(const Out& o, const scalar_t* __restrict__ w,
+                                          const Src& src, int k, int ksplit) {
   constexpr int R = PlainRows<M>::value;
+  const int n = o.n;
   const int chunks = k / 8;
   const Share sh = share_of(chunks, ksplit);
   const int first = sh.group * R;
@@ -170,51 +356,42 @@ __device__ __forceinline__ void gemv_impl(scalar_t* __restrict__ y0, scalar_t* _
   for (int r = 0; r < R; ++r)
     rows[r] = first + r < n ? w + static_cast<long long>(first + r) * k : nullptr;
   float acc[R][M];
-  rows_dot<M, R>(rows, x, chunks, sh.c_begin, sh.c_end, acc);
-  if (!combine_parts<M, R>(acc, ksplit)) return;
+  rows_dot<M, R>(rows, src, sh.c_begin, sh.c_end, acc);
+  const bool owner = combine_parts<M, R>(acc, ksplit);
   const int lane = threadIdx.x % 32;
+  // Lane m stores token m's rows (every lane holds every sum), and sums their squares.
+  float ss = 0.f;
+  if (owner) {
 #pragma unroll
-  for (int r = 0; r < R; ++r) {
-    const int row = first + r;
+    for (int r = 0; r < R; ++r)
 #pragma unroll
-    for (int m = 0; m < M; ++m) {
-      if (lane != m || row >= n) continue;
-      float v = acc[r][m];
-      if (bias != nullptr) v += to_float(bias[row]);
-      if (row < n0)
-        y0[static_cast<long long>(m) * n0 + row] = from_float(v);
-      else if (row < n01)
-        y1[static_cast<long long>(m) * (n01 - n0) + (row - n0)] = from_float(v);
-      else
-        y2[static_cast<long long>(m) * (n - n01) + (row - n01)] = from_float(v);
-    }
+      for (int m = 0; m < M; ++m)
+        if (lane == m && first + r < n) {
+          const float v = store_row(o, m, first + r, acc[r][m]);
+          ss = fmaf(v, v, ss);
+        }
   }
+  if (o.residual != nullptr) write_partials<M>(o.partials, ss, owner);
 }
 
-// y[m][j] = silu(g) * u with g = (x W^T)[m][j], u = (x W^T)[m][inter + j], each rounded to
-// scalar_t first (as the unfused GEMM + silu_mul path). grid (ceil(inter / (kWarps / ksplit))),
-// block kThreads.
-template <int M>
+// act = silu(gate) * up over `inter` row pairs (gate row j, up row inter + j). grid
+// (ceil(inter / (kWarps / ksplit))), block kThreads.
+template <int M, class Src>
 __device__ __forceinline__ void gemv_glu_impl(scalar_t* __restrict__ y,
-                                              const scalar_t* __restrict__ w,
-                                              const scalar_t* __restrict__ x, int inter, int k,
-                                              int ksplit) {
+                                              const scalar_t* __restrict__ w, const Src& src,
+                                              int inter, int k, int ksplit) {
   const int chunks = k / 8;
   const Share sh = share_of(chunks, ksplit);
   const int j = sh.group;
   const scalar_t* rows[2] = {j < inter ? w + static_cast<long long>(j) * k : nullptr,
                              j < inter ? w + static_cast<long long>(inter + j) * k : nullptr};
   float acc[2][M];
-  rows_dot<M, 2>(rows, x, chunks, sh.c_begin, sh.c_end, acc);
+  rows_dot<M, 2>(rows, src, sh.c_begin, sh.c_end, acc);
   if (!combine_parts<M, 2>(acc, ksplit) || j >= inter) return;
   const int lane = threadIdx.x % 32;
 #pragma unroll
-  for (int m = 0; m < M; ++m) {
-    if (lane != m) continue;
-    const float g = to_float(from_float(acc[0][m]));
-    const float u = to_float(from_float(acc[1][m]));
-    y[static_cast<long long>(m) * inter + j] = from_float(g / (1.f + __expf(-g)) * u);
-  }
+  for (int m = 0; m < M; ++m)
+    if (lane == m) store_glu(y, inter, m, j, acc[0][m], acc[1][m]);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -244,10 +421,10 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], unsigned a0, unsigned a
 // d[T][4] += W[tile T rows] . x over the chunks [c_begin, c_end) (32 values each) for T tiles
 // of 16 rows starting at rows[T] (rows past n zero; tokens past M zero). d[T] holds C(row g,
 // tokens 2t, 2t + 1) and C(row g + 8, tokens 2t, 2t + 1) of tile T.
-template <int M, int T>
+template <int M, int T, class Src>
 __device__ __forceinline__ void tiles_dot(const scalar_t* __restrict__ w, const int (&tile_row)[T],
-                                          int n, const scalar_t* __restrict__ x, int k,
-                                          int c_begin, int c_end, float (&d)[T][4]) {
+                                          int n, const Src& src, int k, int c_begin, int c_end,
+                                          float (&d)[T][4]) {
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
 #pragma unroll
   for (int i = 0; i < T; ++i) d[i][0] = d[i][1] = d[i][2] = d[i][3] = 0.f;
@@ -259,7 +436,9 @@ __device__ __forceinline__ void tiles_dot(const scalar_t* __restrict__ w, const 
     lo[i] = r0 < n ? w + static_cast<long long>(r0) * k + 8 * t : nullptr;
     hi[i] = r1 < n ? w + static_cast<long long>(r1) * k + 8 * t : nullptr;
   }
-  const scalar_t* xg = g < M ? x + static_cast<long long>(g) * k + 8 * t : nullptr;
+  // This lane's token (B column g); lanes past the batch load nothing.
+  const bool has_token = g < M;
+  const auto xs = src.token(has_token ? g : 0);
   const uint4 zero = make_uint4(0, 0, 0, 0);
   // 32-wide chunks in flight: 4 for one tile (4 KB per warp), 2 for two.
   constexpr int U = 4 / T;
@@ -274,7 +453,7 @@ __device__ __forceinline__ void tiles_dot(const scalar_t* __restrict__ w, const 
         a_lo[u][i] = in && lo[i] ? load_stream(reinterpret_cast<const uint4*>(lo[i] + off)) : zero;
         a_hi[u][i] = in && hi[i] ? load_stream(reinterpret_cast<const uint4*>(hi[i] + off)) : zero;
       }
-      b[u] = in && xg ? __ldg(reinterpret_cast<const uint4*>(xg + off)) : zero;
+      b[u] = in && has_token ? xs.at(0, off + 8 * t) : zero;
     }
 #pragma unroll
     for (int u = 0; u < U; ++u)
@@ -309,43 +488,49 @@ __device__ __forceinline__ bool combine_tiles(float (&d)[T][4], int ksplit) {
 
 // y = x W^T (+ bias) as gemv_impl, a tile of 16 rows per warp group. grid
 // (ceil(ceil(n / 16) / (kWarps / ksplit))), block kThreads.
-template <int M>
-__device__ __forceinline__ void gemv_tc_impl(scalar_t* __restrict__ y0, scalar_t* __restrict__ y1,
-                                             scalar_t* __restrict__ y2,
-                                             const scalar_t* __restrict__ w,
-                                             const scalar_t* __restrict__ x,
-                                             const scalar_t* __restrict__ bias, int n0, int n01,
-                                             int n, int k, int ksplit) {
+template <int M, class Src>
+__device__ __forceinline__ void gemv_tc_impl(const Out& o, const scalar_t* __restrict__ w,
+                                             const Src& src, int k, int ksplit) {
+  const int n = o.n;
   const int chunks = k / 32;
   const Share sh = share_of(chunks, ksplit);
   const int tile_row[1] = {sh.group * 16};
   float d[1][4];
-  tiles_dot<M, 1>(w, tile_row, n, x, k, sh.c_begin, sh.c_end, d);
-  if (!combine_tiles<1>(d, ksplit)) return;
+  tiles_dot<M, 1>(w, tile_row, n, src, k, sh.c_begin, sh.c_end, d);
+  const bool owner = combine_tiles<1>(d, ksplit);
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  // ss[p]: sum of squares of the new residual values of token 2t + p in this lane's rows.
+  float ss[2] = {0.f, 0.f};
+  if (owner) {
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const int row = tile_row[0] + g + (j >= 2 ? 8 : 0);
-    const int m = 2 * t + (j & 1);
-    if (m >= M || row >= n) continue;
-    float v = d[0][j];
-    if (bias != nullptr) v += to_float(bias[row]);
-    if (row < n0)
-      y0[static_cast<long long>(m) * n0 + row] = from_float(v);
-    else if (row < n01)
-      y1[static_cast<long long>(m) * (n01 - n0) + (row - n0)] = from_float(v);
-    else
-      y2[static_cast<long long>(m) * (n - n01) + (row - n01)] = from_float(v);
+    for (int j = 0; j < 4; ++j) {
+      const int row = tile_row[0] + g + (j >= 2 ? 8 : 0);
+      const int m = 2 * t + (j & 1);
+      if (m >= M || row >= n) continue;
+      const float v = store_row(o, m, row, d[0][j]);
+      ss[j & 1] = fmaf(v, v, ss[j & 1]);
+    }
+  }
+  if (o.residual != nullptr) {
+    // Sum over the 8 row pairs g (lanes t, t + 4, ..., t + 28); then lane m < M takes token
+    // m's from lane m / 2 (g = 0, t = m / 2).
+#pragma unroll
+    for (int off = 4; off < 32; off *= 2) {
+      ss[0] += __shfl_xor_sync(0xffffffffu, ss[0], off);
+      ss[1] += __shfl_xor_sync(0xffffffffu, ss[1], off);
+    }
+    const float even = __shfl_sync(0xffffffffu, ss[0], lane / 2);
+    const float odd = __shfl_sync(0xffffffffu, ss[1], lane / 2);
+    write_partials<M>(o.partials, (lane & 1) ? odd : even, owner);
   }
 }
 
 // act = silu(gate) * up as gemv_glu_impl, tiles of 16 gate rows and their 16 up rows per
 // warp group. grid (ceil(ceil(inter / 16) / (kWarps / ksplit))), block kThreads.
-template <int M>
+template <int M, class Src>
 __device__ __forceinline__ void gemv_glu_tc_impl(scalar_t* __restrict__ y,
-                                                 const scalar_t* __restrict__ w,
-                                                 const scalar_t* __restrict__ x, int inter,
-                                                 int k, int ksplit) {
+                                                 const scalar_t* __restrict__ w, const Src& src,
+                                                 int inter, int k, int ksplit) {
   const int chunks = k / 32;
   const Share sh = share_of(chunks, ksplit);
   const int j0 = sh.group * 16;
@@ -354,7 +539,7 @@ __device__ __forceinline__ void gemv_glu_tc_impl(scalar_t* __restrict__ y,
   const int tile_row[2] = {j0, inter + j0};
   float d[2][4];
   const int limit = min(inter, j0 + 16);
-  tiles_dot<M, 2>(w, tile_row, inter + limit, x, k, sh.c_begin, sh.c_end, d);
+  tiles_dot<M, 2>(w, tile_row, inter + limit, src, k, sh.c_begin, sh.c_end, d);
   if (!combine_tiles<2>(d, ksplit)) return;
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
 #pragma unroll
@@ -362,35 +547,138 @@ __device__ __forceinline__ void gemv_glu_tc_impl(scalar_t* __restrict__ y,
     const int row = j0 + g + (j >= 2 ? 8 : 0);
     const int m = 2 * t + (j & 1);
     if (m >= M || row >= inter) continue;
-    const float gv = to_float(from_float(d[0][j]));
-    const float uv = to_float(from_float(d[1][j]));
-    y[static_cast<long long>(m) * inter + row] = from_float(gv / (1.f + __expf(-gv)) * uv);
+    store_glu(y, inter, m, row, d[0][j], d[1][j]);
   }
 }
 
+// ---------------------------------------------------------------------------------------
+// Programmatic dependent launch (scalar.cuh, crates/kernels-cuda/src/launch.rs). Before
+// waiting for the previous kernel, each warp asks the L2 for the head of its share of its
+// weight rows: the first `bytes` of [e0, e1) of rows [r, r + nrows) below `n`. The weights
+// are never written while a step runs, so this may overlap the previous kernel, and the
+// DRAM keeps streaming under the short kernels between products. Only the head: prefetching
+// whole rows for every resident warp asked for more than the L2 holds, and the lines were
+// evicted before their loads (GEMV-only step 3.8 -> 5.1 ms on an H200). Then the CTA waits
+// (nothing it reads or writes past this point may be touched earlier) and lets the next
+// kernel's CTAs be scheduled.
+__device__ __forceinline__ void prefetch_head(const scalar_t* w, int k, int r, int nrows, int n,
+                                              int e0, int e1, int bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(GEMV_PREFETCH)
+  const int len = min((e1 - e0) * static_cast<int>(sizeof(scalar_t)), bytes);
+  if (len <= 0) return;
+  const int lines = (len + 127) / 128;
+  for (int i = threadIdx.x % 32; i < nrows * lines; i += 32) {
+    const int row = r + i / lines;
+    if (row >= n) break;
+    const char* p = reinterpret_cast<const char*>(w + static_cast<long long>(row) * k + e0) +
+                    (i % lines) * 128;
+    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
+  }
+#endif
+}
+
+__device__ __forceinline__ void wait_prior_kernel() {
+  kvs_wait_prior();
+  kvs_launch_dependents();
+}
+
+// Per warp: its R rows (FMA products), its gate and up row (FMA gate/up), its tile of 16
+// rows (tensor-core products) or its gate and up tiles; K shares as share_of.
+template <int M>
+__device__ __forceinline__ void plain_prologue(const scalar_t* w, int k, int n, int ksplit) {
+  constexpr int R = PlainRows<M>::value;
+  const Share sh = share_of(k / 8, ksplit);
+  prefetch_head(w, k, sh.group * R, R, n, sh.c_begin * 8, sh.c_end * 8, 2048);
+  wait_prior_kernel();
+}
+
+__device__ __forceinline__ void glu_prologue(const scalar_t* w, int k, int inter, int ksplit) {
+  const Share sh = share_of(k / 8, ksplit);
+  prefetch_head(w, k, sh.group, 1, inter, sh.c_begin * 8, sh.c_end * 8, 2048);
+  if (sh.group < inter)
+    prefetch_head(w, k, inter + sh.group, 1, 2 * inter, sh.c_begin * 8, sh.c_end * 8, 2048);
+  wait_prior_kernel();
+}
+
+__device__ __forceinline__ void tc_prologue(const scalar_t* w, int k, int n, int ksplit) {
+  const Share sh = share_of(k / 32, ksplit);
+  prefetch_head(w, k, sh.group * 16, 16, n, sh.c_begin * 32, sh.c_end * 32, 256);
+  wait_prior_kernel();
+}
+
+__device__ __forceinline__ void glu_tc_prologue(const scalar_t* w, int k, int inter,
+                                                int ksplit) {
+  const Share sh = share_of(k / 32, ksplit);
+  const int j0 = sh.group * 16;
+  prefetch_head(w, k, j0, 16, inter, sh.c_begin * 32, sh.c_end * 32, 256);
+  if (j0 < inter)
+    prefetch_head(w, k, inter + j0, 16, inter + min(inter, j0 + 16), sh.c_begin * 32,
+                  sh.c_end * 32, 256);
+  wait_prior_kernel();
+}
+
+// ---------------------------------------------------------------------------------------
+// Entry points. Every product entry takes the same parameters (gemv.rs pushes one list):
+// the outputs or the residual epilogue (res_out, part_out; null when storing), the weight,
+// then the input: x for the plain entries, (nres, nweight, npart, ncount, eps) for the norm
+// entries (the other unused and null).
+
+#define GEMV_PARAMS                                                                             \
+  scalar_t *__restrict__ y0, scalar_t *__restrict__ y1, scalar_t *__restrict__ y2,             \
+      float *__restrict__ res_out, float *__restrict__ part_out,                               \
+      const scalar_t *__restrict__ w, const scalar_t *__restrict__ x,                          \
+      const float *__restrict__ nres, const scalar_t *__restrict__ nweight,                    \
+      const float *__restrict__ npart, int ncount, float eps, const scalar_t *__restrict__ bias, \
+      int n0, int n01, int n, int k, int ksplit
+#define GLU_PARAMS                                                                              \
+  scalar_t *__restrict__ y, const scalar_t *__restrict__ w, const scalar_t *__restrict__ x,    \
+      const float *__restrict__ nres, const scalar_t *__restrict__ nweight,                    \
+      const float *__restrict__ npart, int ncount, float eps, int inter, int k, int ksplit
+
 #define GEMV_ENTRY(M)                                                                          \
-  extern "C" __global__ void __launch_bounds__(kThreads, 2)                                   \
-      gemv_##M(scalar_t* __restrict__ y0, scalar_t* __restrict__ y1, scalar_t* __restrict__ y2, \
-               const scalar_t* __restrict__ w, const scalar_t* __restrict__ x,                \
-               const scalar_t* __restrict__ bias, int n0, int n01, int n, int k, int ksplit) { \
-    gemv_impl<M>(y0, y1, y2, w, x, bias, n0, n01, n, k, ksplit);                              \
+  extern "C" __global__ void __launch_bounds__(kThreads, 2) gemv_##M(GEMV_PARAMS) {           \
+    plain_prologue<M>(w, k, n, ksplit);                                                        \
+    const Out o{y0, y1, y2, res_out, part_out, bias, n0, n01, n};                              \
+    gemv_impl<M>(o, w, PlainSrc{x, k}, k, ksplit);                                             \
   }                                                                                            \
-  extern "C" __global__ void __launch_bounds__(kThreads, 2)                                   \
-      gemv_glu_##M(scalar_t* __restrict__ y, const scalar_t* __restrict__ w,                  \
-                   const scalar_t* __restrict__ x, int inter, int k, int ksplit) {            \
-    gemv_glu_impl<M>(y, w, x, inter, k, ksplit);                                              \
+  extern "C" __global__ void __launch_bounds__(kThreads, 2) gemv_norm_##M(GEMV_PARAMS) {      \
+    plain_prologue<M>(w, k, n, ksplit);                                                        \
+    const Out o{y0, y1, y2, res_out, part_out, bias, n0, n01, n};                              \
+    NormSrc<M> src{nres, nweight, k, {}};                                                      \
+    norm_scales<M>(npart, ncount, k, eps, src.rinv);                                           \
+    gemv_impl<M>(o, w, src, k, ksplit);                                                        \
   }                                                                                            \
-  extern "C" __global__ void __launch_bounds__(kThreads, 2)                                   \
-      gemv_tc_##M(scalar_t* __restrict__ y0, scalar_t* __restrict__ y1,                       \
-                  scalar_t* __restrict__ y2, const scalar_t* __restrict__ w,                  \
-                  const scalar_t* __restrict__ x, const scalar_t* __restrict__ bias, int n0,  \
-                  int n01, int n, int k, int ksplit) {                                         \
-    gemv_tc_impl<M>(y0, y1, y2, w, x, bias, n0, n01, n, k, ksplit);                           \
+  extern "C" __global__ void __launch_bounds__(kThreads, 2) gemv_glu_##M(GLU_PARAMS) {        \
+    glu_prologue(w, k, inter, ksplit);                                                         \
+    gemv_glu_impl<M>(y, w, PlainSrc{x, k}, inter, k, ksplit);                                  \
   }                                                                                            \
-  extern "C" __global__ void __launch_bounds__(kThreads, 2)                                   \
-      gemv_glu_tc_##M(scalar_t* __restrict__ y, const scalar_t* __restrict__ w,               \
-                      const scalar_t* __restrict__ x, int inter, int k, int ksplit) {         \
-    gemv_glu_tc_impl<M>(y, w, x, inter, k, ksplit);                                           \
+  extern "C" __global__ void __launch_bounds__(kThreads, 2) gemv_glu_norm_##M(GLU_PARAMS) {   \
+    glu_prologue(w, k, inter, ksplit);                                                         \
+    NormSrc<M> src{nres, nweight, k, {}};                                                      \
+    norm_scales<M>(npart, ncount, k, eps, src.rinv);                                           \
+    gemv_glu_impl<M>(y, w, src, inter, k, ksplit);                                             \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(kThreads, 2) gemv_tc_##M(GEMV_PARAMS) {        \
+    tc_prologue(w, k, n, ksplit);                                                              \
+    const Out o{y0, y1, y2, res_out, part_out, bias, n0, n01, n};                              \
+    gemv_tc_impl<M>(o, w, PlainSrc{x, k}, k, ksplit);                                          \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(kThreads, 2) gemv_tc_norm_##M(GEMV_PARAMS) {   \
+    tc_prologue(w, k, n, ksplit);                                                              \
+    const Out o{y0, y1, y2, res_out, part_out, bias, n0, n01, n};                              \
+    NormSrc<M> src{nres, nweight, k, {}};                                                      \
+    norm_scales<M>(npart, ncount, k, eps, src.rinv);                                           \
+    gemv_tc_impl<M>(o, w, src, k, ksplit);                                                     \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(kThreads, 2) gemv_glu_tc_##M(GLU_PARAMS) {     \
+    glu_tc_prologue(w, k, inter, ksplit);                                                      \
+    gemv_glu_tc_impl<M>(y, w, PlainSrc{x, k}, inter, k, ksplit);                               \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(kThreads, 2) gemv_glu_tc_norm_##M(GLU_PARAMS) {\
+    glu_tc_prologue(w, k, inter, ksplit);                                                      \
+    NormSrc<M> src{nres, nweight, k, {}};                                                      \
+    norm_scales<M>(npart, ncount, k, eps, src.rinv);                                           \
+    gemv_glu_tc_impl<M>(y, w, src, inter, k, ksplit);                                          \
   }
 
 GEMV_ENTRY(1)

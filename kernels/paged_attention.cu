@@ -94,6 +94,8 @@ extern "C" __global__ void __launch_bounds__(kThreads, 4)
                            int num_kv_heads, int block_size, int block_shift,
                            long long block_bytes, int max_blocks, int partition_size,
                            int max_parts, int window) {
+  kvs_wait_prior();  // PDL (scalar.cuh)
+  kvs_launch_dependents();
   const int head = blockIdx.x;  // KV head
   const int seq = blockIdx.y;
   const int part = blockIdx.z;

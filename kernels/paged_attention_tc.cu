@@ -37,11 +37,16 @@
 // a tile in 32 mma.sync instructions: the GQA group's query heads are the rows of the A
 // operand (padded to 16), so each K and V row is read once for the whole group.
 //
-// Same contract as paged_decode_partition: grid (num_kv_heads, num_seqs, max_parts), block
-// kThreads; one CTA per (KV head, sequence, partition); partitions of `partition_size` tokens
-// (a multiple of kTile * kWarps) from the window's first token; writes `out` when the
-// sequence has one partition, else the partial results the merge (decode_reduce.cuh) reads.
+// Grid (num_kv_heads, num_seqs, max_parts), block kThreads, as paged_decode_partition; one
+// CTA per (KV head, sequence, partition); partitions of `partition_size` tokens (a multiple
+// of kTile * kWarps) from the window's first token. A sequence with one partition gets `out`
+// directly; otherwise every CTA writes its partial results (decode_reduce.cuh's format) and
+// the last CTA of the (sequence, KV head) to finish merges them (GroupMerge) and writes `out`:
+// no second launch. `counters` [num_seqs][num_kv_heads] (u32) count the finished partitions;
+// they must be zero before the first launch, and each launch leaves them zero.
 #include "tc_common.cuh"
+#define KVS_NO_REDUCE_KERNEL  // the merge is this kernel's epilogue, not a second launch
+#include "decode_reduce.cuh"
 
 #ifndef GQA_GROUP
 #error "GQA_GROUP must be defined"
@@ -290,10 +295,12 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas)
                     const int* __restrict__ block_tables, const int* __restrict__ context_lens,
                     float scale, int num_kv_heads, int block_size, int block_shift,
                     long long block_bytes, int max_blocks, int partition_size, int max_parts,
-                    int window) {
+                    int window, unsigned* __restrict__ counters) {
   __shared__ __align__(16) WarpTiles tiles[kWarps];
   __shared__ float merge_m[kWarps][8];
   __shared__ float merge_l[kWarps][8];
+  kvs_wait_prior();  // PDL (scalar.cuh)
+  kvs_launch_dependents();
 
   const int head = blockIdx.x;
   const int seq = blockIdx.y;
@@ -641,6 +648,38 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas)
   __syncthreads();
   write_output(out, tmp_out, max_logits, exp_sums, o_sh, merge_m, merge_l, seq, head, part,
                num_heads, max_parts, pt.num_parts == 1);
+  if (pt.num_parts == 1) return;
+
+  // Split-KV merge without a second launch: the last CTA of this (sequence, KV head) to finish
+  // merges every partition of the group. Release: each thread's fence makes its partials
+  // visible at device scope (in L2) before the barrier, and thread 0 counts the CTA after both
+  // (its own fence orders the count after what the barrier made it observe). Acquire: the CTA
+  // whose count completes the set fences after reading the counter, and the merge reads the
+  // partials through L2 (GroupMerge's load_l2) after the barrier that follows. The last CTA
+  // also puts the counter back to 0 for the next launch (no other CTA touches it after its
+  // count), so the counters stay zero between launches and need no memset.
+  // 16-byte loads in flight per thread: 16 at d = 128 (8B, batch 1: 33 partitions of 4 x 128
+  // channels, 5 rounds of loads); 8 at d = 64 (half the bytes; 16 would take the d = 64
+  // variants from ~95 to ~127 registers, 10 -> 8 CTAs per SM).
+  using Merge = GroupMerge<kThreads, GQA_GROUP, HEAD_DIM >= 128 ? 16 : 8>;
+  static_assert(sizeof(tiles) >= Merge::kSmemFloats * sizeof(float), "merge scratch");
+  __threadfence();
+  __syncthreads();  // also: every thread has read o_sh, the merge may reuse the tiles
+  // (seq, head) anew: not kept in registers through the main loop (fresh_tid).
+  const int m_head = fresh_ctaid_x(), m_seq = fresh_ctaid_y();
+  bool last = false;
+  if (threadIdx.x == 0) {
+    __threadfence();
+    unsigned* counter = counters + static_cast<long long>(m_seq) * num_kv_heads + m_head;
+    last = atomicAdd(counter, 1u) == static_cast<unsigned>(pt.num_parts - 1);
+    if (last) {
+      atomicExch(counter, 0u);
+      __threadfence();
+    }
+  }
+  if (!__syncthreads_or(last)) return;
+  Merge::run(out, tmp_out, max_logits, exp_sums,
+             static_cast<long long>(m_seq) * num_heads + m_head * GQA_GROUP, pt.num_parts,
+             max_parts, reinterpret_cast<float*>(&tiles[0].k[0][0][0]));
 }
 
-#include "decode_reduce.cuh"

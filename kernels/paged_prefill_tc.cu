@@ -161,6 +161,8 @@ extern "C" __global__ void __launch_bounds__(kThreads, 2)
                      const int* __restrict__ context_lens, const int* __restrict__ work,
                      float scale, int num_kv_heads, int block_size, int block_shift,
                      long long block_bytes, int max_blocks, int window) {
+  kvs_wait_prior();  // PDL (scalar.cuh)
+  kvs_launch_dependents();
   __shared__ __align__(16) Tiles sm;
 
   const int head = blockIdx.x % num_kv_heads;

@@ -204,6 +204,8 @@ extern "C" __global__ void __launch_bounds__(kThreads)
                 const float* __restrict__ params, const int* __restrict__ top_k,
                 const double* __restrict__ uniform, const int* __restrict__ history_offsets,
                 const int* __restrict__ history_ids, int vocab, int sample_vocab) {
+  kvs_wait_prior();  // PDL (scalar.cuh)
+  kvs_launch_dependents();
   extern __shared__ unsigned seen[];
   __shared__ unsigned long long scratch[kWarps];
   __shared__ unsigned long long hist[256];

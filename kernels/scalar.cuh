@@ -17,3 +17,20 @@ typedef __nv_bfloat16 scalar_t;
 __device__ __forceinline__ float to_float(scalar_t x) { return __bfloat162float(x); }
 __device__ __forceinline__ scalar_t from_float(float x) { return __float2bfloat16_rn(x); }
 #endif
+
+// Programmatic dependent launch (crates/kernels-cuda/src/launch.rs). A kernel launched as
+// "dependent" calls kvs_wait_prior() in every thread before it touches memory an earlier
+// kernel of the stream writes or reads; before it, only read what no kernel writes (weights).
+// kvs_launch_dependents() lets the next kernel's CTAs be scheduled before this one finishes
+// (they still wait for its completion at their own kvs_wait_prior()). Both are no-ops before
+// sm_90 and for kernels launched the plain way.
+__device__ __forceinline__ void kvs_wait_prior() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void kvs_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}

@@ -1,14 +1,13 @@
 //! Paged decode attention: one query token per sequence over its cached context.
 #![allow(unsafe_code)]
 
-use cudarc::driver::{
-    CudaSlice, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg, ValidAsZeroBits,
-};
+use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, ValidAsZeroBits};
 use kv_quant::BlockLayout;
 
 use crate::compile::{HEAD_DIMS, MAX_GQA_GROUP, Program, Scalar, Variant};
 use crate::device::Gpu;
 use crate::error::{KernelError, Result, bad};
+use crate::launch::Launch;
 
 /// An activation type the kernels read and write (q, k, v, attention output).
 pub trait ActScalar: DeviceRepr + ValidAsZeroBits + Copy + Default + Unpin {
@@ -126,7 +125,8 @@ pub enum DecodeKernel {
     Split,
     /// `paged_attention_tc.cu`: tensor cores, cp.async tiles; 16-bit KV of the activation
     /// type, int8, fp8 and int4 (mixed 16-bit types run `Split`). The default: 1.1–1.4×
-    /// faster than `Split` on an H200 for 16-bit and 8-bit KV (BENCHMARKS.md).
+    /// faster than `Split` on an H200 for 16-bit and 8-bit KV (BENCHMARKS.md). One launch:
+    /// the last CTA of a sequence's KV head merges its partitions (no reduce kernel).
     #[default]
     TensorCore,
 }
@@ -143,11 +143,19 @@ impl DecodeKernel {
 }
 
 /// Runs decode attention, keeping the scratch buffers of split-KV between calls.
+///
+/// The tensor-core kernel merges a sequence's partitions in the last CTA of each (sequence,
+/// KV head) to finish, counted in `counters`: zero when allocated, and every launch leaves
+/// them zero (the merging CTA resets its counter), so they are never cleared again. Launches
+/// through one decoder are ordered (one stream), so no two of them share the counters.
 #[derive(Debug)]
 pub struct PagedDecoder {
     tmp_out: Option<CudaSlice<f32>>,
     max_logits: Option<CudaSlice<f32>>,
     exp_sums: Option<CudaSlice<f32>>,
+    /// Finished partitions per (sequence, KV head), `[num_seqs][num_kv_heads]` (tensor-core
+    /// kernel).
+    counters: Option<CudaSlice<u32>>,
     forced_partition: Option<usize>,
     kernel: DecodeKernel,
 }
@@ -158,6 +166,7 @@ impl Default for PagedDecoder {
             tmp_out: None,
             max_logits: None,
             exp_sums: None,
+            counters: None,
             forced_partition: None,
             kernel: DecodeKernel::from_env(),
         }
@@ -318,13 +327,18 @@ impl PagedDecoder {
             gqa_group: group,
         };
         let partition = gpu.function(&variant, name)?;
-        let stream = gpu.stream();
         let scratch = meta.num_seqs * num_heads * plan.max_parts;
         let (tmp, maxl, sums) = (
             grow(&mut self.tmp_out, gpu, scratch * d)?,
             grow(&mut self.max_logits, gpu, scratch)?,
             grow(&mut self.exp_sums, gpu, scratch)?,
         );
+        let counters = match kernel {
+            DecodeKernel::TensorCore => {
+                Some(grow(&mut self.counters, gpu, meta.num_seqs * kv_heads)?)
+            }
+            DecodeKernel::Split => None,
+        };
         let cache = CacheArgs::new(layout, meta.max_blocks, meta.window);
         let p = plan.partition_size as i32;
         let max_parts = plan.max_parts as i32;
@@ -333,7 +347,7 @@ impl PagedDecoder {
             block_dim: (threads, 1, 1),
             shared_mem_bytes: smem as u32,
         };
-        let mut launch = stream.launch_builder(&partition);
+        let mut launch = Launch::new(gpu, &partition);
         launch
             .arg(&mut *out)
             .arg(&mut *tmp)
@@ -346,15 +360,23 @@ impl PagedDecoder {
             .arg(&meta.context_lens);
         cache.push(&mut launch);
         launch.arg(&p).arg(&max_parts).arg(&cache.window);
+        if let Some(counters) = counters {
+            launch.arg(counters);
+        }
         // SAFETY: the argument list matches `paged_decode_partition` in
         // kernels/paged_attention.cu and `paged_decode_tc` in kernels/paged_attention_tc.cu
-        // (the same list; 128 and 64 threads as their launch bounds); every buffer was checked
-        // above to hold what the kernel reads or writes for this grid (q/out sizes, caches of
-        // `num_blocks` blocks, block tables whose attended entries are below `num_blocks`,
-        // scratch of `max_parts` partitions), and the dynamic shared memory fits the 48 KiB
-        // default limit (plan(); the tensor-core kernel's is static, at most 35 KiB).
-        unsafe { launch.launch(cfg) }?;
-        if plan.max_parts > 1 {
+        // (the same list, then the tensor-core kernel's counters; 128 and 64 threads as their
+        // launch bounds); every buffer was checked above to hold what the kernel reads or
+        // writes for this grid (q/out sizes, caches of `num_blocks` blocks, block tables whose
+        // attended entries are below `num_blocks`, scratch of `max_parts` partitions, a
+        // counter per (sequence, KV head), zero as every earlier launch left it), and the
+        // dynamic shared memory fits the 48 KiB default limit (plan(); the tensor-core
+        // kernel's is static, at most 35 KiB).
+        // The kernel calls kvs_wait_prior() before touching any buffer (PDL).
+        unsafe { launch.dependent().launch(cfg) }?;
+        // The split kernel's partitions are merged by a second launch (the tensor-core kernel
+        // merges its own).
+        if kernel == DecodeKernel::Split && plan.max_parts > 1 {
             let reduce = gpu.function(&variant, "paged_decode_reduce")?;
             let heads = num_heads as i32;
             let cfg = LaunchConfig {
@@ -362,7 +384,7 @@ impl PagedDecoder {
                 block_dim: (d as u32, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let mut launch = stream.launch_builder(&reduce);
+            let mut launch = Launch::new(gpu, &reduce);
             launch
                 .arg(&mut *out)
                 .arg(&*tmp)
@@ -376,7 +398,8 @@ impl PagedDecoder {
             // SAFETY: matches `paged_decode_reduce`; it reads the partitions the launch
             // above wrote (same partition size, window and context lengths) and writes `out`,
             // checked above.
-            unsafe { launch.launch(cfg) }?;
+            // The kernel calls kvs_wait_prior() before touching any buffer (PDL).
+            unsafe { launch.dependent().launch(cfg) }?;
         }
         Ok(plan)
     }
@@ -413,7 +436,7 @@ impl CacheArgs {
     }
 
     /// Pushes scale, num_kv_heads, block_size, block_shift, block_bytes and max_blocks.
-    pub(crate) fn push<'a>(&'a self, launch: &mut LaunchArgs<'a>) {
+    pub(crate) fn push<'a>(&'a self, launch: &mut Launch<'a>) {
         launch
             .arg(&self.scale)
             .arg(&self.num_kv_heads)
@@ -593,15 +616,15 @@ pub(crate) fn check_launch(
     Ok(group)
 }
 
-/// `slot` holding at least `n` values (reallocated when smaller).
-fn grow<'a>(
-    slot: &'a mut Option<CudaSlice<f32>>,
+/// `slot` holding at least `n` values (reallocated, zeroed, when smaller).
+fn grow<'a, T: DeviceRepr + ValidAsZeroBits>(
+    slot: &'a mut Option<CudaSlice<T>>,
     gpu: &Gpu,
     n: usize,
-) -> Result<&'a mut CudaSlice<f32>> {
+) -> Result<&'a mut CudaSlice<T>> {
     let n = n.max(1);
     if slot.as_ref().is_none_or(|s| s.len() < n) {
-        *slot = Some(gpu.stream().alloc_zeros::<f32>(n)?);
+        *slot = Some(gpu.stream().alloc_zeros::<T>(n)?);
     }
     slot.as_mut()
         .ok_or_else(|| bad(KERNEL, "scratch buffer vanished"))

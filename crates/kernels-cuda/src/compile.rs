@@ -80,9 +80,9 @@ impl Scalar {
 pub enum Program {
     /// `paged_attention.cu`: decode attention (`paged_decode_partition`, `paged_decode_reduce`).
     PagedAttention,
-    /// `paged_attention_tc.cu`: decode attention on tensor cores (`paged_decode_tc`, and the
-    /// same merge), for 16-bit KV of the activation type, int8, fp8 and int4: the default for
-    /// those.
+    /// `paged_attention_tc.cu`: decode attention on tensor cores (`paged_decode_tc`, which
+    /// merges its partitions itself), for 16-bit KV of the activation type, int8, fp8 and
+    /// int4: the default for those.
     PagedAttentionTc,
     /// `paged_prefill_tc.cu`: prefill / chunked-prefill attention on tensor cores
     /// (`paged_prefill_tc`), for the KV dtypes of [`Variant::tensor_core_prefill`].

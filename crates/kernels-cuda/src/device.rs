@@ -1,5 +1,6 @@
 //! The device: probing for it without panicking, its stream, and the compiled kernels.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, PinnedHostSlice, sys};
@@ -17,6 +18,10 @@ pub struct Gpu {
     name: String,
     arch: String,
     num_sms: usize,
+    /// Programmatic dependent launch (launch.rs): sm_90 and later, unless `KVSERVE_PDL=0`.
+    pdl: AtomicBool,
+    /// Whether the device can do PDL at all (compute capability 9.0 or later).
+    pdl_capable: bool,
     modules: Mutex<FxHashMap<Variant, Arc<CudaModule>>>,
     /// Function handles already looked up: a launch costs no `cuModuleGetFunction`.
     functions: Mutex<FxHashMap<(Variant, &'static str), CudaFunction>>,
@@ -87,12 +92,16 @@ impl Gpu {
             .max(1) as usize;
         let name = ctx.name()?;
         let stream = ctx.default_stream();
+        let pdl_capable = major >= 9;
+        let pdl = pdl_capable && std::env::var("KVSERVE_PDL").as_deref() != Ok("0");
         Ok(Self {
             ctx,
             stream,
             name,
             arch,
             num_sms,
+            pdl: AtomicBool::new(pdl),
+            pdl_capable,
             modules: Mutex::new(FxHashMap::default()),
             functions: Mutex::new(FxHashMap::default()),
         })
@@ -111,6 +120,17 @@ impl Gpu {
     /// Streaming multiprocessors.
     pub fn num_sms(&self) -> usize {
         self.num_sms
+    }
+
+    /// Whether launches marked dependent overlap their predecessor (launch.rs).
+    pub fn pdl(&self) -> bool {
+        self.pdl.load(Ordering::Relaxed)
+    }
+
+    /// Turns programmatic dependent launch off (or back on, where the device has it): for
+    /// A/B measurements and tests.
+    pub fn set_pdl(&self, on: bool) {
+        self.pdl.store(on && self.pdl_capable, Ordering::Relaxed);
     }
 
     /// The stream every launch of this crate goes to. cudarc's cross-stream event tracking is

@@ -4,14 +4,25 @@
 //! Q/K/V weight) and add a bias; [`gemv_silu_mul`] fuses the gate/up product with SiLU·up.
 //! From [`GEMV_TC_MIN_TOKENS`] tokens (and `k` a multiple of 32) the products run on tensor
 //! cores, whose cost does not grow with the tokens as the f32 FMAs do.
+//!
+//! RMSNorm without a launch of its own ([`gemv_with`], [`gemv_silu_mul_with`]): a product
+//! whose output width is the hidden size (O, down) can add its output to the f32 residual
+//! stream instead of storing it ([`GemvEpilogue::Residual`]), each CTA leaving the sum of
+//! squares of the residual values it wrote in a [`NormPartials`]; the next products (Q/K/V,
+//! gate/up) then read the residual itself ([`GemvInput::Normalized`]) and normalize it as they
+//! load it, every CTA adding the partial sums in the same fixed order. Both are bit for bit
+//! the unfused rounding (the product rounded to the activation type, then added in f32; the
+//! normalized value `round(w · (r · rinv))`); only `rinv`'s sum is taken in another order than
+//! `rms_norm`'s.
 #![allow(unsafe_code)]
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig};
 
 use crate::attention::ActScalar;
 use crate::compile::Variant;
 use crate::device::Gpu;
 use crate::error::{Result, bad};
+use crate::launch::Launch;
 
 /// The most tokens (rows of `x`) the GEMV kernels take; larger batches go to cuBLAS.
 pub const GEMV_MAX_TOKENS: usize = 8;
@@ -40,55 +51,49 @@ fn use_tc(tokens: usize, k: usize) -> bool {
 
 /// The tensor-core launch over `tiles` tiles of 16 rows of width `k`: up to 8 warps split
 /// each tile's K (the tiles are few: 384 for the 8B Q/K/V) while each keeps ≥ 8 chunks of 32.
-fn tc_launch_shape(gpu: &Gpu, tiles: usize, k: usize) -> (i32, LaunchConfig) {
+fn tc_launch_shape(num_sms: usize, tiles: usize, k: usize) -> (i32, LaunchConfig) {
     let chunks = k / 32;
-    let target = 64 * gpu.num_sms();
+    let target = 64 * num_sms;
     let mut ksplit = 1;
     while ksplit < WARPS && tiles * ksplit * 2 <= 2 * target && chunks / (2 * ksplit) >= 8 {
         ksplit *= 2;
     }
-    let cfg = LaunchConfig {
-        grid_dim: (tiles.div_ceil(WARPS / ksplit) as u32, 1, 1),
-        block_dim: ((WARPS * 32) as u32, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    (ksplit as i32, cfg)
+    (ksplit as i32, grid(tiles, ksplit))
 }
 
-/// Entry points by token count (index `tokens - 1`).
-const PLAIN: [&str; GEMV_MAX_TOKENS] = [
-    "gemv_1", "gemv_2", "gemv_3", "gemv_4", "gemv_5", "gemv_6", "gemv_7", "gemv_8",
-];
-const PLAIN_TC: [&str; GEMV_MAX_TOKENS] = [
-    "gemv_tc_1",
-    "gemv_tc_2",
-    "gemv_tc_3",
-    "gemv_tc_4",
-    "gemv_tc_5",
-    "gemv_tc_6",
-    "gemv_tc_7",
-    "gemv_tc_8",
-];
-const GLU_TC: [&str; GEMV_MAX_TOKENS] = [
-    "gemv_glu_tc_1",
-    "gemv_glu_tc_2",
-    "gemv_glu_tc_3",
-    "gemv_glu_tc_4",
-    "gemv_glu_tc_5",
-    "gemv_glu_tc_6",
-    "gemv_glu_tc_7",
-    "gemv_glu_tc_8",
-];
-const GLU: [&str; GEMV_MAX_TOKENS] = [
-    "gemv_glu_1",
-    "gemv_glu_2",
-    "gemv_glu_3",
-    "gemv_glu_4",
-    "gemv_glu_5",
-    "gemv_glu_6",
-    "gemv_glu_7",
-    "gemv_glu_8",
-];
+fn grid(groups: usize, ksplit: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (groups.div_ceil(WARPS / ksplit) as u32, 1, 1),
+        block_dim: ((WARPS * 32) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Entry points of one kernel family by token count (index `tokens - 1`).
+macro_rules! entries {
+    ($p:literal) => {
+        [
+            concat!($p, "1"),
+            concat!($p, "2"),
+            concat!($p, "3"),
+            concat!($p, "4"),
+            concat!($p, "5"),
+            concat!($p, "6"),
+            concat!($p, "7"),
+            concat!($p, "8"),
+        ]
+    };
+}
+type Entries = [&'static str; GEMV_MAX_TOKENS];
+const PLAIN: Entries = entries!("gemv_");
+const PLAIN_NORM: Entries = entries!("gemv_norm_");
+const PLAIN_TC: Entries = entries!("gemv_tc_");
+const PLAIN_TC_NORM: Entries = entries!("gemv_tc_norm_");
+const GLU: Entries = entries!("gemv_glu_");
+const GLU_NORM: Entries = entries!("gemv_glu_norm_");
+const GLU_TC: Entries = entries!("gemv_glu_tc_");
+const GLU_TC_NORM: Entries = entries!("gemv_glu_tc_norm_");
+
 /// One output of a [`gemv`]: the next `width` rows of the weight, written `[tokens][width]`.
 #[derive(Debug)]
 pub struct GemvOut<'a, T> {
@@ -98,21 +103,101 @@ pub struct GemvOut<'a, T> {
     pub width: usize,
 }
 
-/// Rows of `x` (`[tokens][k]`) for a weight of width `k`, checked.
-fn tokens_of(kernel: &'static str, x_len: usize, k: usize) -> Result<usize> {
+/// What a [`GemvEpilogue::Residual`] product left for the normalized input of the next
+/// products: per token, the sums of squares of the residual values each of its CTAs wrote
+/// (`[tokens][count]` f32, `count` = its grid). They describe the residual as that product
+/// left it: valid until something else writes the residual. Reused across launches (the
+/// buffer grows when a launch needs more).
+#[derive(Debug, Default)]
+pub struct NormPartials {
+    buf: Option<CudaSlice<f32>>,
+    written: Option<PartialsShape>,
+}
+
+/// What a residual epilogue wrote: `count` partial sums per token of `tokens` rows of `width`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PartialsShape {
+    tokens: usize,
+    width: usize,
+    count: usize,
+}
+
+impl NormPartials {
+    /// An empty set (no sums yet: a normalized input over it is refused).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// `(tokens, width)` of the residual the sums describe, if a product wrote them.
+    pub fn written(&self) -> Option<(usize, usize)> {
+        self.written.map(|s| (s.tokens, s.width))
+    }
+
+    /// The buffer holding the sums, `[tokens][count]` in its first `tokens · count` values
+    /// (row `t` adds up to `Σ_j residual[t][j]²`), and `count`: for tests and debugging.
+    pub fn sums(&self) -> Option<(&CudaSlice<f32>, usize)> {
+        let s = self.written?;
+        Some((self.buf.as_ref()?, s.count))
+    }
+}
+
+/// The input rows of a GEMV.
+#[derive(Debug)]
+pub enum GemvInput<'a, T> {
+    /// `x`, `[tokens][k]` values of the activation type.
+    Plain(&'a CudaSlice<T>),
+    /// The RMSNorm of the residual stream, folded into the product.
+    Normalized(NormInput<'a, T>),
+}
+
+/// `x[t][i] = round(weight[i] · (residual[t][i] · rinv[t]))` with
+/// `rinv[t] = 1 / sqrt(Σ partials[t] / k + eps)`: `rms_norm`'s output, computed by the
+/// product as it loads its input (no norm launch, no `x` buffer).
+#[derive(Debug)]
+pub struct NormInput<'a, T> {
+    /// The f32 residual stream, `[tokens][k]`, as a [`GemvEpilogue::Residual`] left it.
+    pub residual: &'a CudaSlice<f32>,
+    /// The norm weight, `[k]`.
+    pub weight: &'a CudaSlice<T>,
+    /// The sums of squares that epilogue wrote (for `tokens` rows of `k`).
+    pub partials: &'a NormPartials,
+    /// RMSNorm's epsilon (finite, ≥ 0).
+    pub eps: f32,
+}
+
+/// Where a [`gemv_with`]'s products go.
+#[derive(Debug)]
+pub enum GemvEpilogue<'a, 'b, T> {
+    /// Rows split in order among 1 to 3 outputs (the weight's rows are the sum of their
+    /// widths).
+    Store(&'a mut [GemvOut<'b, T>]),
+    /// `residual[t][j] += round(y[t][j])` (`[tokens][n]`, f32; the product rounded to the
+    /// activation type first, as `rms_norm`'s residual add of a stored product); nothing is
+    /// stored, and `partials` receives the sums of squares of the new residual rows for a
+    /// following [`GemvInput::Normalized`].
+    Residual {
+        /// The residual stream, `[tokens][n]` for a weight of `n` rows.
+        residual: &'a mut CudaSlice<f32>,
+        /// Receives the sums of squares (grown if needed).
+        partials: &'a mut NormPartials,
+    },
+}
+
+/// Rows of an input of `len` values for a weight of width `k`, checked.
+fn tokens_of(kernel: &'static str, what: &str, len: usize, k: usize) -> Result<usize> {
     if k == 0 || !k.is_multiple_of(8) || k > i32::MAX as usize {
         return Err(bad(
             kernel,
             format!("input width {k} (must be a positive multiple of 8)"),
         ));
     }
-    if !x_len.is_multiple_of(k) {
+    if !len.is_multiple_of(k) {
         return Err(bad(
             kernel,
-            format!("x of {x_len} values is not whole rows of {k}"),
+            format!("{what} of {len} values is not whole rows of {k}"),
         ));
     }
-    let tokens = x_len / k;
+    let tokens = len / k;
     if tokens == 0 || tokens > GEMV_MAX_TOKENS {
         return Err(bad(
             kernel,
@@ -122,15 +207,212 @@ fn tokens_of(kernel: &'static str, x_len: usize, k: usize) -> Result<usize> {
     Ok(tokens)
 }
 
+/// Lengths of an input, for the checks (no device needed).
+#[derive(Debug, Clone, Copy)]
+enum InputLens {
+    Plain {
+        x: usize,
+    },
+    Normalized {
+        residual: usize,
+        weight: usize,
+        eps: f32,
+        partials: Option<PartialsShape>,
+        partials_len: usize,
+    },
+}
+
+impl<T> GemvInput<'_, T> {
+    fn lens(&self) -> InputLens {
+        match self {
+            Self::Plain(x) => InputLens::Plain { x: x.len() },
+            Self::Normalized(n) => InputLens::Normalized {
+                residual: n.residual.len(),
+                weight: n.weight.len(),
+                eps: n.eps,
+                partials: n.partials.written,
+                partials_len: n.partials.buf.as_ref().map_or(0, CudaSlice::len),
+            },
+        }
+    }
+}
+
+/// Tokens of an input for width `k`, and (normalized) the partial sums per token.
+fn check_input(kernel: &'static str, input: InputLens, k: usize) -> Result<(usize, usize)> {
+    match input {
+        InputLens::Plain { x } => Ok((tokens_of(kernel, "x", x, k)?, 0)),
+        InputLens::Normalized {
+            residual,
+            weight,
+            eps,
+            partials,
+            partials_len,
+        } => {
+            let tokens = tokens_of(kernel, "residual", residual, k)?;
+            if weight != k {
+                return Err(bad(
+                    kernel,
+                    format!("norm weight of {weight} values for rows of {k}"),
+                ));
+            }
+            if !eps.is_finite() || eps < 0.0 {
+                return Err(bad(kernel, format!("eps {eps}")));
+            }
+            match partials {
+                Some(p)
+                    if p.tokens == tokens
+                        && p.width == k
+                        && p.count > 0
+                        && p.count <= i32::MAX as usize
+                        && partials_len >= tokens * p.count =>
+                {
+                    Ok((tokens, p.count))
+                }
+                _ => Err(bad(
+                    kernel,
+                    format!(
+                        "norm partials {:?} do not describe a residual of {tokens} x {k}",
+                        partials.map(|p| (p.tokens, p.width))
+                    ),
+                )),
+            }
+        }
+    }
+}
+
+/// The weight `[n][k]`, checked.
+fn check_weight(kernel: &'static str, len: usize, n: usize, k: usize) -> Result<()> {
+    if n == 0 || n > i32::MAX as usize || len != n * k {
+        return Err(bad(
+            kernel,
+            format!("weight of {len} values for {n} rows of {k}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Lengths of an epilogue, for the checks.
+#[derive(Debug, Clone, Copy)]
+enum EpilogueLens<'a> {
+    /// `(width, values)` of each output.
+    Store(&'a [(usize, usize)]),
+    Residual {
+        residual: usize,
+    },
+}
+
+/// The weight's rows `n` for an epilogue of `tokens` rows, every length checked.
+fn check_epilogue(
+    kernel: &'static str,
+    epilogue: EpilogueLens<'_>,
+    tokens: usize,
+    weight: usize,
+    k: usize,
+    bias: Option<usize>,
+) -> Result<usize> {
+    let n = match epilogue {
+        EpilogueLens::Store(outs) => {
+            if outs.is_empty() || outs.len() > 3 || outs.iter().any(|o| o.0 == 0) {
+                return Err(bad(
+                    kernel,
+                    format!(
+                        "{} outputs of widths {:?} (1 to 3, each positive)",
+                        outs.len(),
+                        outs.iter().map(|o| o.0).collect::<Vec<_>>()
+                    ),
+                ));
+            }
+            let n: usize = outs.iter().map(|o| o.0).sum();
+            check_weight(kernel, weight, n, k)?;
+            if let Some(&(width, len)) = outs.iter().find(|o| o.1 != tokens * o.0) {
+                return Err(bad(
+                    kernel,
+                    format!("an output of {len} values, expected {tokens} x {width}"),
+                ));
+            }
+            n
+        }
+        EpilogueLens::Residual { residual } => {
+            let n = weight / k;
+            check_weight(kernel, weight, n, k)?;
+            if residual != tokens * n {
+                return Err(bad(
+                    kernel,
+                    format!("residual of {residual} values, expected {tokens} x {n}"),
+                ));
+            }
+            n
+        }
+    };
+    if let Some(b) = bias
+        && b != n
+    {
+        return Err(bad(kernel, format!("bias of {b} values for {n} rows")));
+    }
+    Ok(n)
+}
+
+/// A launch: the entry point, how many warps split a row group's K, and the grid.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    name: &'static str,
+    ksplit: i32,
+    cfg: LaunchConfig,
+}
+
+/// The launch of a product of `tokens` rows over `n` weight rows of width `k`.
+fn plan_gemv(num_sms: usize, tokens: usize, n: usize, k: usize, normalized: bool) -> Plan {
+    let i = tokens - 1;
+    if use_tc(tokens, k) {
+        let (ksplit, cfg) = tc_launch_shape(num_sms, n.div_ceil(16), k);
+        let names = if normalized { PLAIN_TC_NORM } else { PLAIN_TC };
+        Plan {
+            name: names[i],
+            ksplit,
+            cfg,
+        }
+    } else {
+        let (ksplit, cfg) = launch_shape(num_sms, n.div_ceil(plain_rows(tokens)), k);
+        let names = if normalized { PLAIN_NORM } else { PLAIN };
+        Plan {
+            name: names[i],
+            ksplit,
+            cfg,
+        }
+    }
+}
+
+/// The launch of a gate/up product of `tokens` rows over `inter` row pairs of width `k`.
+fn plan_glu(num_sms: usize, tokens: usize, inter: usize, k: usize, normalized: bool) -> Plan {
+    let i = tokens - 1;
+    if use_tc(tokens, k) {
+        let (ksplit, cfg) = tc_launch_shape(num_sms, inter.div_ceil(16), k);
+        let names = if normalized { GLU_TC_NORM } else { GLU_TC };
+        Plan {
+            name: names[i],
+            ksplit,
+            cfg,
+        }
+    } else {
+        let (ksplit, cfg) = launch_shape(num_sms, inter, k);
+        let names = if normalized { GLU_NORM } else { GLU };
+        Plan {
+            name: names[i],
+            ksplit,
+            cfg,
+        }
+    }
+}
+
 /// The launch over `groups` row groups (one warp's rows each) of width `k`: how many warps
 /// split each group's K, and the grid. Tuned on an H200 with the 8B shapes (ncu, per launch):
 /// short grids split in 2 when each share keeps ≥ 256 16-byte chunks (O, 4,096 rows of
 /// 4,096: 12.8 → 11.9 µs), long rows in 4 (down, 4,096 rows of 14,336: 38.7 → 31.8 µs); the
 /// 6,144-row Q/K/V product ran slower split (16.2 → 18.4 µs), so grids of more than half the
 /// ~64 warps per SM are not.
-fn launch_shape(gpu: &Gpu, groups: usize, k: usize) -> (i32, LaunchConfig) {
+fn launch_shape(num_sms: usize, groups: usize, k: usize) -> (i32, LaunchConfig) {
     let chunks = k / 8;
-    let target = 64 * gpu.num_sms();
+    let target = 64 * num_sms;
     let mut ksplit = 1;
     if groups * 2 <= target && chunks >= 2 * 256 {
         ksplit = 2;
@@ -138,12 +420,7 @@ fn launch_shape(gpu: &Gpu, groups: usize, k: usize) -> (i32, LaunchConfig) {
             ksplit = 4;
         }
     }
-    let cfg = LaunchConfig {
-        grid_dim: (groups.div_ceil(WARPS / ksplit) as u32, 1, 1),
-        block_dim: ((WARPS * 32) as u32, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    (ksplit as i32, cfg)
+    (ksplit as i32, grid(groups, ksplit))
 }
 
 /// Rows per warp of the plain products (gemv.cu's PlainRows).
@@ -166,78 +443,123 @@ pub fn gemv<T: ActScalar>(
     bias: Option<&CudaSlice<T>>,
     outs: &mut [GemvOut<'_, T>],
 ) -> Result<()> {
+    gemv_with(
+        gpu,
+        GemvInput::Plain(x),
+        w,
+        k,
+        bias,
+        GemvEpilogue::Store(outs),
+    )
+}
+
+/// [`gemv`] with its input and its epilogue chosen: `x` plain or the RMSNorm of the residual
+/// stream ([`GemvInput::Normalized`]), the rows stored or added to the residual stream
+/// ([`GemvEpilogue::Residual`], which also leaves the sums of squares the next normalized
+/// input needs). The launch (grid, K split, accumulation order) depends only on the tokens,
+/// `n`, `k` and the input kind, so a residual epilogue adds exactly what [`gemv`] would have
+/// stored.
+///
+/// # Errors
+/// [`crate::KernelError::BadArgument`] for sizes that do not fit (as [`gemv`]; for a
+/// normalized input also a norm weight not of `k` values, a bad `eps`, partials that do not
+/// describe `tokens` rows of `k`; for a residual epilogue a residual not `[tokens][n]`).
+pub fn gemv_with<T: ActScalar>(
+    gpu: &Gpu,
+    input: GemvInput<'_, T>,
+    w: &CudaSlice<T>,
+    k: usize,
+    bias: Option<&CudaSlice<T>>,
+    epilogue: GemvEpilogue<'_, '_, T>,
+) -> Result<()> {
     const K: &str = "gemv";
-    let tokens = tokens_of(K, x.len(), k)?;
-    if outs.is_empty() || outs.len() > 3 || outs.iter().any(|o| o.width == 0) {
-        return Err(bad(
-            K,
-            format!(
-                "{} outputs of widths {:?} (1 to 3, each positive)",
-                outs.len(),
-                outs.iter().map(|o| o.width).collect::<Vec<_>>()
-            ),
-        ));
-    }
-    let n: usize = outs.iter().map(|o| o.width).sum();
-    check_weight(K, w.len(), n, k)?;
-    if let Some(o) = outs.iter().find(|o| o.out.len() != tokens * o.width) {
-        return Err(bad(
-            K,
-            format!(
-                "an output of {} values, expected {tokens} x {}",
-                o.out.len(),
-                o.width
-            ),
-        ));
-    }
-    if let Some(b) = bias
-        && b.len() != n
-    {
-        return Err(bad(K, format!("bias of {} values for {n} rows", b.len())));
-    }
-    let n0 = outs[0].width as i32;
-    let n01 = n0 + outs.get(1).map_or(0, |o| o.width as i32);
-    let (n_i, k_i) = (n as i32, k as i32);
-    let (ksplit, cfg, name) = if use_tc(tokens, k) {
-        let (ks, cfg) = tc_launch_shape(gpu, n.div_ceil(16), k);
-        (ks, cfg, PLAIN_TC[tokens - 1])
-    } else {
-        let (ks, cfg) = launch_shape(gpu, n.div_ceil(plain_rows(tokens)), k);
-        (ks, cfg, PLAIN[tokens - 1])
+    let (tokens, count) = check_input(K, input.lens(), k)?;
+    let out_lens: Vec<(usize, usize)> = match &epilogue {
+        GemvEpilogue::Store(outs) => outs.iter().map(|o| (o.width, o.out.len())).collect(),
+        GemvEpilogue::Residual { .. } => Vec::new(),
     };
-    let f = gpu.function(&Variant::gemv(T::SCALAR), name)?;
+    let lens = match &epilogue {
+        GemvEpilogue::Store(_) => EpilogueLens::Store(&out_lens),
+        GemvEpilogue::Residual { residual, .. } => EpilogueLens::Residual {
+            residual: residual.len(),
+        },
+    };
+    let n = check_epilogue(K, lens, tokens, w.len(), k, bias.map(CudaSlice::len))?;
+    let normalized = matches!(input, GemvInput::Normalized(_));
+    let plan = plan_gemv(gpu.num_sms(), tokens, n, k, normalized);
+    let f = gpu.function(&Variant::gemv(T::SCALAR), plan.name)?;
     let stream = gpu.stream();
-    let mut launch = stream.launch_builder(&f);
-    // Absent outputs and bias are null pointers; the kernel never touches them (no rows map
-    // to an absent output).
+    // Absent pointers are null; the kernel never touches them (no rows map to an absent
+    // output; a plain entry reads x only, a normalized one the residual, weight and partials
+    // only; a storing epilogue leaves the residual pointers alone).
     let null = 0u64;
-    match outs {
-        [a] => launch.arg(&mut *a.out).arg(&null).arg(&null),
-        [a, b] => launch.arg(&mut *a.out).arg(&mut *b.out).arg(&null),
-        [a, b, c] => launch.arg(&mut *a.out).arg(&mut *b.out).arg(&mut *c.out),
-        _ => return Err(bad(K, "outputs".to_string())),
+    let (n_i, k_i, count_i) = (n as i32, k as i32, count as i32);
+    let (n0, n01) = match out_lens.as_slice() {
+        [] => (n_i, n_i),
+        [(a, _), rest @ ..] => {
+            let a = *a as i32;
+            (a, a + rest.first().map_or(0, |o| o.0 as i32))
+        }
     };
-    launch.arg(w).arg(x);
+    let mut launch = Launch::new(gpu, &f);
+    let mut written = None;
+    match epilogue {
+        GemvEpilogue::Store(outs) => {
+            match outs {
+                [a] => launch.arg(&mut *a.out).arg(&null).arg(&null),
+                [a, b] => launch.arg(&mut *a.out).arg(&mut *b.out).arg(&null),
+                [a, b, c] => launch.arg(&mut *a.out).arg(&mut *b.out).arg(&mut *c.out),
+                _ => return Err(bad(K, "outputs".to_string())),
+            };
+            launch.arg(&null).arg(&null);
+        }
+        GemvEpilogue::Residual { residual, partials } => {
+            // One partial sum per token and CTA.
+            let ctas = plan.cfg.grid_dim.0 as usize;
+            let NormPartials { buf, written: slot } = partials;
+            *slot = None;
+            if buf.as_ref().is_none_or(|b| b.len() < tokens * ctas) {
+                *buf = Some(stream.alloc_zeros::<f32>(tokens * ctas)?);
+            }
+            let buf = buf.as_mut().ok_or_else(|| bad(K, "norm partials buffer"))?;
+            launch.arg(&null).arg(&null).arg(&null);
+            launch.arg(residual).arg(buf);
+            written = Some((
+                slot,
+                PartialsShape {
+                    tokens,
+                    width: n,
+                    count: ctas,
+                },
+            ));
+        }
+    }
+    launch.arg(w);
+    let eps = push_input(K, &mut launch, &input, &null)?;
+    launch.arg(&count_i).arg(&eps);
     match bias {
         Some(b) => launch.arg(b),
         None => launch.arg(&null),
     };
-    launch.arg(&n0).arg(&n01).arg(&n_i).arg(&k_i).arg(&ksplit);
-    // SAFETY: matches `gemv_<tokens>` and `gemv_tc_<tokens>` in kernels/gemv.cu (same
-    // arguments; the latter only for k a multiple of 32): w holds n x k values and x tokens x k
-    // (k a multiple of 8, so every row starts 16-byte aligned in a cudarc allocation), each
-    // output tokens x its width, the bias n values or null (all checked above); rows map to outputs by the prefix sums n0 and
-    // n01 of the widths; the grid covers n rows at `ksplit` warps per row group.
-    unsafe { launch.launch(cfg) }?;
-    Ok(())
-}
-
-fn check_weight(kernel: &'static str, len: usize, n: usize, k: usize) -> Result<()> {
-    if n == 0 || n > i32::MAX as usize || len != n * k {
-        return Err(bad(
-            kernel,
-            format!("weight of {len} values for {n} rows of {k}"),
-        ));
+    launch
+        .arg(&n0)
+        .arg(&n01)
+        .arg(&n_i)
+        .arg(&k_i)
+        .arg(&plan.ksplit);
+    // SAFETY: matches the GEMV_PARAMS of `gemv[_tc][_norm]_<tokens>` in kernels/gemv.cu (the
+    // tensor-core ones only for k a multiple of 32): w holds n x k values (k a multiple of 8,
+    // so every row starts 16-byte aligned in a cudarc allocation); a plain input x holds
+    // tokens x k values, a normalized one a residual of tokens x k, a norm weight of k and
+    // partials of at least tokens x count values; storing, each output holds tokens x its
+    // width (rows map to outputs by the prefix sums n0 and n01 of the widths); the residual
+    // epilogue's residual holds tokens x n and its partials tokens x the grid; the bias n
+    // values or null (all checked above). The grid covers n rows at `ksplit` warps per row
+    // group.
+    // The kernel prefetches only weight rows into L2, then calls kvs_wait_prior() (PDL).
+    unsafe { launch.dependent().launch(plan.cfg) }?;
+    if let Some((slot, shape)) = written {
+        *slot = Some(shape);
     }
     Ok(())
 }
@@ -258,44 +580,283 @@ pub fn gemv_silu_mul<T: ActScalar>(
     k: usize,
     out: &mut CudaSlice<T>,
 ) -> Result<()> {
+    gemv_silu_mul_with(gpu, GemvInput::Plain(x), w_gate_up, inter, k, out)
+}
+
+/// Checks a gate/up product's weight and output.
+fn check_glu(
+    kernel: &'static str,
+    tokens: usize,
+    inter: usize,
+    weight: usize,
+    k: usize,
+    out: usize,
+) -> Result<()> {
+    if inter == 0 || inter > (i32::MAX as usize) / 2 || weight != 2 * inter * k {
+        return Err(bad(
+            kernel,
+            format!("gate/up weight of {weight} values for 2 x {inter} rows of {k}"),
+        ));
+    }
+    if out != tokens * inter {
+        return Err(bad(
+            kernel,
+            format!("out of {out} values, expected {tokens} x {inter}"),
+        ));
+    }
+    Ok(())
+}
+
+/// [`gemv_silu_mul`] over a plain or a normalized input (see [`gemv_with`]).
+///
+/// # Errors
+/// [`crate::KernelError::BadArgument`] for sizes that do not fit (the input as in
+/// [`gemv_with`]).
+pub fn gemv_silu_mul_with<T: ActScalar>(
+    gpu: &Gpu,
+    input: GemvInput<'_, T>,
+    w_gate_up: &CudaSlice<T>,
+    inter: usize,
+    k: usize,
+    out: &mut CudaSlice<T>,
+) -> Result<()> {
     const K: &str = "gemv_silu_mul";
-    let tokens = tokens_of(K, x.len(), k)?;
-    if inter == 0 || inter > (i32::MAX as usize) / 2 || w_gate_up.len() != 2 * inter * k {
-        return Err(bad(
-            K,
-            format!(
-                "gate/up weight of {} values for 2 x {inter} rows of {k}",
-                w_gate_up.len()
-            ),
-        ));
-    }
-    if out.len() != tokens * inter {
-        return Err(bad(
-            K,
-            format!("out of {} values, expected {tokens} x {inter}", out.len()),
-        ));
-    }
-    let (i_i, k_i) = (inter as i32, k as i32);
-    let (ksplit, cfg, name) = if use_tc(tokens, k) {
-        let (ks, cfg) = tc_launch_shape(gpu, inter.div_ceil(16), k);
-        (ks, cfg, GLU_TC[tokens - 1])
-    } else {
-        let (ks, cfg) = launch_shape(gpu, inter, k);
-        (ks, cfg, GLU[tokens - 1])
-    };
-    let f = gpu.function(&Variant::gemv(T::SCALAR), name)?;
-    let stream = gpu.stream();
-    let mut launch = stream.launch_builder(&f);
+    let (tokens, count) = check_input(K, input.lens(), k)?;
+    check_glu(K, tokens, inter, w_gate_up.len(), k, out.len())?;
+    let normalized = matches!(input, GemvInput::Normalized(_));
+    let plan = plan_glu(gpu.num_sms(), tokens, inter, k, normalized);
+    let (i_i, k_i, count_i) = (inter as i32, k as i32, count as i32);
+    let f = gpu.function(&Variant::gemv(T::SCALAR), plan.name)?;
+    let null = 0u64;
+    let mut launch = Launch::new(gpu, &f);
+    launch.arg(&mut *out).arg(w_gate_up);
+    let eps = push_input(K, &mut launch, &input, &null)?;
     launch
-        .arg(&mut *out)
-        .arg(w_gate_up)
-        .arg(x)
+        .arg(&count_i)
+        .arg(&eps)
         .arg(&i_i)
         .arg(&k_i)
-        .arg(&ksplit);
-    // SAFETY: matches `gemv_glu_<tokens>` and `gemv_glu_tc_<tokens>` in kernels/gemv.cu (same
-    // arguments; the latter only for k a multiple of 32): w_gate_up holds 2 inter x k
-    // values, x tokens x k (k a multiple of 8), out tokens x inter (checked above); the grid covers inter row pairs at `ksplit` warps each.
-    unsafe { launch.launch(cfg) }?;
+        .arg(&plan.ksplit);
+    // SAFETY: matches the GLU_PARAMS of `gemv_glu[_tc][_norm]_<tokens>` in kernels/gemv.cu
+    // (the tensor-core ones only for k a multiple of 32): w_gate_up holds 2 inter x k values,
+    // a plain x tokens x k (k a multiple of 8), a normalized input a residual of tokens x k, a
+    // norm weight of k and partials of at least tokens x count values, out tokens x inter
+    // (checked above); the grid covers inter row pairs at `ksplit` warps each.
+    // The kernel prefetches only weight rows into L2, then calls kvs_wait_prior() (PDL).
+    unsafe { launch.dependent().launch(plan.cfg) }?;
     Ok(())
+}
+
+/// Pushes the input arguments both entry families take (x, then the norm's residual, weight
+/// and partials; null where unused) and returns the norm's epsilon (0 for a plain input).
+fn push_input<'a, T>(
+    kernel: &'static str,
+    launch: &mut Launch<'a>,
+    input: &'a GemvInput<'a, T>,
+    null: &'a u64,
+) -> Result<f32> {
+    Ok(match input {
+        GemvInput::Plain(x) => {
+            launch.arg(*x).arg(null).arg(null).arg(null);
+            0.0
+        }
+        GemvInput::Normalized(ni) => {
+            let buf = ni
+                .partials
+                .buf
+                .as_ref()
+                .ok_or_else(|| bad(kernel, "norm partials buffer"))?;
+            launch.arg(null).arg(ni.residual).arg(ni.weight).arg(buf);
+            ni.eps
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::KernelError;
+
+    fn is_bad<T: std::fmt::Debug>(r: Result<T>) -> bool {
+        matches!(r, Err(KernelError::BadArgument { .. }))
+    }
+
+    const K: &str = "test";
+
+    fn partials(tokens: usize, width: usize, count: usize) -> Option<PartialsShape> {
+        Some(PartialsShape {
+            tokens,
+            width,
+            count,
+        })
+    }
+
+    fn normalized(tokens: usize, k: usize, count: usize) -> InputLens {
+        InputLens::Normalized {
+            residual: tokens * k,
+            weight: k,
+            eps: 1e-5,
+            partials: partials(tokens, k, count),
+            partials_len: tokens * count,
+        }
+    }
+
+    #[test]
+    fn inputs_are_checked() {
+        assert_eq!(
+            check_input(K, InputLens::Plain { x: 3 * 64 }, 64).unwrap(),
+            (3, 0)
+        );
+        assert_eq!(check_input(K, normalized(2, 64, 17), 64).unwrap(), (2, 17));
+        // Plain: k not a multiple of 8, x not whole rows, no or too many tokens.
+        assert!(is_bad(check_input(K, InputLens::Plain { x: 120 }, 60)));
+        assert!(is_bad(check_input(K, InputLens::Plain { x: 65 }, 64)));
+        assert!(is_bad(check_input(K, InputLens::Plain { x: 0 }, 64)));
+        assert!(is_bad(check_input(K, InputLens::Plain { x: 9 * 64 }, 64)));
+        let good = normalized(2, 64, 17);
+        let with = |f: &dyn Fn(&mut InputLens)| {
+            let mut l = good;
+            f(&mut l);
+            check_input(K, l, 64)
+        };
+        let set =
+            |f: fn(&mut usize, &mut usize, &mut f32, &mut Option<PartialsShape>, &mut usize)| {
+                with(&|l: &mut InputLens| {
+                    if let InputLens::Normalized {
+                        residual,
+                        weight,
+                        eps,
+                        partials,
+                        partials_len,
+                    } = l
+                    {
+                        f(residual, weight, eps, partials, partials_len);
+                    }
+                })
+            };
+        // A residual of part of a row or of 9 tokens; a norm weight of the wrong width.
+        assert!(is_bad(set(|r, _, _, _, _| *r -= 1)));
+        assert!(is_bad(set(|r, _, _, _, _| *r = 9 * 64)));
+        assert!(is_bad(set(|_, w, _, _, _| *w = 63)));
+        // eps negative, NaN or infinite.
+        assert!(is_bad(set(|_, _, e, _, _| *e = -1e-6)));
+        assert!(is_bad(set(|_, _, e, _, _| *e = f32::NAN)));
+        assert!(is_bad(set(|_, _, e, _, _| *e = f32::INFINITY)));
+        // Partials never written, of another token count or width, or a short buffer.
+        assert!(is_bad(set(|_, _, _, p, _| *p = None)));
+        assert!(is_bad(set(|_, _, _, p, _| *p = partials(3, 64, 17))));
+        assert!(is_bad(set(|_, _, _, p, _| *p = partials(2, 72, 17))));
+        assert!(is_bad(set(|_, _, _, p, _| *p = partials(2, 64, 0))));
+        assert!(is_bad(set(|_, _, _, _, n| *n = 33)));
+        // The residual of a different token count (its partials say 2 rows).
+        assert!(is_bad(set(|r, _, _, _, _| *r = 64)));
+    }
+
+    #[test]
+    fn epilogues_are_checked() {
+        let (t, k) = (2, 64);
+        let outs = [(48, 2 * 48), (8, 2 * 8), (8, 2 * 8)];
+        let store = EpilogueLens::Store(&outs);
+        assert_eq!(
+            check_epilogue(K, store, t, 64 * k, k, Some(64)).unwrap(),
+            64
+        );
+        assert_eq!(check_epilogue(K, store, t, 64 * k, k, None).unwrap(), 64);
+        // Widths that do not add up to the weight; a bias of the wrong size; an output of
+        // the wrong size; no outputs, four, an empty one.
+        assert!(is_bad(check_epilogue(K, store, t, 65 * k, k, None)));
+        assert!(is_bad(check_epilogue(K, store, t, 64 * k, k, Some(63))));
+        let short = [(48, 2 * 48), (8, 15), (8, 16)];
+        assert!(is_bad(check_epilogue(
+            K,
+            EpilogueLens::Store(&short),
+            t,
+            64 * k,
+            k,
+            None
+        )));
+        for outs in [
+            &[][..],
+            &[(16, 32), (16, 32), (16, 32), (16, 32)][..],
+            &[(64, 128), (0, 0)][..],
+        ] {
+            let n: usize = outs.iter().map(|o| o.0).sum();
+            assert!(is_bad(check_epilogue(
+                K,
+                EpilogueLens::Store(outs),
+                t,
+                n * k,
+                k,
+                None
+            )));
+        }
+        // Residual: [tokens][n] for the weight's n rows, a bias of n.
+        let res = |residual| EpilogueLens::Residual { residual };
+        assert_eq!(
+            check_epilogue(K, res(t * 96), t, 96 * k, k, Some(96)).unwrap(),
+            96
+        );
+        assert!(is_bad(check_epilogue(
+            K,
+            res(t * 96 - 1),
+            t,
+            96 * k,
+            k,
+            None
+        )));
+        assert!(is_bad(check_epilogue(K, res(3 * 96), t, 96 * k, k, None)));
+        assert!(is_bad(check_epilogue(
+            K,
+            res(t * 96),
+            t,
+            96 * k + 8,
+            k,
+            None
+        )));
+        assert!(is_bad(check_epilogue(K, res(0), t, 0, k, None)));
+        assert!(is_bad(check_epilogue(
+            K,
+            res(t * 96),
+            t,
+            96 * k,
+            k,
+            Some(95)
+        )));
+    }
+
+    #[test]
+    fn gate_up_is_checked() {
+        assert!(check_glu(K, 2, 96, 2 * 96 * 64, 64, 2 * 96).is_ok());
+        assert!(is_bad(check_glu(K, 2, 96, 96 * 64, 64, 2 * 96)));
+        assert!(is_bad(check_glu(K, 2, 0, 0, 64, 0)));
+        assert!(is_bad(check_glu(K, 2, 96, 2 * 96 * 64, 64, 2 * 96 + 1)));
+    }
+
+    #[test]
+    fn plans_pick_the_kernel_and_cover_every_row() {
+        for tokens in 1..=GEMV_MAX_TOKENS {
+            for (n, k) in [
+                (4096, 4096),
+                (4096, 14336),
+                (6144, 4096),
+                (577, 1536),
+                (200, 584),
+            ] {
+                for normalized in [false, true] {
+                    let p = plan_gemv(132, tokens, n, k, normalized);
+                    let tc = tokens >= GEMV_TC_MIN_TOKENS && k % 32 == 0;
+                    assert_eq!(p.name.contains("_tc_"), tc, "{}", p.name);
+                    assert_eq!(p.name.contains("_norm_"), normalized, "{}", p.name);
+                    assert!(p.name.ends_with(&tokens.to_string()), "{}", p.name);
+                    let rows_per_group = if tc { 16 } else { plain_rows(tokens) };
+                    let groups_per_cta = WARPS / p.ksplit as usize;
+                    let rows = p.cfg.grid_dim.0 as usize * groups_per_cta * rows_per_group;
+                    assert!(rows >= n && rows - n < groups_per_cta * rows_per_group);
+                    let g = plan_glu(132, tokens, n, k, normalized);
+                    assert_eq!(g.name.contains("_norm_"), normalized, "{}", g.name);
+                    assert!(g.name.starts_with("gemv_glu_"), "{}", g.name);
+                }
+            }
+        }
+    }
 }

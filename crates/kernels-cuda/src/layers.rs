@@ -2,13 +2,14 @@
 //! rotary embedding and SiLU·up (`kernels/elementwise.cu`). The residual stream is f32.
 #![allow(unsafe_code)]
 
-use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, LaunchConfig};
 
 use crate::attention::ActScalar;
 use crate::compile::Variant;
 use crate::device::Gpu;
 use crate::error::{Result, bad};
 use crate::indices::Indices;
+use crate::launch::Launch;
 
 const THREADS: u32 = 256;
 /// The most threads of an RMSNorm CTA (`kNormThreads` in elementwise.cu).
@@ -74,9 +75,8 @@ pub fn embedding_gather<T: ActScalar>(
         ));
     }
     let cfg = rows(ids.len())?;
-    let stream = gpu.stream();
     let f = gpu.function(&Variant::elementwise(T::SCALAR), K)?;
-    let mut launch = stream.launch_builder(&f);
+    let mut launch = Launch::new(gpu, &f);
     launch
         .arg(&mut *residual)
         .arg(table)
@@ -84,7 +84,8 @@ pub fn embedding_gather<T: ActScalar>(
         .arg(&h);
     // SAFETY: matches `embedding_gather` in kernels/elementwise.cu; every id is below vocab
     // (checked), so each row read is inside `table`, and `residual` holds one row per id.
-    unsafe { launch.launch(cfg) }?;
+    // The kernel calls kvs_wait_prior() before touching any buffer (PDL).
+    unsafe { launch.dependent().launch(cfg) }?;
     Ok(())
 }
 
@@ -124,12 +125,11 @@ pub fn rms_norm<T: ActScalar>(
     let mut cfg = rows(residual.len() / hidden)?;
     // About 4 values per thread (each keeps up to 8 in registers), a multiple of 32 threads.
     cfg.block_dim.0 = (hidden.div_ceil(4).div_ceil(32) * 32).clamp(32, NORM_THREADS) as u32;
-    let stream = gpu.stream();
     let variant = Variant::elementwise(T::SCALAR);
     match delta {
         None => {
             let f = gpu.function(&variant, "rms_norm")?;
-            let mut launch = stream.launch_builder(&f);
+            let mut launch = Launch::new(gpu, &f);
             launch
                 .arg(&mut *out)
                 .arg(&mut *residual)
@@ -138,11 +138,12 @@ pub fn rms_norm<T: ActScalar>(
                 .arg(&eps);
             // SAFETY: matches `rms_norm`; out and residual hold tokens x hidden values, the
             // weight hidden (checked).
-            unsafe { launch.launch(cfg) }?;
+            // The kernel calls kvs_wait_prior() before touching any buffer (PDL).
+            unsafe { launch.dependent().launch(cfg) }?;
         }
         Some(delta) => {
             let f = gpu.function(&variant, "add_rms_norm")?;
-            let mut launch = stream.launch_builder(&f);
+            let mut launch = Launch::new(gpu, &f);
             launch
                 .arg(&mut *out)
                 .arg(&mut *residual)
@@ -152,7 +153,8 @@ pub fn rms_norm<T: ActScalar>(
                 .arg(&eps);
             // SAFETY: matches `add_rms_norm`; out, residual and delta hold tokens x hidden
             // values, the weight hidden (checked).
-            unsafe { launch.launch(cfg) }?;
+            // The kernel calls kvs_wait_prior() before touching any buffer (PDL).
+            unsafe { launch.dependent().launch(cfg) }?;
         }
     }
     Ok(())
@@ -220,9 +222,8 @@ pub fn rope<T: ActScalar>(
     let kh = dim(K, "num_kv_heads", shape.num_kv_heads)?;
     let di = dim(K, "head_dim", d)?;
     let inter = i32::from(shape.interleaved);
-    let stream = gpu.stream();
     let f = gpu.function(&Variant::elementwise(T::SCALAR), K)?;
-    let mut launch = stream.launch_builder(&f);
+    let mut launch = Launch::new(gpu, &f);
     launch
         .arg(&mut *q)
         .arg(&mut *k)
@@ -234,7 +235,8 @@ pub fn rope<T: ActScalar>(
         .arg(&inter);
     // SAFETY: matches `rope`; q and k hold tokens x heads x head_dim values, inv_freq
     // head_dim / 2, positions one per token (checked).
-    unsafe { launch.launch(cfg) }?;
+    // The kernel calls kvs_wait_prior() before touching any buffer (PDL).
+    unsafe { launch.dependent().launch(cfg) }?;
     Ok(())
 }
 
@@ -263,12 +265,12 @@ pub fn silu_mul<T: ActScalar>(
     }
     let cfg = rows(out.len() / inter)?;
     let f = gpu.function(&Variant::elementwise(T::SCALAR), K)?;
-    let stream = gpu.stream();
-    let mut launch = stream.launch_builder(&f);
+    let mut launch = Launch::new(gpu, &f);
     launch.arg(&mut *out).arg(gate_up).arg(&i);
     // SAFETY: matches `silu_mul`; gate_up holds tokens x 2 x inter values and out tokens x
     // inter (checked).
-    unsafe { launch.launch(cfg) }?;
+    // The kernel calls kvs_wait_prior() before touching any buffer (PDL).
+    unsafe { launch.dependent().launch(cfg) }?;
     Ok(())
 }
 
@@ -313,8 +315,7 @@ pub fn gather_rows<T: ActScalar>(
     }
     let cfg = rows(rows_idx.len())?;
     let f = gpu.function(&Variant::elementwise(T::SCALAR), K)?;
-    let stream = gpu.stream();
-    let mut launch = stream.launch_builder(&f);
+    let mut launch = Launch::new(gpu, &f);
     launch
         .arg(&mut *out)
         .arg(src)
@@ -322,7 +323,8 @@ pub fn gather_rows<T: ActScalar>(
         .arg(&w);
     // SAFETY: matches `gather_rows` in kernels/elementwise.cu; every row index is inside
     // `src` and `out` holds one row per index (checked).
-    unsafe { launch.launch(cfg) }?;
+    // The kernel calls kvs_wait_prior() before touching any buffer (PDL).
+    unsafe { launch.dependent().launch(cfg) }?;
     Ok(())
 }
 
@@ -354,11 +356,11 @@ pub fn fill_uniform<T: ActScalar>(
     };
     let n_i = n as i64;
     let f = gpu.function(&Variant::elementwise(T::SCALAR), K)?;
-    let stream = gpu.stream();
-    let mut launch = stream.launch_builder(&f);
+    let mut launch = Launch::new(gpu, &f);
     launch.arg(&mut *out).arg(&n_i).arg(&seed).arg(&lo).arg(&hi);
     // SAFETY: matches `fill_uniform`; the kernel writes indices below n = out.len() only.
-    unsafe { launch.launch(cfg) }?;
+    // The kernel calls kvs_wait_prior() before touching any buffer (PDL).
+    unsafe { launch.dependent().launch(cfg) }?;
     Ok(())
 }
 
@@ -385,11 +387,11 @@ pub fn add_bias<T: ActScalar>(
     }
     let cfg = rows(x.len() / bias.len())?;
     let f = gpu.function(&Variant::elementwise(T::SCALAR), K)?;
-    let stream = gpu.stream();
-    let mut launch = stream.launch_builder(&f);
+    let mut launch = Launch::new(gpu, &f);
     launch.arg(&mut *x).arg(bias).arg(&w);
     // SAFETY: matches `add_bias` in kernels/elementwise.cu; x holds whole rows of `bias`
     // (checked), one CTA per row.
-    unsafe { launch.launch(cfg) }?;
+    // The kernel calls kvs_wait_prior() before touching any buffer (PDL).
+    unsafe { launch.dependent().launch(cfg) }?;
     Ok(())
 }

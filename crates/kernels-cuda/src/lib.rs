@@ -28,17 +28,21 @@ mod ffi;
 mod gemm;
 mod gemv;
 mod indices;
+mod launch;
 mod layers;
 mod prefill;
 mod sampling;
 
 pub use attention::{ActScalar, DecodeKernel, DecodeMetadata, DecodePlan, PagedDecoder};
-pub use cache::{BlockCopies, copy_blocks, reshape_and_cache};
+pub use cache::{BlockCopies, LayerCache, Rotary, copy_blocks, reshape_and_cache, rope_and_cache};
 pub use compile::{Program, Scalar, Variant};
 pub use device::{Gpu, driver_available};
 pub use error::{KernelError, Result};
 pub use gemm::Blas;
-pub use gemv::{GEMV_MAX_TOKENS, GEMV_TC_MIN_TOKENS, GemvOut, gemv, gemv_silu_mul};
+pub use gemv::{
+    GEMV_MAX_TOKENS, GEMV_TC_MIN_TOKENS, GemvEpilogue, GemvInput, GemvOut, NormInput, NormPartials,
+    gemv, gemv_silu_mul, gemv_silu_mul_with, gemv_with,
+};
 pub use indices::{Index, Indices};
 pub use layers::{
     RopeShape, add_bias, embedding_gather, fill_uniform, gather_rows, rms_norm, rope, silu_mul,

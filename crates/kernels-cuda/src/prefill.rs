@@ -14,13 +14,14 @@
 
 use std::sync::OnceLock;
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig};
 use kv_quant::BlockLayout;
 
 use crate::attention::{ActScalar, CacheArgs, LaunchShapes, Tables, check_launch};
 use crate::compile::{MAX_GQA_GROUP, Program, Scalar, Variant};
 use crate::device::Gpu;
 use crate::error::{KernelError, Result, bad};
+use crate::launch::Launch;
 
 const KERNEL: &str = "paged_prefill";
 /// (query token, query head) rows per CTA: `kBlockM` of the kernel.
@@ -313,8 +314,7 @@ pub fn paged_prefill<T: ActScalar>(
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
-    let stream = gpu.stream();
-    let mut launch = stream.launch_builder(&function);
+    let mut launch = Launch::new(gpu, &function);
     launch
         .arg(&mut *out)
         .arg(q)
@@ -335,7 +335,8 @@ pub fn paged_prefill<T: ActScalar>(
     // sequence's first query token to its context length, which fits its table row) is in
     // 0..num_blocks; the work list has `items` (sequence, first row) pairs, each a sequence of
     // the batch and a row below its query_len x group, and the grid is items x KV heads.
-    unsafe { launch.launch(cfg) }?;
+    // The kernel calls kvs_wait_prior() before touching any buffer (PDL).
+    unsafe { launch.dependent().launch(cfg) }?;
     Ok(())
 }
 

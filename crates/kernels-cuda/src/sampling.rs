@@ -4,12 +4,13 @@
 //! random stream). Only the chosen tokens come back to the host, not the logits.
 #![allow(unsafe_code)]
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig};
 
 use crate::attention::ActScalar;
 use crate::compile::Variant;
 use crate::device::Gpu;
 use crate::error::{KernelError, Result, bad};
+use crate::launch::Launch;
 
 const KERNEL: &str = "sample_rows";
 /// Threads per row (the kernel's `kThreads`).
@@ -138,7 +139,7 @@ pub fn sample_rows<T: ActScalar>(
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: (4 * vocab.div_ceil(32)) as u32,
     };
-    let mut launch = stream.launch_builder(&f);
+    let mut launch = Launch::new(gpu, &f);
     launch
         .arg(&mut out)
         .arg(logits)
@@ -153,7 +154,8 @@ pub fn sample_rows<T: ActScalar>(
     // params 4 per row, top_k, uniform and out one per row, offsets rows + 1 increasing
     // entries into ids (checked or built above); the bitmap of ceil(vocab / 32) words fits
     // the default shared memory (vocab <= MAX_SAMPLING_VOCAB).
-    unsafe { launch.launch(cfg) }?;
+    // The kernel calls kvs_wait_prior() before touching any buffer (PDL).
+    unsafe { launch.dependent().launch(cfg) }?;
     let out = stream.clone_dtoh(&out)?;
     Ok(out.into_iter().map(|t| u32::try_from(t).ok()).collect())
 }

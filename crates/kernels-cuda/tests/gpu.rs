@@ -14,7 +14,8 @@ use common::{Act, MaxError, attention_ref, gpu, paged_cache, random_act, random_
 use half::bf16;
 use kernels_cuda::cudarc::driver::CudaSlice;
 use kernels_cuda::{
-    DecodeKernel, DecodeMetadata, Gpu, Indices, KernelError, PagedDecoder, reshape_and_cache,
+    DecodeKernel, DecodeMetadata, DecodePlan, Gpu, Indices, KernelError, PagedDecoder,
+    reshape_and_cache,
 };
 use kv_quant::{BlockLayout, KvCacheDtype};
 use rand::seq::SliceRandom;
@@ -150,6 +151,20 @@ fn decode_error_as<T: Act>(
     partition: Option<usize>,
     kernel: DecodeKernel,
 ) -> f64 {
+    let mut dec = PagedDecoder::new();
+    dec.set_kernel(kernel);
+    dec.set_partition_size(partition).unwrap();
+    decode_error_on::<T>(gpu, rng, c, &mut dec).0
+}
+
+/// [`decode_error_as`] through `dec` (its kernel and partition size, its scratch kept from
+/// earlier calls), with the plan it ran.
+fn decode_error_on<T: Act>(
+    gpu: &Gpu,
+    rng: &mut ChaCha8Rng,
+    c: &Case,
+    dec: &mut PagedDecoder,
+) -> (f64, DecodePlan) {
     let stream = gpu.stream().clone();
     let l = &c.layout;
     let (bs, kvh, d) = (l.block_size(), l.num_kv_heads(), l.head_dim());
@@ -183,10 +198,7 @@ fn decode_error_as<T: Act>(
     let mut out: CudaSlice<T> = stream
         .clone_htod(&vec![T::NAN; c.contexts.len() * nh * d])
         .unwrap();
-    let mut dec = PagedDecoder::new();
-    dec.set_kernel(kernel);
-    dec.set_partition_size(partition).unwrap();
-    dec.run(gpu, &meta, l, nh, &qd, &kd, &vd, &mut out).unwrap();
+    let plan = dec.run(gpu, &meta, l, nh, &qd, &kd, &vd, &mut out).unwrap();
     let out: Vec<f32> = stream
         .clone_dtoh(&out)
         .unwrap()
@@ -213,7 +225,7 @@ fn decode_error_as<T: Act>(
             }
         }
     }
-    err.relative()
+    (err.relative(), plan)
 }
 
 /// A grid of decode cases: for each dtype, head dims 64 and 128 (where the layout exists) and
@@ -921,4 +933,135 @@ fn gemv_matches_the_reference_and_refuses_bad_shapes() {
     let mut act = s.alloc_zeros::<bf16>(2 * (n / 2)).unwrap();
     kernels_cuda::gemv_silu_mul(&gpu, &x_d, &w_d, n / 2, k, &mut act).unwrap();
     kernels_cuda::gemv(&gpu, &x_d, &w_d, k, None, &mut one(&mut out, n)).unwrap();
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn tensor_core_decode_merges_in_kernel_across_repeated_calls() {
+    // The tensor-core kernel merges a sequence's partitions in the last CTA of each (sequence,
+    // KV head) to finish, counted by per-decoder counters that every launch must leave at zero
+    // (they are cleared only when allocated). One decoder runs many calls in a row: batches,
+    // KV head counts, GQA groups, dtypes and partition counts change between calls (1 to 313
+    // partitions: one, two and three chunks of the merge's statistics), sequences of one
+    // partition sit among longer ones, and each call runs twice. The first call sizes the
+    // counters for the largest (sequences x KV heads), so the later ones reuse counters left by
+    // earlier launches. A counter not reset makes a CTA merge before the other partitions are
+    // written (or none merge): wrong or unwritten (NaN-poisoned) outputs.
+    let gpu = gpu();
+    let mut rng = ChaCha8Rng::seed_from_u64(23);
+    let mut dec = PagedDecoder::new();
+    dec.set_kernel(DecodeKernel::TensorCore);
+    let int4_g32: KvCacheDtype = "int4-g32".parse().unwrap();
+    // (dtype, KV heads, GQA group, head_dim, block size, contexts, window, forced partition)
+    type Run = (
+        KvCacheDtype,
+        usize,
+        usize,
+        usize,
+        usize,
+        &'static [usize],
+        Option<usize>,
+        Option<usize>,
+    );
+    // 4 x 5 = 20 counters: the largest; 79 partitions and single-partition sequences.
+    let widest: Run = (
+        KvCacheDtype::Bf16,
+        4,
+        2,
+        128,
+        16,
+        &[1, 5000, 64, 65, 2049],
+        None,
+        Some(64),
+    );
+    // Llama-3-8B heads, batch 1: 32 partitions (forced).
+    let llama: Run = (KvCacheDtype::Bf16, 8, 4, 128, 16, &[4096], None, Some(128));
+    let runs: [Run; 10] = [
+        widest,
+        llama,
+        // The same, with the automatic plan.
+        (KvCacheDtype::Bf16, 8, 4, 128, 16, &[4096], None, None),
+        // Two chunks (141 partitions), GQA 3 at d = 64, int8.
+        (
+            KvCacheDtype::Int8,
+            2,
+            3,
+            64,
+            32,
+            &[9000, 17],
+            None,
+            Some(64),
+        ),
+        // int4 (its own kernel body) with 1024-token partitions: 1 to 5 partitions.
+        (
+            int4_g32,
+            4,
+            2,
+            128,
+            16,
+            &[3000, 1, 4999, 700, 128],
+            None,
+            Some(1024),
+        ),
+        // Three chunks (313 partitions), GQA 8.
+        (KvCacheDtype::Bf16, 1, 8, 128, 16, &[20000], None, Some(64)),
+        // GQA 1 at d = 64: the merge's columns split over 4 slices; a window (47 partitions).
+        (
+            "int4".parse().unwrap(),
+            2,
+            1,
+            64,
+            8,
+            &[5000, 33],
+            Some(3000),
+            Some(64),
+        ),
+        // fp8, GQA 5 (3 columns per thread at d = 128), batch 3.
+        (
+            KvCacheDtype::Fp8E4m3,
+            2,
+            5,
+            128,
+            32,
+            &[2500, 640, 641],
+            None,
+            Some(64),
+        ),
+        // The first calls again, in the other order.
+        llama,
+        widest,
+    ];
+    let mut worst = Vec::new();
+    for (i, &(dtype, kv_heads, group, head_dim, block_size, contexts, window, partition)) in
+        runs.iter().enumerate()
+    {
+        let case = Case {
+            layout: BlockLayout::new(dtype, block_size, kv_heads, head_dim).unwrap(),
+            num_heads: kv_heads * group,
+            contexts: contexts.to_vec(),
+            window,
+        };
+        dec.set_partition_size(partition).unwrap();
+        for repeat in 0..2 {
+            let (e, plan) = decode_error_on::<bf16>(&gpu, &mut rng, &case, &mut dec);
+            let name = format!(
+                "call {i}.{repeat}: {dtype} {kv_heads}x{group} heads d={head_dim} \
+                 contexts {contexts:?} window {window:?}: {} partitions of {}",
+                plan.max_parts, plan.partition_size
+            );
+            eprintln!("{name}: err {e:.2e}");
+            if let Some(p) = partition {
+                let attended = contexts
+                    .iter()
+                    .map(|&c| window.map_or(c, |w| c.min(w)))
+                    .max()
+                    .unwrap();
+                assert_eq!(plan.max_parts, attended.div_ceil(p), "{name}");
+            }
+            if e > 1.5e-2 {
+                worst.push(format!("{name}: {e:.2e}"));
+            }
+        }
+    }
+    assert!(worst.is_empty(), "over tolerance:\n{}", worst.join("\n"));
 }

@@ -5,7 +5,11 @@
 //! RMSNorm (fused with the residual add), the Q/K/V product (one stacked weight), RoPE, the
 //! quantizing cache write, attention, the O product, RMSNorm, gate·up with SiLU·up and down;
 //! then the final norm, a row gather and the LM head for the tokens whose logits are wanted.
-//! Products: GEMV kernels for steps of at most 4 tokens, cuBLAS above. Attention: steps with a
+//! Products: GEMV kernels for steps of at most 8 tokens, cuBLAS above. With
+//! `KVSERVE_FUSED_NORM=1`, on the GEMV path the norms but layer 0's attention norm and the
+//! final one are folded into the products (the O and down products add into the residual,
+//! Q/K/V and gate/up normalize it as they load it); off by default: slower on an H200
+//! (BENCHMARKS.md). Attention: steps with a
 //! prompt chunk run the prefill kernel (every sequence, after the whole step's K/V is
 //! written: causal by construction); decode-only steps, and int4 caches, the decode kernel
 //! with one row per token. Logits come back to the host as f32 (computed in bf16), or are
@@ -16,8 +20,8 @@
 use half::bf16;
 use kernels_cuda::cudarc::driver::{CudaSlice, PinnedHostSlice};
 use kernels_cuda::{
-    Blas, DecodeMetadata, GemvOut, Gpu, Indices, PagedDecoder, PrefillBatch, PrefillMetadata,
-    RopeShape, Scalar,
+    Blas, DecodeMetadata, GemvEpilogue, GemvInput, GemvOut, Gpu, Indices, NormInput, NormPartials,
+    PagedDecoder, PrefillBatch, PrefillMetadata, RopeShape, Scalar,
 };
 use kv_block_manager::CopyOp;
 use kv_quant::BlockLayout;
@@ -59,6 +63,9 @@ struct Buffers {
     /// Hidden states of the tokens whose logits are wanted.
     picked: Option<CudaSlice<bf16>>,
     logits: Option<CudaSlice<bf16>>,
+    /// The sums of squares the O and down products leave for the next normalized products
+    /// (fused norms).
+    norm_partials: NormPartials,
 }
 
 /// The model on a CUDA device, with its paged KV cache.
@@ -69,6 +76,11 @@ pub struct CudaBackend {
     /// Small batches (≤ [`GEMV_TOKENS`] tokens) run their linear layers through the GEMV
     /// kernels instead of cuBLAS (`KVSERVE_GEMV=0` turns this off).
     gemv: bool,
+    /// On the GEMV path, every RMSNorm but layer 0's attention norm and the final norm is
+    /// folded into the products: the O and down products add into the residual stream, the
+    /// Q/K/V and gate/up products normalize it as they read it. Off unless
+    /// `KVSERVE_FUSED_NORM=1`: measured slower than separate norm launches (BENCHMARKS.md).
+    fused_norm: bool,
     /// Steps with prompt chunks attend through the prefill kernel
     /// (`KVSERVE_PREFILL_KERNEL=0`: through the decode kernel, one row per token).
     prefill: bool,
@@ -192,6 +204,38 @@ impl Products<'_> {
         }
         Ok(())
     }
+}
+
+/// The RMSNorm of the residual stream (`[tokens][hidden]`) with `weight` as the input of a
+/// GEMV, from the sums of squares the last [`add_to_residual`] left in `partials`.
+fn normalized<'a>(
+    residual: &'a Option<CudaSlice<f32>>,
+    partials: &'a NormPartials,
+    weight: &'a CudaSlice<bf16>,
+    eps: f32,
+) -> Result<GemvInput<'a, bf16>, ModelError> {
+    Ok(GemvInput::Normalized(NormInput {
+        residual: residual.as_ref().ok_or_else(missing)?,
+        weight,
+        partials,
+        eps,
+    }))
+}
+
+/// `residual += x Wᵀ` (the product rounded to bf16 first, as a stored product added by
+/// `rms_norm`) through the GEMV kernels, leaving the new residual's sums of squares in
+/// `partials` for the next [`normalized`] input.
+fn add_to_residual(
+    gpu: &Gpu,
+    x: &CudaSlice<bf16>,
+    w: &CudaSlice<bf16>,
+    k: usize,
+    residual: &mut CudaSlice<f32>,
+    partials: &mut NormPartials,
+) -> Result<(), ModelError> {
+    let epilogue = GemvEpilogue::Residual { residual, partials };
+    kernels_cuda::gemv_with(gpu, GemvInput::Plain(x), w, k, None, epilogue)?;
+    Ok(())
 }
 
 /// The weights of the whole model on the device.
@@ -392,6 +436,7 @@ impl CudaBackend {
             v_cache,
             decoder: PagedDecoder::new(),
             gemv: std::env::var("KVSERVE_GEMV").as_deref() != Ok("0"),
+            fused_norm: std::env::var("KVSERVE_FUSED_NORM").as_deref() == Ok("1"),
             prefill: std::env::var("KVSERVE_PREFILL_KERNEL").as_deref() != Ok("0"),
             blas,
             gpu,
@@ -457,14 +502,19 @@ impl CudaBackend {
             GEMV_FMA_TOKENS
         };
         let small = self.gemv && t <= max_small && widths.iter().all(|x| x.is_multiple_of(8));
+        // Fused norms: no norm launch but layer 0's attention norm and the final one. The O
+        // and down products add into the residual stream (leaving its sums of squares in
+        // `norm_partials`), the Q/K/V and gate/up products normalize it as they read it.
+        let fused = small && self.fused_norm;
         let products = Products {
             gpu,
             blas: &self.blas,
             small,
         };
         for (l, lw) in self.layers.iter().enumerate() {
-            // attn norm (adding the previous layer's MLP output).
-            {
+            let fold_attn_norm = fused && l > 0;
+            if !fold_attn_norm {
+                // attn norm (adding the previous layer's MLP output).
                 let normed = buffer(&mut bf.normed, gpu, t * h)?;
                 let residual = bf.residual.as_mut().ok_or_else(missing)?;
                 let delta = if l == 0 { None } else { bf.proj.as_ref() };
@@ -481,7 +531,14 @@ impl CudaBackend {
                     GemvOut { out: k, width: nkv },
                     GemvOut { out: v, width: nkv },
                 ];
-                kernels_cuda::gemv(gpu, normed, &lw.w_qkv, h, lw.qkv_bias.as_ref(), &mut outs)?;
+                let input = if fold_attn_norm {
+                    normalized(&bf.residual, &bf.norm_partials, &lw.attn_norm, eps)?
+                } else {
+                    GemvInput::Plain(normed)
+                };
+                let bias = lw.qkv_bias.as_ref();
+                let outs = GemvEpilogue::Store(&mut outs);
+                kernels_cuda::gemv_with(gpu, input, &lw.w_qkv, h, bias, outs)?;
             } else {
                 let w = &lw.w_qkv;
                 let (q_end, k_end) = (nq * h, (nq + nkv) * h);
@@ -495,21 +552,24 @@ impl CudaBackend {
                     kernels_cuda::add_bias(gpu, v, &b.slice(nq + nkv..))?;
                 }
             }
-            {
-                let (q, k) = (
-                    bf.q.as_mut().ok_or_else(missing)?,
-                    bf.k.as_mut().ok_or_else(missing)?,
-                );
-                kernels_cuda::rope(gpu, shape, &positions, &self.inv_freq, q, k)?;
-            }
-            kernels_cuda::reshape_and_cache(
+            // RoPE on q and k and the cache write of k and v, one launch (k stays unrotated
+            // in its buffer: attention reads K from the cache).
+            kernels_cuda::rope_and_cache(
                 gpu,
-                &self.layout,
+                &kernels_cuda::Rotary {
+                    shape,
+                    positions: &positions,
+                    inv_freq: &self.inv_freq,
+                },
+                bf.q.as_mut().ok_or_else(missing)?,
                 bf.k.as_ref().ok_or_else(missing)?,
                 bf.v.as_ref().ok_or_else(missing)?,
                 &slots,
-                &mut self.k_cache[l],
-                &mut self.v_cache[l],
+                kernels_cuda::LayerCache {
+                    layout: &self.layout,
+                    k: &mut self.k_cache[l],
+                    v: &mut self.v_cache[l],
+                },
             )?;
             let attn = buffer(&mut bf.attn, gpu, t * qh * d)?;
             let q = bf.q.as_ref().ok_or_else(missing)?;
@@ -524,14 +584,13 @@ impl CudaBackend {
                 }
                 (None, None) => return Err(missing()),
             }
-            products.linear(
-                bf.attn.as_ref().ok_or_else(missing)?,
-                &lw.wo,
-                h,
-                qh * d,
-                buffer(&mut bf.proj, gpu, t * h)?,
-            )?;
-            {
+            // O product, then the ffn norm adding it (fused: the product adds itself).
+            let attn = bf.attn.as_ref().ok_or_else(missing)?;
+            if fused {
+                let residual = bf.residual.as_mut().ok_or_else(missing)?;
+                add_to_residual(gpu, attn, &lw.wo, qh * d, residual, &mut bf.norm_partials)?;
+            } else {
+                products.linear(attn, &lw.wo, h, qh * d, buffer(&mut bf.proj, gpu, t * h)?)?;
                 let normed = bf.normed.as_mut().ok_or_else(missing)?;
                 let residual = bf.residual.as_mut().ok_or_else(missing)?;
                 kernels_cuda::rms_norm(gpu, residual, bf.proj.as_ref(), &lw.ffn_norm, eps, normed)?;
@@ -539,33 +598,34 @@ impl CudaBackend {
             let normed = bf.normed.as_ref().ok_or_else(missing)?;
             let act = buffer(&mut bf.act, gpu, t * inter)?;
             if small {
-                kernels_cuda::gemv_silu_mul(gpu, normed, &lw.w_gate_up, inter, h, act)?;
+                let input = if fused {
+                    normalized(&bf.residual, &bf.norm_partials, &lw.ffn_norm, eps)?
+                } else {
+                    GemvInput::Plain(normed)
+                };
+                kernels_cuda::gemv_silu_mul_with(gpu, input, &lw.w_gate_up, inter, h, act)?;
             } else {
                 let gate_up = buffer(&mut bf.gate_up, gpu, t * 2 * inter)?;
                 self.blas
                     .linear(normed, &lw.w_gate_up, 2 * inter, h, gate_up)?;
                 kernels_cuda::silu_mul(gpu, gate_up, inter, act)?;
             }
-            products.linear(
-                bf.act.as_ref().ok_or_else(missing)?,
-                &lw.w_down,
-                h,
-                inter,
-                buffer(&mut bf.proj, gpu, t * h)?,
-            )?;
+            // Down product (fused: adding itself to the residual stream).
+            let act = bf.act.as_ref().ok_or_else(missing)?;
+            if fused {
+                let residual = bf.residual.as_mut().ok_or_else(missing)?;
+                add_to_residual(gpu, act, &lw.w_down, inter, residual, &mut bf.norm_partials)?;
+            } else {
+                products.linear(act, &lw.w_down, h, inter, buffer(&mut bf.proj, gpu, t * h)?)?;
+            }
         }
-        // Final norm over every token (adding the last MLP output), then the requested rows.
+        // Final norm over every token (adding the last MLP output unless the down product
+        // did), then the requested rows.
         {
             let normed = bf.normed.as_mut().ok_or_else(missing)?;
             let residual = bf.residual.as_mut().ok_or_else(missing)?;
-            kernels_cuda::rms_norm(
-                gpu,
-                residual,
-                bf.proj.as_ref(),
-                &self.final_norm,
-                eps,
-                normed,
-            )?;
+            let delta = if fused { None } else { bf.proj.as_ref() };
+            kernels_cuda::rms_norm(gpu, residual, delta, &self.final_norm, eps, normed)?;
         }
         if n == 0 {
             return Ok(false);
@@ -609,6 +669,12 @@ impl CudaBackend {
     /// comparisons; `KVSERVE_GEMV=0` does the same at construction).
     pub fn set_small_batch_gemv(&mut self, on: bool) {
         self.gemv = on;
+    }
+
+    /// Folds the RMSNorms into the GEMV products on the GEMV path, or launches them apart
+    /// (for comparisons; `KVSERVE_FUSED_NORM=1` turns the folding on at construction).
+    pub fn set_fused_norm(&mut self, on: bool) {
+        self.fused_norm = on;
     }
 
     /// Runs prompt chunks' attention through the decode kernel, one row per token, instead
