@@ -29,8 +29,10 @@ __device__ __forceinline__ void kvs_wait_prior() {
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
 }
+// KVSERVE_KERNEL_DEFINES=-DKVS_LATE_TRIGGER leaves the trigger to each CTA's exit (the next
+// grid is then scheduled only as this one drains): for A/B measurements (kernels/NOTES.md).
 __device__ __forceinline__ void kvs_launch_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && !defined(KVS_LATE_TRIGGER)
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
 }
