@@ -7,7 +7,8 @@
 // 8-bit codes are exact in bf16 and fp16, so the tiles hold codes and the scales are folded
 // around the products: q . (s_k code_k) = s_k (q . code_k) scales each logit after the mma,
 // and sum_t p_t (s_v,t code_v,t) = sum_t (p_t s_v,t) code_v,t scales P before it becomes the
-// A operand (the softmax sum uses the unscaled p).
+// A operand (the softmax sum uses the unscaled p). fp8 runs the first body below (bytes
+// converted one by one); int8 has its own, transposed body (after int4's paragraph).
 //
 // int4 (kv-quant's Int4 layouts: two codes 0..15 per byte, a half2 (scale, min) per group of
 // G = 32, 64, 128 or head_dim channels; x = code * s + m) has its own body in the kernel: the
@@ -30,12 +31,28 @@
 // fragments), and sum_t p_t m_t,g is kept per head and group (rescaled like O) and added to
 // the group's channels at the end. Checked lane by lane in kernels/experiments/tc_emulation.py.
 //
+// int8 (kv-quant's Int8: symmetric codes, one f32 scale per token and head) is transposed the
+// same way, and both of its products are fp16 mma whatever the activation type: 0x6400 | (byte
+// ^ 0x80) is the fp16 1152 + code, exact (one xor per 32-bit word, one prmt per pair; bf16
+// has too few mantissa bits for it). q . K: A = K codes (rows g, g + 8: tokens; lane t reads
+// its 16-byte chunks of a row with 128-bit loads, K rows unpadded and swizzled), B = q^T in
+// fp16, k steps permuted so that word kKSteps t + s of a row is lane t's k step s (bytes 0, 2:
+// k 2 t, 2 t + 1; bytes 1, 3: k 2 t + 8, 2 t + 9); bf16 q is scaled by a power of two per head
+// (max |q| 2^sigma in [2^14, 2^15)), which makes it exact in fp16. logit = s_k (S' - 1152 Qsum)
+// / 2^sigma. P . V: A = V^T codes by ldmatrix.x4.trans of the byte tile (a b16 element is two
+// channels: lane (g, t) gets channels 2 g, 2 g + 1 of tokens 2 t, 2 t + 1) and the same prmt;
+// B = fp16(p s_v f)^T (movmatrix), f a power of two per warp keeping p s_v f below 2^15 (lowered,
+// with O rescaled, when a larger V scale arrives; undone at the end); sum_t B_t per head comes
+// from one more mma (A = ones) and 1152 times it leaves O at the end. Checked lane by lane in
+// kernels/experiments/tc_emulation.py (run_int8).
+//
 // Why: the first decode kernel (paged_attention.cu) is bound by latency and instructions per
 // byte (12-23% occupancy, at most half the DRAM peak on an H200; kernels/NOTES.md). Here each
 // warp streams its own tiles of 16 tokens through shared memory with cp.async, two stages deep
-// (the next tile's K and V are in flight while this one is used), and does the arithmetic of
-// a tile in 32 mma.sync instructions: the GQA group's query heads are the rows of the A
-// operand (padded to 16), so each K and V row is read once for the whole group.
+// (int8: three on sm_90; the next tiles' K and V are in flight while this one is used), and
+// does the arithmetic of a tile in 32 mma.sync instructions: the GQA group's query heads are
+// the rows of the A operand (padded to 16), so each K and V row is read once for the whole
+// group.
 //
 // Grid (num_kv_heads, num_seqs, max_parts), block kThreads, as paged_decode_partition; one
 // CTA per (KV head, sequence, partition); partitions of `partition_size` tokens (a multiple
@@ -52,13 +69,36 @@
 #error "GQA_GROUP must be defined"
 #endif
 
+#if KV_DTYPE == KVT_INT8
+#define KVS_TC_INT8 1  // int8 codes: the transposed fp16 body
+#else
+#define KVS_TC_INT8 0
+#endif
+
+// Tiles in shared memory per warp for int8 (a knob for measurements:
+// KVSERVE_KERNEL_DEFINES=-DKVS_TC_INT8_STAGES=2|3|4). Its tiles are half of bf16's bytes, so a
+// third stage keeps about as many bytes in flight per warp as bf16's two; at d = 128 three
+// stages are 26.4 KiB per CTA: 8 CTAs per SM on sm_90 (228 KiB), 5 on sm_80 (164 KiB), where
+// the default stays 2 (8 CTAs).
+#ifndef KVS_TC_INT8_STAGES
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define KVS_TC_INT8_STAGES 3
+#else
+#define KVS_TC_INT8_STAGES 2
+#endif
+#endif
+
 namespace kvserve {
 
 constexpr int kTile = 16;                    // tokens per tile (the mma K of the PV product)
 constexpr int kWarps = 2;                    // warps per CTA, each with its own tiles
 constexpr int kThreads = 32 * kWarps;
-constexpr int kStages = 2;                   // tiles in shared memory per warp
+constexpr int kStages = KVS_TC_INT8 ? KVS_TC_INT8_STAGES : 2;  // tiles in shared memory per warp
+static_assert(kStages >= 2, "one tile in use while the next one is in flight");
+constexpr bool kPow2Stages = (kStages & (kStages - 1)) == 0;
 constexpr int kRowBytes = kValueRowBytes + 16;  // padded: no bank conflicts, 16-B aligned
+// K rows: int8 leaves them unpadded (its 128-bit loads are conflict-free through k_chunk).
+constexpr int kKRowBytes = KVS_TC_INT8 ? kValueRowBytes : kRowBytes;
 constexpr int kKSteps = HEAD_DIM / 16;          // mma K steps of q . k
 constexpr int kNTiles = HEAD_DIM / 8;           // mma N tiles of p . V
 constexpr int kChunksPerRow = kValueRowBytes / 16;  // 16-byte cp.async chunks per row
@@ -71,6 +111,10 @@ constexpr int kMTiles = HEAD_DIM / 16;           // mma M tiles (16 channels) of
 static_assert(kGroupSize % 32 == 0, "a group is whole pairs of k steps (whole K words)");
 static_assert(kScaleRowBytes == 4 * kGroups, "a half2 per group");
 constexpr int kMinCtas = 8;  // CTAs per SM the registers are bounded for (<= 128 each)
+#elif KVS_TC_INT8
+constexpr int kMTiles = HEAD_DIM / 16;         // mma M tiles (16 channels) of V^T P^T
+constexpr int kChunksPerLane = HEAD_DIM / 64;  // K chunks a lane reads per row (q . K)
+constexpr int kMinCtas = 8;
 #else
 constexpr int kMinCtas = 6;
 #endif
@@ -78,7 +122,7 @@ constexpr int kMinCtas = 6;
 // One warp's shared memory: kStages tiles of K and of V (rows of raw bytes), and for 8-bit
 // codes their scales, for int4 their (scale, min) rows.
 struct WarpTiles {
-  unsigned char k[kStages][kTile][kRowBytes];
+  unsigned char k[kStages][kTile][kKRowBytes];
   unsigned char v[kStages][kTile][kRowBytes];
 #if KVS_TC_CODES
   float k_scale[kStages][kTile];
@@ -90,15 +134,19 @@ struct WarpTiles {
 #endif
 };
 
-#if !KVS_TC_INT4
-// Element `i` of a shared-memory row as the activation type (an 8-bit code is exact in it).
+// The 16-byte chunk of a K row's shared-memory copy that holds the row's chunk `col`. int8 at
+// d = 128 (8 chunks, unpadded 128-byte rows): col ^ (row % 8), so that the two rows of a
+// quarter warp's 128-bit loads in q . K (rows g and g + 1, chunks 2 t + j) hit distinct banks
+// (at d = 64 two 64-byte rows fill the 32 banks as they are).
+__device__ __forceinline__ int k_chunk(int row, int col) {
+  return (KVS_TC_INT8 && kChunksPerRow == 8) ? col ^ (row & 7) : col;
+}
+
+#if !KVS_TC_INT4 && !KVS_TC_INT8
+// Element `i` of a shared-memory row as the activation type (an fp8 code is exact in it).
 __device__ __forceinline__ scalar_t element(const unsigned char* row, int i) {
 #if KVS_TC_CODES
-#if KV_DTYPE == KVT_INT8
-  return from_float(static_cast<float>(static_cast<signed char>(row[i])));
-#else
   return from_float(fp8_to_float(row[i]));
-#endif
 #else
   return reinterpret_cast<const scalar_t*>(row)[i];
 #endif
@@ -146,6 +194,42 @@ __device__ __forceinline__ void load_tile(WarpTiles& w, int stage, int t0, int f
       cp_async_ca<kScaleRowBytes>(dst, cache + param, live ? kScaleRowBytes : 0);
     }
   }
+#elif KVS_TC_INT8
+  // One table lookup per lane: lane r = lane % kTile resolves token t0 + r (lanes r and r + 16
+  // alike: they copy its K and its V scale). The lanes copying a row's 16-byte chunks (8 lanes
+  // a row at d = 128) take the address of its K row from that lane by a shuffle, and its
+  // liveness from a ballot (a token outside [first, end) is zero-filled, from a valid address);
+  // V rows are at the same offset in v_cache. K chunks land swizzled (k_chunk).
+  const int r = lane % kTile;
+  const int tok = t0 + r;
+  const bool live = tok >= first && tok < end;
+  const unsigned live_rows = __ballot_sync(0xffffffffu, live);  // bit r: token t0 + r
+  const long long base = live ? static_cast<long long>(table[tok >> block_shift]) * block_bytes : 0;
+  const int slot = head * block_size + (tok & (block_size - 1));
+  const unsigned long long k_row =
+      reinterpret_cast<unsigned long long>(k_cache) + (live ? base + slot * kValueRowBytes : 0);
+  const unsigned long long v_minus_k =
+      reinterpret_cast<unsigned long long>(v_cache) - reinterpret_cast<unsigned long long>(k_cache);
+#pragma unroll
+  for (int i = 0; i < kTile * kChunksPerRow / 32; ++i) {
+    const int c = lane + 32 * i;
+    const int row = c / kChunksPerRow, col = c % kChunksPerRow;
+    const unsigned long long k_src = __shfl_sync(0xffffffffu, k_row, row) + col * 16;
+    const int bytes = (live_rows >> row) & 1u ? 16 : 0;
+    cp_async16(&w.k[stage][row][k_chunk(row, col) * 16],
+               reinterpret_cast<const unsigned char*>(k_src), bytes);
+    cp_async16(&w.v[stage][row][col * 16],
+               reinterpret_cast<const unsigned char*>(k_src + v_minus_k), bytes);
+  }
+  const long long scale_src =
+      live ? base + kv_scale_section_offset(KV_DTYPE, block_size, num_kv_heads, HEAD_DIM) +
+                 slot * kScaleRowBytes
+           : 0;
+  if (lane < kTile) {
+    cp_async4(&w.k_scale[stage][r], k_cache + scale_src, live ? 4 : 0);
+  } else {
+    cp_async4(&w.v_scale[stage][r], v_cache + scale_src, live ? 4 : 0);
+  }
 #else
 #pragma unroll
   for (int i = 0; i < kTile * kChunksPerRow / 32; ++i) {
@@ -159,7 +243,7 @@ __device__ __forceinline__ void load_tile(WarpTiles& w, int stage, int t0, int f
     cp_async16(&w.v[stage][row][col * 16], v_cache + src, bytes);
   }
 #endif
-#if KVS_TC_CODES
+#if KVS_TC_CODES && !KVS_TC_INT8
   // Lanes 0..15 fetch the K scales of the tile's tokens, lanes 16..31 the V scales.
   const int row = lane % kTile;
   const long long off = row_offset(table, t0 + row, first, end, block_shift, block_size,
@@ -183,13 +267,56 @@ __device__ __forceinline__ float pair_sum(unsigned x) {
   return __uint_as_float(x << 16) + __uint_as_float(x & 0xffff0000u);
 #endif
 }
+#endif
 
+#if KVS_TC_INT4 || KVS_TC_INT8
 // The transpose of an 8x8 matrix of 16-bit pairs across the warp: lane l holds row l / 4,
 // columns 2 (l % 4), + 1 of M and receives the same of M^T.
 __device__ __forceinline__ unsigned transpose8x8(unsigned x) {
   unsigned d;
   asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(d) : "r"(x));
   return d;
+}
+#endif
+
+#if KVS_TC_INT8
+
+// D = A * B + D for one m16n8k16 tile of fp16 operands (whatever the activation type), f32
+// accumulators.
+__device__ __forceinline__ void mma_f16(float (&d)[4], const unsigned (&a)[4], unsigned b0,
+                                        unsigned b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, "
+               "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two fp16 values packed (lo in the low half), rounded to nearest.
+__device__ __forceinline__ unsigned pack_half(float lo, float hi) {
+  const __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const unsigned*>(&h);
+}
+
+// Four int8 codes with their sign bits flipped: bytes code + 128.
+__device__ __forceinline__ unsigned flip_codes(unsigned w) { return w ^ 0x80808080u; }
+
+// Bytes 0 and 2 (kSel = 0x4240) or 1 and 3 (0x4341) of flipped codes `x` as an fp16 pair
+// 0x64uu: 1024 + (code + 128), exact (fp16's spacing is 1 in [1024, 2048)).
+template <unsigned kSel>
+__device__ __forceinline__ unsigned code_pair(unsigned x) {
+  return __byte_perm(x, 0x64646464u, kSel);
+}
+constexpr unsigned kSel02 = 0x4240u, kSel13 = 0x4341u;
+constexpr float kCodeOffset = 1152.f;  // code_pair's value minus the code
+constexpr unsigned kHalfOnes = 0x3C003C00u;  // fp16 (1, 1)
+
+// The two values of a packed pair of the activation type as f32 (exact).
+__device__ __forceinline__ float2 unpack_act(unsigned x) {
+#if SCALAR == 0
+  return __half22float2(*reinterpret_cast<const __half2*>(&x));
+#else
+  return make_float2(__uint_as_float(x << 16), __uint_as_float(x & 0xffff0000u));
+#endif
 }
 #endif
 
@@ -263,22 +390,39 @@ __device__ __forceinline__ void stream_tiles(WarpTiles& w, const Partition& pt,
                                              long long block_bytes, int head, int lane,
                                              Tile&& tile) {
   constexpr int kStride = kWarps * kTile;
+  // Tiles 0 .. kStages - 2 first (a commit group each, empty past the warp's tiles); then
+  // iteration i issues tile i + kStages - 1 into the stage tile i - 1 used, and waits for the
+  // group of tile i. Stages by counters when kStages is not a power of two (i % kStages would
+  // be a multiply-shift sequence).
   if (pt.my_tiles > 0) {
     load_tile(w, 0, pt.my_first, pt.p_start, pt.p_end, k_cache, v_cache, table, block_shift,
               block_size, num_kv_heads, block_bytes, head, lane);
   }
   cp_async_commit();
-  for (int i = 0; i < pt.my_tiles; ++i) {
-    if (i + 1 < pt.my_tiles) {
-      load_tile(w, (i + 1) % kStages, pt.my_first + (i + 1) * kStride, pt.p_start, pt.p_end,
-                k_cache, v_cache, table, block_shift, block_size, num_kv_heads, block_bytes,
-                head, lane);
+#pragma unroll
+  for (int s = 1; s < kStages - 1; ++s) {
+    if (s < pt.my_tiles) {
+      load_tile(w, s, pt.my_first + s * kStride, pt.p_start, pt.p_end, k_cache, v_cache, table,
+                block_shift, block_size, num_kv_heads, block_bytes, head, lane);
     }
     cp_async_commit();
-    cp_async_wait<1>();  // this tile's group is complete (the next one may be in flight)
+  }
+  int use = 0, fill = kStages - 1;  // (not power of two) the stages of tiles i, i + kStages - 1
+  for (int i = 0; i < pt.my_tiles; ++i) {
+    if (i + kStages - 1 < pt.my_tiles) {
+      load_tile(w, kPow2Stages ? (i + kStages - 1) % kStages : fill,
+                pt.my_first + (i + kStages - 1) * kStride, pt.p_start, pt.p_end, k_cache,
+                v_cache, table, block_shift, block_size, num_kv_heads, block_bytes, head, lane);
+    }
+    cp_async_commit();
+    cp_async_wait<kStages - 1>();  // this tile's group is complete (later ones may be in flight)
     __syncwarp();
-    tile(i % kStages, pt.my_first + i * kStride);
-    __syncwarp();  // the stage is read before the next iteration refills it
+    tile(kPow2Stages ? i % kStages : use, pt.my_first + i * kStride);
+    __syncwarp();  // the stage is read before a later iteration refills it
+    if (!kPow2Stages) {
+      use = use + 1 == kStages ? 0 : use + 1;
+      fill = fill + 1 == kStages ? 0 : fill + 1;
+    }
   }
   cp_async_wait<0>();
 }
@@ -311,7 +455,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas)
   const int p_start = pt.p_start, p_end = pt.p_end;
   const int* table = block_tables + static_cast<long long>(seq) * max_blocks;
   const int num_heads = num_kv_heads * GQA_GROUP;
-#if !KVS_TC_INT4
+#if !KVS_TC_INT4 && !KVS_TC_INT8
   // Row r of the A operand is query head head * GQA_GROUP + r (r < GQA_GROUP), else zero.
   const int r = lane / 4;          // this lane's row (r + 8 is padding)
   const int kq = (lane % 4) * 2;   // this lane's first column within a k step / n tile
@@ -440,7 +584,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas)
     o_sh[(warp * 8 + r) * HEAD_DIM + 8 * j + kq] = o[j][0] * mine;
     o_sh[(warp * 8 + r) * HEAD_DIM + 8 * j + kq + 1] = o[j][1] * mine;
   }
-#else  // int4: the transposed products (see the top of the file)
+#elif KVS_TC_INT4  // the transposed products (see the top of the file)
   // Fragment coordinates: rows g and g + 8 of A and of D, column g of B; columns 2 t, 2 t + 1
   // of D (query heads 2 t + e, e = 0, 1).
   const int g = lane / 4, t = lane % 4;
@@ -642,6 +786,231 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas)
       float* row = o_sh + (warp * 8 + 2 * t + e) * HEAD_DIM;
       row[ch] = o[mt][e] * mine[e];
       row[ch + 1] = o[mt][2 + e] * mine[e];
+    }
+  }
+#else  // int8: transposed like int4, both products fp16 mma (see the top of the file)
+  // Fragment coordinates: rows g and g + 8 of A and of D, column g of B; columns 2 t, 2 t + 1
+  // of D (query heads 2 t + e, e = 0, 1).
+  const int g = lane / 4, t = lane % 4;
+
+  // B of K q^T: q^T in fp16, column g = query head head * GQA_GROUP + g (zero past the group);
+  // k step s holds lane t's channels 4 (kKSteps t + s) + {0, 2} (b0: k 2 t, 2 t + 1) and
+  // + {1, 3} (b1: k 2 t + 8, 2 t + 9). bf16 q is multiplied by qf = 2^sigma of its head (max
+  // |q| qf in [2^14, 2^15); qf within [2^-114, 2^99]): a bf16 value so scaled is exact in fp16
+  // unless it is below max |q| 2^-31. fp16 q is used as is. Per head 2 t + e: qoff = 1152 Qsum
+  // (of the scaled q: the codes' offset) and qscale = scale log2(e) / qf.
+  unsigned qb[kKSteps][2];
+  float qoff[2], qscale[2];
+  const float scale2 = scale * kLog2e;  // logits in log2 units: exp2 below
+  {
+    const bool live = g < GQA_GROUP;
+    const uint2* qrow = reinterpret_cast<const uint2*>(
+        q + (static_cast<long long>(seq) * num_heads + head * GQA_GROUP + (live ? g : 0)) *
+                HEAD_DIM);
+    float x[kKSteps][4];
+    float amax = 0.f;
+#pragma unroll
+    for (int s = 0; s < kKSteps; ++s) {
+      const uint2 u = live ? qrow[kKSteps * t + s] : make_uint2(0u, 0u);  // channels 4 (..) + 0..3
+      const float2 lo = unpack_act(u.x), hi = unpack_act(u.y);
+      x[s][0] = lo.x;
+      x[s][1] = lo.y;
+      x[s][2] = hi.x;
+      x[s][3] = hi.y;
+      amax = fmaxf(amax, fmaxf(fmaxf(fabsf(lo.x), fabsf(lo.y)), fmaxf(fabsf(hi.x), fabsf(hi.y))));
+    }
+#if SCALAR == 0
+    const float qf = 1.f;
+    (void)amax;
+#else
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+    const unsigned expo = max((__float_as_uint(amax) >> 23) & 0xffu, 42u);
+    const float qf = __uint_as_float((268u - expo) << 23);      // 2^(141 - expo)
+    const float inv_qf = __uint_as_float((expo - 14u) << 23);  // 2^(expo - 141)
+#endif
+    float sum = 0.f;
+#pragma unroll
+    for (int s = 0; s < kKSteps; ++s) {
+      const float a0 = x[s][0] * qf, a1 = x[s][1] * qf, a2 = x[s][2] * qf, a3 = x[s][3] * qf;
+      qb[s][0] = pack_half(a0, a2);
+      qb[s][1] = pack_half(a1, a3);
+      sum += (a0 + a1) + (a2 + a3);
+    }
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);  // head g's Qsum over the quad's channels
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      qoff[e] = kCodeOffset * __shfl_sync(0xffffffffu, sum, 4 * (2 * t + e));
+#if SCALAR == 0
+      qscale[e] = scale2;
+#else
+      qscale[e] = scale2 * __shfl_sync(0xffffffffu, inv_qf, 4 * (2 * t + e));
+#endif
+    }
+  }
+
+  // Online softmax state of heads 2 t + e (log2 units; l over this lane's tokens only, summed
+  // over the lanes g at the end) and O^T scaled by f: o[2 b + x][2 h + e] = f O[head 2 t + e]
+  // [channel 32 b + 16 h + 2 g + x] plus 1152 vsum[e], vsum[e] = sum_t B_t of head 2 t + e
+  // (vsum[2 + e]: the zero rows of its A). f = 2^126 until the first tile's V scales lower it.
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  float o[kMTiles][4];
+  float vsum[4] = {0.f, 0.f, 0.f, 0.f};
+  unsigned fbits = 253u << 23;
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt) o[mt][0] = o[mt][1] = o[mt][2] = o[mt][3] = 0.f;
+
+  WarpTiles& w = tiles[warp];
+  // This lane's ldmatrix row of a V tile: matrix lane / 8 is tokens 8 (lane / 16) .. + 7 of
+  // chunk 2 b + (lane / 8) % 2 (b: the 32-channel block).
+  const unsigned v_lane = static_cast<unsigned>(__cvta_generic_to_shared(
+      &w.v[0][(lane & 7) + 8 * (lane >> 4)][16 * ((lane >> 3) & 1)]));
+  stream_tiles(w, pt, k_cache, v_cache, table, block_shift, block_size, num_kv_heads,
+               block_bytes, head, lane, [&](int stage, int t0) {
+    // S^T = K q^T: rows g, g + 8 are tokens t0 + g, t0 + g + 8, lane t's K chunks
+    // kChunksPerLane t + j of them (k_chunk: the same swizzle for both rows); A = 1152 + code.
+    // acc[2 h + e]: token t0 + g + 8 h, head 2 t + e.
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int j = 0; j < kChunksPerLane; ++j) {
+      const int col = 16 * k_chunk(g, kChunksPerLane * t + j);
+      const uint4 x = *reinterpret_cast<const uint4*>(&w.k[stage][g][col]);
+      const uint4 y = *reinterpret_cast<const uint4*>(&w.k[stage][g + 8][col]);
+      const unsigned xs[4] = {x.x, x.y, x.z, x.w}, ys[4] = {y.x, y.y, y.z, y.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const unsigned xf = flip_codes(xs[i]), yf = flip_codes(ys[i]);
+        const unsigned a[4] = {code_pair<kSel02>(xf), code_pair<kSel02>(yf),
+                               code_pair<kSel13>(xf), code_pair<kSel13>(yf)};
+        mma_f16(acc, a, qb[4 * j + i][0], qb[4 * j + i][1]);
+      }
+    }
+    // The offset and scales, the mask, log2 units; then the online softmax of heads 2 t + e
+    // over the lanes g (as int4).
+    float st[4];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const float sk = w.k_scale[stage][g + 8 * h];
+      const int tok = t0 + g + 8 * h;
+      const bool live = tok >= p_start && tok < p_end;
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        st[2 * h + e] = live ? (acc[2 * h + e] - qoff[e]) * (sk * qscale[e]) : -INFINITY;
+      }
+    }
+    float alpha[2], pr[4];
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      float tile_max = fmaxf(st[e], st[2 + e]);
+      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 4));
+      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 8));
+      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 16));
+      const float m_new = fmaxf(m[e], tile_max);
+      // A head that has seen only masked tokens keeps m = -inf: no rescale, weights 0.
+      alpha[e] = m_new == -INFINITY ? 1.f : exp2_approx(m[e] - m_new);
+      pr[e] = m_new == -INFINITY ? 0.f : exp2_approx(st[e] - m_new);
+      pr[2 + e] = m_new == -INFINITY ? 0.f : exp2_approx(st[2 + e] - m_new);
+      l[e] = l[e] * alpha[e] + pr[e] + pr[2 + e];
+      m[e] = m_new;
+    }
+    // f: the largest power of two with f max s_v < 2^15 over the warp's tokens so far, so that
+    // B = p s_v f (p <= 1) is a normal fp16 value or a negligible one (fp16 has 5 exponent
+    // bits; the scales f32's 8). Lowered (and O rescaled) only when a tile brings a V scale of a
+    // higher binade than any before: f_new = min(f, 2^(141 - exponent(max s_v))).
+    const float sv0 = w.v_scale[stage][g], sv1 = w.v_scale[stage][g + 8];
+    float smax = fmaxf(sv0, sv1);
+    smax = fmaxf(smax, __shfl_xor_sync(0xffffffffu, smax, 4));
+    smax = fmaxf(smax, __shfl_xor_sync(0xffffffffu, smax, 8));
+    smax = fmaxf(smax, __shfl_xor_sync(0xffffffffu, smax, 16));
+    const unsigned fnew = min(fbits, (268u << 23) - (__float_as_uint(smax) & 0x7f800000u));
+    // Rescale O and vsum only when a head's max moved somewhere in the warp or f moved (after
+    // the first tiles both are rare; alpha is exactly 1 otherwise). f_new / f = f_new times
+    // 1 / f (bits (254 << 23) - fbits, f in [2^-113, 2^126]): exact, or 0 below f32's range.
+    if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f) || fnew != fbits) {
+      const float ratio = __uint_as_float(fnew) * __uint_as_float((254u << 23) - fbits);
+      const float r0 = alpha[0] * ratio, r1 = alpha[1] * ratio;
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        o[mt][0] *= r0;
+        o[mt][1] *= r1;
+        o[mt][2] *= r0;
+        o[mt][3] *= r1;
+      }
+      vsum[0] *= r0;
+      vsum[1] *= r1;
+      fbits = fnew;
+    }
+    // O^T += V^T B: B = fp16(p s_v f) packed as the S^T fragments (rows: tokens g, g + 8;
+    // columns: heads 2 t, 2 t + 1) and transposed into B fragments (rows: tokens 2 t, 2 t + 1
+    // | 2 t + 8, 2 t + 9; column: head g); vsum += ones B. A: ldmatrix.x4.trans of the codes:
+    // y[i] = channels 32 b + 16 (i % 2) + 2 g, + 1 of tokens 2 t, 2 t + 1 (+ 8 for i >= 2),
+    // bytes 0, 2 of the flipped word the first channel's pair (m tile 2 b, rows g | g + 8),
+    // bytes 1, 3 the second's (m tile 2 b + 1).
+    const float f = __uint_as_float(fbits);
+    const float s0 = sv0 * f, s1 = sv1 * f;
+    const unsigned b0 = transpose8x8(pack_half(pr[0] * s0, pr[1] * s0));
+    const unsigned b1 = transpose8x8(pack_half(pr[2] * s1, pr[3] * s1));
+    {
+      const unsigned ones[4] = {kHalfOnes, 0u, kHalfOnes, 0u};  // rows 0..7 of A
+      mma_f16(vsum, ones, b0, b1);
+    }
+    const unsigned v_addr = v_lane + stage * static_cast<unsigned>(sizeof(w.v[0]));
+#pragma unroll
+    for (int b = 0; b < HEAD_DIM / 32; ++b) {
+      unsigned y[4];
+      ldmatrix_x4_trans(y, v_addr + 32 * b);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) y[i] = flip_codes(y[i]);
+      const unsigned a0[4] = {code_pair<kSel02>(y[0]), code_pair<kSel02>(y[1]),
+                              code_pair<kSel02>(y[2]), code_pair<kSel02>(y[3])};
+      mma_f16(o[2 * b], a0, b0, b1);
+      const unsigned a1[4] = {code_pair<kSel13>(y[0]), code_pair<kSel13>(y[1]),
+                              code_pair<kSel13>(y[2]), code_pair<kSel13>(y[3])};
+      mma_f16(o[2 * b + 1], a1, b0, b1);
+    }
+  });
+
+  // Sums of l over the lanes g (the tokens).
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+#pragma unroll
+    for (int x = 4; x < 32; x *= 2) l[e] += __shfl_xor_sync(0xffffffffu, l[e], x);
+  }
+
+  // Merge the warps as the other dtypes do: (m, l) per head, O through the tiles' memory, with
+  // the codes' offset taken out and f undone (1 / f: bits (254 << 23) - fbits, a normal f32).
+  if (g == 0) {
+    merge_m[warp][2 * t] = m[0];
+    merge_m[warp][2 * t + 1] = m[1];
+    merge_l[warp][2 * t] = l[0];
+    merge_l[warp][2 * t + 1] = l[1];
+  }
+  __syncthreads();
+  float mine[2];
+  const float inv_f = __uint_as_float((254u << 23) - fbits);
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    float m_all = -INFINITY;
+#pragma unroll
+    for (int x = 0; x < kWarps; ++x) m_all = fmaxf(m_all, merge_m[x][2 * t + e]);
+    mine[e] = (m[e] == -INFINITY ? 0.f : exp2f(m[e] - m_all)) * inv_f;
+  }
+  float* o_sh = reinterpret_cast<float*>(&tiles[0].k[0][0][0]);  // [kWarps][8][HEAD_DIM]
+  static_assert(sizeof(tiles) >= kWarps * 8 * HEAD_DIM * sizeof(float), "merge space");
+  __syncthreads();  // everyone has read merge_*; the tiles are free
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    const float off = kCodeOffset * vsum[e];
+    float* row = o_sh + (warp * 8 + 2 * t + e) * HEAD_DIM + 2 * g;
+#pragma unroll
+    for (int b = 0; b < HEAD_DIM / 32; ++b) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        *reinterpret_cast<float2*>(row + 32 * b + 16 * h) =
+            make_float2((o[2 * b][2 * h + e] - off) * mine[e],
+                        (o[2 * b + 1][2 * h + e] - off) * mine[e]);
+      }
     }
   }
 #endif

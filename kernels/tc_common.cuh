@@ -140,6 +140,7 @@ __device__ __forceinline__ unsigned nibble_code(unsigned w) {
 #endif
   return d;
 }
+#endif
 
 // 2^x, approximate (MUFU.EX2, results below 2^-126 flushed to 0; 2^-inf = 0).
 __device__ __forceinline__ float exp2_approx(float x) {
@@ -147,7 +148,6 @@ __device__ __forceinline__ float exp2_approx(float x) {
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
   return y;
 }
-#endif
 
 // Where token t's row of KV head `head` starts in a cache (values, or with `scales` its
 // scale row); -1 for a token outside [lo, hi).
