@@ -239,10 +239,20 @@ struct Partition {
   int num_parts, p_start, p_end, my_tiles, my_first;
 };
 
+//
+// partition_size <= 0: sized on the device, per sequence, for a grid of max_parts partitions
+// (the launcher fixes the grid, e.g. for a CUDA graph): the sequence's attended tokens over
+// max_parts, rounded up to kTile * kWarps, so that its partitions always fit the grid (a
+// short context uses fewer; CTAs past them return). The merge uses the same count.
 __device__ __forceinline__ Partition partition_of(int ctx, int window, int part,
-                                                  int partition_size, int warp) {
+                                                  int partition_size, int max_parts, int warp) {
   Partition pt;
   const int first = (window > 0 && ctx > window) ? ctx - window : 0;
+  if (partition_size <= 0) {
+    constexpr int kQuantum = kTile * kWarps;
+    const int per_part = (ctx - first + max_parts - 1) / max_parts;
+    partition_size = max(kQuantum, (per_part + kQuantum - 1) / kQuantum * kQuantum);
+  }
   pt.num_parts = (ctx - first + partition_size - 1) / partition_size;
   pt.p_start = first + part * partition_size;
   pt.p_end = min(ctx, pt.p_start + partition_size);
@@ -306,7 +316,8 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas)
   const int seq = blockIdx.y;
   const int part = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const Partition pt = partition_of(context_lens[seq], window, part, partition_size, warp);
+  const Partition pt =
+      partition_of(context_lens[seq], window, part, partition_size, max_parts, warp);
   if (part >= pt.num_parts) return;
   const int p_start = pt.p_start, p_end = pt.p_end;
   const int* table = block_tables + static_cast<long long>(seq) * max_blocks;
