@@ -27,6 +27,7 @@ mod error;
 mod ffi;
 mod gemm;
 mod gemv;
+pub mod graph;
 mod indices;
 mod launch;
 mod layers;

@@ -13,7 +13,10 @@
 //! against the GPU's time to run it: when enqueueing is shorter, launch overhead is hidden
 //! and CUDA graphs could only save the GPU-side gaps between kernels.
 //!
-//! `cuda_decode_bench [--layers N] [--context N] [--steps N] [--kv DTYPE] [BATCH...]`
+//! With `--graphs`, each batch's greedy steps are timed again replayed from CUDA graphs
+//! (`CudaBackend::set_cuda_graphs`; batches above the GEMV path are not captured).
+//!
+//! `cuda_decode_bench [--layers N] [--context N] [--steps N] [--kv DTYPE] [--graphs] [BATCH...]`
 //! (defaults: 32 layers, 1024 tokens of context, 32 steps, bf16 KV, batches 1 16 64).
 #![allow(clippy::unwrap_used, clippy::print_stdout, missing_docs)]
 
@@ -179,6 +182,8 @@ struct Args {
     steps: usize,
     kv: KvCacheDtype,
     batches: Vec<usize>,
+    /// Also time the steps replayed from CUDA graphs (`--graphs`).
+    graphs: bool,
 }
 
 fn args() -> Args {
@@ -188,6 +193,7 @@ fn args() -> Args {
         steps: 32,
         kv: KvCacheDtype::Bf16,
         batches: Vec::new(),
+        graphs: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(x) = it.next() {
@@ -196,6 +202,7 @@ fn args() -> Args {
             "--context" => a.context = it.next().unwrap().parse().unwrap(),
             "--steps" => a.steps = it.next().unwrap().parse().unwrap(),
             "--kv" => a.kv = it.next().unwrap().parse().unwrap(),
+            "--graphs" => a.graphs = true,
             b => a.batches.push(b.parse().unwrap()),
         }
     }
@@ -396,6 +403,38 @@ fn main() {
             );
         }
         let step_s = t.elapsed().as_secs_f64() / a.steps as f64;
+        // --graphs: the same steps replayed from a CUDA graph (the first one captures it;
+        // batches above the GEMV path run uncaptured: the same time).
+        if a.graphs {
+            backend.set_cuda_graphs(true);
+            step(
+                &mut backend,
+                &mut tokens,
+                a.context,
+                Mode::Device(&rows),
+                &mut logits,
+            );
+            let t = Instant::now();
+            for i in 0..a.steps {
+                step(
+                    &mut backend,
+                    &mut tokens,
+                    a.context + i,
+                    Mode::Device(&rows),
+                    &mut logits,
+                );
+            }
+            let graph_s = t.elapsed().as_secs_f64() / a.steps as f64;
+            println!(
+                "batch {b}: graphs {:.3} ms/step vs {:.3} uncaptured ({:.3}x); captured buckets {:?}, capture errors {:?}",
+                graph_s * 1e3,
+                step_s * 1e3,
+                step_s / graph_s,
+                backend.graph_buckets(),
+                backend.graph_capture_errors()
+            );
+            backend.set_cuda_graphs(false);
+        }
         // The same steps with cuBLAS for every product (only differs for small batches).
         let blas_step_s = if b <= GEMV_MAX_TOKENS {
             backend.set_small_batch_gemv(false);
