@@ -131,12 +131,7 @@ __device__ __forceinline__ void write_row(unsigned char* __restrict__ base, int 
 // pos * inv_freq[i] for each channel pair i, pairs (2i, 2i + 1) when interleaved, else
 // (i, i + HEAD_DIM / 2), and returns the results rounded to the activation type.
 //
-// The arithmetic is exactly that of `rope` in elementwise.cu as ptxas compiles it (checked in
-// its SASS for sm_80 and sm_90, f16 and bf16): the angle is the rounded product pos * inv_freq,
-// sin and cos come from sincosf, and with (x0, x1) the pair,
-//   x0' = fma(x0, c, -(x1 * s)),  x1' = fma(x0, s, x1 * c)   (inner products rounded).
-// It is spelled out with _rn intrinsics here, which the compiler never contracts, so the
-// results do not depend on how this kernel happens to be optimized.
+// The arithmetic is `rotate_pair` (scalar.cuh), the same as `rope` in elementwise.cu.
 //
 // Interleaved pairs lie within a lane (kPerLane is even); half-split pairs are lanes l and
 // l + 16 (HEAD_DIM / 2 = 16 * kPerLane), exchanged with one shuffle per value.
@@ -146,21 +141,19 @@ __device__ __forceinline__ void rotate_row(const float (&x)[kPerLane], scalar_t 
   if (interleaved) {
 #pragma unroll
     for (int p = 0; p < kPerLane / 2; ++p) {
-      float s, c;
-      sincosf(__fmul_rn(pos, inv_freq[lane * (kPerLane / 2) + p]), &s, &c);
-      const float x0 = x[2 * p], x1 = x[2 * p + 1];
-      y[2 * p] = from_float(__fmaf_rn(x0, c, -__fmul_rn(x1, s)));
-      y[2 * p + 1] = from_float(__fmaf_rn(x0, s, __fmul_rn(x1, c)));
+      const float2 r =
+          rotate_pair(x[2 * p], x[2 * p + 1], pos, inv_freq[lane * (kPerLane / 2) + p]);
+      y[2 * p] = from_float(r.x);
+      y[2 * p + 1] = from_float(r.y);
     }
   } else {
     const bool first = lane < 16;  // holds x0 of its pairs (channels below HEAD_DIM / 2)
 #pragma unroll
     for (int i = 0; i < kPerLane; ++i) {
       const float other = __shfl_xor_sync(0xffffffffu, x[i], 16);
-      float s, c;
-      sincosf(__fmul_rn(pos, inv_freq[(lane % 16) * kPerLane + i]), &s, &c);
-      y[i] = from_float(first ? __fmaf_rn(x[i], c, -__fmul_rn(other, s))
-                              : __fmaf_rn(other, s, __fmul_rn(x[i], c)));
+      const float freq = inv_freq[(lane % 16) * kPerLane + i];
+      y[i] = from_float(first ? rotate_pair(x[i], other, pos, freq).x
+                              : rotate_pair(other, x[i], pos, freq).y);
     }
   }
 }

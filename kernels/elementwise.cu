@@ -126,14 +126,9 @@ extern "C" __global__ void __launch_bounds__(kThreads)
                                   : k + (t * num_kv_heads + (h - num_q_heads)) * head_dim;
     const int a = interleaved ? 2 * i : i;
     const int b = interleaved ? 2 * i + 1 : i + half;
-    float s, c;
-    // Same angle as the CPU backend: the f32 product, then an accurate sin/cos. The
-    // roundings are spelled out (the ones ptxas chose for the plain expressions) so that
-    // rope_and_cache (cache.cu) gives the same bits.
-    sincosf(__fmul_rn(pos, inv_freq[i]), &s, &c);
-    const float x0 = to_float(x[a]), x1 = to_float(x[b]);
-    x[a] = from_float(__fmaf_rn(x0, c, -__fmul_rn(x1, s)));
-    x[b] = from_float(__fmaf_rn(x0, s, __fmul_rn(x1, c)));
+    const float2 r = rotate_pair(to_float(x[a]), to_float(x[b]), pos, inv_freq[i]);
+    x[a] = from_float(r.x);
+    x[b] = from_float(r.y);
   }
 }
 

@@ -5,9 +5,10 @@
 //! each one starts only after the previous one has fully finished: its CTAs are scheduled, its
 //! first loads go out and wait on DRAM, while the previous kernel's tail leaves most SMs idle.
 //! With PDL (`CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION`) a kernel's CTAs may be
-//! scheduled as soon as every CTA of the previous kernel has started (or called
-//! `griddepcontrol.launch_dependents`); each kernel then runs `griddepcontrol.wait`
-//! (`kvs_wait_prior()` in `kernels/common.cuh`), which returns once the previous kernel has
+//! scheduled as soon as every CTA of the previous kernel has exited or called
+//! `griddepcontrol.launch_dependents` (kernels leave it to the exit: measured faster, see
+//! `kvs_launch_dependents()` in `kernels/scalar.cuh`); each kernel then runs
+//! `griddepcontrol.wait` (`kvs_wait_prior()`), which returns once the previous kernel has
 //! completed and its writes are visible, before it touches anything the previous kernels
 //! write or read. What comes before the wait may only read memory no kernel of the chain
 //! writes (the GEMV kernels prefetch their weights there).

@@ -2,8 +2,8 @@
 //! device memory (kv-quant's layout, any KV dtype).
 //!
 //! Weights are dequantized to bf16 at load; one step runs embedding gather, then per layer
-//! RMSNorm (fused with the residual add), the Q/K/V product (one stacked weight), RoPE, the
-//! quantizing cache write, attention, the O product, RMSNorm, gate·up with SiLU·up and down;
+//! RMSNorm (fused with the residual add), the Q/K/V product (one stacked weight), RoPE and the
+//! quantizing cache write (one launch), attention, the O product, RMSNorm, gate·up with SiLU·up and down;
 //! then the final norm, a row gather and the LM head for the tokens whose logits are wanted.
 //! Products: GEMV kernels for steps of at most 8 tokens, cuBLAS above. With
 //! `KVSERVE_FUSED_NORM=1`, on the GEMV path the norms but layer 0's attention norm and the
