@@ -51,8 +51,6 @@ pub fn begin_capture(gpu: &Gpu) -> Result<()> {
 /// # Errors
 /// Driver errors (an operation that invalidated the capture, ...).
 pub fn end_capture(gpu: &Gpu) -> Result<Option<StepGraph>> {
-    let g = gpu
-        .stream()
-        .end_capture(sys::CUgraphInstantiate_flags(0))?;
+    let g = gpu.stream().end_capture(sys::CUgraphInstantiate_flags(0))?;
     Ok(g.map(StepGraph))
 }

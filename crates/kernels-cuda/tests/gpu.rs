@@ -1088,11 +1088,16 @@ fn tensor_core_decode_with_device_side_partitions_matches_the_reference() {
     let mut i = 0usize;
     for dtype in dtypes {
         for (kv_heads, group, head_dim) in [(2, 4, 128), (1, 8, 64), (3, 3, 128)] {
-            let Ok(layout) = BlockLayout::new(dtype, [8, 16, 32][i % 3], kv_heads, head_dim)
-            else {
+            let Ok(layout) = BlockLayout::new(dtype, [8, 16, 32][i % 3], kv_heads, head_dim) else {
                 continue;
             };
-            for parts in [1, 3, 8, 33, kernels_cuda::fixed_parts_for(&gpu, 5, kv_heads)] {
+            for parts in [
+                1,
+                3,
+                8,
+                33,
+                kernels_cuda::fixed_parts_for(&gpu, 5, kv_heads),
+            ] {
                 i += 1;
                 let window = i.is_multiple_of(4).then_some(90 + i);
                 let case = Case {

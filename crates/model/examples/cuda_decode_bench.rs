@@ -16,8 +16,13 @@
 //! With `--graphs`, each batch's greedy steps are timed again replayed from CUDA graphs
 //! (`CudaBackend::set_cuda_graphs`; batches above the GEMV path are not captured).
 //!
-//! `cuda_decode_bench [--layers N] [--context N] [--steps N] [--kv DTYPE] [--graphs] [BATCH...]`
-//! (defaults: 32 layers, 1024 tokens of context, 32 steps, bf16 KV, batches 1 16 64).
+//! `--model smollm2` runs the shape of the default model (SmolLM2-135M: 30 layers of width
+//! 576, where a step is a few milliseconds of short launches and the host can be the bottleneck)
+//! instead of Llama-3.1-8B's.
+//!
+//! `cuda_decode_bench [--model llama-3.1-8b|smollm2] [--layers N] [--context N] [--steps N]
+//! [--kv DTYPE] [--graphs] [BATCH...]` (defaults: Llama-3.1-8B with its 32 layers, 1024 tokens
+//! of context, 32 steps, bf16 KV, batches 1 16 64).
 #![allow(clippy::unwrap_used, clippy::print_stdout, missing_docs)]
 
 use std::time::Instant;
@@ -177,7 +182,10 @@ fn gemv_only(gpu: &Gpu, c: &ModelConfig, batch: usize) -> f64 {
 }
 
 struct Args {
-    layers: usize,
+    /// `llama-3.1-8b` or `smollm2`.
+    model: String,
+    /// Overrides the model's layer count.
+    layers: Option<usize>,
     context: usize,
     steps: usize,
     kv: KvCacheDtype,
@@ -188,7 +196,8 @@ struct Args {
 
 fn args() -> Args {
     let mut a = Args {
-        layers: 32,
+        model: "llama-3.1-8b".into(),
+        layers: None,
         context: 1024,
         steps: 32,
         kv: KvCacheDtype::Bf16,
@@ -198,7 +207,8 @@ fn args() -> Args {
     let mut it = std::env::args().skip(1);
     while let Some(x) = it.next() {
         match x.as_str() {
-            "--layers" => a.layers = it.next().unwrap().parse().unwrap(),
+            "--model" => a.model = it.next().unwrap(),
+            "--layers" => a.layers = Some(it.next().unwrap().parse().unwrap()),
             "--context" => a.context = it.next().unwrap().parse().unwrap(),
             "--steps" => a.steps = it.next().unwrap().parse().unwrap(),
             "--kv" => a.kv = it.next().unwrap().parse().unwrap(),
@@ -214,8 +224,14 @@ fn args() -> Args {
 
 fn main() {
     let a = args();
-    let mut config = ModelConfig::llama31_8b();
-    config.num_layers = a.layers;
+    let mut config = match a.model.as_str() {
+        "llama-3.1-8b" => ModelConfig::llama31_8b(),
+        "smollm2" => ModelConfig::smollm2_135m(),
+        m => panic!("unknown --model {m} (llama-3.1-8b or smollm2)"),
+    };
+    if let Some(n) = a.layers {
+        config.num_layers = n;
+    }
     let max_batch = a.batches.iter().copied().max().unwrap();
     let per_seq = (a.context + a.steps + 1).div_ceil(BLOCK);
     let cache = KvCacheConfig {
@@ -239,8 +255,9 @@ fn main() {
     let bytes = backend.streamed_weight_bytes();
     let floor = bytes as f64 / bw;
     println!(
-        "llama-3.1-8b shape, {} layers, dummy bf16 weights ({:.2} GB streamed per step, set up in {:.1} s), KV {}, context {}",
-        a.layers,
+        "{} shape, {} layers, dummy bf16 weights ({:.2} GB streamed per step, set up in {:.1} s), KV {}, context {}",
+        a.model,
+        config.num_layers,
         bytes as f64 / 1e9,
         setup,
         a.kv,

@@ -791,7 +791,11 @@ impl CudaBackend {
         }
         let c = &self.config;
         let h = c.hidden_size;
-        let widths = [h, self.local.num_heads * c.head_dim, self.local.intermediate_size];
+        let widths = [
+            h,
+            self.local.num_heads * c.head_dim,
+            self.local.intermediate_size,
+        ];
         let max_small = if widths.iter().all(|x| x.is_multiple_of(32)) {
             GEMV_TOKENS
         } else {
