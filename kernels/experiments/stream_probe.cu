@@ -37,27 +37,26 @@ constexpr int kHeads = 8, kBlock = 16, kRow = 256;    // bytes per token row (d 
 constexpr int kTileBytes = kBlock * kRow;             // 4 KiB: one block of one head
 constexpr long long kBlockBytes = 1LL * kHeads * kTileBytes;  // 32 KiB per block (K or V)
 constexpr int kBlocksPerSeq = 4096 / kBlock;          // 4K context
-constexpr int kPart = 1024 / kBlock;                  // tiles per partition
 
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
   return static_cast<unsigned>(__cvta_generic_to_shared(p));
 }
 
 // Tile i of this warp: block index within the sequence.
-__device__ __forceinline__ int tile_block(int part, int warp, int warps, int i) {
-  return part * kPart + warp + i * warps;
+__device__ __forceinline__ int tile_block(int part, int part_tiles, int warp, int warps, int i) {
+  return part * part_tiles + warp + i * warps;
 }
 
 template <int S>
 __global__ void probe_cpasync(const unsigned char* __restrict__ k, const unsigned char* __restrict__ v,
-                              const int* __restrict__ table, float* out, int warps) {
+                              const int* __restrict__ table, float* out, int warps, int part_tiles) {
   extern __shared__ __align__(128) unsigned char sm[];
   const int head = blockIdx.x, seq = blockIdx.y, part = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   unsigned char* my = sm + static_cast<size_t>(warp) * S * 2 * kTileBytes;
-  const int tiles = kPart / warps;
+  const int tiles = part_tiles / warps;
   auto issue = [&](int i) {
-    const int blk = table[seq * kBlocksPerSeq + tile_block(part, warp, warps, i)];
+    const int blk = table[seq * kBlocksPerSeq + tile_block(part, part_tiles, warp, warps, i)];
     const long long base = blk * kBlockBytes + head * kTileBytes;
     unsigned char* dk = my + (i % S) * 2 * kTileBytes;
     unsigned char* dv = dk + kTileBytes;
@@ -87,13 +86,13 @@ __global__ void probe_cpasync(const unsigned char* __restrict__ k, const unsigne
 
 template <int S>
 __global__ void probe_bulk(const unsigned char* __restrict__ k, const unsigned char* __restrict__ v,
-                           const int* __restrict__ table, float* out, int warps) {
+                           const int* __restrict__ table, float* out, int warps, int part_tiles) {
   extern __shared__ __align__(128) unsigned char sm[];
   __shared__ __align__(8) unsigned long long bar[8][S];
   const int head = blockIdx.x, seq = blockIdx.y, part = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   unsigned char* my = sm + static_cast<size_t>(warp) * S * 2 * kTileBytes;
-  const int tiles = kPart / warps;
+  const int tiles = part_tiles / warps;
   if (lane == 0) {
     for (int s = 0; s < S; ++s) {
       asm volatile("mbarrier.init.shared.b64 [%0], 1;\n" ::"r"(smem_addr(&bar[warp][s])));
@@ -103,7 +102,7 @@ __global__ void probe_bulk(const unsigned char* __restrict__ k, const unsigned c
   __syncwarp();
   auto issue = [&](int i) {
     if (lane != 0) return;
-    const int blk = table[seq * kBlocksPerSeq + tile_block(part, warp, warps, i)];
+    const int blk = table[seq * kBlocksPerSeq + tile_block(part, part_tiles, warp, warps, i)];
     const long long base = blk * kBlockBytes + head * kTileBytes;
     unsigned char* dk = my + (i % S) * 2 * kTileBytes;
     const unsigned b = smem_addr(&bar[warp][i % S]);
@@ -149,13 +148,13 @@ constexpr int kPadTile = kBlock * kPadRow;
 
 template <int S>
 __global__ void probe_bulkrow(const unsigned char* __restrict__ k, const unsigned char* __restrict__ v,
-                              const int* __restrict__ table, float* out, int warps) {
+                              const int* __restrict__ table, float* out, int warps, int part_tiles) {
   extern __shared__ __align__(128) unsigned char sm[];
   __shared__ __align__(8) unsigned long long bar[8][S];
   const int head = blockIdx.x, seq = blockIdx.y, part = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   unsigned char* my = sm + static_cast<size_t>(warp) * S * 2 * kPadTile;
-  const int tiles = kPart / warps;
+  const int tiles = part_tiles / warps;
   if (lane == 0) {
     for (int s = 0; s < S; ++s) {
       asm volatile("mbarrier.init.shared.b64 [%0], 1;\n" ::"r"(smem_addr(&bar[warp][s])));
@@ -172,7 +171,7 @@ __global__ void probe_bulkrow(const unsigned char* __restrict__ k, const unsigne
     }
     __syncwarp();
     if (lane < kBlock) {
-      const int blk = table[seq * kBlocksPerSeq + tile_block(part, warp, warps, i)];
+      const int blk = table[seq * kBlocksPerSeq + tile_block(part, part_tiles, warp, warps, i)];
       const long long src = blk * kBlockBytes + head * kTileBytes + lane * kRow;
       unsigned char* dk = my + (i % S) * 2 * kPadTile + lane * kPadRow;
       asm volatile(
@@ -209,16 +208,16 @@ __global__ void probe_bulkrow(const unsigned char* __restrict__ k, const unsigne
 }
 
 __global__ void probe_ldg(const unsigned char* __restrict__ k, const unsigned char* __restrict__ v,
-                          const int* __restrict__ table, float* out, int warps) {
+                          const int* __restrict__ table, float* out, int warps, int part_tiles) {
   const int head = blockIdx.x, seq = blockIdx.y, part = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int tiles = kPart / warps;
+  const int tiles = part_tiles / warps;
   float acc = 0.f;
   for (int i = 0; i < tiles; i += 2) {
     uint4 x[2][2][kTileBytes / 16 / 32];
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
-      const int blk = table[seq * kBlocksPerSeq + tile_block(part, warp, warps, min(i + j, tiles - 1))];
+      const int blk = table[seq * kBlocksPerSeq + tile_block(part, part_tiles, warp, warps, min(i + j, tiles - 1))];
       const long long base = blk * kBlockBytes + head * kTileBytes;
 #pragma unroll
       for (int c = 0; c < kTileBytes / 16 / 32; ++c) {
@@ -236,17 +235,17 @@ __global__ void probe_ldg(const unsigned char* __restrict__ k, const unsigned ch
 }
 
 #ifdef __CUDACC_RTC__
-template __global__ void probe_cpasync<2>(const unsigned char*, const unsigned char*, const int*, float*, int);
-template __global__ void probe_cpasync<4>(const unsigned char*, const unsigned char*, const int*, float*, int);
-template __global__ void probe_bulk<2>(const unsigned char*, const unsigned char*, const int*, float*, int);
-template __global__ void probe_bulk<4>(const unsigned char*, const unsigned char*, const int*, float*, int);
-template __global__ void probe_bulkrow<2>(const unsigned char*, const unsigned char*, const int*, float*, int);
+template __global__ void probe_cpasync<2>(const unsigned char*, const unsigned char*, const int*, float*, int, int);
+template __global__ void probe_cpasync<4>(const unsigned char*, const unsigned char*, const int*, float*, int, int);
+template __global__ void probe_bulk<2>(const unsigned char*, const unsigned char*, const int*, float*, int, int);
+template __global__ void probe_bulk<4>(const unsigned char*, const unsigned char*, const int*, float*, int, int);
+template __global__ void probe_bulkrow<2>(const unsigned char*, const unsigned char*, const int*, float*, int, int);
 #else
-using Kernel = void (*)(const unsigned char*, const unsigned char*, const int*, float*, int);
+using Kernel = void (*)(const unsigned char*, const unsigned char*, const int*, float*, int, int);
 
-static float time_us(Kernel kern, dim3 grid, int warps, size_t smem, const unsigned char* k,
+static float time_us(Kernel kern, dim3 grid, int warps, int part_tiles, size_t smem, const unsigned char* k,
                      const unsigned char* v, const int* table, float* out) {
-  if (smem > 48 * 1024) {
+  if (smem > 0) {
     CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   }
   cudaEvent_t a, b;
@@ -255,7 +254,7 @@ static float time_us(Kernel kern, dim3 grid, int warps, size_t smem, const unsig
   std::vector<float> t;
   for (int r = 0; r < 23; ++r) {
     CHECK(cudaEventRecord(a));
-    kern<<<grid, 32 * warps, smem>>>(k, v, table, out, warps);
+    kern<<<grid, 32 * warps, smem>>>(k, v, table, out, warps, part_tiles);
     CHECK(cudaEventRecord(b));
     CHECK(cudaEventSynchronize(b));
     CHECK(cudaGetLastError());
@@ -307,30 +306,33 @@ int main() {
     CHECK(cudaFree(src));
     CHECK(cudaFree(dst));
   }
-  std::printf("| seqs | loader | warps/CTA | stages | smem KiB/CTA | us | TB/s |\n| ---: | --- | ---: | ---: | ---: | ---: | ---: |\n");
+  std::printf("| seqs | partition | loader | warps/CTA | stages | smem KiB/CTA | us | TB/s |\n| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |\n");
   for (int seqs : {16, 64}) {
-    const dim3 grid(kHeads, seqs, 4096 / 1024);
-    const double bytes = 2.0 * seqs * kBlocksPerSeq * kBlockBytes;
-    auto report = [&](const char* name, int warps, int stages, size_t smem, float us) {
-      std::printf("| %d | %s | %d | %d | %zu | %.1f | %.2f |\n", seqs, name, warps, stages, smem / 1024, us,
-                  bytes / (us * 1e-6) / 1e12);
-    };
-    for (int warps : {2, 4}) {
-      const struct {
-        int s;
-        Kernel c, b, r;
-      } variants[] = {{2, probe_cpasync<2>, probe_bulk<2>, probe_bulkrow<2>},
-                      {3, probe_cpasync<3>, probe_bulk<3>, probe_bulkrow<3>},
-                      {4, probe_cpasync<4>, probe_bulk<4>, probe_bulkrow<4>}};
-      for (const auto& x : variants) {
-        const size_t smem = static_cast<size_t>(warps) * x.s * 2 * kTileBytes;
-        if (smem > 200 * 1024) continue;
-        report("cpasync", warps, x.s, smem, time_us(x.c, grid, warps, smem, k, v, table, out));
-        report("bulk", warps, x.s, smem, time_us(x.b, grid, warps, smem, k, v, table, out));
-        const size_t smem_rows = static_cast<size_t>(warps) * x.s * 2 * kPadTile;
-        report("bulk-rows", warps, x.s, smem_rows, time_us(x.r, grid, warps, smem_rows, k, v, table, out));
+    for (int part_tokens : {1024, 512, 256}) {
+      const int part_tiles = part_tokens / kBlock;
+      const dim3 grid(kHeads, seqs, 4096 / part_tokens);
+      const double bytes = 2.0 * seqs * kBlocksPerSeq * kBlockBytes;
+      auto report = [&](const char* name, int warps, int stages, size_t smem, float us) {
+        std::printf("| %d | %d | %s | %d | %d | %zu | %.1f | %.2f |\n", seqs, part_tokens, name, warps, stages,
+                    smem / 1024, us, bytes / (us * 1e-6) / 1e12);
+      };
+      for (int warps : {2, 4}) {
+        const struct {
+          int s;
+          Kernel c, b, r;
+        } variants[] = {{2, probe_cpasync<2>, probe_bulk<2>, probe_bulkrow<2>},
+                        {4, probe_cpasync<4>, probe_bulk<4>, probe_bulkrow<4>}};
+        for (const auto& x : variants) {
+          const size_t smem = static_cast<size_t>(warps) * x.s * 2 * kTileBytes;
+          report("cpasync", warps, x.s, smem, time_us(x.c, grid, warps, part_tiles, smem, k, v, table, out));
+          report("bulk", warps, x.s, smem, time_us(x.b, grid, warps, part_tiles, smem, k, v, table, out));
+          if (part_tokens == 1024) {
+            const size_t smem_rows = static_cast<size_t>(warps) * x.s * 2 * kPadTile;
+            report("bulk-rows", warps, x.s, smem_rows, time_us(x.r, grid, warps, part_tiles, smem_rows, k, v, table, out));
+          }
+        }
+        report("ldg", warps, 2, 0, time_us(probe_ldg, grid, warps, part_tiles, 0, k, v, table, out));
       }
-      report("ldg", warps, 2, 0, time_us(probe_ldg, grid, warps, 0, k, v, table, out));
     }
   }
   return 0;
