@@ -4,7 +4,7 @@
 //! L2, and the effective bandwidth (K + V bytes read / time). Run next to
 //! `scripts/bench_attention_baseline.py` (PyTorch SDPA and the copy roofline) in the same call:
 //!
-//! `attention_bench [--quick] [--partition N] [--profile]` (`KVSERVE_KERNEL_DEFINES=-DKV_UNROLL=8`
+//! `attention_bench [--quick] [--partition N] [--block-size N] [--profile]` (`KVSERVE_KERNEL_DEFINES=-DKV_UNROLL=8`
 //! to try a kernel variant; the default tensor-core kernel runs every row (bf16, int8 and
 //! int4-g32), `KVSERVE_DECODE_KERNEL=split` runs them on the CUDA-core kernel). `--profile`: one
 //! warm-up and one measured launch per case and no timing, for `cargo xtask profile` (ncu).
@@ -40,7 +40,12 @@ fn main() {
         }
         v
     };
-    let (kv_heads, heads, d, bs) = (8, 32, 128, 16);
+    // `--block-size N`: tokens per cache block (default 16).
+    let bs: usize = std::env::args()
+        .skip_while(|a| a != "--block-size")
+        .nth(1)
+        .map_or(16, |p| p.parse().unwrap());
+    let (kv_heads, heads, d) = (8, 32, 128);
     println!("| batch | context | KV | µs | K+V GB/s | ratio to bf16 |");
     println!("| ---: | ---: | --- | ---: | ---: | ---: |");
     for (b, l) in shapes {

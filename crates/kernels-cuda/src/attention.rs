@@ -7,6 +7,7 @@ use kv_quant::BlockLayout;
 use crate::compile::{HEAD_DIMS, MAX_GQA_GROUP, Program, Scalar, Variant};
 use crate::device::Gpu;
 use crate::error::{KernelError, Result, bad};
+use crate::indices::DeviceArray;
 use crate::launch::Launch;
 
 /// An activation type the kernels read and write (q, k, v, attention output).
@@ -43,8 +44,8 @@ const PARTITION_QUANTUM: usize = 64;
 /// context lengths. Build it once per step and reuse it for every layer.
 #[derive(Debug)]
 pub struct DecodeMetadata {
-    block_tables: CudaSlice<i32>,
-    context_lens: CudaSlice<i32>,
+    block_tables: DeviceArray<i32>,
+    context_lens: DeviceArray<i32>,
     num_seqs: usize,
     max_blocks: usize,
     block_size: usize,
@@ -52,6 +53,82 @@ pub struct DecodeMetadata {
     window: Option<usize>,
     /// Longest context after the window.
     max_attended: usize,
+}
+
+/// What [`DecodeMetadata::new`] checks on the host, before the values are on the device.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CheckedDecodeBatch {
+    num_seqs: usize,
+    max_blocks: usize,
+    block_size: usize,
+    num_blocks: usize,
+    window: Option<usize>,
+    max_attended: usize,
+}
+
+impl CheckedDecodeBatch {
+    /// The checks of [`DecodeMetadata::new`].
+    pub(crate) fn new(
+        block_tables: &[i32],
+        max_blocks: usize,
+        context_lens: &[i32],
+        block_size: usize,
+        num_blocks: usize,
+        window: Option<usize>,
+    ) -> Result<Self> {
+        let tables = Tables {
+            kernel: KERNEL,
+            block_tables,
+            num_seqs: context_lens.len(),
+            max_blocks,
+            block_size,
+            num_blocks,
+            window,
+        };
+        tables.check()?;
+        let mut max_attended = 0;
+        for (s, &ctx) in context_lens.iter().enumerate() {
+            if ctx < 1 || ctx as usize > max_blocks * block_size {
+                return Err(bad(
+                    KERNEL,
+                    format!(
+                        "sequence {s}: context length {ctx} outside 1..={}",
+                        max_blocks * block_size
+                    ),
+                ));
+            }
+            let ctx = ctx as usize;
+            let first = window.map_or(0, |w| ctx.saturating_sub(w));
+            max_attended = max_attended.max(ctx - first);
+            tables.check_row(s, first, ctx)?;
+        }
+        Ok(Self {
+            num_seqs: tables.num_seqs,
+            max_blocks,
+            block_size,
+            num_blocks,
+            window,
+            max_attended,
+        })
+    }
+
+    /// The metadata over device copies of the checked values.
+    pub(crate) fn with_device(
+        self,
+        block_tables: DeviceArray<i32>,
+        context_lens: DeviceArray<i32>,
+    ) -> DecodeMetadata {
+        DecodeMetadata {
+            block_tables,
+            context_lens,
+            num_seqs: self.num_seqs,
+            max_blocks: self.max_blocks,
+            block_size: self.block_size,
+            num_blocks: self.num_blocks,
+            window: self.window,
+            max_attended: self.max_attended,
+        }
+    }
 }
 
 impl DecodeMetadata {
@@ -71,44 +148,19 @@ impl DecodeMetadata {
         num_blocks: usize,
         window: Option<usize>,
     ) -> Result<Self> {
-        let tables = Tables {
-            kernel: KERNEL,
+        let checked = CheckedDecodeBatch::new(
             block_tables,
-            num_seqs: context_lens.len(),
             max_blocks,
+            context_lens,
             block_size,
             num_blocks,
             window,
-        };
-        tables.check()?;
-        let num_seqs = tables.num_seqs;
-        let mut max_attended = 0;
-        for (s, &ctx) in context_lens.iter().enumerate() {
-            if ctx < 1 || ctx as usize > max_blocks * block_size {
-                return Err(bad(
-                    KERNEL,
-                    format!(
-                        "sequence {s}: context length {ctx} outside 1..={}",
-                        max_blocks * block_size
-                    ),
-                ));
-            }
-            let ctx = ctx as usize;
-            let first = window.map_or(0, |w| ctx.saturating_sub(w));
-            max_attended = max_attended.max(ctx - first);
-            tables.check_row(s, first, ctx)?;
-        }
+        )?;
         let stream = gpu.stream();
-        Ok(Self {
-            block_tables: stream.clone_htod(block_tables)?,
-            context_lens: stream.clone_htod(context_lens)?,
-            num_seqs,
-            max_blocks,
-            block_size,
-            num_blocks,
-            window,
-            max_attended,
-        })
+        Ok(checked.with_device(
+            DeviceArray::Owned(stream.clone_htod(block_tables)?),
+            DeviceArray::Owned(stream.clone_htod(context_lens)?),
+        ))
     }
 
     /// Sequences in the batch.
@@ -157,6 +209,9 @@ pub struct PagedDecoder {
     /// kernel).
     counters: Option<CudaSlice<u32>>,
     forced_partition: Option<usize>,
+    /// Partitions per sequence fixed by the caller, sizes chosen on the device
+    /// ([`PagedDecoder::set_fixed_parts`]).
+    fixed_parts: Option<usize>,
     kernel: DecodeKernel,
 }
 
@@ -168,6 +223,7 @@ impl Default for PagedDecoder {
             exp_sums: None,
             counters: None,
             forced_partition: None,
+            fixed_parts: None,
             kernel: DecodeKernel::from_env(),
         }
     }
@@ -180,10 +236,20 @@ const TC_QUANTUM: usize = 32;
 /// How one call is split (what [`PagedDecoder::plan`] chose).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DecodePlan {
-    /// Tokens per partition (one CTA each, per KV head and sequence).
+    /// Tokens per partition (one CTA each, per KV head and sequence); 0: chosen on the device
+    /// per sequence ([`PagedDecoder::set_fixed_parts`]).
     pub partition_size: usize,
     /// Partitions of the longest context.
     pub max_parts: usize,
+}
+
+/// Partitions per sequence for a grid of about two CTAs per SM (what [`PagedDecoder::plan`]
+/// aims at for the tensor-core kernel) for `num_seqs` sequences of `num_kv_heads` KV heads,
+/// whatever their contexts: the value for [`PagedDecoder::set_fixed_parts`].
+pub fn fixed_parts_for(gpu: &Gpu, num_seqs: usize, num_kv_heads: usize) -> usize {
+    (2 * gpu.num_sms())
+        .div_ceil((num_seqs * num_kv_heads).max(1))
+        .clamp(1, 65_535)
 }
 
 impl PagedDecoder {
@@ -226,6 +292,26 @@ impl PagedDecoder {
         Ok(())
     }
 
+    /// Fixes the grid at `parts` partitions per sequence (`None`: planned on the host from the
+    /// batch's longest context, the default). The tensor-core kernel then sizes each
+    /// sequence's partitions itself, from its own context: its attended tokens over `parts`,
+    /// rounded up to 32 (a short context uses fewer partitions; the grid's other CTAs return
+    /// at once). The launch then depends on nothing but the batch's shape, as a CUDA graph
+    /// needs. The split kernel ignores this (its partitions must fit shared memory).
+    /// [`fixed_parts_for`] gives the value the host plan aims at for a batch size.
+    ///
+    /// # Errors
+    /// [`KernelError::BadArgument`] for 0 or more than 65,535 partitions (the grid's z).
+    pub fn set_fixed_parts(&mut self, parts: Option<usize>) -> Result<()> {
+        if let Some(p) = parts
+            && !(1..=65_535).contains(&p)
+        {
+            return Err(bad(KERNEL, format!("{p} fixed partitions (1..=65535)")));
+        }
+        self.fixed_parts = parts;
+        Ok(())
+    }
+
     /// How a batch is split for `kernel`. The split kernel: enough CTAs to fill the device
     /// (2 per SM), partitions as long as possible within the shared memory of one CTA. The
     /// tensor-core kernel keeps no per-token state in shared memory, so its partitions are only
@@ -239,6 +325,12 @@ impl PagedDecoder {
         gqa_group: usize,
         head_dim: usize,
     ) -> DecodePlan {
+        if let (DecodeKernel::TensorCore, Some(parts)) = (kernel, self.fixed_parts) {
+            return DecodePlan {
+                partition_size: 0,
+                max_parts: parts,
+            };
+        }
         let ctx = meta.max_attended.max(1);
         let ctas = meta.num_seqs * num_kv_heads;
         // CTAs per SM to aim for, the partition quantum, and the longest partition.
@@ -356,8 +448,8 @@ impl PagedDecoder {
             .arg(q)
             .arg(k_cache)
             .arg(v_cache)
-            .arg(&meta.block_tables)
-            .arg(&meta.context_lens);
+            .arg(meta.block_tables.arg())
+            .arg(meta.context_lens.arg());
         cache.push(&mut launch);
         launch.arg(&p).arg(&max_parts).arg(&cache.window);
         if let Some(counters) = counters {
@@ -390,7 +482,7 @@ impl PagedDecoder {
                 .arg(&*tmp)
                 .arg(&*maxl)
                 .arg(&*sums)
-                .arg(&meta.context_lens)
+                .arg(meta.context_lens.arg())
                 .arg(&heads)
                 .arg(&p)
                 .arg(&max_parts)

@@ -91,7 +91,9 @@ impl Gpu {
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
             .max(1) as usize;
         let name = ctx.name()?;
-        let stream = ctx.default_stream();
+        // A stream of our own, not the legacy default stream: only such a stream can be
+        // captured into a CUDA graph (the legacy stream refuses capture).
+        let stream = ctx.new_stream()?;
         let pdl_capable = major >= 9;
         let pdl = pdl_capable && std::env::var("KVSERVE_PDL").as_deref() != Ok("0");
         Ok(Self {

@@ -74,7 +74,7 @@ fn device<'a, T, P: DevicePtr<T>>(p: &P, launch: &mut Launch<'a>) {
     launch.args.push(Arg::Device(ptr));
 }
 
-impl<'a, T> KernelArg<'a> for &'a CudaSlice<T> {
+impl<'a, 'b: 'a, T> KernelArg<'a> for &'b CudaSlice<T> {
     fn push(self, launch: &mut Launch<'a>) {
         device(self, launch);
     }
@@ -99,6 +99,13 @@ impl<'a, 'b: 'a, T> KernelArg<'a> for &'a mut CudaViewMut<'b, T> {
 }
 
 impl<'a> Launch<'a> {
+    /// Appends the address `offset` bytes into `base` (a range of a shared buffer).
+    pub(crate) fn push_device_offset(&mut self, base: &CudaSlice<u8>, offset: usize) {
+        // Event tracking is off for the crate's context (device.rs): the guard does nothing.
+        let (ptr, _guard) = base.device_ptr(self.gpu.stream());
+        self.args.push(Arg::Device(ptr + offset as CUdeviceptr));
+    }
+
     /// A launch of `func` on the crate's stream.
     pub(crate) fn new(gpu: &'a Gpu, func: &'a CudaFunction) -> Self {
         Self {

@@ -27,13 +27,17 @@ mod error;
 mod ffi;
 mod gemm;
 mod gemv;
+pub mod graph;
 mod indices;
 mod launch;
 mod layers;
 mod prefill;
 mod sampling;
+mod staging;
 
-pub use attention::{ActScalar, DecodeKernel, DecodeMetadata, DecodePlan, PagedDecoder};
+pub use attention::{
+    ActScalar, DecodeKernel, DecodeMetadata, DecodePlan, PagedDecoder, fixed_parts_for,
+};
 pub use cache::{BlockCopies, LayerCache, Rotary, copy_blocks, reshape_and_cache, rope_and_cache};
 pub use compile::{Program, Scalar, Variant};
 pub use device::{Gpu, driver_available};
@@ -49,6 +53,7 @@ pub use layers::{
 };
 pub use prefill::{PrefillBatch, PrefillMetadata, paged_prefill};
 pub use sampling::{MAX_SAMPLING_VOCAB, RowSampling, sample_rows};
+pub use staging::StepStaging;
 
 /// Re-exported so callers allocate device buffers with the same cudarc.
 pub use cudarc;

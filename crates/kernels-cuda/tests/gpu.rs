@@ -1065,3 +1065,82 @@ fn tensor_core_decode_merges_in_kernel_across_repeated_calls() {
     }
     assert!(worst.is_empty(), "over tolerance:\n{}", worst.join("\n"));
 }
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn tensor_core_decode_with_device_side_partitions_matches_the_reference() {
+    // PagedDecoder::set_fixed_parts (the CUDA-graph mode): the grid's z is fixed, each
+    // sequence sizes its partitions from its own context on the device. Fixed counts from 1
+    // (one partition of the whole context) to more partitions than a short context has
+    // tokens / 32 (CTAs past its partitions return), ragged contexts with windows, every
+    // tensor-core dtype, repeated calls through one decoder (the in-kernel merge counters must
+    // stay zero between launches); the same tolerance as the host-planned path.
+    let gpu = gpu();
+    let mut rng = ChaCha8Rng::seed_from_u64(31);
+    let mut worst = Vec::new();
+    let tc = DecodeKernel::TensorCore;
+    let dtypes = [
+        KvCacheDtype::Bf16,
+        KvCacheDtype::Int8,
+        KvCacheDtype::Fp8E4m3,
+        "int4-g64".parse().unwrap(),
+    ];
+    let mut i = 0usize;
+    for dtype in dtypes {
+        for (kv_heads, group, head_dim) in [(2, 4, 128), (1, 8, 64), (3, 3, 128)] {
+            let Ok(layout) = BlockLayout::new(dtype, [8, 16, 32][i % 3], kv_heads, head_dim) else {
+                continue;
+            };
+            for parts in [
+                1,
+                3,
+                8,
+                33,
+                kernels_cuda::fixed_parts_for(&gpu, 5, kv_heads),
+            ] {
+                i += 1;
+                let window = i.is_multiple_of(4).then_some(90 + i);
+                let case = Case {
+                    layout,
+                    num_heads: kv_heads * group,
+                    contexts: vec![1, 7, 100 + i, 333, 4097],
+                    window,
+                };
+                let mut dec = PagedDecoder::new();
+                dec.set_kernel(tc);
+                dec.set_fixed_parts(Some(parts)).unwrap();
+                for round in 0..2 {
+                    let (e, plan) = decode_error_on::<bf16>(&gpu, &mut rng, &case, &mut dec);
+                    assert_eq!(plan.partition_size, 0, "device-side sizing");
+                    assert_eq!(plan.max_parts, parts);
+                    eprintln!(
+                        "tc fixed {parts} parts, {dtype} d={head_dim} gqa={group} \
+                         window={window:?} round {round}: err {e:.2e}"
+                    );
+                    if e > 1.5e-2 {
+                        worst.push(format!("{dtype} d={head_dim} parts={parts}: {e:.2e}"));
+                    }
+                }
+            }
+        }
+    }
+    // 1 x 32K through 2 partitions (16K tokens each) and through 264.
+    for parts in [2, 264] {
+        let case = Case {
+            layout: BlockLayout::new(KvCacheDtype::Bf16, 16, 8, 128).unwrap(),
+            num_heads: 32,
+            contexts: vec![32768],
+            window: None,
+        };
+        let mut dec = PagedDecoder::new();
+        dec.set_kernel(tc);
+        dec.set_fixed_parts(Some(parts)).unwrap();
+        let (e, _) = decode_error_on::<bf16>(&gpu, &mut rng, &case, &mut dec);
+        eprintln!("tc fixed {parts} parts, 1 x 32K: err {e:.2e}");
+        if e > 1.5e-2 {
+            worst.push(format!("1 x 32K parts={parts}: {e:.2e}"));
+        }
+    }
+    assert!(PagedDecoder::new().set_fixed_parts(Some(0)).is_err());
+    assert!(worst.is_empty(), "over tolerance:\n{}", worst.join("\n"));
+}

@@ -13,8 +13,16 @@
 //! against the GPU's time to run it: when enqueueing is shorter, launch overhead is hidden
 //! and CUDA graphs could only save the GPU-side gaps between kernels.
 //!
-//! `cuda_decode_bench [--layers N] [--context N] [--steps N] [--kv DTYPE] [BATCH...]`
-//! (defaults: 32 layers, 1024 tokens of context, 32 steps, bf16 KV, batches 1 16 64).
+//! With `--graphs`, each batch's greedy steps are timed again replayed from CUDA graphs
+//! (`CudaBackend::set_cuda_graphs`; batches above the GEMV path are not captured).
+//!
+//! `--model smollm2` runs the shape of the default model (SmolLM2-135M: 30 layers of width
+//! 576, where a step is a few milliseconds of short launches and the host can be the bottleneck)
+//! instead of Llama-3.1-8B's.
+//!
+//! `cuda_decode_bench [--model llama-3.1-8b|smollm2] [--layers N] [--context N] [--steps N]
+//! [--kv DTYPE] [--graphs] [BATCH...]` (defaults: Llama-3.1-8B with its 32 layers, 1024 tokens
+//! of context, 32 steps, bf16 KV, batches 1 16 64).
 #![allow(clippy::unwrap_used, clippy::print_stdout, missing_docs)]
 
 use std::time::Instant;
@@ -174,28 +182,37 @@ fn gemv_only(gpu: &Gpu, c: &ModelConfig, batch: usize) -> f64 {
 }
 
 struct Args {
-    layers: usize,
+    /// `llama-3.1-8b` or `smollm2`.
+    model: String,
+    /// Overrides the model's layer count.
+    layers: Option<usize>,
     context: usize,
     steps: usize,
     kv: KvCacheDtype,
     batches: Vec<usize>,
+    /// Also time the steps replayed from CUDA graphs (`--graphs`).
+    graphs: bool,
 }
 
 fn args() -> Args {
     let mut a = Args {
-        layers: 32,
+        model: "llama-3.1-8b".into(),
+        layers: None,
         context: 1024,
         steps: 32,
         kv: KvCacheDtype::Bf16,
         batches: Vec::new(),
+        graphs: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(x) = it.next() {
         match x.as_str() {
-            "--layers" => a.layers = it.next().unwrap().parse().unwrap(),
+            "--model" => a.model = it.next().unwrap(),
+            "--layers" => a.layers = Some(it.next().unwrap().parse().unwrap()),
             "--context" => a.context = it.next().unwrap().parse().unwrap(),
             "--steps" => a.steps = it.next().unwrap().parse().unwrap(),
             "--kv" => a.kv = it.next().unwrap().parse().unwrap(),
+            "--graphs" => a.graphs = true,
             b => a.batches.push(b.parse().unwrap()),
         }
     }
@@ -207,8 +224,14 @@ fn args() -> Args {
 
 fn main() {
     let a = args();
-    let mut config = ModelConfig::llama31_8b();
-    config.num_layers = a.layers;
+    let mut config = match a.model.as_str() {
+        "llama-3.1-8b" => ModelConfig::llama31_8b(),
+        "smollm2" => ModelConfig::smollm2_135m(),
+        m => panic!("unknown --model {m} (llama-3.1-8b or smollm2)"),
+    };
+    if let Some(n) = a.layers {
+        config.num_layers = n;
+    }
     let max_batch = a.batches.iter().copied().max().unwrap();
     let per_seq = (a.context + a.steps + 1).div_ceil(BLOCK);
     let cache = KvCacheConfig {
@@ -232,8 +255,9 @@ fn main() {
     let bytes = backend.streamed_weight_bytes();
     let floor = bytes as f64 / bw;
     println!(
-        "llama-3.1-8b shape, {} layers, dummy bf16 weights ({:.2} GB streamed per step, set up in {:.1} s), KV {}, context {}",
-        a.layers,
+        "{} shape, {} layers, dummy bf16 weights ({:.2} GB streamed per step, set up in {:.1} s), KV {}, context {}",
+        a.model,
+        config.num_layers,
         bytes as f64 / 1e9,
         setup,
         a.kv,
@@ -396,6 +420,38 @@ fn main() {
             );
         }
         let step_s = t.elapsed().as_secs_f64() / a.steps as f64;
+        // --graphs: the same steps replayed from a CUDA graph (the first one captures it;
+        // batches above the GEMV path run uncaptured: the same time).
+        if a.graphs {
+            backend.set_cuda_graphs(true);
+            step(
+                &mut backend,
+                &mut tokens,
+                a.context,
+                Mode::Device(&rows),
+                &mut logits,
+            );
+            let t = Instant::now();
+            for i in 0..a.steps {
+                step(
+                    &mut backend,
+                    &mut tokens,
+                    a.context + i,
+                    Mode::Device(&rows),
+                    &mut logits,
+                );
+            }
+            let graph_s = t.elapsed().as_secs_f64() / a.steps as f64;
+            println!(
+                "batch {b}: graphs {:.3} ms/step vs {:.3} uncaptured ({:.3}x); captured buckets {:?}, capture errors {:?}",
+                graph_s * 1e3,
+                step_s * 1e3,
+                step_s / graph_s,
+                backend.graph_buckets(),
+                backend.graph_capture_errors()
+            );
+            backend.set_cuda_graphs(false);
+        }
         // The same steps with cuBLAS for every product (only differs for small batches).
         let blas_step_s = if b <= GEMV_MAX_TOKENS {
             backend.set_small_batch_gemv(false);

@@ -15,13 +15,26 @@
 //! with one row per token. Logits come back to the host as f32 (computed in bf16), or are
 //! sampled on the device (`forward_sampled`: only the tokens come back). Copy-on-write is one
 //! block-copy launch per cache buffer; swap space is pinned host memory. Qwen2's Q/K/V biases
-//! are added in the product (GEMV) or after it. Not yet: CUDA graphs.
+//! are added in the product (GEMV) or after it.
+//!
+//! CUDA graphs (`KVSERVE_CUDA_GRAPHS=1` or [`CudaBackend::set_cuda_graphs`]): decode-only
+//! steps (one token per sequence) whose batch, padded to a power of two (the bucket), runs the
+//! GEMV path (at most 8 tokens, or 4 when a width is not a multiple of 32) are replayed from a
+//! graph captured per bucket. Each bucket owns its step buffers, its decoder (a grid of fixed
+//! partitions, sized on the device per sequence) and a staging area: a step writes its
+//! metadata (padded rows: token 0, position 0, no cache write, a context of 1 in block 0)
+//! into pinned memory, one copy puts it on the device, and the graph replays embedding to LM
+//! head; sampling stays outside the graph. The first step of a bucket (or of wider block
+//! tables) runs uncaptured, allocating, then is captured.
+
+use std::collections::HashMap;
 
 use half::bf16;
 use kernels_cuda::cudarc::driver::{CudaSlice, PinnedHostSlice};
+use kernels_cuda::graph::StepGraph;
 use kernels_cuda::{
-    Blas, DecodeMetadata, GemvEpilogue, GemvInput, GemvOut, Gpu, Indices, NormInput, NormPartials,
-    PagedDecoder, PrefillBatch, PrefillMetadata, RopeShape, Scalar,
+    Blas, DecodeKernel, DecodeMetadata, GemvEpilogue, GemvInput, GemvOut, Gpu, Indices, NormInput,
+    NormPartials, PagedDecoder, PrefillBatch, PrefillMetadata, RopeShape, Scalar, StepStaging,
 };
 use kv_block_manager::CopyOp;
 use kv_quant::BlockLayout;
@@ -68,11 +81,50 @@ struct Buffers {
     norm_partials: NormPartials,
 }
 
+/// How a step attends: the prefill kernel over whole chunks, or the decode kernel per token.
+enum StepAttention {
+    Prefill(Box<PrefillMetadata>),
+    Decode(DecodeMetadata),
+}
+
+/// A step's index arrays and attention metadata on the device.
+struct StepInputs {
+    ids: Indices<i32>,
+    positions: Indices<i32>,
+    slots: Indices<i64>,
+    /// The rows whose logits are computed.
+    rows: Indices<i32>,
+    attention: StepAttention,
+    /// Tokens (rows of every buffer; a padded batch's bucket).
+    tokens: usize,
+}
+
+/// The decode steps of one bucket (padded batch size): a CUDA graph of everything from the
+/// embedding to the LM head, and what it reads and writes, allocated once.
+struct GraphStep {
+    /// Captured after the bucket's first step (dropped before the buffers it uses).
+    graph: Option<StepGraph>,
+    /// Why the capture failed (the bucket then runs uncaptured).
+    capture_error: Option<String>,
+    staging: StepStaging,
+    buffers: Buffers,
+    decoder: PagedDecoder,
+    /// Block-table entries per row the graph was captured for.
+    table_width: usize,
+}
+
 /// The model on a CUDA device, with its paged KV cache.
 pub struct CudaBackend {
     gpu: Gpu,
     blas: Blas,
-    decoder: PagedDecoder,
+    /// `None` only while a step runs (taken out so the step can borrow the rest).
+    decoder: Option<PagedDecoder>,
+    /// Decode steps replayed from CUDA graphs (`KVSERVE_CUDA_GRAPHS=1`).
+    cuda_graphs: bool,
+    /// Per bucket (padded batch size).
+    graph_steps: HashMap<usize, GraphStep>,
+    /// The bucket whose buffers hold the last step's logits (`None`: `buffers`).
+    last_graph_bucket: Option<usize>,
     /// Small batches (≤ [`GEMV_TOKENS`] tokens) run their linear layers through the GEMV
     /// kernels instead of cuBLAS (`KVSERVE_GEMV=0` turns this off).
     gemv: bool,
@@ -434,7 +486,10 @@ impl CudaBackend {
             host_v: pinned(host_bytes)?,
             k_cache,
             v_cache,
-            decoder: PagedDecoder::new(),
+            decoder: Some(PagedDecoder::new()),
+            cuda_graphs: std::env::var("KVSERVE_CUDA_GRAPHS").as_deref() == Ok("1"),
+            graph_steps: HashMap::new(),
+            last_graph_bucket: None,
             gemv: std::env::var("KVSERVE_GEMV").as_deref() != Ok("0"),
             fused_norm: std::env::var("KVSERVE_FUSED_NORM").as_deref() == Ok("1"),
             prefill: std::env::var("KVSERVE_PREFILL_KERNEL").as_deref() != Ok("0"),
@@ -462,6 +517,47 @@ impl CudaBackend {
         if t == 0 {
             return Ok(false);
         }
+        self.last_graph_bucket = None;
+        if let Some(bucket) = self.graph_bucket(b) {
+            return self.graph_step(b, bucket);
+        }
+        // Steps with a prompt chunk attend through the prefill kernel (every sequence, decode
+        // rows too); decode-only steps (and KV dtypes without it) through the decode kernel,
+        // one row per token.
+        let attention = match self.prefill_metadata(b)? {
+            Some(p) => StepAttention::Prefill(Box::new(p)),
+            None => StepAttention::Decode(self.token_metadata(b)?),
+        };
+        let gpu = &self.gpu;
+        // The step's index arrays go to the device once; every layer reuses them.
+        let inputs = StepInputs {
+            ids: Indices::from_u32(gpu, b.token_ids, "token_ids")?,
+            positions: Indices::from_u32(gpu, b.positions, "positions")?,
+            slots: Indices::new(gpu, b.slot_mapping)?,
+            rows: Indices::from_u32(gpu, b.logits_indices, "logits_indices")?,
+            attention,
+            tokens: t,
+        };
+        let mut bf = std::mem::take(&mut self.buffers);
+        let mut decoder = self.decoder.take().ok_or_else(missing)?;
+        let r = self.launch_step(&inputs, &mut bf, &mut decoder);
+        self.buffers = bf;
+        self.decoder = Some(decoder);
+        r?;
+        Ok(n > 0)
+    }
+
+    /// Queues one step's kernels: the K/V of every token into the cache, and the logits of
+    /// `inputs.rows` into `bf.logits` (bf16). Allocates nothing when `bf` and `decoder` have
+    /// run a step of the same shape before (what graph capture needs).
+    fn launch_step(
+        &mut self,
+        inputs: &StepInputs,
+        bf: &mut Buffers,
+        decoder: &mut PagedDecoder,
+    ) -> Result<(), ModelError> {
+        let t = inputs.tokens;
+        let n = inputs.rows.len();
         let c = &self.config;
         let (h, d) = (c.hidden_size, c.head_dim);
         let (qh, kvh, inter) = (
@@ -469,23 +565,11 @@ impl CudaBackend {
             self.local.num_kv_heads,
             self.local.intermediate_size,
         );
-        // Steps with a prompt chunk attend through the prefill kernel (every sequence, decode
-        // rows too); decode-only steps (and KV dtypes without it) through the decode kernel,
-        // one row per token.
-        let prefill = self.prefill_metadata(b)?;
-        let meta = match prefill {
-            Some(_) => None,
-            None => Some(self.token_metadata(b)?),
-        };
         let gpu = &self.gpu;
-        // The step's index arrays go to the device once; every layer reuses them.
-        let ids = Indices::from_u32(gpu, b.token_ids, "token_ids")?;
-        let positions = Indices::from_u32(gpu, b.positions, "positions")?;
-        let slots = Indices::new(gpu, b.slot_mapping)?;
-        let bf = &mut self.buffers;
+        let (ids, positions, slots) = (&inputs.ids, &inputs.positions, &inputs.slots);
         bf.tokens = t;
         let residual = buffer(&mut bf.residual, gpu, t * h)?;
-        kernels_cuda::embedding_gather(gpu, &self.embedding, c.vocab_size, &ids, residual)?;
+        kernels_cuda::embedding_gather(gpu, &self.embedding, c.vocab_size, ids, residual)?;
         let shape = RopeShape {
             num_q_heads: qh,
             num_kv_heads: kvh,
@@ -558,13 +642,13 @@ impl CudaBackend {
                 gpu,
                 &kernels_cuda::Rotary {
                     shape,
-                    positions: &positions,
+                    positions,
                     inv_freq: &self.inv_freq,
                 },
                 bf.q.as_mut().ok_or_else(missing)?,
                 bf.k.as_ref().ok_or_else(missing)?,
                 bf.v.as_ref().ok_or_else(missing)?,
-                &slots,
+                slots,
                 kernels_cuda::LayerCache {
                     layout: &self.layout,
                     k: &mut self.k_cache[l],
@@ -574,15 +658,13 @@ impl CudaBackend {
             let attn = buffer(&mut bf.attn, gpu, t * qh * d)?;
             let q = bf.q.as_ref().ok_or_else(missing)?;
             let (kc, vc) = (&self.k_cache[l], &self.v_cache[l]);
-            match (&prefill, &meta) {
-                (Some(p), _) => {
+            match &inputs.attention {
+                StepAttention::Prefill(p) => {
                     kernels_cuda::paged_prefill(gpu, p, &self.layout, qh, q, kc, vc, attn)?
                 }
-                (None, Some(m)) => {
-                    self.decoder
-                        .run(gpu, m, &self.layout, qh, q, kc, vc, attn)?;
+                StepAttention::Decode(m) => {
+                    decoder.run(gpu, m, &self.layout, qh, q, kc, vc, attn)?;
                 }
-                (None, None) => return Err(missing()),
             }
             // O product, then the ffn norm adding it (fused: the product adds itself).
             let attn = bf.attn.as_ref().ok_or_else(missing)?;
@@ -628,15 +710,15 @@ impl CudaBackend {
             kernels_cuda::rms_norm(gpu, residual, delta, &self.final_norm, eps, normed)?;
         }
         if n == 0 {
-            return Ok(false);
+            return Ok(());
         }
-        let rows = Indices::from_u32(gpu, b.logits_indices, "logits_indices")?;
+        let rows = &inputs.rows;
         let picked = buffer(&mut bf.picked, gpu, n * h)?;
         kernels_cuda::gather_rows(
             gpu,
             bf.normed.as_ref().ok_or_else(missing)?,
             h,
-            &rows,
+            rows,
             picked,
         )?;
         let vocab = c.vocab_size;
@@ -662,19 +744,199 @@ impl CudaBackend {
         } else {
             self.blas.linear(picked, head, vocab, h, out)?;
         }
+        Ok(())
+    }
+
+    /// Replays decode steps from CUDA graphs (see the module's documentation), or runs every
+    /// step uncaptured (the default; `KVSERVE_CUDA_GRAPHS=1` turns graphs on at
+    /// construction). Turning them off drops the graphs captured so far.
+    pub fn set_cuda_graphs(&mut self, on: bool) {
+        self.cuda_graphs = on;
+        if !on {
+            self.graph_steps.clear();
+        }
+    }
+
+    /// Why the capture of a bucket's graph failed, per bucket (those buckets run uncaptured).
+    pub fn graph_capture_errors(&self) -> Vec<(usize, String)> {
+        let mut v: Vec<(usize, String)> = self
+            .graph_steps
+            .iter()
+            .filter_map(|(&b, g)| g.capture_error.clone().map(|e| (b, e)))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Buckets with a captured graph.
+    pub fn graph_buckets(&self) -> Vec<usize> {
+        let mut v: Vec<usize> = self
+            .graph_steps
+            .iter()
+            .filter(|(_, g)| g.graph.is_some())
+            .map(|(&b, _)| b)
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// The bucket a step runs in as a graph replay, or `None` when it runs uncaptured: graphs
+    /// on, one token per sequence, a bucket (the batch rounded up to a power of two) that runs
+    /// the GEMV path for every product and the LM head (no cuBLAS in a graph), the tensor-core
+    /// decode kernel (partitions sized on the device).
+    fn graph_bucket(&self, b: &ForwardBatch<'_>) -> Option<usize> {
+        let t = b.token_ids.len();
+        if !self.cuda_graphs || t != b.num_seqs() || b.logits_indices.is_empty() {
+            return None;
+        }
+        let c = &self.config;
+        let h = c.hidden_size;
+        let widths = [
+            h,
+            self.local.num_heads * c.head_dim,
+            self.local.intermediate_size,
+        ];
+        let max_small = if widths.iter().all(|x| x.is_multiple_of(32)) {
+            GEMV_TOKENS
+        } else {
+            GEMV_FMA_TOKENS
+        };
+        let max_head = if h.is_multiple_of(32) {
+            GEMV_TOKENS
+        } else {
+            GEMV_FMA_TOKENS
+        };
+        let bucket = t.next_power_of_two();
+        let decoder = self.decoder.as_ref()?;
+        let tc = decoder.kernel_for(Scalar::Bf16, self.layout.dtype()) == DecodeKernel::TensorCore;
+        (self.gemv
+            && widths.iter().all(|x| x.is_multiple_of(8))
+            && bucket <= max_small.min(max_head)
+            && tc)
+            .then_some(bucket)
+    }
+
+    /// A bucket's buffers, decoder and staging for block tables of `width` entries per row.
+    fn new_graph_step(&self, bucket: usize, width: usize) -> Result<GraphStep, ModelError> {
+        let mut decoder = PagedDecoder::new();
+        let parts = kernels_cuda::fixed_parts_for(&self.gpu, bucket, self.local.num_kv_heads);
+        decoder.set_fixed_parts(Some(parts))?;
+        // ids, positions, rows, context lengths (i32), slots (i64), tables (i32).
+        let bytes = StepStaging::bytes_for(&[
+            (bucket, 4),
+            (bucket, 4),
+            (bucket, 4),
+            (bucket, 4),
+            (bucket, 8),
+            (bucket * width, 4),
+        ]);
+        Ok(GraphStep {
+            graph: None,
+            capture_error: None,
+            staging: StepStaging::new(&self.gpu, bytes)?,
+            buffers: Buffers::default(),
+            decoder,
+            table_width: width,
+        })
+    }
+
+    /// Runs a decode step padded to `bucket` rows through the bucket's graph (capturing it
+    /// after running the step uncaptured the first time).
+    fn graph_step(&mut self, b: &ForwardBatch<'_>, bucket: usize) -> Result<bool, ModelError> {
+        let width = b.max_blocks.max(1).next_power_of_two();
+        let mut g = match self.graph_steps.remove(&bucket) {
+            Some(g) if g.table_width >= width => g,
+            _ => self.new_graph_step(bucket, width)?,
+        };
+        let r = self.graph_step_in(&mut g, b, bucket);
+        self.graph_steps.insert(bucket, g);
+        r?;
+        self.last_graph_bucket = Some(bucket);
         Ok(true)
+    }
+
+    fn graph_step_in(
+        &mut self,
+        g: &mut GraphStep,
+        b: &ForwardBatch<'_>,
+        bucket: usize,
+    ) -> Result<(), ModelError> {
+        let t = b.token_ids.len();
+        let pad = |v: &[u32]| {
+            let mut p = v.to_vec();
+            p.resize(bucket, 0);
+            p
+        };
+        let mut slots = b.slot_mapping.to_vec();
+        slots.resize(bucket, -1); // padded rows write no cache slot
+        let (tables, ctx) = decode_tables(b, g.table_width, bucket);
+        let st = &mut g.staging;
+        st.begin()?;
+        // The order and lengths of these pushes are the same every step of the bucket: the
+        // arrays land where the graph's kernels read them.
+        let inputs = StepInputs {
+            ids: st.push_u32(&pad(b.token_ids), "token_ids")?,
+            positions: st.push_u32(&pad(b.positions), "positions")?,
+            rows: st.push_u32(&pad(b.logits_indices), "logits_indices")?,
+            slots: st.push_indices(&slots)?,
+            attention: StepAttention::Decode(st.push_decode_metadata(
+                &tables,
+                g.table_width,
+                &ctx,
+                self.cache_config.block_size,
+                self.cache_config.num_blocks,
+                self.config.sliding_window,
+            )?),
+            tokens: bucket,
+        };
+        debug_assert!(t <= bucket);
+        st.upload(&self.gpu)?;
+        if let Some(graph) = &g.graph {
+            graph.launch()?;
+            return Ok(());
+        }
+        // First step of the bucket: run it (allocating the bucket's buffers and scratch,
+        // loading kernels), then capture the same launches for later steps.
+        self.launch_step(&inputs, &mut g.buffers, &mut g.decoder)?;
+        if g.capture_error.is_none() {
+            kernels_cuda::graph::begin_capture(&self.gpu)?;
+            let r = self.launch_step(&inputs, &mut g.buffers, &mut g.decoder);
+            let graph = kernels_cuda::graph::end_capture(&self.gpu);
+            match (r, graph) {
+                (Ok(()), Ok(Some(graph))) => g.graph = Some(graph),
+                (Ok(()), Ok(None)) => g.capture_error = Some("nothing captured".into()),
+                (Err(e), _) => g.capture_error = Some(e.to_string()),
+                (_, Err(e)) => g.capture_error = Some(e.to_string()),
+            }
+        }
+        Ok(())
+    }
+
+    /// The logits of the last step (`[rows][vocab]` bf16; a graph step's buffer has its
+    /// bucket's rows, the first ones the step's).
+    fn step_logits(&self) -> Result<&CudaSlice<bf16>, ModelError> {
+        match self.last_graph_bucket {
+            Some(bucket) => self
+                .graph_steps
+                .get(&bucket)
+                .and_then(|g| g.buffers.logits.as_ref()),
+            None => self.buffers.logits.as_ref(),
+        }
+        .ok_or_else(missing)
     }
 
     /// Runs small batches' linear layers through cuBLAS instead of the GEMV kernels (for
     /// comparisons; `KVSERVE_GEMV=0` does the same at construction).
     pub fn set_small_batch_gemv(&mut self, on: bool) {
         self.gemv = on;
+        self.graph_steps.clear();
     }
 
     /// Folds the RMSNorms into the GEMV products on the GEMV path, or launches them apart
     /// (for comparisons; `KVSERVE_FUSED_NORM=1` turns the folding on at construction).
     pub fn set_fused_norm(&mut self, on: bool) {
         self.fused_norm = on;
+        self.graph_steps.clear();
     }
 
     /// Runs prompt chunks' attention through the decode kernel, one row per token, instead
@@ -730,22 +992,7 @@ impl CudaBackend {
     fn token_metadata(&self, b: &ForwardBatch<'_>) -> Result<DecodeMetadata, ModelError> {
         let t = b.token_ids.len();
         let mb = b.max_blocks.max(1);
-        let mut tables = vec![0i32; t * mb];
-        let mut ctx = vec![0i32; t];
-        for s in 0..b.num_seqs() {
-            let row = &b.block_tables[s * b.max_blocks..(s + 1) * b.max_blocks];
-            for i in b.seq_starts[s] as usize..b.seq_starts[s + 1] as usize {
-                tables[i * mb..i * mb + b.max_blocks].copy_from_slice(row);
-                ctx[i] = b.positions[i] as i32 + 1;
-            }
-        }
-        // Entries past a token's position may be -1 (unused): the kernel reads only attended
-        // blocks, which validate_batch checked.
-        for v in &mut tables {
-            if *v < 0 {
-                *v = 0;
-            }
-        }
+        let (tables, ctx) = decode_tables(b, mb, t);
         Ok(DecodeMetadata::new(
             &self.gpu,
             &tables,
@@ -776,11 +1023,12 @@ impl Backend for CudaBackend {
         if !self.run_step(b)? {
             return Ok(());
         }
-        let out = self.buffers.logits.as_ref().ok_or_else(missing)?;
+        let n = b.logits_indices.len() * self.config.vocab_size;
+        let out = self.step_logits()?;
         let host = self
             .gpu
             .stream()
-            .clone_dtoh(out)
+            .clone_dtoh(&out.slice(..n))
             .map_err(kernels_cuda::KernelError::from)?;
         logits.extend(host.iter().map(|x| x.to_f32()));
         Ok(())
@@ -818,7 +1066,7 @@ impl Backend for CudaBackend {
         if !self.run_step(b)? {
             return Ok(());
         }
-        let out = self.buffers.logits.as_ref().ok_or_else(missing)?;
+        let out = self.step_logits()?;
         tokens.extend(kernels_cuda::sample_rows(
             &self.gpu,
             out,
@@ -905,6 +1153,29 @@ impl Backend for CudaBackend {
         }
         Ok(())
     }
+}
+
+/// Per-token block tables (`[rows][width]`) and context lengths: token `i` of sequence `s`
+/// reads `s`'s table up to its own position (causal; the step's K/V is written before
+/// attention). Rows past the batch's tokens (padding) read a context of 1 in block 0; entries
+/// past a token's position are 0 (the kernel reads only attended blocks, which validate_batch
+/// checked). `width` is at least `b.max_blocks`.
+fn decode_tables(b: &ForwardBatch<'_>, width: usize, rows: usize) -> (Vec<i32>, Vec<i32>) {
+    let mut tables = vec![0i32; rows * width];
+    let mut ctx = vec![1i32; rows];
+    for s in 0..b.num_seqs() {
+        let row = &b.block_tables[s * b.max_blocks..(s + 1) * b.max_blocks];
+        for i in b.seq_starts[s] as usize..b.seq_starts[s + 1] as usize {
+            for (dst, &src) in tables[i * width..i * width + b.max_blocks]
+                .iter_mut()
+                .zip(row)
+            {
+                *dst = src.max(0);
+            }
+            ctx[i] = b.positions[i] as i32 + 1;
+        }
+    }
+    (tables, ctx)
 }
 
 /// The host blocks of one layer's swap space.
