@@ -398,10 +398,12 @@ fn tensor_core_decode_matches_the_reference() {
             worst.push(format!("{dtype} 1 x 32K: {e:.2e}"));
         }
     }
-    // fp16 activations: fp16, int8 and int4 KV (the fp16 fragments and nibble patterns).
+    // fp16 activations: fp16, int8 and int4 KV (the fp16 fragments, int8's fp16 codes without
+    // the power-of-two scaling of bf16 q, and the nibble patterns).
     for (dtype, head_dim, window) in [
         ("fp16", 128, None),
         ("int8", 64, Some(77)),
+        ("int8", 128, None),
         ("int4-g32", 128, None),
         ("int4-g64", 64, Some(77)),
         ("int4", 128, Some(300)),
