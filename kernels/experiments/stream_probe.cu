@@ -84,6 +84,31 @@ __global__ void probe_cpasync(const unsigned char* __restrict__ k, const unsigne
   if (acc == 12345.f) out[0] = acc;
 }
 
+// mbarrier and 1-D bulk-copy (TMA) wrappers, sm_90.
+__device__ __forceinline__ void mbar_init_all(unsigned long long* bars, int n) {
+  for (int s = 0; s < n; ++s) asm volatile("mbarrier.init.shared.b64 [%0], 1;\n" ::"r"(smem_addr(&bars[s])));
+  asm volatile("fence.mbarrier_init.release.cluster;\n");
+}
+__device__ __forceinline__ void mbar_expect(unsigned b, unsigned bytes) {
+  asm volatile("{\n .reg .b64 st;\n mbarrier.arrive.expect_tx.shared.b64 st, [%0], %1;\n}\n" ::"r"(b), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void bulk_copy(void* dst, const void* src, unsigned bytes, unsigned b) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+                   smem_addr(dst)),
+               "l"(src), "r"(bytes), "r"(b)
+               : "memory");
+}
+__device__ __forceinline__ void mbar_wait(unsigned b, unsigned parity) {
+  unsigned done = 0;
+  while (!done) {
+    asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+                 : "=r"(done)
+                 : "r"(b), "r"(parity)
+                 : "memory");
+  }
+}
+
 template <int S>
 __global__ void probe_bulk(const unsigned char* __restrict__ k, const unsigned char* __restrict__ v,
                            const int* __restrict__ table, float* out, int warps, int part_tiles) {
@@ -93,12 +118,7 @@ __global__ void probe_bulk(const unsigned char* __restrict__ k, const unsigned c
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   unsigned char* my = sm + static_cast<size_t>(warp) * S * 2 * kTileBytes;
   const int tiles = part_tiles / warps;
-  if (lane == 0) {
-    for (int s = 0; s < S; ++s) {
-      asm volatile("mbarrier.init.shared.b64 [%0], 1;\n" ::"r"(smem_addr(&bar[warp][s])));
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;\n");
-  }
+  if (lane == 0) mbar_init_all(bar[warp], S);
   __syncwarp();
   auto issue = [&](int i) {
     if (lane != 0) return;
@@ -106,34 +126,15 @@ __global__ void probe_bulk(const unsigned char* __restrict__ k, const unsigned c
     const long long base = blk * kBlockBytes + head * kTileBytes;
     unsigned char* dk = my + (i % S) * 2 * kTileBytes;
     const unsigned b = smem_addr(&bar[warp][i % S]);
-    asm volatile("{\n .reg .b64 st;\n mbarrier.arrive.expect_tx.shared.b64 st, [%0], %1;\n}\n" ::"r"(b),
-                 "r"(2 * kTileBytes)
-                 : "memory");
-    asm volatile(
-        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
-            smem_addr(dk)),
-        "l"(k + base), "r"(kTileBytes), "r"(b)
-        : "memory");
-    asm volatile(
-        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
-            smem_addr(dk + kTileBytes)),
-        "l"(v + base), "r"(kTileBytes), "r"(b)
-        : "memory");
+    mbar_expect(b, 2 * kTileBytes);
+    bulk_copy(dk, k + base, kTileBytes, b);
+    bulk_copy(dk + kTileBytes, v + base, kTileBytes, b);
   };
   float acc = 0.f;
   for (int i = 0; i < S - 1 && i < tiles; ++i) issue(i);
   for (int i = 0; i < tiles; ++i) {
     if (i + S - 1 < tiles) issue(i + S - 1);
-    const unsigned b = smem_addr(&bar[warp][i % S]);
-    const unsigned parity = (i / S) & 1;
-    unsigned done = 0;
-    while (!done) {
-      asm volatile(
-          "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
-          : "=r"(done)
-          : "r"(b), "r"(parity)
-          : "memory");
-    }
+    mbar_wait(smem_addr(&bar[warp][i % S]), (i / S) & 1);
     const unsigned char* t = my + (i % S) * 2 * kTileBytes;
     acc += reinterpret_cast<const float*>(t)[lane * 31] + reinterpret_cast<const float*>(t + kTileBytes)[lane * 29];
     __syncwarp();  // every lane has read the stage before lane 0 refills it
@@ -155,51 +156,27 @@ __global__ void probe_bulkrow(const unsigned char* __restrict__ k, const unsigne
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   unsigned char* my = sm + static_cast<size_t>(warp) * S * 2 * kPadTile;
   const int tiles = part_tiles / warps;
-  if (lane == 0) {
-    for (int s = 0; s < S; ++s) {
-      asm volatile("mbarrier.init.shared.b64 [%0], 1;\n" ::"r"(smem_addr(&bar[warp][s])));
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;\n");
-  }
+  if (lane == 0) mbar_init_all(bar[warp], S);
   __syncwarp();
   auto issue = [&](int i) {
     const unsigned b = smem_addr(&bar[warp][i % S]);
     if (lane == 0) {
-      asm volatile("{\n .reg .b64 st;\n mbarrier.arrive.expect_tx.shared.b64 st, [%0], %1;\n}\n" ::"r"(b),
-                   "r"(2 * kTileBytes)
-                   : "memory");
+      mbar_expect(b, 2 * kTileBytes);
     }
     __syncwarp();
     if (lane < kBlock) {
       const int blk = table[seq * kBlocksPerSeq + tile_block(part, part_tiles, warp, warps, i)];
       const long long src = blk * kBlockBytes + head * kTileBytes + lane * kRow;
       unsigned char* dk = my + (i % S) * 2 * kPadTile + lane * kPadRow;
-      asm volatile(
-          "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
-              smem_addr(dk)),
-          "l"(k + src), "r"(kRow), "r"(b)
-          : "memory");
-      asm volatile(
-          "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
-              smem_addr(dk + kPadTile)),
-          "l"(v + src), "r"(kRow), "r"(b)
-          : "memory");
+      bulk_copy(dk, k + src, kRow, b);
+      bulk_copy(dk + kPadTile, v + src, kRow, b);
     }
   };
   float acc = 0.f;
   for (int i = 0; i < S - 1 && i < tiles; ++i) issue(i);
   for (int i = 0; i < tiles; ++i) {
     if (i + S - 1 < tiles) issue(i + S - 1);
-    const unsigned b = smem_addr(&bar[warp][i % S]);
-    const unsigned parity = (i / S) & 1;
-    unsigned done = 0;
-    while (!done) {
-      asm volatile(
-          "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
-          : "=r"(done)
-          : "r"(b), "r"(parity)
-          : "memory");
-    }
+    mbar_wait(smem_addr(&bar[warp][i % S]), (i / S) & 1);
     const unsigned char* t = my + (i % S) * 2 * kPadTile;
     acc += reinterpret_cast<const float*>(t)[lane * 31] + reinterpret_cast<const float*>(t + kPadTile)[lane * 29];
     __syncwarp();
