@@ -383,6 +383,31 @@ __device__ __forceinline__ float2 unpack_act(unsigned x) {
 }
 #endif
 
+#if KVS_TC_INT4 || KVS_TC_INT8
+// The online-softmax step of a tile in the transposed bodies: st[2 h + e] is the logit (log2
+// units, -inf if masked) of token g + 8 h for head 2 t + e of this lane (g = lane / 4, t =
+// lane % 4). The head max is a shuffle over the 8 lanes of a column; m and l (this lane's
+// tokens only) are updated; alpha[e] rescales the head's running sums, pr the tile's weights.
+__device__ __forceinline__ void online_softmax_transposed(const float (&st)[4], float (&m)[2],
+                                                          float (&l)[2], float (&alpha)[2],
+                                                          float (&pr)[4]) {
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    float tile_max = fmaxf(st[e], st[2 + e]);
+    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 4));
+    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 8));
+    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 16));
+    const float m_new = fmaxf(m[e], tile_max);
+    // A head that has seen only masked tokens keeps m = -inf: no rescale, weights 0.
+    alpha[e] = m_new == -INFINITY ? 1.f : exp2_approx(m[e] - m_new);
+    pr[e] = m_new == -INFINITY ? 0.f : exp2_approx(st[e] - m_new);
+    pr[2 + e] = m_new == -INFINITY ? 0.f : exp2_approx(st[2 + e] - m_new);
+    l[e] = l[e] * alpha[e] + pr[e] + pr[2 + e];
+    m[e] = m_new;
+  }
+}
+#endif
+
 // Sums the warps' outputs (o_sh [kWarps][8][HEAD_DIM], each already rescaled to the CTA's
 // max of its head) and writes `out` (a single partition) or the partial results the merge
 // reads. Thread i writes channel i % HEAD_DIM of heads i / HEAD_DIM,
@@ -762,20 +787,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas)
       st[2 * h] = live ? st[2 * h] * scale2 : -INFINITY;
       st[2 * h + 1] = live ? st[2 * h + 1] * scale2 : -INFINITY;
     }
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      float tile_max = fmaxf(st[e], st[2 + e]);
-      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 4));
-      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 8));
-      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 16));
-      const float m_new = fmaxf(m[e], tile_max);
-      // A head that has seen only masked tokens keeps m = -inf: no rescale, weights 0.
-      alpha[e] = m_new == -INFINITY ? 1.f : exp2_approx(m[e] - m_new);
-      pr[e] = m_new == -INFINITY ? 0.f : exp2_approx(st[e] - m_new);
-      pr[2 + e] = m_new == -INFINITY ? 0.f : exp2_approx(st[2 + e] - m_new);
-      l[e] = l[e] * alpha[e] + pr[e] + pr[2 + e];
-      m[e] = m_new;
-    }
+    online_softmax_transposed(st, m, l, alpha, pr);
     // Rescale O and the min sums only when a head's max moved somewhere in the warp (after
     // the first tiles it rarely does; alpha is exactly 1 otherwise).
     if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
@@ -989,20 +1001,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas)
       }
     }
     float alpha[2], pr[4];
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      float tile_max = fmaxf(st[e], st[2 + e]);
-      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 4));
-      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 8));
-      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 16));
-      const float m_new = fmaxf(m[e], tile_max);
-      // A head that has seen only masked tokens keeps m = -inf: no rescale, weights 0.
-      alpha[e] = m_new == -INFINITY ? 1.f : exp2_approx(m[e] - m_new);
-      pr[e] = m_new == -INFINITY ? 0.f : exp2_approx(st[e] - m_new);
-      pr[2 + e] = m_new == -INFINITY ? 0.f : exp2_approx(st[2 + e] - m_new);
-      l[e] = l[e] * alpha[e] + pr[e] + pr[2 + e];
-      m[e] = m_new;
-    }
+    online_softmax_transposed(st, m, l, alpha, pr);
     // f: the largest power of two with f max s_v < 2^15 over the warp's tokens so far, so that
     // B = p s_v f (p <= 1) is a normal fp16 value or a negligible one (fp16 has 5 exponent
     // bits; the scales f32's 8). Lowered (and O rescaled) only when a tile brings a V scale of a
