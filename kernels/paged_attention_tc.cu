@@ -152,6 +152,15 @@ __device__ __forceinline__ int k_chunk(int row, int col) {
 #define KVS_TC_BULK 0
 #endif
 
+// KVSERVE_KERNEL_DEFINES=-DKVS_TC_SPLIT=1 (16-bit KV, cp.async): K and V of a tile are
+// separate commit groups, and the next K of a stage is issued as soon as q . K of the stage is
+// done, before the wait for its V: about 1.5 tiles in flight per warp while it computes
+// instead of 1 (kernels/NOTES.md, "Decode bf16 bandwidth").
+#if !defined(KVS_TC_SPLIT) || KVS_TC_CODES || KVS_TC_INT4 || KVS_TC_INT8 || KVS_TC_BULK
+#undef KVS_TC_SPLIT
+#define KVS_TC_SPLIT 0
+#endif
+
 #if KVS_TC_BULK
 __device__ __forceinline__ unsigned smem_u32(const void* p) {
   return static_cast<unsigned>(__cvta_generic_to_shared(p));
@@ -531,6 +540,73 @@ __device__ __forceinline__ void stream_tiles(WarpTiles& w, const Partition& pt,
   cp_async_wait<0>();
 }
 
+#if KVS_TC_SPLIT
+// The K (kV false) or V rows of one tile into `stage`, zero-filled outside [first, end).
+template <bool kV>
+__device__ __forceinline__ void load_rows(WarpTiles& w, int stage, int t0, int first, int end,
+                                          const unsigned char* __restrict__ cache,
+                                          const int* __restrict__ table, int block_shift,
+                                          int block_size, int num_kv_heads,
+                                          long long block_bytes, int head, int lane) {
+#pragma unroll
+  for (int i = 0; i < kTile * kChunksPerRow / 32; ++i) {
+    const int c = lane + 32 * i;
+    const int row = c / kChunksPerRow, col = c % kChunksPerRow;
+    const long long off = row_offset(table, t0 + row, first, end, block_shift, block_size,
+                                     num_kv_heads, block_bytes, head, false);
+    cp_async16(kV ? &w.v[stage][row][col * 16] : &w.k[stage][row][col * 16],
+               cache + (off < 0 ? 0 : off + col * 16), off < 0 ? 0 : 16);
+  }
+}
+
+// As stream_tiles, with K and V of a tile in separate commit groups (K0 V0 K1 V1, then K and V
+// of tile i + 2 as tile i frees them): `tile(stage, t0, before_v)` computes with K, calls
+// before_v() (which refills the stage's K and waits for its V), then computes with V.
+template <class Tile>
+__device__ __forceinline__ void stream_tiles_split(WarpTiles& w, const Partition& pt,
+                                                   const unsigned char* __restrict__ k_cache,
+                                                   const unsigned char* __restrict__ v_cache,
+                                                   const int* __restrict__ table,
+                                                   int block_shift, int block_size,
+                                                   int num_kv_heads, long long block_bytes,
+                                                   int head, int lane, Tile&& tile) {
+  static_assert(kStages == 2, "two stages: the group counts below");
+  constexpr int kStride = kWarps * kTile;
+  // One commit group per call, empty past the warp's tiles.
+  auto load = [&](bool v, int stage, int i) {
+    if (i < pt.my_tiles) {
+      const int t0 = pt.my_first + i * kStride;
+      if (v) {
+        load_rows<true>(w, stage, t0, pt.p_start, pt.p_end, v_cache, table, block_shift,
+                        block_size, num_kv_heads, block_bytes, head, lane);
+      } else {
+        load_rows<false>(w, stage, t0, pt.p_start, pt.p_end, k_cache, table, block_shift,
+                         block_size, num_kv_heads, block_bytes, head, lane);
+      }
+    }
+    cp_async_commit();
+  };
+  load(false, 0, 0);
+  load(true, 0, 0);
+  load(false, 1, 1);
+  load(true, 1, 1);
+  for (int i = 0; i < pt.my_tiles; ++i) {
+    const int stage = i % 2;
+    cp_async_wait<3>();  // K of tile i (pending at most: V of i, K and V of i + 1)
+    __syncwarp();
+    tile(stage, pt.my_first + i * kStride, [&] {
+      __syncwarp();  // every lane is past its reads of the stage's K
+      load(false, stage, i + 2);
+      cp_async_wait<3>();  // V of tile i (pending at most: K and V of i + 1, K of i + 2)
+      __syncwarp();
+    });
+    __syncwarp();  // every lane is past its reads of the stage's V
+    load(true, stage, i + 2);
+  }
+  cp_async_wait<0>();
+}
+#endif
+
 }  // namespace kvserve
 
 using namespace kvserve;
@@ -599,8 +675,13 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas)
   for (int j = 0; j < kNTiles; ++j) o[j][0] = o[j][1] = 0.f;
 
   WarpTiles& w = tiles[warp];
+#if KVS_TC_SPLIT
+  stream_tiles_split(w, pt, k_cache, v_cache, table, block_shift, block_size, num_kv_heads,
+                     block_bytes, head, lane, [&](int stage, int t0, auto&& before_v) {
+#else
   stream_tiles(w, pt, k_cache, v_cache, table, block_shift, block_size, num_kv_heads,
                block_bytes, head, lane, tile_bars[warp], [&](int stage, int t0) {
+#endif
     // S = q . K^T for the tile's 16 tokens: two n tiles of 8 tokens.
     float s[2][4];
 #pragma unroll
@@ -661,6 +742,9 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas)
 #endif
     pa[1] = 0u;
     pa[3] = 0u;
+#if KVS_TC_SPLIT
+    before_v();
+#endif
 #pragma unroll
     for (int j = 0; j < kNTiles; ++j) {
       // B[k][n] = V[token k][channel 8 j + n], n = lane / 4.
