@@ -14,7 +14,7 @@ use common::{Act, MaxError, attention_ref, gpu, paged_cache, random_act, random_
 use half::bf16;
 use kernels_cuda::cudarc::driver::CudaSlice;
 use kernels_cuda::{
-    DecodeKernel, DecodeMetadata, DecodePlan, Gpu, Indices, KernelError, PagedDecoder,
+    DecodeKernel, DecodeMetadata, DecodePlan, Gpu, Indices, KernelError, PagedDecoder, StepStaging,
     reshape_and_cache,
 };
 use kv_quant::{BlockLayout, KvCacheDtype};
@@ -1145,4 +1145,54 @@ fn tensor_core_decode_with_device_side_partitions_matches_the_reference() {
     }
     assert!(PagedDecoder::new().set_fixed_parts(Some(0)).is_err());
     assert!(worst.is_empty(), "over tolerance:\n{}", worst.join("\n"));
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn step_staging_refuses_bad_input_and_keeps_what_it_holds() {
+    // The CUDA-graph path stages each step's metadata in one pinned area: a push that does not
+    // fit, a u32 past i32, and decode metadata that the launch checks would refuse are errors
+    // that leave the area as it was; later pushes and the upload still work.
+    let gpu = gpu();
+    let mut st = StepStaging::new(&gpu, 256).unwrap();
+    st.begin().unwrap();
+    let held = st.push_indices(&[1i32, 2, 3]).unwrap();
+    assert_eq!((held.len(), held.min(), held.max()), (3, 1, 3));
+    let r = st.push_indices(&[7i32; 100]);
+    assert!(
+        matches!(r, Err(KernelError::BadArgument { .. })),
+        "400 bytes into a 256-byte area: {r:?}"
+    );
+    let r = st.push_u32(&[u32::MAX], "slots");
+    assert!(
+        matches!(r, Err(KernelError::BadArgument { .. })),
+        "u32::MAX as a 32-bit index: {r:?}"
+    );
+    // Block 9 of a 4-block pool.
+    let r = st.push_decode_metadata(&[0, 9], 2, &[20], 16, 4, None);
+    assert!(
+        matches!(r, Err(KernelError::BadArgument { .. })),
+        "block table entry outside the pool: {r:?}"
+    );
+    // 17 tokens in one 16-token block.
+    let r = st.push_decode_metadata(&[0], 1, &[17], 16, 4, None);
+    assert!(
+        matches!(r, Err(KernelError::BadArgument { .. })),
+        "context longer than its table: {r:?}"
+    );
+    let r = st.push_decode_metadata(&[0], 1, &[8], 12, 4, None);
+    assert!(
+        matches!(r, Err(KernelError::BadArgument { .. })),
+        "block size 12: {r:?}"
+    );
+    // What was accepted is intact and the area still takes what fits.
+    st.push_decode_metadata(&[0, 1], 2, &[20], 16, 4, None)
+        .unwrap();
+    st.upload(&gpu).unwrap();
+    gpu.stream().synchronize().unwrap();
+    st.begin().unwrap();
+    assert!(
+        st.push_indices(&[5i32; 60]).is_ok(),
+        "begin() empties the area"
+    );
 }
