@@ -52,6 +52,15 @@ fn copy_bandwidth(gpu: &Gpu) -> f64 {
     2.0 * n as f64 / times[times.len() / 2]
 }
 
+/// Wall seconds per call of `f(0)`, `f(1)`, ... `f(n - 1)`, run back to back.
+fn per_step(n: usize, mut f: impl FnMut(usize)) -> f64 {
+    let t = Instant::now();
+    for i in 0..n {
+        f(i);
+    }
+    t.elapsed().as_secs_f64() / n as f64
+}
+
 /// Median seconds of 7 runs of `pass` (after one warm-up), to the end of its GPU work.
 fn median_pass(gpu: &Gpu, mut pass: impl FnMut()) -> f64 {
     let s = gpu.stream();
@@ -409,8 +418,7 @@ fn main() {
             Mode::Device(&rows),
             &mut logits,
         );
-        let t = Instant::now();
-        for i in 0..a.steps {
+        let step_s = per_step(a.steps, |i| {
             step(
                 &mut backend,
                 &mut tokens,
@@ -418,8 +426,7 @@ fn main() {
                 Mode::Device(&rows),
                 &mut logits,
             );
-        }
-        let step_s = t.elapsed().as_secs_f64() / a.steps as f64;
+        });
         // --graphs: the same steps replayed from a CUDA graph (the first one captures it;
         // batches above the GEMV path run uncaptured: the same time).
         if a.graphs {
@@ -431,8 +438,7 @@ fn main() {
                 Mode::Device(&rows),
                 &mut logits,
             );
-            let t = Instant::now();
-            for i in 0..a.steps {
+            let graph_s = per_step(a.steps, |i| {
                 step(
                     &mut backend,
                     &mut tokens,
@@ -440,8 +446,7 @@ fn main() {
                     Mode::Device(&rows),
                     &mut logits,
                 );
-            }
-            let graph_s = t.elapsed().as_secs_f64() / a.steps as f64;
+            });
             println!(
                 "batch {b}: graphs {:.3} ms/step vs {:.3} uncaptured ({:.3}x); captured buckets {:?}, capture errors {:?}",
                 graph_s * 1e3,
@@ -455,8 +460,7 @@ fn main() {
         // The same steps with cuBLAS for every product (only differs for small batches).
         let blas_step_s = if b <= GEMV_MAX_TOKENS {
             backend.set_small_batch_gemv(false);
-            let t = Instant::now();
-            for i in 0..a.steps {
+            let s = per_step(a.steps, |i| {
                 step(
                     &mut backend,
                     &mut tokens,
@@ -464,16 +468,15 @@ fn main() {
                     Mode::Device(&rows),
                     &mut logits,
                 );
-            }
+            });
             backend.set_small_batch_gemv(true);
-            Some(t.elapsed().as_secs_f64() / a.steps as f64)
+            Some(s)
         } else {
             None
         };
         // The same steps with the logits brought to the host (f32) and greedy there.
         let host_steps = a.steps.min(8);
-        let t = Instant::now();
-        for i in 0..host_steps {
+        let host_s = per_step(host_steps, |i| {
             step(
                 &mut backend,
                 &mut tokens,
@@ -481,8 +484,7 @@ fn main() {
                 Mode::Host(&all),
                 &mut logits,
             );
-        }
-        let host_s = t.elapsed().as_secs_f64() / host_steps as f64;
+        });
         // Enqueue vs run, without the logits (no download, so forward returns once queued).
         let (mut enqueue, mut total) = (Vec::new(), Vec::new());
         for _ in 0..7 {

@@ -45,15 +45,7 @@ fn check_model(name: &str, config: &ModelConfig, kv: KvCacheDtype) {
     let mut cpu = CpuBackend::new(weights.clone(), cache).unwrap();
     let mut cuda = CudaBackend::new(&weights, cache, Gpu::new(0).unwrap()).unwrap();
     let vocab = config.vocab_size;
-    let seqs: Vec<Vec<u32>> = [53usize, 21]
-        .iter()
-        .enumerate()
-        .map(|(s, &n)| {
-            (0..n)
-                .map(|i| ((i * 7919 + s * 104_729) % vocab) as u32)
-                .collect()
-        })
-        .collect();
+    let seqs = token_seqs(&[53, 21], vocab);
     for chunks in [[53, 21], [11, 3], [1, 1]] {
         let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
         let want = batched::run_batched(&mut cpu, &refs, &chunks);
@@ -76,6 +68,18 @@ fn check_model(name: &str, config: &ModelConfig, kv: KvCacheDtype) {
             assert!(err < tol, "{name} {kv} {chunks:?} seq {s}: {err}");
         }
     }
+}
+
+/// Deterministic token ids for sequences of `lens` tokens (each sequence its own pattern).
+fn token_seqs(lens: &[usize], vocab: usize) -> Vec<Vec<u32>> {
+    lens.iter()
+        .enumerate()
+        .map(|(s, &n)| {
+            (0..n)
+                .map(|i| ((i * 7919 + s * 104_729) % vocab) as u32)
+                .collect()
+        })
+        .collect()
 }
 
 #[test]
@@ -261,15 +265,7 @@ fn cuda_graphs_replay_the_uncaptured_decode_steps() {
         let mut cuda = CudaBackend::new(&weights, cache, Gpu::new(0).unwrap()).unwrap();
         cuda.set_cuda_graphs(graphs);
         let vocab = config.vocab_size;
-        let seqs: Vec<Vec<u32>> = [70usize, 37, 19]
-            .iter()
-            .enumerate()
-            .map(|(s, &n)| {
-                (0..n)
-                    .map(|i| ((i * 7919 + s * 104_729) % vocab) as u32)
-                    .collect()
-            })
-            .collect();
+        let seqs = token_seqs(&[70, 37, 19], vocab);
         let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
         let out = batched::run_batched(&mut cuda, &refs, &[1, 1, 1]);
         (out, cuda.graph_buckets(), cuda.graph_capture_errors())
