@@ -142,59 +142,6 @@ __device__ __forceinline__ int k_chunk(int row, int col) {
   return (KVS_TC_INT8 && kChunksPerRow == 8) ? col ^ (row & 7) : col;
 }
 
-// KVSERVE_KERNEL_DEFINES=-DKVS_TC_BULK=1 (sm_90+, 16-bit KV): each tile's rows arrive by
-// 1-D bulk copies (the TMA engine, one 256-byte copy per K or V row into the padded rows,
-// completion counted on an mbarrier per stage) instead of cp.async: an A/B of the loader
-// (kernels/NOTES.md, "Decode bf16 bandwidth").
-#if !defined(KVS_TC_BULK) || KVS_TC_CODES || KVS_TC_INT4 || KVS_TC_INT8 || !defined(__CUDA_ARCH__) || \
-    __CUDA_ARCH__ < 900
-#undef KVS_TC_BULK
-#define KVS_TC_BULK 0
-#endif
-
-// KVSERVE_KERNEL_DEFINES=-DKVS_TC_SPLIT=1 (16-bit KV, cp.async): K and V of a tile are
-// separate commit groups, and the next K of a stage is issued as soon as q . K of the stage is
-// done, before the wait for its V: about 1.5 tiles in flight per warp while it computes
-// instead of 1 (kernels/NOTES.md, "Decode bf16 bandwidth").
-#if !defined(KVS_TC_SPLIT) || KVS_TC_CODES || KVS_TC_INT4 || KVS_TC_INT8 || KVS_TC_BULK
-#undef KVS_TC_SPLIT
-#define KVS_TC_SPLIT 0
-#endif
-
-#if KVS_TC_BULK
-__device__ __forceinline__ unsigned smem_u32(const void* p) {
-  return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void mbar_init(unsigned long long* bar) {
-  asm volatile("mbarrier.init.shared.b64 [%0], 1;\n" ::"r"(smem_u32(bar)) : "memory");
-}
-// The one arrival of the phase, announcing `bytes` of bulk copies that complete it.
-__device__ __forceinline__ void mbar_expect(unsigned long long* bar, unsigned bytes) {
-  asm volatile("{\n .reg .b64 st;\n mbarrier.arrive.expect_tx.shared.b64 st, [%0], %1;\n}\n" ::"r"(
-                   smem_u32(bar)),
-               "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void bulk_copy(void* dst, const void* src, unsigned bytes,
-                                          unsigned long long* bar) {
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
-          smem_u32(dst)),
-      "l"(src), "r"(bytes), "r"(smem_u32(bar))
-      : "memory");
-}
-__device__ __forceinline__ void mbar_wait(unsigned long long* bar, unsigned parity) {
-  unsigned done = 0;
-  while (!done) {
-    asm volatile(
-        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(smem_u32(bar)), "r"(parity)
-        : "memory");
-  }
-}
-#endif
-
 #if !KVS_TC_INT4 && !KVS_TC_INT8
 // Element `i` of a shared-memory row as the activation type (an fp8 code is exact in it).
 __device__ __forceinline__ scalar_t element(const unsigned char* row, int i) {
@@ -222,27 +169,8 @@ __device__ __forceinline__ void load_tile(WarpTiles& w, int stage, int t0, int f
                                           const unsigned char* __restrict__ v_cache,
                                           const int* __restrict__ table, int block_shift,
                                           int block_size, int num_kv_heads,
-                                          long long block_bytes, int head, int lane,
-                                          unsigned long long* bar) {
-#if KVS_TC_BULK
-  // Lane r < kTile copies K row r, lane kTile + r V row r; a row outside [first, end) is
-  // zeroed by its lane instead (0 * garbage could be NaN). Lane 0 announces the live bytes.
-  const int row = lane % kTile;
-  const long long off = row_offset(table, t0 + row, first, end, block_shift, block_size,
-                                   num_kv_heads, block_bytes, head, false);
-  const unsigned live = __ballot_sync(0xffffffffu, off >= 0);
-  if (lane == 0) mbar_expect(bar, __popc(live) * kValueRowBytes);
-  __syncwarp();
-  unsigned char* dst = lane < kTile ? w.k[stage][row] : w.v[stage][row];
-  if (off >= 0) {
-    bulk_copy(dst, (lane < kTile ? k_cache : v_cache) + off, kValueRowBytes, bar);
-  } else {
-#pragma unroll
-    for (int c = 0; c < kChunksPerRow; ++c) {
-      reinterpret_cast<uint4*>(dst)[c] = make_uint4(0u, 0u, 0u, 0u);
-    }
-  }
-#elif KVS_TC_INT4
+                                          long long block_bytes, int head, int lane) {
+#if KVS_TC_INT4
   // The lanes of a token's first two chunks also fetch its K (col 0) and V (col 1) (scale,
   // min) row, from the block base they computed: one table lookup per row and lane.
   static_assert(kChunksPerRow >= 2, "a K and a V lane per row");
@@ -495,7 +423,7 @@ __device__ __forceinline__ void stream_tiles(WarpTiles& w, const Partition& pt,
                                              const int* __restrict__ table, int block_shift,
                                              int block_size, int num_kv_heads,
                                              long long block_bytes, int head, int lane,
-                                             unsigned long long* bars, Tile&& tile) {
+                                             Tile&& tile) {
   constexpr int kStride = kWarps * kTile;
   // Tiles 0 .. kStages - 2 first (a commit group each, empty past the warp's tiles); then
   // iteration i issues tile i + kStages - 1 into the stage tile i - 1 used, and waits for the
@@ -503,14 +431,14 @@ __device__ __forceinline__ void stream_tiles(WarpTiles& w, const Partition& pt,
   // be a multiply-shift sequence).
   if (pt.my_tiles > 0) {
     load_tile(w, 0, pt.my_first, pt.p_start, pt.p_end, k_cache, v_cache, table, block_shift,
-              block_size, num_kv_heads, block_bytes, head, lane, &bars[0]);
+              block_size, num_kv_heads, block_bytes, head, lane);
   }
   cp_async_commit();
 #pragma unroll
   for (int s = 1; s < kStages - 1; ++s) {
     if (s < pt.my_tiles) {
       load_tile(w, s, pt.my_first + s * kStride, pt.p_start, pt.p_end, k_cache, v_cache, table,
-                block_shift, block_size, num_kv_heads, block_bytes, head, lane, &bars[s]);
+                block_shift, block_size, num_kv_heads, block_bytes, head, lane);
     }
     cp_async_commit();
   }
@@ -520,15 +448,10 @@ __device__ __forceinline__ void stream_tiles(WarpTiles& w, const Partition& pt,
       const int stage = kPow2Stages ? (i + kStages - 1) % kStages : fill;
       load_tile(w, stage, pt.my_first + (i + kStages - 1) * kStride, pt.p_start, pt.p_end,
                 k_cache, v_cache, table, block_shift, block_size, num_kv_heads, block_bytes,
-                head, lane, &bars[stage]);
+                head, lane);
     }
-#if KVS_TC_BULK
-    // Use k of a stage completes its barrier's phase k: parity k % 2 (2 stages: a power of 2).
-    mbar_wait(&bars[i % kStages], (i / kStages) & 1);
-#else
     cp_async_commit();
     cp_async_wait<kStages - 1>();  // this tile's group is complete (later ones may be in flight)
-#endif
     __syncwarp();
     tile(kPow2Stages ? i % kStages : use, pt.my_first + i * kStride);
     __syncwarp();  // the stage is read before a later iteration refills it
@@ -539,73 +462,6 @@ __device__ __forceinline__ void stream_tiles(WarpTiles& w, const Partition& pt,
   }
   cp_async_wait<0>();
 }
-
-#if KVS_TC_SPLIT
-// The K (kV false) or V rows of one tile into `stage`, zero-filled outside [first, end).
-template <bool kV>
-__device__ __forceinline__ void load_rows(WarpTiles& w, int stage, int t0, int first, int end,
-                                          const unsigned char* __restrict__ cache,
-                                          const int* __restrict__ table, int block_shift,
-                                          int block_size, int num_kv_heads,
-                                          long long block_bytes, int head, int lane) {
-#pragma unroll
-  for (int i = 0; i < kTile * kChunksPerRow / 32; ++i) {
-    const int c = lane + 32 * i;
-    const int row = c / kChunksPerRow, col = c % kChunksPerRow;
-    const long long off = row_offset(table, t0 + row, first, end, block_shift, block_size,
-                                     num_kv_heads, block_bytes, head, false);
-    cp_async16(kV ? &w.v[stage][row][col * 16] : &w.k[stage][row][col * 16],
-               cache + (off < 0 ? 0 : off + col * 16), off < 0 ? 0 : 16);
-  }
-}
-
-// As stream_tiles, with K and V of a tile in separate commit groups (K0 V0 K1 V1, then K and V
-// of tile i + 2 as tile i frees them): `tile(stage, t0, before_v)` computes with K, calls
-// before_v() (which refills the stage's K and waits for its V), then computes with V.
-template <class Tile>
-__device__ __forceinline__ void stream_tiles_split(WarpTiles& w, const Partition& pt,
-                                                   const unsigned char* __restrict__ k_cache,
-                                                   const unsigned char* __restrict__ v_cache,
-                                                   const int* __restrict__ table,
-                                                   int block_shift, int block_size,
-                                                   int num_kv_heads, long long block_bytes,
-                                                   int head, int lane, Tile&& tile) {
-  static_assert(kStages == 2, "two stages: the group counts below");
-  constexpr int kStride = kWarps * kTile;
-  // One commit group per call, empty past the warp's tiles.
-  auto load = [&](bool v, int stage, int i) {
-    if (i < pt.my_tiles) {
-      const int t0 = pt.my_first + i * kStride;
-      if (v) {
-        load_rows<true>(w, stage, t0, pt.p_start, pt.p_end, v_cache, table, block_shift,
-                        block_size, num_kv_heads, block_bytes, head, lane);
-      } else {
-        load_rows<false>(w, stage, t0, pt.p_start, pt.p_end, k_cache, table, block_shift,
-                         block_size, num_kv_heads, block_bytes, head, lane);
-      }
-    }
-    cp_async_commit();
-  };
-  load(false, 0, 0);
-  load(true, 0, 0);
-  load(false, 1, 1);
-  load(true, 1, 1);
-  for (int i = 0; i < pt.my_tiles; ++i) {
-    const int stage = i % 2;
-    cp_async_wait<3>();  // K of tile i (pending at most: V of i, K and V of i + 1)
-    __syncwarp();
-    tile(stage, pt.my_first + i * kStride, [&] {
-      __syncwarp();  // every lane is past its reads of the stage's K
-      load(false, stage, i + 2);
-      cp_async_wait<3>();  // V of tile i (pending at most: K and V of i + 1, K of i + 2)
-      __syncwarp();
-    });
-    __syncwarp();  // every lane is past its reads of the stage's V
-    load(true, stage, i + 2);
-  }
-  cp_async_wait<0>();
-}
-#endif
 
 }  // namespace kvserve
 
@@ -623,7 +479,6 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas)
   __shared__ __align__(16) WarpTiles tiles[kWarps];
   __shared__ float merge_m[kWarps][8];
   __shared__ float merge_l[kWarps][8];
-  __shared__ __align__(8) unsigned long long tile_bars[kWarps][kStages];  // KVS_TC_BULK only
   kvs_wait_prior();  // PDL (scalar.cuh)
   kvs_launch_dependents();
 
@@ -637,14 +492,6 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas)
   const int p_start = pt.p_start, p_end = pt.p_end;
   const int* table = block_tables + static_cast<long long>(seq) * max_blocks;
   const int num_heads = num_kv_heads * GQA_GROUP;
-#if KVS_TC_BULK
-  if (lane == 0) {
-#pragma unroll
-    for (int s = 0; s < kStages; ++s) mbar_init(&tile_bars[warp][s]);
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-  }
-  __syncwarp();
-#endif
 #if !KVS_TC_INT4 && !KVS_TC_INT8
   // Row r of the A operand is query head head * GQA_GROUP + r (r < GQA_GROUP), else zero.
   const int r = lane / 4;          // this lane's row (r + 8 is padding)
@@ -675,13 +522,8 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas)
   for (int j = 0; j < kNTiles; ++j) o[j][0] = o[j][1] = 0.f;
 
   WarpTiles& w = tiles[warp];
-#if KVS_TC_SPLIT
-  stream_tiles_split(w, pt, k_cache, v_cache, table, block_shift, block_size, num_kv_heads,
-                     block_bytes, head, lane, [&](int stage, int t0, auto&& before_v) {
-#else
   stream_tiles(w, pt, k_cache, v_cache, table, block_shift, block_size, num_kv_heads,
-               block_bytes, head, lane, tile_bars[warp], [&](int stage, int t0) {
-#endif
+               block_bytes, head, lane, [&](int stage, int t0) {
     // S = q . K^T for the tile's 16 tokens: two n tiles of 8 tokens.
     float s[2][4];
 #pragma unroll
@@ -742,9 +584,6 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas)
 #endif
     pa[1] = 0u;
     pa[3] = 0u;
-#if KVS_TC_SPLIT
-    before_v();
-#endif
 #pragma unroll
     for (int j = 0; j < kNTiles; ++j) {
       // B[k][n] = V[token k][channel 8 j + n], n = lane / 4.
@@ -833,7 +672,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas)
 
   WarpTiles& w = tiles[warp];
   stream_tiles(w, pt, k_cache, v_cache, table, block_shift, block_size, num_kv_heads,
-               block_bytes, head, lane, tile_bars[warp], [&](int stage, int t0) {
+               block_bytes, head, lane, [&](int stage, int t0) {
     // S^T = K q^T, per group: rows g, g + 8 are tokens t0 + g, t0 + g + 8 (A from the nibbles
     // of their K words 4 j + t); st[2 h + e]: token t0 + g + 8 h, head 2 t + e.
     const unsigned* k_lo = reinterpret_cast<const unsigned*>(w.k[stage][g]);
@@ -1052,7 +891,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas)
   const unsigned v_lane = static_cast<unsigned>(__cvta_generic_to_shared(
       &w.v[0][(lane & 7) + 8 * (lane >> 4)][16 * ((lane >> 3) & 1)]));
   stream_tiles(w, pt, k_cache, v_cache, table, block_shift, block_size, num_kv_heads,
-               block_bytes, head, lane, tile_bars[warp], [&](int stage, int t0) {
+               block_bytes, head, lane, [&](int stage, int t0) {
     // S^T = K q^T: rows g, g + 8 are tokens t0 + g, t0 + g + 8, lane t's K chunks
     // kChunksPerLane t + j of them (k_chunk: the same swizzle for both rows); A = 1152 + code.
     // acc[2 h + e]: token t0 + g + 8 h, head 2 t + e.
