@@ -75,6 +75,17 @@
 #define KVS_TC_INT8 0
 #endif
 
+// 16-bit KV (of the activation type) runs the transposed body too (S^T = K q^T, O^T = V^T P^T
+// with K and V^T loaded by ldmatrix straight from the tiles; a knob for measurements:
+// -DKVS_TC_T16=0 runs the first body, with the GQA group as the padded rows of A).
+#ifndef KVS_TC_T16
+#define KVS_TC_T16 1
+#endif
+#if KVS_TC_T16 && (KVS_TC_CODES || KVS_TC_INT4 || KVS_TC_INT8)
+#undef KVS_TC_T16
+#define KVS_TC_T16 0
+#endif
+
 // Tiles in shared memory per warp for int8 (a knob for measurements:
 // KVSERVE_KERNEL_DEFINES=-DKVS_TC_INT8_STAGES=2|3|4). Its tiles are half of bf16's bytes, so a
 // third stage keeps about as many bytes in flight per warp as bf16's two; at d = 128 three
@@ -88,12 +99,28 @@
 #endif
 #endif
 
+// Warps per CTA (a knob for measurements: KVSERVE_KERNEL_DEFINES=-DKVS_TC_WARPS=2|4). Each
+// warp streams its own tiles. 4 warps put more loads in flight per SM without more
+// partitions, but 4-warp 16-bit CTAs (68 KiB at d = 128, above the 48 KiB of static shared
+// memory) fit 3 to an SM and today's plan then needs two waves at 16 x 4K: 2 is the default
+// (kernels/NOTES.md, "4 warps per CTA"). The tiles live in dynamic shared memory; the module
+// exports its launch shape in `paged_decode_tc_launch` (below).
+#ifndef KVS_TC_WARPS
+#define KVS_TC_WARPS 2
+#endif
+
 namespace kvserve {
 
 constexpr int kTile = 16;                    // tokens per tile (the mma K of the PV product)
-constexpr int kWarps = 2;                    // warps per CTA, each with its own tiles
+constexpr int kWarps = KVS_TC_WARPS;         // warps per CTA, each with its own tiles
+static_assert(kWarps == 2 || kWarps == 4, "2 or 4 warps per CTA");
 constexpr int kThreads = 32 * kWarps;
-constexpr int kStages = KVS_TC_INT8 ? KVS_TC_INT8_STAGES : 2;  // tiles in shared memory per warp
+// Tiles in shared memory per warp; the other dtypes' count is a knob for measurements too
+// (KVSERVE_KERNEL_DEFINES=-DKVS_TC_STAGES=3).
+#ifndef KVS_TC_STAGES
+#define KVS_TC_STAGES 2
+#endif
+constexpr int kStages = KVS_TC_INT8 ? KVS_TC_INT8_STAGES : KVS_TC_STAGES;
 static_assert(kStages >= 2, "one tile in use while the next one is in flight");
 constexpr bool kPow2Stages = (kStages & (kStages - 1)) == 0;
 constexpr int kRowBytes = kValueRowBytes + 16;  // padded: no bank conflicts, 16-B aligned
@@ -110,14 +137,15 @@ constexpr int kStepsPerGroup = kGroupSize / 16;  // mma K steps of q . k per gro
 constexpr int kMTiles = HEAD_DIM / 16;           // mma M tiles (16 channels) of V^T P^T
 static_assert(kGroupSize % 32 == 0, "a group is whole pairs of k steps (whole K words)");
 static_assert(kScaleRowBytes == 4 * kGroups, "a half2 per group");
-constexpr int kMinCtas = 8;  // CTAs per SM the registers are bounded for (<= 128 each)
-#elif KVS_TC_INT8
+constexpr int kMinWarps = 16;  // warps per SM the registers are bounded for (<= 128 each)
+#elif KVS_TC_INT8 || KVS_TC_T16
 constexpr int kMTiles = HEAD_DIM / 16;         // mma M tiles (16 channels) of V^T P^T
 constexpr int kChunksPerLane = HEAD_DIM / 64;  // K chunks a lane reads per row (q . K)
-constexpr int kMinCtas = 8;
+constexpr int kMinWarps = 16;
 #else
-constexpr int kMinCtas = 6;
+constexpr int kMinWarps = 12;  // <= 168 registers each
 #endif
+constexpr int kMinCtas = kMinWarps / kWarps;
 
 // One warp's shared memory: kStages tiles of K and of V (rows of raw bytes), and for 8-bit
 // codes their scales, for int4 their (scale, min) rows.
@@ -133,6 +161,13 @@ struct WarpTiles {
   __half2 v_param[kStages][kTile][kGroups];
 #endif
 };
+
+// The launch shape the host reads from the module (cuModuleGetGlobal) before launching
+// `paged_decode_tc`: threads per CTA, bytes of dynamic shared memory (the warps' tiles, also
+// the space of the warp merge and of the split-KV merge), and the partition quantum (tokens a
+// round of tiles covers: partitions should be multiples of it).
+constexpr int kTilesBytes = kWarps * static_cast<int>(sizeof(WarpTiles));
+extern "C" __constant__ int paged_decode_tc_launch[3] = {kThreads, kTilesBytes, kTile * kWarps};
 
 // The 16-byte chunk of a K row's shared-memory copy that holds the row's chunk `col`. int8 at
 // d = 128 (8 chunks, unpadded 128-byte rows): col ^ (row % 8), so that the two rows of a
@@ -194,9 +229,9 @@ __device__ __forceinline__ void load_tile(WarpTiles& w, int stage, int t0, int f
       cp_async_ca<kScaleRowBytes>(dst, cache + param, live ? kScaleRowBytes : 0);
     }
   }
-#elif KVS_TC_INT8
+#elif KVS_TC_INT8 || KVS_TC_T16
   // One table lookup per lane: lane r = lane % kTile resolves token t0 + r (lanes r and r + 16
-  // alike: they copy its K and its V scale). The lanes copying a row's 16-byte chunks (8 lanes
+  // alike: for int8 they copy its K and its V scale). The lanes copying a row's 16-byte chunks (8 lanes
   // a row at d = 128) take the address of its K row from that lane by a shuffle, and its
   // liveness from a ballot (a token outside [first, end) is zero-filled, from a valid address);
   // V rows are at the same offset in v_cache. K chunks land swizzled (k_chunk).
@@ -221,6 +256,7 @@ __device__ __forceinline__ void load_tile(WarpTiles& w, int stage, int t0, int f
     cp_async16(&w.v[stage][row][col * 16],
                reinterpret_cast<const unsigned char*>(k_src + v_minus_k), bytes);
   }
+#if KVS_TC_INT8
   const long long scale_src =
       live ? base + kv_scale_section_offset(KV_DTYPE, block_size, num_kv_heads, HEAD_DIM) +
                  slot * kScaleRowBytes
@@ -230,6 +266,7 @@ __device__ __forceinline__ void load_tile(WarpTiles& w, int stage, int t0, int f
   } else {
     cp_async4(&w.v_scale[stage][r], v_cache + scale_src, live ? 4 : 0);
   }
+#endif
 #else
 #pragma unroll
   for (int i = 0; i < kTile * kChunksPerRow / 32; ++i) {
@@ -269,7 +306,7 @@ __device__ __forceinline__ float pair_sum(unsigned x) {
 }
 #endif
 
-#if KVS_TC_INT4 || KVS_TC_INT8
+#if KVS_TC_INT4 || KVS_TC_INT8 || KVS_TC_T16
 // The transpose of an 8x8 matrix of 16-bit pairs across the warp: lane l holds row l / 4,
 // columns 2 (l % 4), + 1 of M and receives the same of M^T.
 __device__ __forceinline__ unsigned transpose8x8(unsigned x) {
@@ -320,7 +357,7 @@ __device__ __forceinline__ float2 unpack_act(unsigned x) {
 }
 #endif
 
-#if KVS_TC_INT4 || KVS_TC_INT8
+#if KVS_TC_INT4 || KVS_TC_INT8 || KVS_TC_T16
 // The online-softmax step of a tile in the transposed bodies: st[2 h + e] is the logit (log2
 // units, -inf if masked) of token g + 8 h for head 2 t + e of this lane (g = lane / 4, t =
 // lane % 4). The head max is a shuffle over the 8 lanes of a column; m and l (this lane's
@@ -476,7 +513,8 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas)
                     float scale, int num_kv_heads, int block_size, int block_shift,
                     long long block_bytes, int max_blocks, int partition_size, int max_parts,
                     int window, unsigned* __restrict__ counters) {
-  __shared__ __align__(16) WarpTiles tiles[kWarps];
+  extern __shared__ __align__(16) unsigned char dynamic_smem[];  // kTilesBytes
+  WarpTiles* tiles = reinterpret_cast<WarpTiles*>(dynamic_smem);
   __shared__ float merge_m[kWarps][8];
   __shared__ float merge_l[kWarps][8];
   kvs_wait_prior();  // PDL (scalar.cuh)
@@ -492,7 +530,130 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas)
   const int p_start = pt.p_start, p_end = pt.p_end;
   const int* table = block_tables + static_cast<long long>(seq) * max_blocks;
   const int num_heads = num_kv_heads * GQA_GROUP;
-#if !KVS_TC_INT4 && !KVS_TC_INT8
+#if KVS_TC_T16
+  // Fragment coordinates: rows g and g + 8 of A and of D, column g of B; columns 2 t, 2 t + 1
+  // of D (query heads 2 t + e, e = 0, 1).
+  const int g = lane / 4, t = lane % 4;
+  const float scale2 = scale * kLog2e;  // logits in log2 units: exp2 below
+
+  // B of K q^T: q^T, column g = query head head * GQA_GROUP + g (zero past the group); k step
+  // s: channels 16 s + 2 t, + 1 (b0) and 16 s + 2 t + 8, + 9 (b1).
+  unsigned qb[kKSteps][2];
+  {
+    const bool live = g < GQA_GROUP;
+    const unsigned* qrow = reinterpret_cast<const unsigned*>(
+        q + (static_cast<long long>(seq) * num_heads + head * GQA_GROUP + (live ? g : 0)) *
+                HEAD_DIM);
+#pragma unroll
+    for (int s = 0; s < kKSteps; ++s) {
+      qb[s][0] = live ? qrow[8 * s + t] : 0u;
+      qb[s][1] = live ? qrow[8 * s + t + 4] : 0u;
+    }
+  }
+
+  // Online softmax state of heads 2 t + e (log2 units; l over this lane's tokens only, summed
+  // over the lanes g at the end) and O^T: o[mt][2 h + e] = O[head 2 t + e][channel 16 mt + g +
+  // 8 h].
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  float o[kMTiles][4];
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt) o[mt][0] = o[mt][1] = o[mt][2] = o[mt][3] = 0.f;
+
+  WarpTiles& w = tiles[warp];
+  // This lane's ldmatrix row: of K (A of S^T, not transposed), matrix lane / 8 is tokens
+  // 8 ((lane / 8) % 2) .. + 7 of channels 8 (lane / 16) .. + 7 of a k step; of V (A of O^T,
+  // transposed), tokens 8 (lane / 16) .. + 7 of channels 8 ((lane / 8) % 2) .. + 7 of an m tile.
+  // Padded rows (kRowBytes = 17 x 16 B): the 8 rows of a matrix are on distinct banks.
+  const unsigned k_lane = static_cast<unsigned>(__cvta_generic_to_shared(
+      &w.k[0][(lane & 7) + 8 * ((lane >> 3) & 1)][16 * (lane >> 4)]));
+  const unsigned v_lane = static_cast<unsigned>(__cvta_generic_to_shared(
+      &w.v[0][(lane & 7) + 8 * (lane >> 4)][16 * ((lane >> 3) & 1)]));
+  stream_tiles(w, pt, k_cache, v_cache, table, block_shift, block_size, num_kv_heads,
+               block_bytes, head, lane, [&](int stage, int t0) {
+    // S^T = K q^T: acc[x][2 h + e] is token t0 + g + 8 h, head 2 t + e, over the k steps of
+    // parity x (two chains of dependent mma, half as long as one).
+    float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    const unsigned k_addr = k_lane + stage * static_cast<unsigned>(sizeof(w.k[0]));
+#pragma unroll
+    for (int ks = 0; ks < kKSteps; ++ks) {
+      unsigned a[4];
+      ldmatrix_x4(a, k_addr + 32 * ks);
+      mma(acc[ks % 2], a, qb[ks][0], qb[ks][1]);
+    }
+    float st[4];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int tok = t0 + g + 8 * h;
+      const bool live = tok >= p_start && tok < p_end;
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float x = acc[0][2 * h + e] + acc[1][2 * h + e];
+        st[2 * h + e] = live ? x * scale2 : -INFINITY;
+      }
+    }
+    float alpha[2], pr[4];
+    online_softmax_transposed(st, m, l, alpha, pr);
+    // Rescale O only when a head's max moved somewhere in the warp (alpha is exactly 1
+    // otherwise).
+    if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        o[mt][0] *= alpha[0];
+        o[mt][1] *= alpha[1];
+        o[mt][2] *= alpha[0];
+        o[mt][3] *= alpha[1];
+      }
+    }
+    // O^T += V^T P^T: B = P^T, the S^T fragments (rows: tokens g, g + 8; columns: heads 2 t,
+    // 2 t + 1) packed and transposed into B fragments (rows: tokens 2 t, 2 t + 1 | 2 t + 8,
+    // 2 t + 9; column: head g). A: ldmatrix.x4.trans of the V tile, one per m tile.
+    const unsigned b0 = transpose8x8(pack_float(pr[0], pr[1]));
+    const unsigned b1 = transpose8x8(pack_float(pr[2], pr[3]));
+    const unsigned v_addr = v_lane + stage * static_cast<unsigned>(sizeof(w.v[0]));
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt) {
+      unsigned a[4];
+      ldmatrix_x4_trans(a, v_addr + 32 * mt);
+      mma(o[mt], a, b0, b1);
+    }
+  });
+
+  // Sums of l over the lanes g (the tokens).
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+#pragma unroll
+    for (int x = 4; x < 32; x *= 2) l[e] += __shfl_xor_sync(0xffffffffu, l[e], x);
+  }
+
+  // Merge the warps as the other bodies do: (m, l) per head, O through the tiles' memory.
+  if (g == 0) {
+    merge_m[warp][2 * t] = m[0];
+    merge_m[warp][2 * t + 1] = m[1];
+    merge_l[warp][2 * t] = l[0];
+    merge_l[warp][2 * t + 1] = l[1];
+  }
+  __syncthreads();
+  float mine[2];
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    float m_all = -INFINITY;
+#pragma unroll
+    for (int x = 0; x < kWarps; ++x) m_all = fmaxf(m_all, merge_m[x][2 * t + e]);
+    mine[e] = m[e] == -INFINITY ? 0.f : exp2f(m[e] - m_all);
+  }
+  float* o_sh = reinterpret_cast<float*>(&tiles[0].k[0][0][0]);  // [kWarps][8][HEAD_DIM]
+  static_assert(kTilesBytes >= kWarps * 8 * HEAD_DIM * sizeof(float), "merge space");
+  __syncthreads();  // everyone has read merge_*; the tiles are free
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    float* row = o_sh + (warp * 8 + 2 * t + e) * HEAD_DIM + g;
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt) {
+      row[16 * mt] = o[mt][e] * mine[e];
+      row[16 * mt + 8] = o[mt][2 + e] * mine[e];
+    }
+  }
+#elif !KVS_TC_INT4 && !KVS_TC_INT8
   // Row r of the A operand is query head head * GQA_GROUP + r (r < GQA_GROUP), else zero.
   const int r = lane / 4;          // this lane's row (r + 8 is padding)
   const int kq = (lane % 4) * 2;   // this lane's first column within a k step / n tile
@@ -614,7 +775,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas)
   for (int x = 0; x < kWarps; ++x) m_all = fmaxf(m_all, merge_m[x][r]);
   const float mine = m == -INFINITY ? 0.f : exp2f(m - m_all);
   float* o_sh = reinterpret_cast<float*>(&tiles[0].k[0][0][0]);  // [kWarps][8][HEAD_DIM]
-  static_assert(sizeof(WarpTiles) >= kWarps * 8 * HEAD_DIM * sizeof(float), "merge space");
+  static_assert(kTilesBytes >= kWarps * 8 * HEAD_DIM * sizeof(float), "merge space");
   __syncthreads();  // everyone has read merge_*; the tiles are free
 #pragma unroll
   for (int j = 0; j < kNTiles; ++j) {
@@ -800,7 +961,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas)
     mine[e] = m[e] == -INFINITY ? 0.f : exp2f(m[e] - m_all);
   }
   float* o_sh = reinterpret_cast<float*>(&tiles[0].k[0][0][0]);  // [kWarps][8][HEAD_DIM]
-  static_assert(sizeof(tiles) >= kWarps * 8 * HEAD_DIM * sizeof(float), "merge space");
+  static_assert(kTilesBytes >= kWarps * 8 * HEAD_DIM * sizeof(float), "merge space");
   __syncthreads();  // everyone has read merge_*; the tiles are free
 #pragma unroll
   for (int mt = 0; mt < kMTiles; ++mt) {
@@ -1008,7 +1169,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas)
     mine[e] = (m[e] == -INFINITY ? 0.f : exp2f(m[e] - m_all)) * inv_f;
   }
   float* o_sh = reinterpret_cast<float*>(&tiles[0].k[0][0][0]);  // [kWarps][8][HEAD_DIM]
-  static_assert(sizeof(tiles) >= kWarps * 8 * HEAD_DIM * sizeof(float), "merge space");
+  static_assert(kTilesBytes >= kWarps * 8 * HEAD_DIM * sizeof(float), "merge space");
   __syncthreads();  // everyone has read merge_*; the tiles are free
 #pragma unroll
   for (int e = 0; e < 2; ++e) {
@@ -1042,7 +1203,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas)
   // channels, 5 rounds of loads); 8 at d = 64 (half the bytes; 16 would take the d = 64
   // variants from ~95 to ~127 registers, 10 -> 8 CTAs per SM).
   using Merge = GroupMerge<kThreads, GQA_GROUP, HEAD_DIM >= 128 ? 16 : 8>;
-  static_assert(sizeof(tiles) >= Merge::kSmemFloats * sizeof(float), "merge scratch");
+  static_assert(kTilesBytes >= Merge::kSmemFloats * sizeof(float), "merge scratch");
   __threadfence();
   __syncthreads();  // also: every thread has read o_sh, the merge may reuse the tiles
   // (seq, head) anew: not kept in registers through the main loop (fresh_tid).

@@ -229,9 +229,9 @@ impl Default for PagedDecoder {
     }
 }
 
-/// Tokens per warp tile times warps per CTA of the tensor-core kernel: its partitions are
-/// multiples of this.
-const TC_QUANTUM: usize = 32;
+/// The tensor-core kernel's partitions are multiples of this: tokens per warp tile (16) times
+/// warps per CTA (2 or 4, `KVS_TC_WARPS`; the module exports its own, checked to divide this).
+const TC_QUANTUM: usize = 64;
 
 /// How one call is split (what [`PagedDecoder::plan`] chose).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -402,14 +402,9 @@ impl PagedDecoder {
         let kv_heads = layout.num_kv_heads();
         let kernel = self.kernel_for(T::SCALAR, layout.dtype());
         let plan = self.plan(kernel, gpu, meta, kv_heads, group, d);
-        let (program, name, threads, smem) = match kernel {
-            DecodeKernel::Split => (
-                Program::PagedAttention,
-                "paged_decode_partition",
-                128,
-                4 * group * (plan.partition_size + d),
-            ),
-            DecodeKernel::TensorCore => (Program::PagedAttentionTc, "paged_decode_tc", 64, 0),
+        let (program, name) = match kernel {
+            DecodeKernel::Split => (Program::PagedAttention, "paged_decode_partition"),
+            DecodeKernel::TensorCore => (Program::PagedAttentionTc, "paged_decode_tc"),
         };
         let variant = Variant {
             program,
@@ -418,7 +413,26 @@ impl PagedDecoder {
             head_dim: d,
             gqa_group: group,
         };
-        let partition = gpu.function(&variant, name)?;
+        let (partition, threads, smem) = match kernel {
+            DecodeKernel::Split => (
+                gpu.function(&variant, name)?,
+                128,
+                4 * group * (plan.partition_size + d),
+            ),
+            DecodeKernel::TensorCore => {
+                let (f, shape) = gpu.shaped_function(&variant, name)?;
+                if shape.quantum == 0 || !TC_QUANTUM.is_multiple_of(shape.quantum as usize) {
+                    return Err(KernelError::Unsupported {
+                        kernel: name,
+                        what: format!(
+                            "{variant}: rounds of {} tokens (not a divisor of {TC_QUANTUM})",
+                            shape.quantum
+                        ),
+                    });
+                }
+                (f, shape.threads, shape.dynamic_smem as usize)
+            }
+        };
         let scratch = meta.num_seqs * num_heads * plan.max_parts;
         let (tmp, maxl, sums) = (
             grow(&mut self.tmp_out, gpu, scratch * d)?,
@@ -457,13 +471,15 @@ impl PagedDecoder {
         }
         // SAFETY: the argument list matches `paged_decode_partition` in
         // kernels/paged_attention.cu and `paged_decode_tc` in kernels/paged_attention_tc.cu
-        // (the same list, then the tensor-core kernel's counters; 128 and 64 threads as their
-        // launch bounds); every buffer was checked above to hold what the kernel reads or
+        // (the same list, then the tensor-core kernel's counters; 128 threads for the split
+        // kernel, the tensor-core kernel's the threads its module exports, as its launch
+        // bounds); every buffer was checked above to hold what the kernel reads or
         // writes for this grid (q/out sizes, caches of `num_blocks` blocks, block tables whose
         // attended entries are below `num_blocks`, scratch of `max_parts` partitions, a
         // counter per (sequence, KV head), zero as every earlier launch left it), and the
-        // dynamic shared memory fits the 48 KiB default limit (plan(); the tensor-core
-        // kernel's is static, at most 35 KiB).
+        // dynamic shared memory fits: the split kernel's the 48 KiB default limit (plan()),
+        // the tensor-core kernel's exactly what its module exports, the function's limit
+        // raised to it (`shaped_function`, which refuses more than the device allows).
         // The kernel calls kvs_wait_prior() before touching any buffer (PDL).
         unsafe { launch.dependent().launch(cfg) }?;
         // The split kernel's partitions are merged by a second launch (the tensor-core kernel

@@ -25,6 +25,21 @@ pub struct Gpu {
     modules: Mutex<FxHashMap<Variant, Arc<CudaModule>>>,
     /// Function handles already looked up: a launch costs no `cuModuleGetFunction`.
     functions: Mutex<FxHashMap<(Variant, &'static str), CudaFunction>>,
+    /// Launch shapes read from the modules of kernels that export one ([`Gpu::shaped_function`]).
+    shapes: Mutex<FxHashMap<(Variant, &'static str), LaunchShape>>,
+}
+
+/// What a kernel's module says about how to launch it (`<kernel>_launch`, three `int`s in
+/// constant memory): the kernel was compiled for exactly this block size and dynamic shared
+/// memory, which depend on its variant's defines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LaunchShape {
+    /// Threads per CTA.
+    pub threads: u32,
+    /// Bytes of dynamic shared memory per CTA.
+    pub dynamic_smem: u32,
+    /// The kernel's work quantum (for the decode kernel: tokens per round of its warps' tiles).
+    pub quantum: u32,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -106,6 +121,7 @@ impl Gpu {
             pdl_capable,
             modules: Mutex::new(FxHashMap::default()),
             functions: Mutex::new(FxHashMap::default()),
+            shapes: Mutex::new(FxHashMap::default()),
         })
     }
 
@@ -189,5 +205,72 @@ impl Gpu {
         let f = module.load_function(name)?;
         lock(&self.functions).insert((*variant, name), f.clone());
         Ok(f)
+    }
+
+    /// Kernel `name` of `variant` with the launch shape its module exports as `<name>_launch`
+    /// (read once, with a synchronous copy: the first call must not be inside a graph
+    /// capture), its dynamic shared-memory limit raised to that size where it exceeds the
+    /// default 48 KiB.
+    ///
+    /// # Errors
+    /// Compile and driver errors; [`KernelError::Unsupported`] for a shape the device cannot
+    /// launch (more shared memory than a CTA may have).
+    pub(crate) fn shaped_function(
+        &self,
+        variant: &Variant,
+        name: &'static str,
+    ) -> Result<(CudaFunction, LaunchShape)> {
+        let f = self.function(variant, name)?;
+        if let Some(shape) = lock(&self.shapes).get(&(*variant, name)) {
+            return Ok((f, *shape));
+        }
+        let module =
+            lock(&self.modules)
+                .get(variant)
+                .cloned()
+                .ok_or_else(|| KernelError::Unsupported {
+                    kernel: name,
+                    what: format!("{variant}: its module is not loaded"),
+                })?;
+        let symbol = format!("{name}_launch");
+        let bytes = {
+            let global = module.get_global(&symbol, &self.stream)?;
+            self.stream.clone_dtoh(&global)?
+        };
+        let word = |i: usize| -> Result<u32> {
+            bytes
+                .get(4 * i..4 * i + 4)
+                .and_then(|b| b.try_into().ok())
+                .map(u32::from_le_bytes)
+                .ok_or_else(|| KernelError::Unsupported {
+                    kernel: name,
+                    what: format!("{variant}: {symbol} of {} bytes (12 expected)", bytes.len()),
+                })
+        };
+        let shape = LaunchShape {
+            threads: word(0)?,
+            dynamic_smem: word(1)?,
+            quantum: word(2)?,
+        };
+        let optin = self.ctx.attribute(
+            sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+        )?;
+        if i64::from(shape.dynamic_smem) > i64::from(optin) {
+            return Err(KernelError::Unsupported {
+                kernel: name,
+                what: format!(
+                    "{variant}: {} bytes of shared memory per CTA (the device allows {optin})",
+                    shape.dynamic_smem
+                ),
+            });
+        }
+        if shape.dynamic_smem > 48 * 1024 {
+            f.set_attribute(
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                shape.dynamic_smem as i32,
+            )?;
+        }
+        lock(&self.shapes).insert((*variant, name), shape);
+        Ok((f, shape))
     }
 }
