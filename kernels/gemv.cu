@@ -930,9 +930,9 @@ __device__ __forceinline__ void glu_tc_prologue(const scalar_t* w, int k, int in
 // product no occupancy (kernel_report: no spills).
 #define GEMV_FMA_CTAS(M) ((M) == 1 ? 8 : (M) == 2 ? 6 : (M) == 3 ? 4 : (M) <= 5 ? 3 : 2)
 #define GEMV_TC_CTAS 3
-// int4's quantization needs a few more registers than 32 (it spilled): 6 CTAs per SM for one
-// token (still one wave for the 8B Q/K/V product's 768 CTAs on 132 SMs).
-#if defined(KV_DTYPE) && KVT_IS_INT4
+// The 8-bit and int4 quantization needs a few more registers than 32 (it spilled): 6 CTAs per
+// SM for one token (still one wave for the 8B Q/K/V product's 768 CTAs on 132 SMs).
+#if defined(KV_DTYPE) && KV_DTYPE != KVT_FP16 && KV_DTYPE != KVT_BF16
 #define GEMV_ROPE_CTAS(M) ((M) == 1 ? 6 : GEMV_FMA_CTAS(M))
 #else
 #define GEMV_ROPE_CTAS(M) GEMV_FMA_CTAS(M)
