@@ -123,7 +123,7 @@ fn add_norm_tail_matches_gemv_then_rms_norm_bit_for_bit() {
     let mut counter = TailCounter::new(&gpu).unwrap();
     let mut failures = Vec::new();
     // (rows n, input width k): the 8B O and down products (rms_norm CTA of 1024 threads),
-    // SmolLM2's (576: 160 threads, 4 values each but the last), rows of 584 (152 threads)
+    // SmolLM2's (576: 160 threads, 4 values each but the last), rows of 584 (160 threads)
     // from inputs of 1544 (not a multiple of 32: the FMA kernels at every token count).
     let shapes = [
         (4096, 4096),
