@@ -13,32 +13,23 @@
 // int4 (kv-quant's Int4 layouts: two codes 0..15 per byte, a half2 (scale, min) per group of
 // G = 32, 64, 128 or head_dim channels; x = code * s + m) has its own body in the kernel: the
 // products are transposed, S^T = K q^T and O^T = V^T P^T, so the 16 rows of A are tokens
-// (q . K) and channels (P . V), and the 8 columns of B the GQA group's query heads (no
-// zero-padded rows). Both products are fp16 mma whatever the activation type, as int8's:
-// - Codes: a 32-bit word of nibbles becomes four fp16 pairs with one shift and four lop3
-//   (nib16): (w & 0x000F000F) | 0x6400 is 1024 + code, (w & 0x00F000F0) | 0x6400 is 1024 +
-//   16 code (exact: fp16's spacing is 1 in [1024, 2048)), the same of w >> 8 for the other
-//   two nibbles. The factor 16 ("w") of the odd nibbles is divided out of q (q . K) or out of
-//   the output rows (P . V); the offset 1024 is folded (below).
-// - Fragments by ldmatrix (tile_words): lane (g, t) gets word t of rows g, g + 8 of each
-//   16-byte segment of the K tile (A of q . K), and with .trans the 16-bit element g (4
-//   channels) of tokens 2 t, 2 t + 1 and 2 t + 8, 2 t + 9 of each segment of the V tile (A of
-//   P . V). Rows are padded by 16 bytes (conflict-free phases).
-// - q . K: k step 2 j + h of lane t holds channels c0, c0 + 4 (k 2 t, 2 t + 1: weight 1) and
-//   c0 + 1, c0 + 5 (k 2 t + 8, 2 t + 9: weight 16), c0 = 32 j + 8 t + 2 h; B = q^T 2^sigma per
-//   head (max |q| 2^sigma in [2^14, 2^15): bf16 and fp16 q exact in fp16), divided by the
-//   weight. Per group a chain of mma gives S'_g = sum (1024 + w code) B; then
-//     logit 2^sigma = sum_g s_g S'_g + [sum_g s_g (-1024 Bsum_g) + m_g Qsum_g],
-//   the bracket one more mma per tile: A = the tokens' (scale, min) rows by ldmatrix (k 2 i,
-//   2 i + 1 = (s_i, m_i); k 8.. the same again), B = kappa (-1024 Bsum_i, Qsum_i) per head,
-//   split into an fp16 high part (k < 8) and the rest (k >= 8), kappa = 2^-16 for fp16's range.
-// - P . V: B_g = fp16(p s_g f)^T per group (movmatrix), f a power of two per warp keeping p s f
-//   below 2^15 (int8's rule: lowered, with O rescaled, when a tile brings a larger V scale);
-//   O' = V^T B_g per group. One accumulator `yv` collects, by mma, in rows 8 + g the sums
-//   sum_t B_g,t (A = ones in row 8 + g: the codes' offset) and in rows 1, 3, 5, 7 the min sums
-//   sum_t p_t m_t,g (A = the (scale, min) rows transposed by ldmatrix.trans, B = fp16(p)^T):
-//     O = ((O' - 1024 sum_t B_g,t) / w) / f + sum_t p_t m_t,g.
-// Checked lane by lane in kernels/experiments/tc_emulation.py (run_int4).
+// (q . K) and channels (P . V), and the 8 columns of B the GQA group's query heads: no
+// zero-padded rows (16 mma per tile instead of 32), and each lane converts the (scale, min)
+// of two tokens instead of four. The tiles hold the packed nibbles and their (scale, min)
+// rows; lanes turn the nibbles of a 32-bit word into fragments (nibble_pair: 1 + code / 16 in
+// bf16 / fp16, exact, one shift and one lop3 per pair). The channel order of each 16-channel
+// k step is permuted (the same for q and K: q . K is unchanged) so that word 4 j + t of a K
+// row holds lane t's channels of k steps 2 j and 2 j + 1: k step 2 j + h, lane t: channels
+// c0, c0 + 4 (k 2 t, 2 t + 1) and c0 + 1, c0 + 5 (k 2 t + 8, 2 t + 9), c0 = 32 j + 8 t + 2 h.
+// A group is a run of whole k steps, so S_g = K_g q_g^T comes from its own mma chain, and
+// the (scale, min) fold after it:
+//   logit = sum_g s_g (16 S_g - 16 Qsum_g) + m_g Qsum_g,  Qsum_g = sum_{c in g} q_c
+// (Qsum per head and group computed once per CTA). P . V: A fragments are exact codes
+// (code_pair) of channel 32 b + 4 g + i, lane g reading half g % 2 of word 4 b + g / 2 of its
+// four token rows (byte_perm puts two tokens' halves side by side): one group per m tile. B
+// = (p s_g)^T per group (the int8 rule; movmatrix transposes the S^T fragments into B
+// fragments), and sum_t p_t m_t,g is kept per head and group (rescaled like O) and added to
+// the group's channels at the end. Checked lane by lane in kernels/experiments/tc_emulation.py.
 //
 // int8 (kv-quant's Int8: symmetric codes, one f32 scale per token and head) is transposed the
 // same way, and both of its products are fp16 mma whatever the activation type: 0x6400 | (byte
@@ -58,10 +49,10 @@
 // Why: the first decode kernel (paged_attention.cu) is bound by latency and instructions per
 // byte (12-23% occupancy, at most half the DRAM peak on an H200; kernels/NOTES.md). Here each
 // warp streams its own tiles of 16 tokens through shared memory with cp.async, two stages deep
-// (int8: three on sm_90, int4: four; the next tiles' K and V are in flight while this one is
-// used), and does the arithmetic of a tile in 32 mma.sync instructions: the GQA group's query
-// heads are the rows of the A operand (padded to 16), so each K and V row is read once for the
-// whole group.
+// (int8: three on sm_90; the next tiles' K and V are in flight while this one is used), and
+// does the arithmetic of a tile in 32 mma.sync instructions: the GQA group's query heads are
+// the rows of the A operand (padded to 16), so each K and V row is read once for the whole
+// group.
 //
 // Grid (num_kv_heads, num_seqs, max_parts), block kThreads, as paged_decode_partition; one
 // CTA per (KV head, sequence, partition); partitions of `partition_size` tokens (a multiple
@@ -108,17 +99,6 @@
 #endif
 #endif
 
-// The same for int4 (-DKVS_TC_INT4_STAGES=2|3|4): its tiles are 2.5-3 KiB (d = 128), so 4
-// stages on sm_90 (26.6 KiB per CTA at d = 128 with the q fragments: 8 CTAs per SM), 2 below
-// (sm_80: 15 KiB, 8 CTAs; 3 stages would leave 7).
-#ifndef KVS_TC_INT4_STAGES
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define KVS_TC_INT4_STAGES 4
-#else
-#define KVS_TC_INT4_STAGES 2
-#endif
-#endif
-
 // Warps per CTA (a knob for measurements: KVSERVE_KERNEL_DEFINES=-DKVS_TC_WARPS=2|4). Each
 // warp streams its own tiles. 4 warps put more loads in flight per SM without more
 // partitions, but 4-warp 16-bit CTAs (68 KiB at d = 128, above the 48 KiB of static shared
@@ -140,9 +120,7 @@ constexpr int kThreads = 32 * kWarps;
 #ifndef KVS_TC_STAGES
 #define KVS_TC_STAGES 2
 #endif
-constexpr int kStages = KVS_TC_INT8   ? KVS_TC_INT8_STAGES
-                        : KVS_TC_INT4 ? KVS_TC_INT4_STAGES
-                                      : KVS_TC_STAGES;
+constexpr int kStages = KVS_TC_INT8 ? KVS_TC_INT8_STAGES : KVS_TC_STAGES;
 static_assert(kStages >= 2, "one tile in use while the next one is in flight");
 constexpr bool kPow2Stages = (kStages & (kStages - 1)) == 0;
 constexpr int kRowBytes = kValueRowBytes + 16;  // padded: no bank conflicts, 16-B aligned
@@ -157,12 +135,8 @@ static_assert(kTile * kChunksPerRow % 32 == 0, "whole chunks per lane");
 constexpr int kGroups = HEAD_DIM / kGroupSize;   // (scale, min) pairs per row
 constexpr int kStepsPerGroup = kGroupSize / 16;  // mma K steps of q . k per group
 constexpr int kMTiles = HEAD_DIM / 16;           // mma M tiles (16 channels) of V^T P^T
-constexpr int kSegs = HEAD_DIM / 32;             // 16-byte segments (32 channels) of a row
-constexpr int kSegsPerGroup = kGroupSize / 32;
-constexpr int kParamRowBytes = 16;  // (scale, min) rows in shared memory, zero past the groups
-static_assert(kGroupSize % 32 == 0, "a group is whole segments (whole pairs of k steps)");
+static_assert(kGroupSize % 32 == 0, "a group is whole pairs of k steps (whole K words)");
 static_assert(kScaleRowBytes == 4 * kGroups, "a half2 per group");
-static_assert(kGroups <= 4 && kSegs % 2 == 0, "(scale, min) rows fit k 0..7 of the fold");
 constexpr int kMinWarps = 16;  // warps per SM the registers are bounded for (<= 128 each)
 #elif KVS_TC_INT8 || KVS_TC_T16
 constexpr int kMTiles = HEAD_DIM / 16;         // mma M tiles (16 channels) of V^T P^T
@@ -183,8 +157,8 @@ struct WarpTiles {
   float v_scale[kStages][kTile];
 #endif
 #if KVS_TC_INT4
-  unsigned char k_param[kStages][kTile][kParamRowBytes];  // 16-byte aligned (as k and v)
-  unsigned char v_param[kStages][kTile][kParamRowBytes];
+  __half2 k_param[kStages][kTile][kGroups];  // 16-byte aligned: k and v are multiples of 16
+  __half2 v_param[kStages][kTile][kGroups];
 #endif
 };
 
@@ -232,34 +206,28 @@ __device__ __forceinline__ void load_tile(WarpTiles& w, int stage, int t0, int f
                                           int block_size, int num_kv_heads,
                                           long long block_bytes, int head, int lane) {
 #if KVS_TC_INT4
-  // Each lane copies its own token's rows (no shuffles): lane l resolves token t0 + l % kTile
-  // (one table lookup) and copies the 16-byte chunks l / 16 + 2 i of its K and V rows (one
-  // instruction of the warp: 16 rows x 32 contiguous bytes), lanes < 16 its K (scale, min) row,
-  // the others its V row. A token outside [first, end) is zero-filled, from a valid address.
-  static_assert(kChunksPerRow % 2 == 0, "two lanes per row");
-  const int r = lane % kTile;
-  const int tok = t0 + r;
-  const bool live = tok >= first && tok < end;
-  const long long base = live ? static_cast<long long>(table[tok >> block_shift]) * block_bytes : 0;
-  const int slot = head * block_size + (tok & (block_size - 1));
-  const long long row = live ? base + slot * kValueRowBytes + 16 * (lane / kTile) : 0;
-  const int bytes = live ? 16 : 0;
+  // The lanes of a token's first two chunks also fetch its K (col 0) and V (col 1) (scale,
+  // min) row, from the block base they computed: one table lookup per row and lane.
+  static_assert(kChunksPerRow >= 2, "a K and a V lane per row");
 #pragma unroll
-  for (int i = 0; i < kChunksPerRow / 2; ++i) {
-    const int col = lane / kTile + 2 * i;
-    cp_async16(&w.k[stage][r][col * 16], k_cache + row + 32 * i, bytes);
-    cp_async16(&w.v[stage][r][col * 16], v_cache + row + 32 * i, bytes);
-  }
-  const long long param_src =
-      live ? base + kv_scale_section_offset(KV_DTYPE, block_size, num_kv_heads, HEAD_DIM) +
-                 slot * kScaleRowBytes
-           : 0;
-  if (lane < kTile) {
-    cp_async_ca<kScaleRowBytes>(&w.k_param[stage][r][0], k_cache + param_src,
-                                live ? kScaleRowBytes : 0);
-  } else {
-    cp_async_ca<kScaleRowBytes>(&w.v_param[stage][r][0], v_cache + param_src,
-                                live ? kScaleRowBytes : 0);
+  for (int i = 0; i < kTile * kChunksPerRow / 32; ++i) {
+    const int c = lane + 32 * i;
+    const int row = c / kChunksPerRow, col = c % kChunksPerRow;
+    const int t = t0 + row;
+    const bool live = t >= first && t < end;
+    const int slot = head * block_size + (t & (block_size - 1));
+    const long long base = live ? static_cast<long long>(table[t >> block_shift]) * block_bytes : 0;
+    const long long value = base + slot * kValueRowBytes + col * 16;
+    cp_async16(&w.k[stage][row][col * 16], k_cache + value, live ? 16 : 0);
+    cp_async16(&w.v[stage][row][col * 16], v_cache + value, live ? 16 : 0);
+    const long long param =
+        base + kv_scale_section_offset(KV_DTYPE, block_size, num_kv_heads, HEAD_DIM) +
+        slot * kScaleRowBytes;
+    if (col < 2) {
+      const unsigned char* cache = col == 0 ? k_cache : v_cache;
+      __half2* dst = col == 0 ? &w.k_param[stage][row][0] : &w.v_param[stage][row][0];
+      cp_async_ca<kScaleRowBytes>(dst, cache + param, live ? kScaleRowBytes : 0);
+    }
   }
 #elif KVS_TC_INT8 || KVS_TC_T16
   // One table lookup per lane: lane r = lane % kTile resolves token t0 + r (lanes r and r + 16
@@ -326,6 +294,18 @@ __device__ __forceinline__ void load_tile(WarpTiles& w, int stage, int t0, int f
 #endif
 }
 
+#if KVS_TC_INT4
+// The two values of a packed pair of the activation type, summed in f32.
+__device__ __forceinline__ float pair_sum(unsigned x) {
+#if SCALAR == 0
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(x & 0xffffu))) +
+         __half2float(__ushort_as_half(static_cast<unsigned short>(x >> 16)));
+#else
+  return __uint_as_float(x << 16) + __uint_as_float(x & 0xffff0000u);
+#endif
+}
+#endif
+
 #if KVS_TC_INT4 || KVS_TC_INT8 || KVS_TC_T16
 // The transpose of an 8x8 matrix of 16-bit pairs across the warp: lane l holds row l / 4,
 // columns 2 (l % 4), + 1 of M and receives the same of M^T.
@@ -336,7 +316,7 @@ __device__ __forceinline__ unsigned transpose8x8(unsigned x) {
 }
 #endif
 
-#if KVS_TC_INT8 || KVS_TC_INT4
+#if KVS_TC_INT8
 
 // D = A * B + D for one m16n8k16 tile of fp16 operands (whatever the activation type), f32
 // accumulators.
@@ -354,30 +334,6 @@ __device__ __forceinline__ unsigned pack_half(float lo, float hi) {
   return *reinterpret_cast<const unsigned*>(&h);
 }
 
-constexpr unsigned kHalfOnes = 0x3C003C00u;  // fp16 (1, 1)
-
-// The two values of a packed pair of the activation type as f32 (exact).
-__device__ __forceinline__ float2 unpack_act(unsigned x) {
-#if SCALAR == 0
-  return __half22float2(*reinterpret_cast<const __half2*>(&x));
-#else
-  return make_float2(__uint_as_float(x << 16), __uint_as_float(x & 0xffff0000u));
-#endif
-}
-
-// The power of two qf = 2^sigma that brings a head whose max |q| is `amax` (over the quad's
-// lanes) into [2^14, 2^15) (qf within [2^-114, 2^99]), and inv_qf = 1 / qf: q qf is exact in
-// fp16 for bf16 and fp16 q, unless below amax 2^-31.
-__device__ __forceinline__ void fp16_range_of(float amax, float& qf, float& inv_qf) {
-  amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
-  amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
-  const unsigned expo = max((__float_as_uint(amax) >> 23) & 0xffu, 42u);
-  qf = __uint_as_float((268u - expo) << 23);      // 2^(141 - expo)
-  inv_qf = __uint_as_float((expo - 14u) << 23);  // 2^(expo - 141)
-}
-#endif
-
-#if KVS_TC_INT8
 // Four int8 codes with their sign bits flipped: bytes code + 128.
 __device__ __forceinline__ unsigned flip_codes(unsigned w) { return w ^ 0x80808080u; }
 
@@ -389,54 +345,15 @@ __device__ __forceinline__ unsigned code_pair(unsigned x) {
 }
 constexpr unsigned kSel02 = 0x4240u, kSel13 = 0x4341u;
 constexpr float kCodeOffset = 1152.f;  // code_pair's value minus the code
+constexpr unsigned kHalfOnes = 0x3C003C00u;  // fp16 (1, 1)
+
+// The two values of a packed pair of the activation type as f32 (exact).
+__device__ __forceinline__ float2 unpack_act(unsigned x) {
+#if SCALAR == 0
+  return __half22float2(*reinterpret_cast<const __half2*>(&x));
+#else
+  return make_float2(__uint_as_float(x << 16), __uint_as_float(x & 0xffff0000u));
 #endif
-
-#if KVS_TC_INT4
-// Nibbles 0 and 4 (kMask 0x000F000F) or 1 and 5 (0x00F000F0) of `w` as an fp16 pair
-// 0x6400 | bits: 1024 + code, or 1024 + 16 code (exact; one lop3 with both constants).
-template <unsigned kMask>
-__device__ __forceinline__ unsigned nib16(unsigned w) {
-  unsigned d;
-  asm("lop3.b32 %0, %1, %2, %3, 0xea;\n" : "=r"(d) : "r"(w), "n"(kMask), "n"(0x64006400u));
-  return d;
-}
-constexpr unsigned kNibLo = 0x000F000Fu, kNibHi = 0x00F000F0u;
-constexpr float kNibOffset = 1024.f;  // nib16's value minus the code (times 16 for kNibHi)
-
-// The four fp16 pairs of a word of nibbles: p[0] nibbles 0, 4 (1024 + code), p[1] 1, 5
-// (1024 + 16 code), p[2] 2, 6, p[3] 3, 7 (the same of w >> 8).
-__device__ __forceinline__ void nibble_pairs(unsigned w, unsigned (&p)[4]) {
-  const unsigned w8 = w >> 8;
-  p[0] = nib16<kNibLo>(w);
-  p[1] = nib16<kNibHi>(w);
-  p[2] = nib16<kNibLo>(w8);
-  p[3] = nib16<kNibHi>(w8);
-}
-
-// The words of a 16-row tile of nibbles (K or V, rows of kRowBytes) a lane needs for 16-byte
-// segments j and j + 1 (j even), by one ldmatrix.x4; `addr` is the lane's row address of the
-// tile (tile_lane_offset). Without kTrans (K: A of q . K): r[0] / r[1] = word t of segment j of
-// rows g / g + 8, r[2] / r[3] the same of segment j + 1. With kTrans (V: A of P . V): r[0] =
-// 16-bit element g of segment j of tokens 2 t (low half) and 2 t + 1, r[1] the same of tokens
-// 2 t + 8, 2 t + 9, r[2] / r[3] of segment j + 1.
-template <bool kTrans>
-__device__ __forceinline__ void tile_words(unsigned (&r)[4], unsigned addr, int j) {
-  if constexpr (kTrans) {
-    ldmatrix_x4_trans(r, addr + 16 * j);
-  } else {
-    ldmatrix_x4(r, addr + 16 * j);
-  }
-}
-
-// The scale of group `grp` in a (scale, min) row of the tile, as f32.
-__device__ __forceinline__ float param_scale(const unsigned char* row, int grp) {
-  return __low2float(reinterpret_cast<const __half2*>(row)[grp]);
-}
-
-// Lane l's row address within a tile for tile_words: matrix l / 8 of an ldmatrix.x4 is rows
-// 8 ((l / 8) % 2) .. + 7 of segment l / 16 (of the pair).
-__device__ __forceinline__ int tile_lane_offset(int lane) {
-  return ((lane & 7) + 8 * ((lane >> 3) & 1)) * kRowBytes + 16 * (lane >> 4);
 }
 #endif
 
@@ -461,29 +378,6 @@ __device__ __forceinline__ void online_softmax_transposed(const float (&st)[4], 
     pr[2 + e] = m_new == -INFINITY ? 0.f : exp2_approx(st[2 + e] - m_new);
     l[e] = l[e] * alpha[e] + pr[e] + pr[2 + e];
     m[e] = m_new;
-  }
-}
-
-// f of the transposed bodies' P . V (B = p s_v f in fp16): the largest power of two with
-// f max s_v < 2^15 over the warp's tokens so far, so that B (p <= 1) is a normal fp16 value or
-// a negligible one (fp16 has 5 exponent bits; the scales f32's 8). `smax` is this lane's max V
-// scale of the tile; f (bits `fbits`) is lowered only when the tile brings a V scale of a
-// higher binade than any before: f_new = min(f, 2^(141 - exponent(max s_v))).
-__device__ __forceinline__ unsigned lowered_f(float smax, unsigned fbits) {
-  smax = fmaxf(smax, __shfl_xor_sync(0xffffffffu, smax, 4));
-  smax = fmaxf(smax, __shfl_xor_sync(0xffffffffu, smax, 8));
-  smax = fmaxf(smax, __shfl_xor_sync(0xffffffffu, smax, 16));
-  return min(fbits, (268u << 23) - (__float_as_uint(smax) & 0x7f800000u));
-}
-
-// O^T of the transposed bodies times r0 (head 2 t) and r1 (head 2 t + 1).
-__device__ __forceinline__ void scale_o(float (&o)[HEAD_DIM / 16][4], float r0, float r1) {
-#pragma unroll
-  for (int mt = 0; mt < HEAD_DIM / 16; ++mt) {
-    o[mt][0] *= r0;
-    o[mt][1] *= r1;
-    o[mt][2] *= r0;
-    o[mt][3] *= r1;
   }
 }
 #endif
@@ -888,261 +782,169 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas)
     o_sh[(warp * 8 + r) * HEAD_DIM + 8 * j + kq] = o[j][0] * mine;
     o_sh[(warp * 8 + r) * HEAD_DIM + 8 * j + kq + 1] = o[j][1] * mine;
   }
-#elif KVS_TC_INT4  // the transposed fp16 products (see the top of the file)
+#elif KVS_TC_INT4  // the transposed products (see the top of the file)
   // Fragment coordinates: rows g and g + 8 of A and of D, column g of B; columns 2 t, 2 t + 1
   // of D (query heads 2 t + e, e = 0, 1).
   const int g = lane / 4, t = lane % 4;
-  WarpTiles& w = tiles[warp];
 
-  // B of K q^T: q^T 2^sigma in fp16, column g = query head head * GQA_GROUP + g (zero past the
-  // group); k step s = 2 j + h: b0 = channels c0, c0 + 4, b1 = c0 + 1, c0 + 5 divided by 16 (the
-  // weight of their codes), c0 = 32 j + 8 t + 2 h. fold_b0 / fold_b1: B of the fold for lane
-  // t's group t (zero past the groups), kappa (-1024 Bsum_t, Qsum_t) of head g split into an
-  // fp16 high part and the rest (Bsum: of the B values, Qsum: of the weighted B values, i.e.
-  // of q 2^sigma). qscale[e] = scale log2(e) / 2^sigma of head 2 t + e. All of it is kept in
-  // shared memory, the same for both warps: q_frag[j][lane] the k steps of segment j,
-  // q_frag[kSegs][lane] (fold_b0, fold_b1, qscale): 20 registers fewer in the loop for 5
-  // LDS.128 per tile at d = 128.
-  constexpr float kFoldScale = 1.f / 65536.f;  // kappa: kappa 1024 Bsum < 2^14, kappa Qsum <= 16
-  __shared__ __align__(16) uint4 q_frag[kSegs + 1][32];
-  __shared__ __align__(16) uint4 zero_row;  // rows 8..15 of the min sums' A
+  // B of K q^T: q^T, column g = query head head * GQA_GROUP + g (zero past the group), k steps
+  // in the permuted channel order; Qsum of heads 2 t + e per group (and 16 Qsum).
+  unsigned qb[kKSteps][2];
+  float qsum[2][kGroups], qsum16[2][kGroups];
   {
-    unsigned qb[kKSteps][2], fold_b0, fold_b1;
-    float qscale[2];
     const bool live = g < GQA_GROUP;
     const scalar_t* qrow =
         q + (static_cast<long long>(seq) * num_heads + head * GQA_GROUP + (live ? g : 0)) *
                 HEAD_DIM;
-    float x[kKSteps][4];
-    float amax = 0.f;
+    float mine[kGroups];
+#pragma unroll
+    for (int grp = 0; grp < kGroups; ++grp) mine[grp] = 0.f;
 #pragma unroll
     for (int s = 0; s < kKSteps; ++s) {
       const int c0 = 32 * (s / 2) + 8 * t + 2 * (s % 2);
-      const int ch[4] = {c0, c0 + 4, c0 + 1, c0 + 5};
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        x[s][i] = live ? to_float(qrow[ch[i]]) : 0.f;
-        amax = fmaxf(amax, fabsf(x[s][i]));
-      }
+      qb[s][0] = live ? pack(qrow[c0], qrow[c0 + 4]) : 0u;
+      qb[s][1] = live ? pack(qrow[c0 + 1], qrow[c0 + 5]) : 0u;
+      mine[s / kStepsPerGroup] += pair_sum(qb[s][0]) + pair_sum(qb[s][1]);
     }
-    float qf, inv_qf;
-    fp16_range_of(amax, qf, inv_qf);
-    const float qf16 = qf * 0.0625f;
-    float bsum[kGroups], qsum[kGroups];
-#pragma unroll
-    for (int grp = 0; grp < kGroups; ++grp) bsum[grp] = qsum[grp] = 0.f;
-#pragma unroll
-    for (int s = 0; s < kKSteps; ++s) {
-      qb[s][0] = pack_half(x[s][0] * qf, x[s][1] * qf);
-      qb[s][1] = pack_half(x[s][2] * qf16, x[s][3] * qf16);
-      const float2 lo = __half22float2(*reinterpret_cast<const __half2*>(&qb[s][0]));
-      const float2 hi = __half22float2(*reinterpret_cast<const __half2*>(&qb[s][1]));
-      bsum[s / kStepsPerGroup] += (lo.x + lo.y) + (hi.x + hi.y);
-      qsum[s / kStepsPerGroup] += (lo.x + lo.y) + 16.f * (hi.x + hi.y);
-    }
-    float fb = 0.f, fq = 0.f;  // head g's sums over group t
 #pragma unroll
     for (int grp = 0; grp < kGroups; ++grp) {
-      float b = bsum[grp], qs = qsum[grp];  // over the quad's channels
-      b += __shfl_xor_sync(0xffffffffu, b, 1);
-      b += __shfl_xor_sync(0xffffffffu, b, 2);
-      qs += __shfl_xor_sync(0xffffffffu, qs, 1);
-      qs += __shfl_xor_sync(0xffffffffu, qs, 2);
-      fb = grp == t ? b : fb;
-      fq = grp == t ? qs : fq;
-    }
-    const float vb = -kNibOffset * kFoldScale * fb, vq = kFoldScale * fq;
-    fold_b0 = pack_half(vb, vq);
-    const float2 high = __half22float2(*reinterpret_cast<const __half2*>(&fold_b0));
-    fold_b1 = pack_half(vb - high.x, vq - high.y);
-    const float scale2 = scale * kLog2e;  // logits in log2 units: exp2 below
+      float x = mine[grp];  // head g's sum over the quad's channels
+      x += __shfl_xor_sync(0xffffffffu, x, 1);
+      x += __shfl_xor_sync(0xffffffffu, x, 2);
 #pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      qscale[e] = scale2 * __shfl_sync(0xffffffffu, inv_qf, 4 * (2 * t + e));
-    }
-    if (warp == 0) {  // the warps' fragments are the same
-#pragma unroll
-      for (int j = 0; j < kSegs; ++j) {
-        q_frag[j][lane] =
-            make_uint4(qb[2 * j][0], qb[2 * j][1], qb[2 * j + 1][0], qb[2 * j + 1][1]);
-      }
-      q_frag[kSegs][lane] =
-          make_uint4(fold_b0, fold_b1, __float_as_uint(qscale[0]), __float_as_uint(qscale[1]));
-      if (lane == 0) zero_row = make_uint4(0u, 0u, 0u, 0u);
-    }
-    __syncthreads();
-  }
-  // The (scale, min) rows past the groups stay zero (cp.async writes kScaleRowBytes of each).
-  if constexpr (kScaleRowBytes < kParamRowBytes) {
-    unsigned* kp = reinterpret_cast<unsigned*>(&w.k_param[0][0][0]);
-    unsigned* vp = reinterpret_cast<unsigned*>(&w.v_param[0][0][0]);
-    for (int i = lane; i < kStages * kTile * kParamRowBytes / 4; i += 32) {
-      if (i % (kParamRowBytes / 4) >= kGroups) {
-        kp[i] = 0u;
-        vp[i] = 0u;
+      for (int e = 0; e < 2; ++e) {
+        qsum[e][grp] = __shfl_sync(0xffffffffu, x, 4 * (2 * t + e));
+        qsum16[e][grp] = 16.f * qsum[e][grp];
       }
     }
   }
+  const float scale2 = scale * kLog2e;  // logits in log2 units: exp2 below
 
-  // Online softmax state of heads 2 t + e (log2 units; l over this lane's tokens only, summed
-  // over the lanes g at the end); O^T scaled by f: o[2 b + i][2 h + e] = f w O[head 2 t + e]
-  // [channel 32 b + 4 g + 2 i + h] + 1024 sum_t B_g,t (w = 1 for h = 0, 16 for h = 1); yv:
-  // rows g and g + 8 of the sums (yv[e]: row g, head 2 t + e: g odd, sum_t p_t m_t,(g - 1) / 2;
-  // yv[2 + e]: row 8 + g: sum_t B_g,t for g < kGroups). f = 2^126 until the first tile's V
-  // scales lower it.
+  // Online softmax state of heads 2 t + e (log2 units; l and msum over this lane's tokens
+  // only, summed over the lanes g at the end) and O^T: o[mt][2 h + e] = O[head 2 t + e]
+  // [channel 32 (mt / 2) + 4 g + 2 (mt % 2) + h] (h = 0: row g, 1: row g + 8 of m tile mt).
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  float msum[2][kGroups];  // sum_t p_t m_t,g
   float o[kMTiles][4];
-  float yv[4] = {0.f, 0.f, 0.f, 0.f};
-  unsigned fbits = 253u << 23;
+#pragma unroll
+  for (int grp = 0; grp < kGroups; ++grp) msum[0][grp] = msum[1][grp] = 0.f;
 #pragma unroll
   for (int mt = 0; mt < kMTiles; ++mt) o[mt][0] = o[mt][1] = o[mt][2] = o[mt][3] = 0.f;
-  // The K and V tiles' lane addresses are formed in the loop from a fresh thread index (held
-  // through it, they cost the last registers under the 128 cap).
-  const unsigned k_tiles = static_cast<unsigned>(__cvta_generic_to_shared(&w.k[0][0][0]));
-  const unsigned v_tiles = static_cast<unsigned>(__cvta_generic_to_shared(&w.v[0][0][0]));
-  // ldmatrix.x4 of a (scale, min) tile. K: lane l addresses row l % 16 (rows 0..15 twice).
-  // V (.trans): lanes 0..7 / 16..23 rows 0..7 / 8..15, lanes 8..15 and 24..31 a zero row.
-  const unsigned kp_lane =
-      static_cast<unsigned>(__cvta_generic_to_shared(&w.k_param[0][lane % kTile][0]));
-  const unsigned vp_lane = static_cast<unsigned>(
-      __cvta_generic_to_shared(&w.v_param[0][(lane & 7) + ((lane >> 1) & 8)][0]));
-  const unsigned zero_lane = static_cast<unsigned>(__cvta_generic_to_shared(&zero_row));
+
+  WarpTiles& w = tiles[warp];
   stream_tiles(w, pt, k_cache, v_cache, table, block_shift, block_size, num_kv_heads,
                block_bytes, head, lane, [&](int stage, int t0) {
-    // S^T = K q^T: st[2 h + e] for token t0 + g + 8 h, head 2 t + e. First the fold (A: the
-    // tokens' (scale, min) rows, k 2 i, 2 i + 1 = group i, the same again at k 8..), then
-    // per group s_g S'_g (A: the codes of rows g, g + 8, words t of their segments).
-    float st[4] = {0.f, 0.f, 0.f, 0.f};
-    const uint4 fold = q_frag[kSegs][lane];  // fold's B, qscale
-    {
-      unsigned a[4];  // rows 0..15 (matrices 0, 1), the same again (2, 3: k 8..15)
-      ldmatrix_x4(a, kp_lane + stage * static_cast<unsigned>(sizeof(w.k_param[0])));
-      mma_f16(st, a, fold.x, fold.y);
-    }
+    // S^T = K q^T, per group: rows g, g + 8 are tokens t0 + g, t0 + g + 8 (A from the nibbles
+    // of their K words 4 j + t); st[2 h + e]: token t0 + g + 8 h, head 2 t + e.
+    const unsigned* k_lo = reinterpret_cast<const unsigned*>(w.k[stage][g]);
+    const unsigned* k_hi = reinterpret_cast<const unsigned*>(w.k[stage][g + 8]);
+    float st[4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) st[i] *= 1.f / kFoldScale;
-    const unsigned lane_off = tile_lane_offset(fresh_tid() % 32);
-    const unsigned k_addr = k_tiles + lane_off + stage * static_cast<unsigned>(sizeof(w.k[0]));
-    unsigned words[4];  // tile_words of the segments in use
-    float acc[4];
+    for (int grp = 0; grp < kGroups; ++grp) {
+      float acc[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-    for (int j = 0; j < kSegs; ++j) {
-      if (j % 2 == 0) tile_words<false>(words, k_addr, j);
-      if (j % kSegsPerGroup == 0) acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
-      unsigned px[4], py[4];
-      nibble_pairs(words[2 * (j % 2)], px);
-      nibble_pairs(words[2 * (j % 2) + 1], py);
-      const uint4 qv = q_frag[j][lane];
-      const unsigned a0[4] = {px[0], py[0], px[1], py[1]};
-      mma_f16(acc, a0, qv.x, qv.y);
-      const unsigned a1[4] = {px[2], py[2], px[3], py[3]};
-      mma_f16(acc, a1, qv.z, qv.w);
-      if (j % kSegsPerGroup == kSegsPerGroup - 1) {  // the group's scales
-        const int grp = j / kSegsPerGroup;
-        const float s_lo = param_scale(w.k_param[stage][g], grp);
-        const float s_hi = param_scale(w.k_param[stage][g + 8], grp);
-        st[0] = fmaf(s_lo, acc[0], st[0]);
-        st[1] = fmaf(s_lo, acc[1], st[1]);
-        st[2] = fmaf(s_hi, acc[2], st[2]);
-        st[3] = fmaf(s_hi, acc[3], st[3]);
+      for (int j = grp * kStepsPerGroup / 2; j < (grp + 1) * kStepsPerGroup / 2; ++j) {
+        const unsigned x = k_lo[4 * j + t], y = k_hi[4 * j + t];
+        const unsigned a0[4] = {nibble_pair<0>(x), nibble_pair<0>(y), nibble_pair<1>(x),
+                                nibble_pair<1>(y)};
+        mma(acc, a0, qb[2 * j][0], qb[2 * j][1]);
+        const unsigned a1[4] = {nibble_pair<2>(x), nibble_pair<2>(y), nibble_pair<3>(x),
+                                nibble_pair<3>(y)};
+        mma(acc, a1, qb[2 * j + 1][0], qb[2 * j + 1][1]);
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float2 sm = __half22float2(w.k_param[stage][g + 8 * h][grp]);  // scale, min
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float x = fmaf(sm.y, qsum[e][grp], grp == 0 ? 0.f : st[2 * h + e]);
+          st[2 * h + e] = fmaf(sm.x, fmaf(16.f, acc[2 * h + e], -qsum16[e][grp]), x);
+        }
       }
     }
-    // The mask, log2 units; the online softmax of heads 2 t + e over the lanes g.
+    // Mask, log2 units, and the online softmax of heads 2 t + e over the lanes g.
     float alpha[2], pr[4];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int tok = t0 + g + 8 * h;
       const bool live = tok >= p_start && tok < p_end;
-      st[2 * h] = live ? st[2 * h] * __uint_as_float(fold.z) : -INFINITY;
-      st[2 * h + 1] = live ? st[2 * h + 1] * __uint_as_float(fold.w) : -INFINITY;
+      st[2 * h] = live ? st[2 * h] * scale2 : -INFINITY;
+      st[2 * h + 1] = live ? st[2 * h + 1] * scale2 : -INFINITY;
     }
     online_softmax_transposed(st, m, l, alpha, pr);
-    // f (int8's rule) over every group's V scale of tokens g, g + 8: the scales are fp16 values
-    // >= 0, so their max is that of the low halves of the (scale, min) words as unsigned.
-    float smax;
-    {
-      const uint4 lo = *reinterpret_cast<const uint4*>(w.v_param[stage][g]);
-      const uint4 hi = *reinterpret_cast<const uint4*>(w.v_param[stage][g + 8]);
-      const unsigned wv[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
-      unsigned mx = wv[0];
+    // Rescale O and the min sums only when a head's max moved somewhere in the warp (after
+    // the first tiles it rarely does; alpha is exactly 1 otherwise).
+    if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
 #pragma unroll
-      for (int i = 1; i < 8; ++i) {
-        if (i % 4 < kGroups) mx = __vmaxu2(mx, wv[i]);
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        o[mt][0] *= alpha[0];
+        o[mt][1] *= alpha[1];
+        o[mt][2] *= alpha[0];
+        o[mt][3] *= alpha[1];
       }
-      smax = __low2float(*reinterpret_cast<const __half2*>(&mx));
-    }
-    const unsigned fnew = lowered_f(smax, fbits);
-    // Rescale O and the sums only when a head's max moved somewhere in the warp or f moved
-    // (after the first tiles both are rare). The min sums (yv[0..1]) carry no f.
-    if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f) || fnew != fbits) {
-      const float ratio = __uint_as_float(fnew) * __uint_as_float((254u << 23) - fbits);
-      const float r0 = alpha[0] * ratio, r1 = alpha[1] * ratio;
-      scale_o(o, r0, r1);
-      yv[0] *= alpha[0];
-      yv[1] *= alpha[1];
-      yv[2] *= r0;
-      yv[3] *= r1;
-      fbits = fnew;
-    }
-    // The min sums: A = the (scale, min) rows transposed (rows: s_0, m_0, s_1, ...; k: tokens),
-    // B = fp16(p)^T (rows: tokens 2 t, 2 t + 1 | 2 t + 8, 2 t + 9; column: head g).
-    {
-      const unsigned b0 = transpose8x8(pack_half(pr[0], pr[1]));
-      const unsigned b1 = transpose8x8(pack_half(pr[2], pr[3]));
-      unsigned a[4];  // matrices 0, 2: tokens 0..7, 8..15; 1, 3 (rows 8..15 of A): zero_row
-      ldmatrix_x4_trans(a, (lane & 8) ? zero_lane : vp_lane + stage * static_cast<unsigned>(
-                                                                   sizeof(w.v_param[0])));
-      mma_f16(yv, a, b0, b1);
-    }
-    // O^T += V^T B_g per group, B_g = fp16(p s_g f)^T; row 8 + g of yv += ones B_g. A: m tile
-    // 2 b + i, rows g / g + 8: channels 32 b + 4 g + 2 i / + 1 (weight 1 / 16), k: tokens.
-    const unsigned v_addr = v_tiles + lane_off + stage * static_cast<unsigned>(sizeof(w.v[0]));
-    const float f = __uint_as_float(fbits);
-    const float pf[4] = {pr[0] * f, pr[1] * f, pr[2] * f, pr[3] * f};
-    unsigned b0 = 0u, b1 = 0u;
 #pragma unroll
-    for (int b = 0; b < kSegs; ++b) {
-      if (b % 2 == 0) tile_words<true>(words, v_addr, b);
-      if (b % kSegsPerGroup == 0) {  // the group's B
-        const int grp = b / kSegsPerGroup;
-        const float s0 = param_scale(w.v_param[stage][g], grp);
-        const float s1 = param_scale(w.v_param[stage][g + 8], grp);
-        b0 = transpose8x8(pack_half(pf[0] * s0, pf[1] * s0));
-        b1 = transpose8x8(pack_half(pf[2] * s1, pf[3] * s1));
-        const unsigned one = g == grp ? kHalfOnes : 0u;
-        const unsigned ones[4] = {0u, one, 0u, one};  // row 8 + grp of A
-        mma_f16(yv, ones, b0, b1);
+      for (int grp = 0; grp < kGroups; ++grp) {
+        msum[0][grp] *= alpha[0];
+        msum[1][grp] *= alpha[1];
       }
-      unsigned px[4], py[4];
-      nibble_pairs(words[2 * (b % 2)], px);
-      nibble_pairs(words[2 * (b % 2) + 1], py);
-      const unsigned a0[4] = {px[0], px[1], py[0], py[1]};
-      mma_f16(o[2 * b], a0, b0, b1);
-      const unsigned a1[4] = {px[2], px[3], py[2], py[3]};
-      mma_f16(o[2 * b + 1], a1, b0, b1);
+    }
+    // O^T += V^T (P s_g)^T per group. B: P scaled by the tokens' V scales, packed as the
+    // S^T fragments (rows: tokens g, g + 8; columns: heads 2 t, 2 t + 1) and transposed into
+    // B fragments (rows: tokens 2 t, 2 t + 1 | 2 t + 8, 2 t + 9; column: head g). A: the codes
+    // of channel 32 b + 4 g + i, tokens 2 t, 2 t + 1 (from half g % 2 of word 4 b + g / 2 of
+    // both rows, side by side) and 2 t + 8, 2 t + 9.
+    const unsigned* v0 = reinterpret_cast<const unsigned*>(w.v[stage][2 * t]);
+    const unsigned* v1 = reinterpret_cast<const unsigned*>(w.v[stage][2 * t + 1]);
+    const unsigned* v8 = reinterpret_cast<const unsigned*>(w.v[stage][2 * t + 8]);
+    const unsigned* v9 = reinterpret_cast<const unsigned*>(w.v[stage][2 * t + 9]);
+    const unsigned sel = (g & 1) ? 0x7632u : 0x5410u;
+#pragma unroll
+    for (int grp = 0; grp < kGroups; ++grp) {
+      const float2 lo = __half22float2(w.v_param[stage][g][grp]);  // token t0 + g: scale, min
+      const float2 hi = __half22float2(w.v_param[stage][g + 8][grp]);
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        msum[e][grp] = fmaf(pr[e], lo.y, fmaf(pr[2 + e], hi.y, msum[e][grp]));
+      }
+      const unsigned b0 = transpose8x8(pack_float(pr[0] * lo.x, pr[1] * lo.x));
+      const unsigned b1 = transpose8x8(pack_float(pr[2] * hi.x, pr[3] * hi.x));
+#pragma unroll
+      for (int b = grp * kGroupSize / 32; b < (grp + 1) * kGroupSize / 32; ++b) {
+        const int wi = 4 * b + g / 2;
+        const unsigned x = __byte_perm(v0[wi], v1[wi], sel);  // tokens 2 t, 2 t + 1
+        const unsigned y = __byte_perm(v8[wi], v9[wi], sel);  // tokens 2 t + 8, 2 t + 9
+        const unsigned a0[4] = {nibble_code<0>(x), nibble_code<1>(x), nibble_code<0>(y),
+                                nibble_code<1>(y)};
+        mma(o[2 * b], a0, b0, b1);
+        const unsigned a1[4] = {nibble_code<2>(x), nibble_code<3>(x), nibble_code<2>(y),
+                                nibble_code<3>(y)};
+        mma(o[2 * b + 1], a1, b0, b1);
+      }
     }
   });
 
-  // Sums of l over the lanes g (the tokens); each group's sums from the lanes holding them:
-  // sum_t B_g,t from lane (g, t) (yv[2 + e]), the min sums from lane (2 g + 1, t) (yv[e]).
+  // Sums over the lanes g (the tokens), then the min terms join their groups' channels.
 #pragma unroll
   for (int e = 0; e < 2; ++e) {
 #pragma unroll
-    for (int x = 4; x < 32; x *= 2) l[e] += __shfl_xor_sync(0xffffffffu, l[e], x);
-  }
-  float bsum[kGroups][2], msum[kGroups][2];
+    for (int x = 4; x < 32; x *= 2) {
+      l[e] += __shfl_xor_sync(0xffffffffu, l[e], x);
 #pragma unroll
-  for (int grp = 0; grp < kGroups; ++grp) {
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      bsum[grp][e] = __shfl_sync(0xffffffffu, yv[2 + e], 4 * grp + t);
-      msum[grp][e] = __shfl_sync(0xffffffffu, yv[e], 4 * (2 * grp + 1) + t);
+      for (int grp = 0; grp < kGroups; ++grp) {
+        msum[e][grp] += __shfl_xor_sync(0xffffffffu, msum[e][grp], x);
+      }
     }
   }
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt) {
+    const int grp = 32 * (mt / 2) / kGroupSize;
+    o[mt][0] += msum[0][grp];
+    o[mt][1] += msum[1][grp];
+    o[mt][2] += msum[0][grp];
+    o[mt][3] += msum[1][grp];
+  }
 
-  // Merge the warps as the other dtypes do: (m, l) per head, O through the tiles' memory, with
-  // the codes' offset and weights taken out, f undone (1 / f: bits (254 << 23) - fbits) and
-  // the min sums added.
+  // Merge the warps as the other dtypes do: (m, l) per head, O through the tiles' memory.
   if (g == 0) {
     merge_m[warp][2 * t] = m[0];
     merge_m[warp][2 * t + 1] = m[1];
@@ -1158,21 +960,17 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas)
     for (int x = 0; x < kWarps; ++x) m_all = fmaxf(m_all, merge_m[x][2 * t + e]);
     mine[e] = m[e] == -INFINITY ? 0.f : exp2f(m[e] - m_all);
   }
-  const float inv_f = __uint_as_float((254u << 23) - fbits);
   float* o_sh = reinterpret_cast<float*>(&tiles[0].k[0][0][0]);  // [kWarps][8][HEAD_DIM]
   static_assert(kTilesBytes >= kWarps * 8 * HEAD_DIM * sizeof(float), "merge space");
   __syncthreads();  // everyone has read merge_*; the tiles are free
 #pragma unroll
   for (int mt = 0; mt < kMTiles; ++mt) {
-    const int grp = mt / 2 / kSegsPerGroup;
     const int ch = 32 * (mt / 2) + 4 * g + 2 * (mt % 2);
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
-      const float off = kNibOffset * bsum[grp][e];
       float* row = o_sh + (warp * 8 + 2 * t + e) * HEAD_DIM;
-      *reinterpret_cast<float2*>(row + ch) =
-          make_float2(((o[mt][e] - off) * inv_f + msum[grp][e]) * mine[e],
-                      ((o[mt][2 + e] - off) * (inv_f * 0.0625f) + msum[grp][e]) * mine[e]);
+      row[ch] = o[mt][e] * mine[e];
+      row[ch + 1] = o[mt][2 + e] * mine[e];
     }
   }
 #else  // int8: transposed like int4, both products fp16 mma (see the top of the file)
@@ -1210,8 +1008,11 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas)
     const float qf = 1.f;
     (void)amax;
 #else
-    float qf, inv_qf;
-    fp16_range_of(amax, qf, inv_qf);
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+    const unsigned expo = max((__float_as_uint(amax) >> 23) & 0xffu, 42u);
+    const float qf = __uint_as_float((268u - expo) << 23);      // 2^(141 - expo)
+    const float inv_qf = __uint_as_float((expo - 14u) << 23);  // 2^(expo - 141)
 #endif
     float sum = 0.f;
 #pragma unroll
@@ -1285,16 +1086,29 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas)
     }
     float alpha[2], pr[4];
     online_softmax_transposed(st, m, l, alpha, pr);
-    // f (lowered_f; O rescaled when it moves).
+    // f: the largest power of two with f max s_v < 2^15 over the warp's tokens so far, so that
+    // B = p s_v f (p <= 1) is a normal fp16 value or a negligible one (fp16 has 5 exponent
+    // bits; the scales f32's 8). Lowered (and O rescaled) only when a tile brings a V scale of a
+    // higher binade than any before: f_new = min(f, 2^(141 - exponent(max s_v))).
     const float sv0 = w.v_scale[stage][g], sv1 = w.v_scale[stage][g + 8];
-    const unsigned fnew = lowered_f(fmaxf(sv0, sv1), fbits);
+    float smax = fmaxf(sv0, sv1);
+    smax = fmaxf(smax, __shfl_xor_sync(0xffffffffu, smax, 4));
+    smax = fmaxf(smax, __shfl_xor_sync(0xffffffffu, smax, 8));
+    smax = fmaxf(smax, __shfl_xor_sync(0xffffffffu, smax, 16));
+    const unsigned fnew = min(fbits, (268u << 23) - (__float_as_uint(smax) & 0x7f800000u));
     // Rescale O and vsum only when a head's max moved somewhere in the warp or f moved (after
     // the first tiles both are rare; alpha is exactly 1 otherwise). f_new / f = f_new times
     // 1 / f (bits (254 << 23) - fbits, f in [2^-113, 2^126]): exact, or 0 below f32's range.
     if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f) || fnew != fbits) {
       const float ratio = __uint_as_float(fnew) * __uint_as_float((254u << 23) - fbits);
       const float r0 = alpha[0] * ratio, r1 = alpha[1] * ratio;
-      scale_o(o, r0, r1);
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        o[mt][0] *= r0;
+        o[mt][1] *= r1;
+        o[mt][2] *= r0;
+        o[mt][3] *= r1;
+      }
       vsum[0] *= r0;
       vsum[1] *= r1;
       fbits = fnew;

@@ -93,6 +93,55 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+#if KVS_TC_INT4
+// Nibbles I and I + 4 of `w` (bits 4 I and 16 + 4 I) as a packed pair of the activation type,
+// each 1 + nibble / 16 (exact in bf16 and fp16): the nibble lands in the top four mantissa
+// bits of 1.0 (one shift and one mask-or).
+template <int I>
+__device__ __forceinline__ unsigned nibble_pair(unsigned w) {
+#if SCALAR == 0
+  constexpr int kShift = 4 * I - 6;  // fp16: 10 mantissa bits, 1.0 = 0x3C00
+  constexpr unsigned kMask = 0x03C003C0u, kOne = 0x3C003C00u;
+#else
+  constexpr int kShift = 4 * I - 3;  // bf16: 7 mantissa bits, 1.0 = 0x3F80
+  constexpr unsigned kMask = 0x00780078u, kOne = 0x3F803F80u;
+#endif
+  unsigned x;
+  if constexpr (kShift >= 0) {
+    x = w >> kShift;
+  } else {
+    x = w << -kShift;
+  }
+  // (x & kMask) | kOne in one lop3 (the compiler splits it in two otherwise).
+  unsigned d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xea;\n" : "=r"(d) : "r"(x), "n"(kMask), "n"(kOne));
+  return d;
+}
+
+// Nibbles I and I + 4 of `w` as a packed pair of the activation type holding the codes
+// themselves (exact): the nibble goes into the lowest mantissa bits of 2^7 (bf16) or 2^10
+// (fp16), where the spacing is 1, and that power of two is subtracted (one packed fma).
+template <int I>
+__device__ __forceinline__ unsigned nibble_code(unsigned w) {
+#if SCALAR == 0
+  constexpr unsigned kBase = 0x64006400u, kOne = 0x3C003C00u, kMinusBase = 0xE400E400u;
+#else
+  constexpr unsigned kBase = 0x43004300u, kOne = 0x3F803F80u, kMinusBase = 0xC300C300u;
+#endif
+  unsigned x;
+  asm("lop3.b32 %0, %1, %2, %3, 0xea;\n"
+      : "=r"(x)
+      : "r"(w >> (4 * I)), "n"(0x000F000Fu), "n"(kBase));
+  unsigned d;
+#if SCALAR == 0
+  asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(x), "r"(kOne), "r"(kMinusBase));
+#else
+  asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(x), "r"(kOne), "r"(kMinusBase));
+#endif
+  return d;
+}
+#endif
+
 // 2^x, approximate (MUFU.EX2, results below 2^-126 flushed to 0; 2^-inf = 0).
 __device__ __forceinline__ float exp2_approx(float x) {
   float y;

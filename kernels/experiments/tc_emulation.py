@@ -1,14 +1,11 @@
 # Not part of the build: a check of paged_attention_tc.cu made without a GPU (2026-12-02).
 # `python3 kernels/experiments/tc_emulation.py` (numpy) runs the kernel's per-lane logic for one
 # CTA with mma.m16n8k16 emulated from the PTX ISA fragment layouts and compares with softmax
-# attention in f64, including the partial results the merge reads. int4 (run_int4, rewritten
-# 2026-12-02 for the fp16 body): the loader lane by lane (own-row copies, zero-fill, the
-# (scale, min) rows and their zeroed pads), ldmatrix / ldmatrix.trans from the PTX layouts with
-# their bank checks, the nib16 patterns (asserted equal to 1024 + w code for every fragment
-# register), the permuted channels, sigma, the fold as an mma (hi / lo B), f, the min sums and
-# the codes' offset by mma, the output map, for every int4 group size at d 64 / 128, bf16 and
-# fp16 activations; `--round` rounds what the GPU rounds (fp16 B, truncated mma results, the
-# output; `--no-out-round` keeps the output exact). int8 (2026-12-02, run_int8):
+# attention in f64, including the partial results the merge reads. int4 (2026-12-03): nibble
+# unpacking bit by bit (byte_perm, masks, the bf16/fp16 bit patterns), the permuted channel
+# order of the mma, the per-group (scale, min) folding and the output channel map, for every
+# int4 group size at d 64 / 128, bf16 and fp16 activations; `--round` rounds P * s and the
+# output to the activation type (the error to expect on the GPU). int8 (2026-12-02, run_int8):
 # the transposed fp16 body, the loader lane by lane (shuffles, ballot, swizzled K chunks),
 # shared-memory bank checks, the xor/byte_perm code pairs, ldmatrix.trans, sigma and f.
 # Lane-level emulation of paged_decode_tc for one CTA (one KV head, one partition), following
@@ -173,16 +170,20 @@ def run(G, HD, ctx, p_start, p_end, scale, kWarps=2, kTile=16, codes=False):
 
 # ---- int4 (paged_attention_tc.cu with KVS_TC_INT4: its own, transposed kernel body) ----
 # S^T = K q^T and O^T = V^T P^T: the 16 rows of A are tokens (q . K) or channels (P . V), the
-# 8 columns of B the query heads; both fp16 mma. Nibbles stay packed in the tiles; ldmatrix
-# (.trans for V) brings a lane its words, and one lop3 per pair (plus a shift per word) makes
-# fp16 1024 + code (nibbles 0, 2) or 1024 + 16 code (1, 3). q . K: B = q 2^sigma (divided by
-# 16 where the codes carry 16), per group S'_g, then
-#   logit 2^sigma = sum_g s_g S'_g + [sum_g s_g (-1024 Bsum_g) + m_g Qsum_g]
-# with the bracket from one mma over the (scale, min) rows. P . V: B_g = fp16(p s_g f), sum_t
-# B_g,t (ones mma) and sum_t p_t m_t,g (an mma over the (scale, min) rows transposed) in one
-# accumulator; O = ((O' - 1024 sum_t B_g,t) / w) / f + sum_t p_t m_t,g.
+# 8 columns of B the query heads. Nibbles stay packed in the tiles; lanes turn them into
+# 16-bit pairs with shifts and masks, bit for bit as the kernel does (nibble_pair: 1 + code/16
+# for K; nibble_code: the code itself for V). Channels of a k step are permuted the same way
+# for q and K; the per-group (scale, min) fold around the products:
+#   logit = sum_g s_g (16 S_g - 16 Qsum_g) + m_g Qsum_g,  S_g = sum_{c in g} q_c (1 + code_c / 16);
+# on the P.V side B = (p s_g)^T (movmatrix from the S^T fragments), A = exact codes, and
+# sum_t p_t m_t,g is accumulated apart (msum) and added to the group's channels at the end.
 ROUND = "--round" in __import__("sys").argv  # round what the GPU rounds (P * s, the output)
 
+
+def bits_to_value(h, scalar):  # a 16-bit pattern of the activation type -> float
+    if scalar == "bf16":
+        return float(np.array([h << 16], dtype=np.uint32).view(np.float32)[0])
+    return float(np.array([h], dtype=np.uint16).view(np.float16)[0])
 
 
 def to_act(x, scalar):  # round to the activation type (nearest even)
@@ -193,13 +194,35 @@ def to_act(x, scalar):  # round to the activation type (nearest even)
     return float(np.array([b], dtype=np.uint32).view(np.float32)[0])
 
 
+def lop3_ea(a, b, c):  # lop3.b32 with LUT 0xea: (a & b) | c
+    return (a & b) | c
 
+
+def nibble_pair(w, i, scalar):  # nibble_pair<I>: nibbles i, i + 4 of w as 1 + code / 16
+    if scalar == "bf16":
+        shift, mask, one = 4 * i - 3, 0x00780078, 0x3F803F80
+    else:
+        shift, mask, one = 4 * i - 6, 0x03C003C0, 0x3C003C00
+    x = (w >> shift) if shift >= 0 else (w << -shift) & 0xFFFFFFFF
+    v = lop3_ea(x, mask, one)
+    return [bits_to_value(v & 0xFFFF, scalar), bits_to_value(v >> 16, scalar)]
+
+
+def nibble_code(w, i, scalar):  # nibble_code<I>: the codes, via 2^7 (bf16) / 2^10 (fp16)
+    base, bias = (0x43004300, 128) if scalar == "bf16" else (0x64006400, 1024)
+    v = lop3_ea(w >> (4 * i), 0x000F000F, base)
+    out = [to_act(bits_to_value(h, scalar) * 1.0 - bias, scalar) for h in (v & 0xFFFF, v >> 16)]
+    assert out == [(w >> (4 * i)) & 0xF, (w >> (4 * i + 16)) & 0xF]  # exact
+    return out
 
 
 def prmt(x, y, sel):  # __byte_perm(x, y, sel)
     b = [(x >> (8 * k)) & 0xFF for k in range(4)] + [(y >> (8 * k)) & 0xFF for k in range(4)]
     return sum(b[(sel >> (4 * n)) & 7] << (8 * n) for n in range(4))
 
+
+def word(row_bytes, w):  # 32-bit word w of a shared-memory row (little-endian)
+    return int.from_bytes(bytes(row_bytes[4 * w:4 * w + 4]), "little")
 
 
 def movmatrix_trans(frag):  # movmatrix.m8n8.trans.b16: frag[lane] = [M[g][2t], M[g][2t + 1]]
@@ -209,312 +232,157 @@ def movmatrix_trans(frag):  # movmatrix.m8n8.trans.b16: frag[lane] = [M[g][2t], 
     return [[M.T[lane // 4, 2 * (lane % 4)], M.T[lane // 4, 2 * (lane % 4) + 1]] for lane in range(32)]
 
 
-def nib16(w, mask, weight, want=None):  # nib16<kMask>: (w & mask) | 0x64006400, an fp16 pair
-    v = (w & mask) | 0x64006400
-    out = [f16_value(v & 0xFFFF), f16_value(v >> 16)]
-    if want is not None:
-        assert out == [1024.0 + weight * c for c in want], (out, want)
-    return out
-
-
-def nibble_pairs(w):  # [(mask, weight, word)] of p[0..3]: nibbles 0/4, 1/5 of w, then of w >> 8
-    return [(kNibLo, 1, w), (kNibHi, 16, w), (kNibLo, 1, w >> 8), (kNibHi, 16, w >> 8)]
-
-
-kNibLo, kNibHi = 0x000F000F, 0x00F000F0
-
-
-def ldmatrix(buf, addrs, nmat, trans):  # ldmatrix.x{nmat}(.trans).b16: lane L addresses row L % 8 of matrix L / 8
-    regs = [[0] * nmat for _ in range(32)]
-    for mi in range(nmat):
-        rows = addrs[8 * mi:8 * mi + 8]
-        assert banks_distinct(sorted(set(rows)), 16), "ldmatrix phase conflict-free (one row read by several lanes: a broadcast)"
-        el = [[int.from_bytes(buf[a + 2 * c:a + 2 * c + 2], "little") for c in range(8)] for a in rows]
-        for ln in range(32):
-            g, t = ln // 4, ln % 4
-            if trans:
-                regs[ln][mi] = el[2 * t][g] | (el[2 * t + 1][g] << 16)
-            else:
-                regs[ln][mi] = el[g][2 * t] | (el[g][2 * t + 1] << 16)
-    return regs
-
-
-def online_softmax_transposed(st, m, l):  # the transposed bodies' online softmax (m, l updated in place)
-    pr = np.zeros((32, 4)); alpha = np.ones((32, 2))
-    for e in range(2):
-        for ln in range(32):  # max over the lanes g of column t (xor 4, 8, 16)
-            same_t = [x_ for x_ in range(32) if LANE_T[x_] == LANE_T[ln]]
-            tmax = max(max(st[x_, e], st[x_, 2 + e]) for x_ in same_t)
-            mn = max(m[ln, e], tmax)
-            alpha[ln, e] = 1.0 if mn == -np.inf else 2 ** (m[ln, e] - mn)
-            pr[ln, e] = 0.0 if mn == -np.inf else 2 ** (st[ln, e] - mn)
-            pr[ln, 2 + e] = 0.0 if mn == -np.inf else 2 ** (st[ln, 2 + e] - mn)
-            l[ln, e] = l[ln, e] * alpha[ln, e] + pr[ln, e] + pr[ln, 2 + e]
-            m[ln, e] = mn
-    return pr, alpha
-
-
-def lowered_f(smax, fbits):  # lowered_f: f's bits given the warp's max V scale of the tile
-    sbits = int(np.array([smax], np.float32).view(np.uint32)[0])
-    return min(fbits, (268 << 23) - (sbits & 0x7F800000))
-
-
-def f_ratio(fnew, fbits):  # f_new / f, exact: f_new times 1 / f (bits (254 << 23) - fbits)
-    as_f32 = lambda b: float(np.array([b], np.uint32).view(np.float32)[0])
-    return as_f32(fnew) * as_f32((254 << 23) - fbits)
-
-
-def half_lo(word):  # the low half of a 32-bit word as fp16
-    return f16_value(word & 0xFFFF)
-
-
-def run_int4(G, HD, GS, ctx, p_start, p_end, scale, scalar="bf16", kWarps=2, kTile=16, kStages=4,
-             v_scale=(0.05, 0.2), zero_rows=(), q_bias=0.0):
-    # Values as kv-quant stores them: codes 0..15 (two per byte, low nibble = even channel) and an
-    # f16 (scale >= 0, min) per (token, group); x = code * s + m.
+def run_int4(G, HD, GS, ctx, p_start, p_end, scale, scalar="bf16", kWarps=2, kTile=16):
     NG = HD // GS
-    q = np.array([[to_act(x, scalar) for x in row] for row in rng.standard_normal((G, HD)) + q_bias])
+    q = np.array([[to_act(x, scalar) for x in row] for row in rng.standard_normal((G, HD))])
+    # Codes and per-(token, group) f16 (scale, min) as kv-quant stores them; x = code * s + m.
     Kc = rng.integers(0, 16, (ctx, HD)); Vc = rng.integers(0, 16, (ctx, HD))
     f16 = lambda lo, hi: rng.uniform(lo, hi, (ctx, NG)).astype(np.float16).astype(float)
-    Ks, Km = f16(0.05, 0.4), f16(-3, -0.5)
-    Vs = np.exp(rng.uniform(np.log(v_scale[0]), np.log(v_scale[1]), (ctx, NG))).astype(np.float16).astype(float)
-    Vm = f16(-1.5, 0)
-    for z in zero_rows:  # an all-zero token: codes, scales and mins 0
-        Kc[z] = 0; Vc[z] = 0; Ks[z] = 0; Km[z] = 0; Vs[z] = 0; Vm[z] = 0
+    Ks, Km, Vs, Vm = f16(0.05, 0.4), f16(-3, -0.5), f16(0.05, 0.2), f16(-1.5, 0)
     grp_of = np.arange(HD) // GS
     K = Kc * Ks[:, grp_of] + Km[:, grp_of]; V = Vc * Vs[:, grp_of] + Vm[:, grp_of]
-    packb = lambda C: b''.join(bytes(int(C[t, 2 * c]) | (int(C[t, 2 * c + 1]) << 4) for c in range(HD // 2)) for t in range(ctx))
-    Kflat, Vflat = packb(Kc), packb(Vc)  # token tok's row at tok * HD / 2
-    pbytes = lambda S, M: b''.join(np.array([[S[t, i], M[t, i]] for i in range(NG)], np.float16).tobytes() for t in range(ctx))
-    Kpflat, Vpflat = pbytes(Ks, Km), pbytes(Vs, Vm)  # (scale, min) rows, 4 NG bytes each
+    pack = lambda C: [[int(C[t, 2 * c]) | (int(C[t, 2 * c + 1]) << 4) for c in range(HD // 2)] for t in range(ctx)]
+    Kb, Vb = pack(Kc), pack(Vc)
     log2e = 1.4426950408889634
-    kSegs, kSPG, kMTiles = HD // 32, GS // 32, HD // 16
-    RB, SRB, PRB = HD // 2 + 16, 4 * NG, 16  # padded code rows; (scale, min) row bytes, padded
-    kChunks = HD // 32  # 16-byte chunks of a code row
+    kKSteps, kMTiles, kSPG = HD // 16, HD // 16, GS // 16
     scale2 = scale * log2e
     g_, t_ = LANE_G, LANE_T
-    kappa = 2.0 ** -16
-    rnd16 = to_f16 if ROUND else (lambda v: v)
-    # Prologue: q^T 2^sigma in fp16 (channels c0, c0 + 4 | c0 + 1, c0 + 5 / 16), Bsum and Qsum per
-    # group, the fold's B (group t of head g), qscale.
-    x = np.zeros((32, 2 * kSegs, 4))
-    for ln in range(32):
-        for s_ in range(2 * kSegs):
-            c0 = 32 * (s_ // 2) + 8 * t_[ln] + 2 * (s_ % 2)
-            for i, c in enumerate((c0, c0 + 4, c0 + 1, c0 + 5)):
-                x[ln, s_, i] = q[g_[ln], c] if g_[ln] < G else 0.0
-    amax = np.array([np.abs(x[4 * g_[ln]:4 * g_[ln] + 4]).max() for ln in range(32)])
-    ebits = [max((int(np.array([a], np.float32).view(np.uint32)[0]) >> 23) & 0xFF, 42) for a in amax]
-    qf = np.array([float(np.array([(268 - e) << 23], np.uint32).view(np.float32)[0]) for e in ebits])
-    inv_qf = np.array([float(np.array([(e - 14) << 23], np.uint32).view(np.float32)[0]) for e in ebits])
-    bsum = np.zeros((32, NG)); qsum = np.zeros((32, NG))
-    for ln in range(32):
-        if amax[ln] > 0:
-            assert 2 ** 14 <= amax[ln] * qf[ln] < 2 ** 15
-        for s_ in range(2 * kSegs):
-            v = [to_f16(x[ln, s_, 0] * qf[ln]), to_f16(x[ln, s_, 1] * qf[ln]), to_f16(x[ln, s_, 2] * qf[ln] / 16), to_f16(x[ln, s_, 3] * qf[ln] / 16)]
-            assert v == [x[ln, s_, 0] * qf[ln], x[ln, s_, 1] * qf[ln], x[ln, s_, 2] * qf[ln] / 16, x[ln, s_, 3] * qf[ln] / 16], "q 2^sigma exact"
-            bsum[ln, s_ // (2 * kSPG)] += sum(v)
-            qsum[ln, s_ // (2 * kSPG)] += v[0] + v[1] + 16 * (v[2] + v[3])
-            x[ln, s_] = v
-    qb = [[[[x[ln, s_, 0], x[ln, s_, 1]], [x[ln, s_, 2], x[ln, s_, 3]]] for s_ in range(2 * kSegs)] for ln in range(32)]
-    # LDS.128 of q_frag[j][lane]: each quarter warp reads 128 contiguous bytes.
-    for q4 in range(4):
-        assert banks_distinct([16 * ln for ln in range(8 * q4, 8 * q4 + 8)], 16)
-    quad = lambda a: np.array([a[4 * g_[ln]:4 * g_[ln] + 4].sum(0) for ln in range(32)])
-    bsum, qsum = quad(bsum), quad(qsum)
-    fold_b = []
-    for ln in range(32):
-        fb = bsum[ln, t_[ln]] if t_[ln] < NG else 0.0
-        fq = qsum[ln, t_[ln]] if t_[ln] < NG else 0.0
-        vb, vq = -1024.0 * kappa * fb, kappa * fq
-        hi = [rnd16(vb), rnd16(vq)]
-        fold_b.append([hi, [rnd16(vb - hi[0]), rnd16(vq - hi[1])]])
-        h = g_[ln]
-        if h < G and t_[ln] < NG:  # Qsum of the weighted B values is q 2^sigma over the group
-            assert abs(fq - q[h, GS * t_[ln]:GS * (t_[ln] + 1)].sum() * qf[ln]) <= 1e-9 * max(1.0, abs(fq))
-    qscale = np.array([[scale2 * inv_qf[4 * (2 * t_[ln] + e)] for e in range(2)] for ln in range(32)])
+    # B of K q^T (q^T, column g: head g), the permuted channel order, and Qsum of heads 2t + e.
+    qb, mine = [], np.zeros((32, NG))
+    for lane in range(32):
+        g, t = g_[lane], t_[lane]
+        regs = []
+        for s_ in range(kKSteps):
+            c0 = 32 * (s_ // 2) + 8 * t + 2 * (s_ % 2)
+            b0 = [q[g, c0], q[g, c0 + 4]] if g < G else [0, 0]
+            b1 = [q[g, c0 + 1], q[g, c0 + 5]] if g < G else [0, 0]
+            regs.append([b0, b1])
+            mine[lane, s_ // kSPG] += sum(b0) + sum(b1)
+        qb.append(regs)
+    quad = np.array([mine[4 * g_[lane]:4 * g_[lane] + 4].sum(0) for lane in range(32)])
+    qsum = np.array([[quad[4 * (2 * t_[lane] + e)] for e in range(2)] for lane in range(32)])  # [lane][e][grp]
+    for lane in range(32):
+        for e in range(2):
+            h = 2 * t_[lane] + e
+            for gr in range(NG):
+                want = q[h, gr * GS:(gr + 1) * GS].sum() if h < G else 0.0
+                assert abs(qsum[lane, e, gr] - want) < 1e-12
     warp_state = []
     for warp in range(kWarps):
-        m = np.full((32, 2), -np.inf); l = np.zeros((32, 2)); yv = np.zeros((32, 4))
-        o = np.zeros((32, kMTiles, 4)); fbits = 253 << 23
+        m = np.full((32, 2), -np.inf); l = np.zeros((32, 2)); msum = np.zeros((32, 2, NG))
+        o = np.zeros((32, kMTiles, 4))
         tiles_total = (p_end - p_start + kTile - 1) // kTile
         my_tiles = (tiles_total - warp + kWarps - 1) // kWarps if tiles_total > warp else 0
         my_first = p_start + warp * kTile
-        # Shared memory of the warp's stages: pads of the (scale, min) rows zeroed in the prologue.
-        stages = [(bytearray(kTile * RB), bytearray(kTile * RB), bytearray(kTile * PRB), bytearray(kTile * PRB)) for _ in range(kStages)]
-        def load(stage, t0):  # load_tile, lane by lane: lane l copies its own token's rows
-            kb, vb, kp, vp = stages[stage]
-            for ln in range(32):
-                r = ln % kTile; tok = t0 + r
-                live = p_start <= tok < p_end
-                row = tok * (HD // 2) + 16 * (ln // kTile) if live else 0
-                for i in range(kChunks // 2):
-                    col = ln // kTile + 2 * i
-                    src = row + 32 * i
-                    kb[r * RB + 16 * col:r * RB + 16 * col + 16] = Kflat[src:src + 16] if live else bytes(16)
-                    vb[r * RB + 16 * col:r * RB + 16 * col + 16] = Vflat[src:src + 16] if live else bytes(16)
-                src = tok * SRB if live else 0
-                dst = kp if ln < kTile else vp
-                dst[r * PRB:r * PRB + SRB] = (Kpflat if ln < kTile else Vpflat)[src:src + SRB] if live else bytes(SRB)
-        for s_ in range(kStages - 1):
-            if s_ < my_tiles:
-                load(s_, my_first + s_ * kWarps * kTile)
-        lane_off = [((ln & 7) + 8 * ((ln >> 3) & 1)) * RB + 16 * (ln >> 4) for ln in range(32)]
         for i in range(my_tiles):
-            nxt = i + kStages - 1
-            if nxt < my_tiles:
-                load(nxt % kStages, my_first + nxt * kWarps * kTile)
-            kb, vb, kp, vp = stages[i % kStages]
-            assert all(kp[r * PRB + c] == 0 and vp[r * PRB + c] == 0 for r in range(kTile) for c in range(SRB, PRB))
             t0 = my_first + i * kWarps * kTile
-            tl = lambda tok: p_start <= tok < p_end
-            # The fold: A = (scale, min) rows by ldmatrix.x4 (lane L: row L % 16; k 8.. = k 0..).
-            pa = ldmatrix(kp, [PRB * (ln % 16) for ln in range(32)], 4, False)
-            a = []
-            for ln in range(32):
-                w0, w1 = pa[ln][0], pa[ln][1]
-                assert pa[ln][2:] == [w0, w1]
-                tk = t_[ln]
-                for rr, wd in ((g_[ln], w0), (g_[ln] + 8, w1)):  # word t of row rr = group t's (s, m)
-                    want = [Ks[t0 + rr, tk], Km[t0 + rr, tk]] if (tk < NG and tl(t0 + rr)) else [0.0, 0.0]
-                    assert [f16_value(wd & 0xFFFF), f16_value(wd >> 16)] == want
-                h0 = [f16_value(w0 & 0xFFFF), f16_value(w0 >> 16)]; h1 = [f16_value(w1 & 0xFFFF), f16_value(w1 >> 16)]
-                a.append([h0, h1, h0, h1])
-            st = np.array(mma_tc([[0.0] * 4 for _ in range(32)], a, fold_b)) * 65536.0
-            acc = None
-            for j in range(kSegs):
-                if j % 2 == 0:
-                    words = ldmatrix(kb, [lane_off[ln] + 16 * j for ln in range(32)], 4, False)
-                if j % kSPG == 0:
-                    acc = [[0.0] * 4 for _ in range(32)]
-                for h in range(2):  # k step 2 j + h
-                    a = []
-                    for ln in range(32):
-                        g, t = g_[ln], t_[ln]
-                        xw, yw = words[ln][2 * (j % 2)], words[ln][2 * (j % 2) + 1]
-                        regs = []
-                        for wd, rr in ((xw, g), (yw, g + 8)):
-                            c0 = 32 * j + 8 * t + 2 * h
-                            cod = lambda c: Kc[t0 + rr, c] if tl(t0 + rr) else 0
-                            mk, wt, src = nibble_pairs(wd)[2 * h]
-                            p0 = nib16(src, mk, wt, [cod(c0), cod(c0 + 4)])
-                            mk, wt, src = nibble_pairs(wd)[2 * h + 1]
-                            p1 = nib16(src, mk, wt, [cod(c0 + 1), cod(c0 + 5)])
-                            regs.append((p0, p1))
-                        a.append([regs[0][0], regs[1][0], regs[0][1], regs[1][1]])
-                    acc = mma_tc(acc, a, [qb[ln][2 * j + h] for ln in range(32)])
-                if j % kSPG == kSPG - 1:
-                    grp = j // kSPG
-                    for ln in range(32):
-                        for hh in range(2):
-                            rr = g_[ln] + 8 * hh
-                            sk = half_lo(int.from_bytes(kp[rr * PRB + 4 * grp:rr * PRB + 4 * grp + 4], "little"))
-                            for e in range(2):
-                                st[ln, 2 * hh + e] += sk * acc[ln][2 * hh + e]
-            for ln in range(32):
-                for hh in range(2):
-                    live = tl(t0 + g_[ln] + 8 * hh)
+            # The stage: packed rows and (scale, min) per group; zero outside [p_start, p_end).
+            Kt = [[0] * (HD // 2) for _ in range(kTile)]; Vt = [[0] * (HD // 2) for _ in range(kTile)]
+            kp = np.zeros((kTile, NG, 2)); vp = np.zeros((kTile, NG, 2))
+            for row in range(kTile):
+                tok = t0 + row
+                if p_start <= tok < p_end:
+                    Kt[row], Vt[row] = Kb[tok], Vb[tok]
+                    kp[row, :, 0], kp[row, :, 1] = Ks[tok], Km[tok]
+                    vp[row, :, 0], vp[row, :, 1] = Vs[tok], Vm[tok]
+            # S^T = K q^T per group; st[lane][2h + e]: token t0 + g + 8h, head 2t + e.
+            st = np.zeros((32, 4))
+            for gr in range(NG):
+                d = [[0.0] * 4 for _ in range(32)]
+                for j in range(gr * kSPG // 2, (gr + 1) * kSPG // 2):
+                    a = [[], []]
+                    for lane in range(32):
+                        x, y = word(Kt[g_[lane]], 4 * j + t_[lane]), word(Kt[g_[lane] + 8], 4 * j + t_[lane])
+                        P = lambda w, k: nibble_pair(w, k, scalar)
+                        a[0].append([P(x, 0), P(y, 0), P(x, 1), P(y, 1)])
+                        a[1].append([P(x, 2), P(y, 2), P(x, 3), P(y, 3)])
+                    for h in range(2):
+                        d = mma(d, a[h], [qb[lane][2 * j + h] for lane in range(32)])
+                for lane in range(32):
+                    for h in range(2):
+                        sc, mn = kp[g_[lane] + 8 * h, gr]
+                        for e in range(2):
+                            prev = 0.0 if gr == 0 else st[lane, 2 * h + e]
+                            st[lane, 2 * h + e] = sc * (16 * d[lane][2 * h + e] - 16 * qsum[lane, e, gr]) + (mn * qsum[lane, e, gr] + prev)
+            for lane in range(32):
+                for h in range(2):
+                    live = p_start <= t0 + g_[lane] + 8 * h < p_end
                     for e in range(2):
-                        st[ln, 2 * hh + e] = st[ln, 2 * hh + e] * qscale[ln, e] if live else -np.inf
-            pr, alpha = online_softmax_transposed(st, m, l)
-            # f: the max V scale (low halves as unsigned) of the warp's tokens.
-            mx = 0
-            for ln in range(32):
-                for rr in (g_[ln], g_[ln] + 8):
-                    for grp in range(NG):
-                        mx = max(mx, int.from_bytes(vp[rr * PRB + 4 * grp:rr * PRB + 4 * grp + 2], "little"))
-            fnew = lowered_f(f16_value(mx), fbits)
-            if (alpha != 1.0).any() or fnew != fbits:
-                r = alpha * f_ratio(fnew, fbits)
-                o *= r[:, None, [0, 1, 0, 1]]
-                yv[:, 0:2] *= alpha
-                yv[:, 2:4] *= r
-                fbits = fnew
-            f = float(np.array([fbits], np.uint32).view(np.float32)[0])
-            # The min sums: A = (scale, min) rows transposed (ldmatrix.x2.trans), B = fp16(p)^T.
-            b0 = movmatrix_trans([[rnd16(pr[ln, 0]), rnd16(pr[ln, 1])] for ln in range(32)])
-            b1 = movmatrix_trans([[rnd16(pr[ln, 2]), rnd16(pr[ln, 3])] for ln in range(32)])
-            # ldmatrix.x4.trans: matrices 0 / 2 = tokens 0..7 / 8..15, 1 and 3 a zero row (16 bytes
-            # past the tile here: vp_z).
-            vp_z = vp + bytes(16)
-            pa = ldmatrix(vp_z, [kTile * PRB if ln & 8 else PRB * ((ln & 7) + ((ln >> 1) & 8)) for ln in range(32)], 4, True)
-            assert all(pa[ln][1] == 0 and pa[ln][3] == 0 for ln in range(32))
-            a = [[[f16_value(pa[ln][k] & 0xFFFF), f16_value(pa[ln][k] >> 16)] for k in range(4)] for ln in range(32)]
-            for ln in range(32):  # row g = half g of the (scale, min) row: s_(g/2) or m_(g/2); k = tokens 2t, 2t + 1
-                g, t = g_[ln], t_[ln]
-                for tk, val in ((2 * t, a[ln][0][0]), (2 * t + 1, a[ln][0][1]), (2 * t + 8, a[ln][2][0]), (2 * t + 9, a[ln][2][1])):
-                    want = 0.0 if (g // 2 >= NG or not tl(t0 + tk)) else (Vs if g % 2 == 0 else Vm)[t0 + tk, g // 2]
-                    assert val == want
-            yv = np.array(mma_tc(list(yv), a, [[b0[ln], b1[ln]] for ln in range(32)]))
-            pf = pr * f
-            for b in range(kSegs):
-                if b % 2 == 0:
-                    words = ldmatrix(vb, [lane_off[ln] + 16 * b for ln in range(32)], 4, True)
-                if b % kSPG == 0:
-                    grp = b // kSPG
-                    s0 = np.array([half_lo(int.from_bytes(vp[g_[ln] * PRB + 4 * grp:][:4], "little")) for ln in range(32)])
-                    s1 = np.array([half_lo(int.from_bytes(vp[(g_[ln] + 8) * PRB + 4 * grp:][:4], "little")) for ln in range(32)])
-                    assert (pf[:, :2] * s0[:, None] < 2 ** 15).all() and (pf[:, 2:] * s1[:, None] < 2 ** 15).all()
-                    bb0 = movmatrix_trans([[rnd16(pf[ln, 0] * s0[ln]), rnd16(pf[ln, 1] * s0[ln])] for ln in range(32)])
-                    bb1 = movmatrix_trans([[rnd16(pf[ln, 2] * s1[ln]), rnd16(pf[ln, 3] * s1[ln])] for ln in range(32)])
-                    bfr = [[bb0[ln], bb1[ln]] for ln in range(32)]
-                    ones = [[[0, 0], [1.0, 1.0] if g_[ln] == grp else [0, 0], [0, 0], [1.0, 1.0] if g_[ln] == grp else [0, 0]] for ln in range(32)]
-                    yv = np.array(mma_tc(list(yv), ones, bfr))
-                for i2 in range(2):  # m tile 2 b + i2: rows g (weight 1), g + 8 (weight 16)
-                    a = []
-                    for ln in range(32):
-                        g, t = g_[ln], t_[ln]
-                        regs = []
-                        for wd, tk in ((words[ln][2 * (b % 2)], 2 * t), (words[ln][2 * (b % 2) + 1], 2 * t + 8)):
-                            cod = lambda c, tt: Vc[t0 + tt, c] if tl(t0 + tt) else 0
-                            ch = 32 * b + 4 * g + 2 * i2
-                            mk, wt, src = nibble_pairs(wd)[2 * i2]
-                            r0 = nib16(src, mk, wt, [cod(ch, tk), cod(ch, tk + 1)])
-                            mk, wt, src = nibble_pairs(wd)[2 * i2 + 1]
-                            r1 = nib16(src, mk, wt, [cod(ch + 1, tk), cod(ch + 1, tk + 1)])
-                            regs.append((r0, r1))
-                        a.append([regs[0][0], regs[0][1], regs[1][0], regs[1][1]])
-                    o[:, 2 * b + i2] = mma_tc(list(o[:, 2 * b + i2]), a, bfr)
-        l = np.array([sum(l[x_] for x_ in range(32) if t_[x_] == t_[ln]) for ln in range(32)])
-        warp_state.append((m, l, o, yv, fbits))
+                        st[lane, 2 * h + e] = st[lane, 2 * h + e] * scale2 if live else -np.inf
+            pr = np.zeros((32, 4)); alpha = np.ones((32, 2))
+            for e in range(2):
+                for lane in range(32):  # max over the lanes g of column t (xor 4, 8, 16)
+                    same_t = [ln for ln in range(32) if t_[ln] == t_[lane]]
+                    tmax = max(max(st[ln, e], st[ln, 2 + e]) for ln in same_t)
+                    mn = max(m[lane, e], tmax)
+                    alpha[lane, e] = 1.0 if mn == -np.inf else 2 ** (m[lane, e] - mn)
+                    pr[lane, e] = 0.0 if mn == -np.inf else 2 ** (st[lane, e] - mn)
+                    pr[lane, 2 + e] = 0.0 if mn == -np.inf else 2 ** (st[lane, 2 + e] - mn)
+                    l[lane, e] = l[lane, e] * alpha[lane, e] + pr[lane, e] + pr[lane, 2 + e]
+                    m[lane, e] = mn
+            if (alpha != 1.0).any():  # __any_sync: otherwise alpha is exactly 1
+                o *= alpha[:, None, [0, 1, 0, 1]]
+                msum *= alpha[:, :, None]
+            rnd = (lambda x: to_act(x, scalar)) if ROUND else (lambda x: x)
+            for gr in range(NG):
+                lo, hi = vp[g_, gr], vp[g_ + 8, gr]  # [lane][scale, min] of tokens g, g + 8
+                for e in range(2):
+                    msum[:, e, gr] += pr[:, e] * lo[:, 1] + pr[:, 2 + e] * hi[:, 1]
+                b0 = movmatrix_trans([[rnd(pr[ln, 0] * lo[ln, 0]), rnd(pr[ln, 1] * lo[ln, 0])] for ln in range(32)])
+                b1 = movmatrix_trans([[rnd(pr[ln, 2] * hi[ln, 0]), rnd(pr[ln, 3] * hi[ln, 0])] for ln in range(32)])
+                bfr = [[b0[ln], b1[ln]] for ln in range(32)]
+                for blk in range(gr * GS // 32, (gr + 1) * GS // 32):
+                    a = [[], []]
+                    for lane in range(32):
+                        g, t = g_[lane], t_[lane]
+                        wi, sel = 4 * blk + g // 2, 0x7632 if g % 2 else 0x5410
+                        x = prmt(word(Vt[2 * t], wi), word(Vt[2 * t + 1], wi), sel)
+                        y = prmt(word(Vt[2 * t + 8], wi), word(Vt[2 * t + 9], wi), sel)
+                        C = lambda w, k: nibble_code(w, k, scalar)
+                        a[0].append([C(x, 0), C(x, 1), C(y, 0), C(y, 1)])
+                        a[1].append([C(x, 2), C(x, 3), C(y, 2), C(y, 3)])
+                    for h in range(2):
+                        o[:, 2 * blk + h] = mma(o[:, 2 * blk + h], a[h], bfr)
+        # Sums over the lanes g of each t; the min terms join their groups' channels.
+        l = np.array([sum(l[ln] for ln in range(32) if t_[ln] == t_[lane]) for lane in range(32)])
+        msum = np.array([sum(msum[ln] for ln in range(32) if t_[ln] == t_[lane]) for lane in range(32)])
+        for mt in range(kMTiles):
+            gr = 32 * (mt // 2) // GS
+            o[:, mt] += msum[:, [0, 1, 0, 1], gr]
+        warp_state.append((m, l, o))
+    # Merge: (m, l) of head 2t + e from lanes g == 0; O rows through o_sh.
     merge_m = np.full((kWarps, 8), np.nan); merge_l = np.full((kWarps, 8), np.nan)
     o_sh = np.full((kWarps, 8, HD), np.nan)
-    for w, (m, l, o, yv, fbits) in enumerate(warp_state):
-        for ln in range(4):
+    for w, (m, l, o) in enumerate(warp_state):
+        for lane in range(4):
             for e in range(2):
-                merge_m[w, 2 * t_[ln] + e], merge_l[w, 2 * t_[ln] + e] = m[ln, e], l[ln, e]
-    for w, (m, l, o, yv, fbits) in enumerate(warp_state):
-        inv_f = float(np.array([(254 << 23) - fbits], np.uint32).view(np.float32)[0])
-        for ln in range(32):
-            g, t = g_[ln], t_[ln]
+                merge_m[w, 2 * t_[lane] + e], merge_l[w, 2 * t_[lane] + e] = m[lane, e], l[lane, e]
+    for w, (m, l, o) in enumerate(warp_state):
+        for lane in range(32):
+            g, t = g_[lane], t_[lane]
             for e in range(2):
                 m_all = merge_m[:, 2 * t + e].max()
-                mine = 0.0 if m[ln, e] == -np.inf else 2 ** (m[ln, e] - m_all)
+                mine_ = 0.0 if m[lane, e] == -np.inf else 2 ** (m[lane, e] - m_all)
                 for mt in range(kMTiles):
-                    grp = mt // 2 // kSPG
-                    bs = yv[4 * grp + t, 2 + e]  # __shfl from lane (grp, t)
-                    ms = yv[4 * (2 * grp + 1) + t, e]  # from lane (2 grp + 1, t)
                     ch = 32 * (mt // 2) + 4 * g + 2 * (mt % 2)
-                    for hh, wt in ((0, 1.0), (1, 16.0)):
-                        assert np.isnan(o_sh[w, 2 * t + e, ch + hh]), "each (head, channel) once per warp"
-                        o_sh[w, 2 * t + e, ch + hh] = ((o[ln, mt, 2 * hh + e] - 1024.0 * bs) * (inv_f / wt) + ms) * mine
+                    for hh, c in ((0, ch), (1, ch + 1)):
+                        assert np.isnan(o_sh[w, 2 * t + e, c]), "each (head, channel) once per warp"
+                        o_sh[w, 2 * t + e, c] = o[lane, mt, 2 * hh + e] * mine_
     assert not np.isnan(o_sh).any() and not np.isnan(merge_m).any()
     out = np.zeros((G, HD)); mg_all = []
     for h in range(G):
         mg = merge_m[:, h].max()
         lg = sum(0 if merge_m[w, h] == -np.inf else merge_l[w, h] * 2 ** (merge_m[w, h] - mg) for w in range(kWarps))
         out[h] = o_sh[:, h].sum(0) / lg
-        if OUT_ROUND:
-            out[h] = [to_act(v, scalar) for v in out[h]]
+        if ROUND:
+            out[h] = [to_act(x, scalar) for x in out[h]]
         mg_all.append((mg / log2e, lg))
     ref = np.zeros((G, HD))
     for h in range(G):
         lg = (K[p_start:p_end] @ q[h]) * scale
         w = np.exp(lg - lg.max())
         ref[h] = (w / w.sum()) @ V[p_start:p_end]
-        if not ROUND:
-            assert abs(mg_all[h][0] - lg.max()) < 1e-9 and abs(mg_all[h][1] - w.sum()) < 1e-6 * w.sum()
+        assert abs(mg_all[h][0] - lg.max()) < 1e-9 and abs(mg_all[h][1] - w.sum()) < 1e-6 * w.sum()
     return np.abs(out - ref).max() / np.abs(ref).max()
 
 
@@ -535,7 +403,7 @@ LANE_G, LANE_T = np.arange(32) // 4, np.arange(32) % 4
 # K rows are unpadded with chunk c of row r at c ^ (r % 8) when a row has 8 chunks (d = 128);
 # V rows padded by 16 bytes. The emulation addresses shared memory as bytes and checks that the
 # 128-bit loads and ldmatrix row fetches of each quarter warp hit distinct banks.
-OUT_ROUND = ROUND and "--no-out-round" not in __import__("sys").argv  # round the output
+OUT_ROUND = ROUND  # round the output to the activation type
 TC_TRUNC = ROUND  # with --round: each mma's f32 result truncated toward zero (pessimistic)
 
 
@@ -703,12 +571,26 @@ def run_int8(G, HD, ctx, p_start, p_end, scale, scalar="bf16", kWarps=2, kTile=1
                     live = p_start <= t0 + g_[lane] + 8 * h < p_end
                     for e in range(2):
                         st[lane, 2 * h + e] = (d[lane][2 * h + e] - qoff[lane, e]) * (sk * qscale[lane, e]) if live else -np.inf
-            pr, alpha = online_softmax_transposed(st, m, l)
+            pr = np.zeros((32, 4)); alpha = np.ones((32, 2))
+            for e in range(2):
+                for lane in range(32):
+                    same_t = [ln for ln in range(32) if t_[ln] == t_[lane]]
+                    tmax = max(max(st[ln, e], st[ln, 2 + e]) for ln in same_t)
+                    mn = max(m[lane, e], tmax)
+                    alpha[lane, e] = 1.0 if mn == -np.inf else 2 ** (m[lane, e] - mn)
+                    pr[lane, e] = 0.0 if mn == -np.inf else 2 ** (st[lane, e] - mn)
+                    pr[lane, 2 + e] = 0.0 if mn == -np.inf else 2 ** (st[lane, 2 + e] - mn)
+                    l[lane, e] = l[lane, e] * alpha[lane, e] + pr[lane, e] + pr[lane, 2 + e]
+                    m[lane, e] = mn
             # f: a power of two with p s_v f < 2^15 for every token of the warp so far.
             sv0, sv1 = vs[g_], vs[g_ + 8]
-            fnew = lowered_f(np.maximum(sv0, sv1).max(), fbits)  # max over the lanes g (xor 4, 8, 16)
+            smax = np.maximum(sv0, sv1).max()  # max over the lanes g (xor 4, 8, 16)
+            sbits = int(np.array([smax], np.float32).view(np.uint32)[0])
+            fnew = min(fbits, (268 << 23) - (sbits & 0x7F800000))
             if (alpha != 1.0).any() or fnew != fbits:
-                r = alpha * f_ratio(fnew, fbits)
+                inv_old = float(np.array([(254 << 23) - fbits], np.uint32).view(np.float32)[0])
+                ratio = float(np.array([fnew], np.uint32).view(np.float32)[0]) * inv_old
+                r = alpha * ratio
                 o *= r[:, None, [0, 1, 0, 1]]
                 vsum *= r[:, [0, 1, 0, 1]]
                 fbits = fnew
@@ -792,18 +674,14 @@ for codes in (False, True):
         print("codes" if codes else "16-bit", G, HD, ctx, ps, pe, "rel err", e)
         assert e < 1e-9
 # int4: every group size kv-quant has (32, 64, 128, one per head) at d 64 / 128; ragged
-# partitions (masked tokens in the first and last tiles), a warp without tiles, GQA 1 to 8,
-# all-zero tokens, V scales over 8 decades (f lowered mid-stream), q with a large mean (Qsum and
-# the codes' offset large), 2, 3 and 4 stages.
+# partitions (masked tokens in the first and last tiles), a warp without tiles, GQA 1 to 8.
 worst = 0.0
 for scalar in ("bf16", "f16"):
-    for (G, HD, GS, ctx, ps, pe, kw) in [
-            (4, 128, 32, 100, 0, 100, {}), (1, 64, 32, 40, 7, 40, {"kStages": 2}), (8, 128, 64, 300, 32, 97, {"zero_rows": (40, 41)}),
-            (3, 64, 64, 20, 3, 5, {}), (5, 128, 128, 70, 0, 70, {"v_scale": (1e-5, 60.0), "kStages": 3}), (2, 64, 64, 33, 1, 33, {"q_bias": 2.0}),
-            (7, 128, 32, 64, 0, 64, {"q_bias": -1.5, "kStages": 2}), (6, 128, 128, 50, 13, 29, {"zero_rows": (13, 20, 28)}),
-            (4, 128, 32, 200, 5, 190, {"v_scale": (1e-4, 30.0)})]:
-        e = run_int4(G, HD, GS, ctx, ps, pe, 1 / np.sqrt(HD), scalar=scalar, **kw)
-        print("int4", scalar, "G", G, "d", HD, "group", GS, ctx, ps, pe, kw, "rel err", e)
+    for (G, HD, GS, ctx, ps, pe) in [(4, 128, 32, 100, 0, 100), (1, 64, 32, 40, 7, 40), (8, 128, 64, 300, 32, 97),
+                                     (3, 64, 64, 20, 3, 5), (5, 128, 128, 70, 0, 70), (2, 64, 64, 33, 1, 33),
+                                     (7, 128, 32, 64, 0, 64), (6, 128, 128, 50, 13, 29)]:
+        e = run_int4(G, HD, GS, ctx, ps, pe, 1 / np.sqrt(HD), scalar=scalar)
+        print("int4", scalar, "G", G, "d", HD, "group", GS, ctx, ps, pe, "rel err", e)
         worst = max(worst, e)
         assert e < (2e-2 if ROUND else 1e-9)
 print("int4 worst", worst)

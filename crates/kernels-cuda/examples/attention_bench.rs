@@ -5,8 +5,8 @@
 //! `scripts/bench_attention_baseline.py` (PyTorch SDPA and the copy roofline) in the same call:
 //!
 //! `attention_bench [--quick] [--partition N] [--block-size N] [--profile]` (`KVSERVE_KERNEL_DEFINES=-DKV_UNROLL=8`
-//! to try a kernel variant; the default tensor-core kernel runs every row (bf16, int8,
-//! int4-g32 and int4), `KVSERVE_DECODE_KERNEL=split` runs them on the CUDA-core kernel). `--profile`: one
+//! to try a kernel variant; the default tensor-core kernel runs every row (bf16, int8 and
+//! int4-g32), `KVSERVE_DECODE_KERNEL=split` runs them on the CUDA-core kernel). `--profile`: one
 //! warm-up and one measured launch per case and no timing, for `cargo xtask profile` (ncu).
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 
@@ -54,8 +54,6 @@ fn main() {
             KvCacheDtype::Bf16,
             KvCacheDtype::Int8,
             "int4-g32".parse().unwrap(),
-            // int4, one (scale, min) per head: 0.27x bf16's bytes (g32: 0.31x).
-            "int4".parse().unwrap(),
         ] {
             let layout = BlockLayout::new(dtype, bs, kv_heads, d).unwrap();
             let per_seq = l / bs;
