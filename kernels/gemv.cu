@@ -31,10 +31,6 @@
 // Compiled per activation type: SCALAR (0 = half, 1 = bfloat16). K must be a multiple of 8
 // and the weight 16-byte aligned (checked by the launcher).
 #include "scalar.cuh"
-#ifdef KV_DTYPE
-// The Q/K/V module (entries *_rope_M below): cache.cu's row write and rotation.
-#include "cache_write.cuh"
-#endif
 
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
@@ -194,8 +190,7 @@ __device__ __forceinline__ void norm_scales(const float* __restrict__ partials, 
 
 // Where the rows of a product go: rows [0, n0) to y0 ([M][n0]), [n0, n01) to y1
 // ([M][n01 - n0]), [n01, n) to y2 ([M][n - n01]); or, with `residual` not null, added to the
-// residual stream ([M][n], f32), with the CTA's sums of squares into `partials` (unless null:
-// the *_addnorm entries, whose last CTA normalizes the residual itself).
+// residual stream ([M][n], f32), with the CTA's sums of squares into `partials`.
 struct Out {
   scalar_t* y0;
   scalar_t* y1;
@@ -376,7 +371,7 @@ __device__ __forceinline__ void gemv_impl(const Out& o, const scalar_t* __restri
           ss = fmaf(v, v, ss);
         }
   }
-  if (o.partials != nullptr) write_partials<M>(o.partials, ss, owner);
+  if (o.residual != nullptr) write_partials<M>(o.partials, ss, owner);
 }
 
 // act = silu(gate) * up over `inter` row pairs (gate row j, up row inter + j). grid
@@ -516,7 +511,7 @@ __device__ __forceinline__ void gemv_tc_impl(const Out& o, const scalar_t* __res
       ss[j & 1] = fmaf(v, v, ss[j & 1]);
     }
   }
-  if (o.partials != nullptr) {
+  if (o.residual != nullptr) {
     // Sum over the 8 row pairs g (lanes t, t + 4, ..., t + 28); then lane m < M takes token
     // m's from lane m / 2 (g = 0, t = m / 2).
 #pragma unroll
@@ -555,232 +550,6 @@ __device__ __forceinline__ void gemv_glu_tc_impl(scalar_t* __restrict__ y,
     store_glu(y, inter, m, row, d[0][j], d[1][j]);
   }
 }
-
-// ---------------------------------------------------------------------------------------
-// "Last CTA" tails (threadfence reduction): after its stores, each CTA of a *_addnorm or
-// *_rope launch counts itself on a u32; the CTA that counts last runs a serial pass over the
-// whole output with all its warps, in place of the launch that would have followed:
-//   *_addnorm_M  (O, down: the residual epilogue without partial sums) the RMSNorm of the
-//                new residual rows into `out`, as elementwise.cu's rms_norm computes it;
-//   *_rope_M     (Q/K/V; compiled with KV_DTYPE and HEAD_DIM) RoPE of q and k and the cache
-//                write of k and v, as cache.cu's rope_and_cache computes it.
-// Bit for bit the unfused chain: the same roundings, the same order of every sum.
-
-// Whether this CTA is the last of the grid to count itself on `counter`: true in every thread
-// of that one CTA, whose reads through L2 (__ldcg) then see every other CTA's stores (each
-// thread fences its own stores before the count; thread 0 fences again after seeing the
-// final count). The last CTA puts the counter back to 0, so every launch leaves it as it
-// found it (zero: gemv.rs allocates it zeroed). Every thread of the CTA must call it
-// (barriers).
-__device__ __forceinline__ bool last_cta(unsigned* counter) {
-  __shared__ bool last;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    const bool is_last = atomicAdd(counter, 1u) == gridDim.x - 1;
-    if (is_last) {
-      atomicExch(counter, 0u);
-      __threadfence();
-    }
-    last = is_last;
-  }
-  __syncthreads();
-  return last;
-}
-
-// Asks the L2 for `bytes` from `p` (CTA 0's threads, one 128-byte line each): what a tail
-// will read that no kernel writes (a norm weight), fetched while the products stream.
-__device__ __forceinline__ void prefetch_tail(const void* p, int bytes) {
-  if (blockIdx.x != 0) return;
-  for (int i = threadIdx.x * 128; i < bytes; i += kThreads * 128)
-    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(static_cast<const char*>(p) + i));
-}
-
-// The *_addnorm tail: out[m][i] = scalar_t(w[i] * (r * rinv[m])) over the residual rows
-// [M][n] the grid has just updated, rinv[m] = rsqrt(ss / n + eps), as norm_row (elementwise.cu)
-// computes them in a launch of `vthreads` threads (layers.rs picks that count for both):
-// ss is taken in that launch's order. Virtual thread v of that CTA adds r[i]^2 for i = v,
-// v + vthreads, ... by fmaf; each virtual warp adds its lanes by block_sum's butterfly (lane
-// 0's value); the virtual warps are added in order. Here warp w plays the virtual warps
-// (token m, virtual warp vw) numbered u = m * vwarps + vw = w, w + kWarps, ..., U of them in
-// flight (4 in the FMA kernels, 8 in the tensor-core ones: what fits their registers).
-// vthreads is a multiple of 32 up to 1024; n a multiple of 8.
-template <int M, int U>
-__device__ __forceinline__ void norm_tail(const float* residual, int n,
-                                          const scalar_t* __restrict__ w, float eps, int vthreads,
-                                          scalar_t* __restrict__ out) {
-  __shared__ float vsum[M][32];
-  __shared__ float rinv[M];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int vwarps = vthreads / 32;
-  const int units = M * vwarps;
-  for (int u0 = warp; u0 < units; u0 += kWarps * U) {
-    int row[U], first[U];  // row offset (m * n) and this lane's first index in it
-    float ss[U];
-#pragma unroll
-    for (int q = 0; q < U; ++q) {
-      const int u = u0 + q * kWarps;
-      const int m = u / vwarps;
-      row[q] = u < units ? m * n : 0;
-      first[q] = u < units ? (u - m * vwarps) * 32 + lane : n;
-      ss[q] = 0.f;
-    }
-#pragma unroll 4
-    for (int i0 = 0; i0 < n; i0 += vthreads) {
-      float x[U];
-#pragma unroll
-      for (int q = 0; q < U; ++q) {
-        const int i = first[q] + i0;
-        x[q] = i < n ? __ldcg(residual + (row[q] + i)) : 0.f;
-      }
-#pragma unroll
-      for (int q = 0; q < U; ++q) ss[q] = fmaf(x[q], x[q], ss[q]);
-    }
-#pragma unroll
-    for (int q = 0; q < U; ++q) {
-#pragma unroll
-      for (int o = 16; o > 0; o /= 2) ss[q] += __shfl_xor_sync(0xffffffffu, ss[q], o);
-      const int u = u0 + q * kWarps;
-      if (lane == 0 && u < units) vsum[u / vwarps][u % vwarps] = ss[q];
-    }
-  }
-  __syncthreads();
-  if (threadIdx.x < M) {
-    float t = 0.f;
-    for (int p = 0; p < vwarps; ++p) t += vsum[threadIdx.x][p];
-    rinv[threadIdx.x] = rsqrtf(t / n + eps);
-  }
-  __syncthreads();
-  const int chunks = n / 8;
-  for (int c = threadIdx.x; c < M * chunks; c += kThreads) {
-    const int m = c / chunks;
-    const long long i = static_cast<long long>(c - m * chunks) * 8;
-    const float4* r = reinterpret_cast<const float4*>(residual + m * static_cast<long long>(n) + i);
-    const float4 a = __ldcg(r), b = __ldcg(r + 1);
-    const uint4 wv = __ldg(reinterpret_cast<const uint4*>(w + i));
-    const float s = rinv[m];
-    const float2 w0 = pair_to_float2(wv.x), w1 = pair_to_float2(wv.y);
-    const float2 w2 = pair_to_float2(wv.z), w3 = pair_to_float2(wv.w);
-    *reinterpret_cast<uint4*>(out + m * static_cast<long long>(n) + i) =
-        make_uint4(pack_pair(from_float(w0.x * (a.x * s)), from_float(w0.y * (a.y * s))),
-                   pack_pair(from_float(w1.x * (a.z * s)), from_float(w1.y * (a.w * s))),
-                   pack_pair(from_float(w2.x * (b.x * s)), from_float(w2.y * (b.y * s))),
-                   pack_pair(from_float(w3.x * (b.z * s)), from_float(w3.y * (b.w * s))));
-  }
-}
-
-#ifdef KV_DTYPE
-// The *_rope tail: rope_and_cache (cache.cu) over the q, k and v rows [M][heads][HEAD_DIM]
-// the grid has just stored, with cache.cu's own rotate_row and write_row: q rotated in place,
-// k rotated and rounded, then k and v written into slot slots[m] of the caches (nothing for a
-// negative slot; q is rotated all the same); the k buffer keeps the unrotated values. The
-// rows (q's, then k's, then v's) go through a shared-memory stage of kStageRows rows at a time: the CTA copies them in with
-// 16-byte loads (all in flight at once), then each warp takes a row (write_row's quantization
-// is a warp's), so the tail keeps few registers (the product's CTAs per SM) and one L2 round
-// trip per stage. Each (token, pair)'s (sin, cos) is computed once into shared memory first.
-struct RopeTail {
-  unsigned char* k_cache;
-  unsigned char* v_cache;
-  const int* positions;
-  const float* inv_freq;
-  const long long* slots;
-  int num_q_heads, num_kv_heads, interleaved, block_size, block_shift;
-  long long block_bytes;
-};
-
-// The (sin, cos) of a token's pairs from the table.
-struct AngleTable {
-  const float2* a;
-  __device__ __forceinline__ float2 operator()(int i) const { return a[i]; }
-};
-
-#if HEAD_DIM == 128
-typedef uint2 lane_bits;  // kPerLane = 4 values
-__device__ __forceinline__ void unpack_lane(const uint2& b, float (&x)[4]) {
-  const float2 lo = pair_to_float2(b.x), hi = pair_to_float2(b.y);
-  x[0] = lo.x, x[1] = lo.y, x[2] = hi.x, x[3] = hi.y;
-}
-__device__ __forceinline__ uint2 pack_lane(const scalar_t (&y)[4]) {
-  return make_uint2(pack_pair(y[0], y[1]), pack_pair(y[2], y[3]));
-}
-#elif HEAD_DIM == 64
-typedef unsigned lane_bits;  // kPerLane = 2 values
-__device__ __forceinline__ void unpack_lane(const unsigned& b, float (&x)[2]) {
-  const float2 v = pair_to_float2(b);
-  x[0] = v.x, x[1] = v.y;
-}
-__device__ __forceinline__ unsigned pack_lane(const scalar_t (&y)[2]) {
-  return pack_pair(y[0], y[1]);
-}
-#else
-#error "the Q/K/V tail is built for HEAD_DIM 64 and 128"
-#endif
-static_assert(sizeof(lane_bits) == kvserve::kPerLane * sizeof(scalar_t), "lane chunk");
-
-// 12 KiB of rows: the 8B model's 48 rows of a token (32 q, 8 k, 8 v heads at d = 128).
-constexpr int kStageRows = 12288 / (HEAD_DIM * static_cast<int>(sizeof(scalar_t)));
-// 16-byte pieces of a row.
-constexpr int kRowPieces = HEAD_DIM * static_cast<int>(sizeof(scalar_t)) / 16;
-
-template <int M>
-__device__ __forceinline__ void rope_tail(scalar_t* q, const scalar_t* k, const scalar_t* v,
-                                          const RopeTail& t) {
-  using kvserve::kPerLane;
-  constexpr int kHalf = HEAD_DIM / 2;
-  __shared__ float2 angles[M][kHalf];
-  __shared__ long long slot_of[M];
-  __shared__ uint4 stage[kStageRows * kRowPieces];
-  for (int i = threadIdx.x; i < M * kHalf; i += kThreads) {
-    const int m = i / kHalf, p = i % kHalf;
-    angles[m][p] = rope_angle(static_cast<float>(t.positions[m]), t.inv_freq[p]);
-  }
-  if (threadIdx.x < M) slot_of[threadIdx.x] = t.slots[threadIdx.x];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int qh = t.num_q_heads, kvh = t.num_kv_heads;
-  // Rows: the M * qh rows of q, then the M * kvh of k, then those of v (each buffer's rows
-  // in order: the stage copies three contiguous runs).
-  const int q_rows = M * qh, qk_rows = M * (qh + kvh), rows = M * (qh + 2 * kvh);
-  for (int r0 = 0; r0 < rows; r0 += kStageRows) {
-    const int count = min(kStageRows, rows - r0);
-    // Stage rows [r0, r0 + count): every piece's load in flight at once.
-#pragma unroll 4
-    for (int i = threadIdx.x; i < count * kRowPieces; i += kThreads) {
-      const int r = r0 + i / kRowPieces;
-      const scalar_t* src = r < q_rows ? q : r < qk_rows ? k : v;
-      const int row = r < q_rows ? r : r < qk_rows ? r - q_rows : r - qk_rows;
-      stage[i] = __ldcg(reinterpret_cast<const uint4*>(src) + row * kRowPieces + i % kRowPieces);
-    }
-    __syncthreads();  // the stage (and, the first time, the angles and slots) written
-    for (int s = warp; s < count; s += kWarps) {
-      const int r = r0 + s;  // the same in the whole warp
-      const bool is_q = r < q_rows, is_v = r >= qk_rows;
-      const int row = is_q ? r : is_v ? r - qk_rows : r - q_rows;  // in its buffer
-      const int heads = is_q ? qh : kvh;
-      const int m = row / heads, head = row - m * heads;
-      float x[kPerLane];
-      scalar_t y[kPerLane];
-      unpack_lane(reinterpret_cast<const lane_bits*>(stage + s * kRowPieces)[lane], x);
-      if (!is_v) kvserve::rotate_row(x, y, AngleTable{angles[m]}, lane, t.interleaved);
-      if (is_q) {
-        reinterpret_cast<lane_bits*>(q + static_cast<long long>(row) * HEAD_DIM)[lane] =
-            pack_lane(y);
-        continue;
-      }
-      const long long slot = slot_of[m];
-      if (slot < 0) continue;
-      if (!is_v) {
-#pragma unroll
-        for (int i = 0; i < kPerLane; ++i) x[i] = to_float(y[i]);
-      }
-      unsigned char* base =
-          (is_v ? t.v_cache : t.k_cache) + (slot >> t.block_shift) * t.block_bytes;
-      kvserve::write_row(base, head, static_cast<int>(slot & (t.block_size - 1)), t.block_size,
-                         kvh, lane, x);
-    }
-    __syncthreads();  // the stage read before the next one overwrites it
-  }
-}
-#endif  // KV_DTYPE
 
 // ---------------------------------------------------------------------------------------
 // Programmatic dependent launch (scalar.cuh, crates/kernels-cuda/src/launch.rs). Before
@@ -912,84 +681,6 @@ __device__ __forceinline__ void glu_tc_prologue(const scalar_t* w, int k, int in
     gemv_glu_tc_impl<M>(y, w, src, inter, k, ksplit);                                          \
   }
 
-#define ADDNORM_PARAMS                                                                          \
-  float *__restrict__ residual, const scalar_t *__restrict__ w, const scalar_t *__restrict__ x, \
-      const scalar_t *__restrict__ bias, int n, int k, int ksplit, scalar_t *__restrict__ out,  \
-      const scalar_t *__restrict__ nweight, float eps, int vthreads, unsigned *__restrict__ counter
-#define ROPE_PARAMS                                                                             \
-  scalar_t *__restrict__ y0, scalar_t *__restrict__ y1, scalar_t *__restrict__ y2,             \
-      const scalar_t *__restrict__ w, const scalar_t *__restrict__ x,                          \
-      const scalar_t *__restrict__ bias, int n0, int n01, int n, int k, int ksplit,            \
-      unsigned char *__restrict__ k_cache, unsigned char *__restrict__ v_cache,                \
-      const int *__restrict__ positions, const float *__restrict__ inv_freq,                   \
-      const long long *__restrict__ slots, int num_q_heads, int num_kv_heads, int interleaved,  \
-      int block_size, int block_shift, long long block_bytes, unsigned *__restrict__ counter
-
-// CTAs per SM of the plain products on sm_90 (their registers: 32, 40, 64, 76, 77, 86+ for
-// gemv_1..8, 80 for gemv_tc_*): the tail entries are held to them, so a tail costs the
-// product no occupancy (kernel_report: no spills).
-#define GEMV_FMA_CTAS(M) ((M) == 1 ? 8 : (M) == 2 ? 6 : (M) == 3 ? 4 : (M) <= 5 ? 3 : 2)
-#define GEMV_TC_CTAS 3
-// The 8-bit and int4 quantization needs a few more registers than 32 (it spilled): 6 CTAs per
-// SM for one token (still one wave for the 8B Q/K/V product's 768 CTAs on 132 SMs).
-#if defined(KV_DTYPE) && KV_DTYPE != KVT_FP16 && KV_DTYPE != KVT_BF16
-#define GEMV_ROPE_CTAS(M) ((M) == 1 ? 6 : GEMV_FMA_CTAS(M))
-#else
-#define GEMV_ROPE_CTAS(M) GEMV_FMA_CTAS(M)
-#endif
-
-// The last-CTA entries: residual += the product (as the residual epilogue), then the
-// RMSNorm of the residual into `out` (O and down products); the Q/K/V product stored into
-// y0 (q), y1 (k), y2 (v), then RoPE and the cache write (compiled with KV_DTYPE and HEAD_DIM).
-#define GEMV_TAIL_ENTRY(M)                                                                     \
-  extern "C" __global__ void __launch_bounds__(kThreads, GEMV_FMA_CTAS(M))                    \
-      gemv_addnorm_##M(ADDNORM_PARAMS) {                                                       \
-    prefetch_tail(nweight, n * static_cast<int>(sizeof(scalar_t)));                            \
-    plain_prologue<M>(w, k, n, ksplit);                                                        \
-    const Out o{nullptr, nullptr, nullptr, residual, nullptr, bias, n, n, n};                  \
-    gemv_impl<M>(o, w, PlainSrc{x, k}, k, ksplit);                                             \
-    if (last_cta(counter)) norm_tail<M, 4>(residual, n, nweight, eps, vthreads, out);          \
-  }                                                                                            \
-  extern "C" __global__ void __launch_bounds__(kThreads, GEMV_TC_CTAS)                        \
-      gemv_tc_addnorm_##M(ADDNORM_PARAMS) {                                                    \
-    prefetch_tail(nweight, n * static_cast<int>(sizeof(scalar_t)));                            \
-    tc_prologue(w, k, n, ksplit);                                                              \
-    const Out o{nullptr, nullptr, nullptr, residual, nullptr, bias, n, n, n};                  \
-    gemv_tc_impl<M>(o, w, PlainSrc{x, k}, k, ksplit);                                          \
-    if (last_cta(counter)) norm_tail<M, 8>(residual, n, nweight, eps, vthreads, out);          \
-  }
-#define GEMV_ROPE_ENTRY(M)                                                                     \
-  extern "C" __global__ void __launch_bounds__(kThreads, GEMV_ROPE_CTAS(M))                   \
-      gemv_rope_##M(ROPE_PARAMS) {                                                             \
-    plain_prologue<M>(w, k, n, ksplit);                                                        \
-    const Out o{y0, y1, y2, nullptr, nullptr, bias, n0, n01, n};                               \
-    gemv_impl<M>(o, w, PlainSrc{x, k}, k, ksplit);                                             \
-    if (last_cta(counter))                                                                     \
-      rope_tail<M>(y0, y1, y2,                                                                 \
-                   RopeTail{k_cache, v_cache, positions, inv_freq, slots, num_q_heads,         \
-                            num_kv_heads, interleaved, block_size, block_shift, block_bytes}); \
-  }                                                                                            \
-  extern "C" __global__ void __launch_bounds__(kThreads, GEMV_TC_CTAS)                        \
-      gemv_tc_rope_##M(ROPE_PARAMS) {                                                          \
-    tc_prologue(w, k, n, ksplit);                                                              \
-    const Out o{y0, y1, y2, nullptr, nullptr, bias, n0, n01, n};                               \
-    gemv_tc_impl<M>(o, w, PlainSrc{x, k}, k, ksplit);                                          \
-    if (last_cta(counter))                                                                     \
-      rope_tail<M>(y0, y1, y2,                                                                 \
-                   RopeTail{k_cache, v_cache, positions, inv_freq, slots, num_q_heads,         \
-                            num_kv_heads, interleaved, block_size, block_shift, block_bytes}); \
-  }
-
-#ifdef KV_DTYPE
-GEMV_ROPE_ENTRY(1)
-GEMV_ROPE_ENTRY(2)
-GEMV_ROPE_ENTRY(3)
-GEMV_ROPE_ENTRY(4)
-GEMV_ROPE_ENTRY(5)
-GEMV_ROPE_ENTRY(6)
-GEMV_ROPE_ENTRY(7)
-GEMV_ROPE_ENTRY(8)
-#else
 GEMV_ENTRY(1)
 GEMV_ENTRY(2)
 GEMV_ENTRY(3)
@@ -998,12 +689,3 @@ GEMV_ENTRY(5)
 GEMV_ENTRY(6)
 GEMV_ENTRY(7)
 GEMV_ENTRY(8)
-GEMV_TAIL_ENTRY(1)
-GEMV_TAIL_ENTRY(2)
-GEMV_TAIL_ENTRY(3)
-GEMV_TAIL_ENTRY(4)
-GEMV_TAIL_ENTRY(5)
-GEMV_TAIL_ENTRY(6)
-GEMV_TAIL_ENTRY(7)
-GEMV_TAIL_ENTRY(8)
-#endif

@@ -182,7 +182,7 @@ pub struct LayerCache<'a> {
 
 /// Lengths of a [`rope_and_cache`] call (what the host knows of its buffers).
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct RopeCacheShapes {
+struct RopeCacheShapes {
     rows: CacheRows,
     /// Values of q.
     q: usize,
@@ -193,36 +193,10 @@ pub(crate) struct RopeCacheShapes {
     min_position: i64,
 }
 
-impl RopeCacheShapes {
-    /// The lengths of a call over `rotary`, q, k and v of these many values, `slot_mapping`
-    /// and `cache` (one token per slot).
-    pub(crate) fn of(
-        rotary: &Rotary<'_>,
-        [q, k, v]: [usize; 3],
-        slot_mapping: &Indices<i64>,
-        cache: &LayerCache<'_>,
-    ) -> Self {
-        Self {
-            rows: CacheRows {
-                tokens: slot_mapping.len(),
-                max_slot: slot_mapping.max(),
-                k,
-                v,
-                k_cache: cache.k.len(),
-                v_cache: cache.v.len(),
-            },
-            q,
-            inv_freq: rotary.inv_freq.len(),
-            positions: rotary.positions.len(),
-            min_position: rotary.positions.min(),
-        }
-    }
-}
-
 /// Checks a [`rope_and_cache`] call: everything [`crate::rope`] and [`reshape_and_cache`]
 /// check, and that the rotary shapes are the cache's. `Ok(None)`: no tokens, nothing to do;
 /// else the query-head warps of a CTA.
-pub(crate) fn check_rope_cache(
+fn check_rope_cache(
     layout: &BlockLayout,
     shape: &RopeShape,
     s: &RopeCacheShapes,
@@ -300,7 +274,20 @@ pub fn rope_and_cache<T: ActScalar>(
 ) -> Result<()> {
     let layout = cache.layout;
     let shape = &rotary.shape;
-    let shapes = RopeCacheShapes::of(rotary, [q.len(), k.len(), v.len()], slot_mapping, &cache);
+    let shapes = RopeCacheShapes {
+        rows: CacheRows {
+            tokens: slot_mapping.len(),
+            max_slot: slot_mapping.max(),
+            k: k.len(),
+            v: v.len(),
+            k_cache: cache.k.len(),
+            v_cache: cache.v.len(),
+        },
+        q: q.len(),
+        inv_freq: rotary.inv_freq.len(),
+        positions: rotary.positions.len(),
+        min_position: rotary.positions.min(),
+    };
     let Some(query_warps) = check_rope_cache(layout, shape, &shapes)? else {
         return Ok(());
     };

@@ -48,10 +48,6 @@ const SOURCES: &[(&str, &str)] = &[
         "paged_prefill_tc.cu",
         include_str!("../../../kernels/paged_prefill_tc.cu"),
     ),
-    (
-        "cache_write.cuh",
-        include_str!("../../../kernels/cache_write.cuh"),
-    ),
     ("cache.cu", include_str!("../../../kernels/cache.cu")),
     (
         "elementwise.cu",
@@ -100,11 +96,8 @@ pub enum Program {
     /// activation type (of the logits) only.
     Sampling,
     /// `gemv.cu`: linear layers for decode batches of at most 8 tokens (`gemv_M`,
-    /// `gemv_glu_M`, `gemv_addnorm_M`, ...). Depends on the activation type only.
+    /// `gemv_glu_M`). Depends on the activation type only.
     Gemv,
-    /// `gemv.cu` compiled per KV dtype and head_dim: the Q/K/V product whose last CTA
-    /// applies RoPE and writes the cache (`gemv_rope_M`, `gemv_tc_rope_M`).
-    GemvRope,
 }
 
 impl Program {
@@ -116,7 +109,7 @@ impl Program {
             Self::Cache => "cache.cu",
             Self::Elementwise => "elementwise.cu",
             Self::Sampling => "sampling.cu",
-            Self::Gemv | Self::GemvRope => "gemv.cu",
+            Self::Gemv => "gemv.cu",
         }
     }
 }
@@ -167,18 +160,6 @@ impl Variant {
         Variant {
             program: Program::Gemv,
             ..Self::elementwise(scalar)
-        }
-    }
-
-    /// The Q/K/V product with the RoPE + cache-write tail for activations of type `scalar`
-    /// and a cache of `dtype` with heads of `head_dim` channels.
-    pub fn gemv_rope(scalar: Scalar, dtype: KvCacheDtype, head_dim: usize) -> Self {
-        Variant {
-            program: Program::GemvRope,
-            scalar,
-            dtype,
-            head_dim,
-            gqa_group: 0,
         }
     }
 
@@ -254,7 +235,6 @@ impl Variant {
                         head_dim,
                         gqa_group: 0,
                     });
-                    v.push(Variant::gemv_rope(scalar, dtype, head_dim));
                     for gqa_group in 1..=MAX_GQA_GROUP {
                         v.push(Variant {
                             program: Program::PagedAttention,
@@ -535,13 +515,12 @@ mod tests {
     fn every_variant_has_distinct_options() {
         let all = Variant::all();
         // int4-g128 has no head_dim 64 variant; one elementwise, one sampling and one gemv
-        // variant per scalar; a cache write, a Q/K/V GEMV with its tail and the split decode
-        // kernel per GQA group for each (dtype, head_dim); tensor-core decode and prefill for
-        // four KV dtypes per scalar (its 16-bit one, int8, fp8), tensor-core decode also for
-        // the four int4 ones (seven (dtype, head_dim) pairs).
+        // variant per scalar; tensor-core decode and prefill for four KV dtypes per scalar (its
+        // 16-bit one, int8, fp8), tensor-core decode also for the four int4 ones (seven
+        // (dtype, head_dim) pairs).
         assert_eq!(
             all.len(),
-            2 * ((KvCacheDtype::ALL.len() * HEAD_DIMS.len() - 1) * (2 + MAX_GQA_GROUP)
+            2 * ((KvCacheDtype::ALL.len() * HEAD_DIMS.len() - 1) * (1 + MAX_GQA_GROUP)
                 + 3
                 + 2 * 4 * HEAD_DIMS.len() * MAX_GQA_GROUP
                 + 7 * MAX_GQA_GROUP)

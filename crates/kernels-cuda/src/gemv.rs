@@ -93,10 +93,6 @@ const GLU: Entries = entries!("gemv_glu_");
 const GLU_NORM: Entries = entries!("gemv_glu_norm_");
 const GLU_TC: Entries = entries!("gemv_glu_tc_");
 const GLU_TC_NORM: Entries = entries!("gemv_glu_tc_norm_");
-const PLAIN_ADDNORM: Entries = entries!("gemv_addnorm_");
-const PLAIN_TC_ADDNORM: Entries = entries!("gemv_tc_addnorm_");
-const PLAIN_ROPE: Entries = entries!("gemv_rope_");
-const PLAIN_TC_ROPE: Entries = entries!("gemv_tc_rope_");
 
 /// One output of a [`gemv`]: the next `width` rows of the weight, written `[tokens][width]`.
 #[derive(Debug)]
@@ -188,7 +184,7 @@ pub enum GemvEpilogue<'a, 'b, T> {
 }
 
 /// Rows of an input of `len` values for a weight of width `k`, checked.
-pub(crate) fn tokens_of(kernel: &'static str, what: &str, len: usize, k: usize) -> Result<usize> {
+fn tokens_of(kernel: &'static str, what: &str, len: usize, k: usize) -> Result<usize> {
     if k == 0 || !k.is_multiple_of(8) || k > i32::MAX as usize {
         return Err(bad(
             kernel,
@@ -297,7 +293,7 @@ fn check_weight(kernel: &'static str, len: usize, n: usize, k: usize) -> Result<
 
 /// Lengths of an epilogue, for the checks.
 #[derive(Debug, Clone, Copy)]
-pub(crate) enum EpilogueLens<'a> {
+enum EpilogueLens<'a> {
     /// `(width, values)` of each output.
     Store(&'a [(usize, usize)]),
     Residual {
@@ -306,7 +302,7 @@ pub(crate) enum EpilogueLens<'a> {
 }
 
 /// The weight's rows `n` for an epilogue of `tokens` rows, every length checked.
-pub(crate) fn check_epilogue(
+fn check_epilogue(
     kernel: &'static str,
     epilogue: EpilogueLens<'_>,
     tokens: usize,
@@ -358,37 +354,18 @@ pub(crate) fn check_epilogue(
 
 /// A launch: the entry point, how many warps split a row group's K, and the grid.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Plan {
-    pub(crate) name: &'static str,
-    pub(crate) ksplit: i32,
-    pub(crate) cfg: LaunchConfig,
-}
-
-/// The entry family of a product: its input and what follows its stores. The launch shape
-/// (grid, K split, so the order of every sum) is the same for all of them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Family {
-    /// `gemv_M`: a plain input (either epilogue).
-    Plain,
-    /// `gemv_norm_M`: the normalized residual as input.
-    Normalized,
-    /// `gemv_addnorm_M`: residual epilogue, then the last CTA's RMSNorm (gemv_tail.rs).
-    AddNorm,
-    /// `gemv_rope_M`: stored Q/K/V, then the last CTA's RoPE and cache write (gemv_tail.rs).
-    Rope,
+struct Plan {
+    name: &'static str,
+    ksplit: i32,
+    cfg: LaunchConfig,
 }
 
 /// The launch of a product of `tokens` rows over `n` weight rows of width `k`.
-pub(crate) fn plan_gemv(num_sms: usize, tokens: usize, n: usize, k: usize, family: Family) -> Plan {
+fn plan_gemv(num_sms: usize, tokens: usize, n: usize, k: usize, normalized: bool) -> Plan {
     let i = tokens - 1;
     if use_tc(tokens, k) {
         let (ksplit, cfg) = tc_launch_shape(num_sms, n.div_ceil(16), k);
-        let names = match family {
-            Family::Plain => PLAIN_TC,
-            Family::Normalized => PLAIN_TC_NORM,
-            Family::AddNorm => PLAIN_TC_ADDNORM,
-            Family::Rope => PLAIN_TC_ROPE,
-        };
+        let names = if normalized { PLAIN_TC_NORM } else { PLAIN_TC };
         Plan {
             name: names[i],
             ksplit,
@@ -396,12 +373,7 @@ pub(crate) fn plan_gemv(num_sms: usize, tokens: usize, n: usize, k: usize, famil
         }
     } else {
         let (ksplit, cfg) = launch_shape(num_sms, n.div_ceil(plain_rows(tokens)), k);
-        let names = match family {
-            Family::Plain => PLAIN,
-            Family::Normalized => PLAIN_NORM,
-            Family::AddNorm => PLAIN_ADDNORM,
-            Family::Rope => PLAIN_ROPE,
-        };
+        let names = if normalized { PLAIN_NORM } else { PLAIN };
         Plan {
             name: names[i],
             ksplit,
@@ -513,11 +485,8 @@ pub fn gemv_with<T: ActScalar>(
         },
     };
     let n = check_epilogue(K, lens, tokens, w.len(), k, bias.map(CudaSlice::len))?;
-    let family = match input {
-        GemvInput::Plain(_) => Family::Plain,
-        GemvInput::Normalized(_) => Family::Normalized,
-    };
-    let plan = plan_gemv(gpu.num_sms(), tokens, n, k, family);
+    let normalized = matches!(input, GemvInput::Normalized(_));
+    let plan = plan_gemv(gpu.num_sms(), tokens, n, k, normalized);
     let f = gpu.function(&Variant::gemv(T::SCALAR), plan.name)?;
     let stream = gpu.stream();
     // Absent pointers are null; the kernel never touches them (no rows map to an absent
@@ -568,7 +537,11 @@ pub fn gemv_with<T: ActScalar>(
     launch.arg(w);
     let eps = push_input(K, &mut launch, &input, &null)?;
     launch.arg(&count_i).arg(&eps);
-    push_bias(&mut launch, bias, &null)
+    match bias {
+        Some(b) => launch.arg(b),
+        None => launch.arg(&null),
+    };
+    launch
         .arg(&n0)
         .arg(&n01)
         .arg(&n_i)
@@ -672,18 +645,6 @@ pub fn gemv_silu_mul_with<T: ActScalar>(
     // The kernel prefetches only weight rows into L2, then calls kvs_wait_prior() (PDL).
     unsafe { launch.dependent().launch(plan.cfg) }?;
     Ok(())
-}
-
-/// Pushes the bias (null without one).
-pub(crate) fn push_bias<'l, 'a, T>(
-    launch: &'l mut Launch<'a>,
-    bias: Option<&'a CudaSlice<T>>,
-    null: &'a u64,
-) -> &'l mut Launch<'a> {
-    match bias {
-        Some(b) => launch.arg(b),
-        None => launch.arg(null),
-    }
 }
 
 /// Pushes the input arguments both entry families take (x, then the norm's residual, weight
@@ -881,28 +842,16 @@ mod tests {
                 (577, 1536),
                 (200, 584),
             ] {
-                let plain = plan_gemv(132, tokens, n, k, Family::Plain);
-                for (family, part) in [
-                    (Family::Plain, ""),
-                    (Family::Normalized, "_norm_"),
-                    (Family::AddNorm, "_addnorm_"),
-                    (Family::Rope, "_rope_"),
-                ] {
-                    let p = plan_gemv(132, tokens, n, k, family);
+                for normalized in [false, true] {
+                    let p = plan_gemv(132, tokens, n, k, normalized);
                     let tc = tokens >= GEMV_TC_MIN_TOKENS && k % 32 == 0;
                     assert_eq!(p.name.contains("_tc_"), tc, "{}", p.name);
-                    for other in ["_norm_", "_addnorm_", "_rope_"] {
-                        assert_eq!(p.name.contains(other), other == part, "{}", p.name);
-                    }
+                    assert_eq!(p.name.contains("_norm_"), normalized, "{}", p.name);
                     assert!(p.name.ends_with(&tokens.to_string()), "{}", p.name);
-                    // The same launch shape as the plain product: the same sums, bit for bit.
-                    assert_eq!(p.ksplit, plain.ksplit);
-                    assert_eq!(p.cfg.grid_dim, plain.cfg.grid_dim);
                     let rows_per_group = if tc { 16 } else { plain_rows(tokens) };
                     let groups_per_cta = WARPS / p.ksplit as usize;
                     let rows = p.cfg.grid_dim.0 as usize * groups_per_cta * rows_per_group;
                     assert!(rows >= n && rows - n < groups_per_cta * rows_per_group);
-                    let normalized = family == Family::Normalized;
                     let g = plan_glu(132, tokens, n, k, normalized);
                     assert_eq!(g.name.contains("_norm_"), normalized, "{}", g.name);
                     assert!(g.name.starts_with("gemv_glu_"), "{}", g.name);

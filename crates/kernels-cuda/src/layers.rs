@@ -15,14 +15,6 @@ const THREADS: u32 = 256;
 /// The most threads of an RMSNorm CTA (`kNormThreads` in elementwise.cu).
 const NORM_THREADS: usize = 1024;
 
-/// The threads of an RMSNorm CTA for rows of `hidden`: about 4 values per thread (each keeps
-/// up to 8 in registers), a multiple of 32 from 32 to [`NORM_THREADS`]. The sum of squares
-/// is taken in an order set by this count, which the GEMV's norm tail (`gemv_add_norm`)
-/// reproduces: both take it from here.
-pub(crate) fn norm_threads(hidden: usize) -> usize {
-    (hidden.div_ceil(4).div_ceil(32) * 32).clamp(32, NORM_THREADS)
-}
-
 fn rows(tokens: usize) -> Result<LaunchConfig> {
     if tokens == 0 || tokens > i32::MAX as usize {
         return Err(bad("elementwise", format!("{tokens} tokens")));
@@ -131,7 +123,8 @@ pub fn rms_norm<T: ActScalar>(
         ));
     }
     let mut cfg = rows(residual.len() / hidden)?;
-    cfg.block_dim.0 = norm_threads(hidden) as u32;
+    // About 4 values per thread (each keeps up to 8 in registers), a multiple of 32 threads.
+    cfg.block_dim.0 = (hidden.div_ceil(4).div_ceil(32) * 32).clamp(32, NORM_THREADS) as u32;
     let variant = Variant::elementwise(T::SCALAR);
     match delta {
         None => {

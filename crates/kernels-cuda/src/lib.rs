@@ -27,7 +27,6 @@ mod error;
 mod ffi;
 mod gemm;
 mod gemv;
-mod gemv_tail;
 pub mod graph;
 mod indices;
 mod launch;
@@ -48,7 +47,6 @@ pub use gemv::{
     GEMV_MAX_TOKENS, GEMV_TC_MIN_TOKENS, GemvEpilogue, GemvInput, GemvOut, NormInput, NormPartials,
     gemv, gemv_silu_mul, gemv_silu_mul_with, gemv_with,
 };
-pub use gemv_tail::{AddNorm, QkvRopeCache, TailCounter, gemv_add_norm, gemv_qkv_rope_cache};
 pub use indices::{Index, Indices};
 pub use layers::{
     RopeShape, add_bias, embedding_gather, fill_uniform, gather_rows, rms_norm, rope, silu_mul,

@@ -12,7 +12,7 @@
 
 mod common;
 
-use common::{Act, first_diff, random_act};
+use common::{Act, random_act};
 use half::{bf16, f16};
 use kernels_cuda::cudarc::driver::CudaSlice;
 use kernels_cuda::{
@@ -33,6 +33,23 @@ fn device() -> Option<Gpu> {
             None
         }
         Err(e) => panic!("the device is there but unusable: {e}"),
+    }
+}
+
+/// An activation type's bit pattern (NaN payloads included).
+trait Bits: Act {
+    fn bits(self) -> u16;
+}
+
+impl Bits for bf16 {
+    fn bits(self) -> u16 {
+        self.to_bits()
+    }
+}
+
+impl Bits for f16 {
+    fn bits(self) -> u16 {
+        self.to_bits()
     }
 }
 
@@ -72,8 +89,21 @@ struct Case {
     tokens: usize,
 }
 
+/// The first index where two bit patterns differ, as a message.
+fn first_diff<X: PartialEq + std::fmt::Debug>(what: &str, got: &[X], want: &[X]) -> Option<String> {
+    if got.len() != want.len() {
+        return Some(format!("{what}: {} vs {} elements", got.len(), want.len()));
+    }
+    let i = got.iter().zip(want).position(|(a, b)| a != b)?;
+    let n = got.iter().zip(want).filter(|(a, b)| a != b).count();
+    Some(format!(
+        "{what}: {n} differ, first at {i}: fused {:?}, separate {:?}",
+        got[i], want[i]
+    ))
+}
+
 /// Runs `c` both ways with activations of type `T`; returns the differences found.
-fn compare<T: Act>(gpu: &Gpu, rng: &mut ChaCha8Rng, c: Case) -> Vec<String> {
+fn compare<T: Bits>(gpu: &Gpu, rng: &mut ChaCha8Rng, c: Case) -> Vec<String> {
     let s = gpu.stream().clone();
     let layout = BlockLayout::new(c.dtype, c.block_size, c.kv_heads, c.head_dim).unwrap();
     let (d, t) = (c.head_dim, c.tokens);

@@ -33,9 +33,8 @@ use half::bf16;
 use kernels_cuda::cudarc::driver::{CudaSlice, PinnedHostSlice};
 use kernels_cuda::graph::StepGraph;
 use kernels_cuda::{
-    AddNorm, Blas, DecodeKernel, DecodeMetadata, GemvEpilogue, GemvInput, GemvOut, Gpu, Indices,
-    LayerCache, NormInput, NormPartials, PagedDecoder, PrefillBatch, PrefillMetadata, QkvRopeCache,
-    RopeShape, Rotary, Scalar, StepStaging, TailCounter,
+    Blas, DecodeKernel, DecodeMetadata, GemvEpilogue, GemvInput, GemvOut, Gpu, Indices, NormInput,
+    NormPartials, PagedDecoder, PrefillBatch, PrefillMetadata, RopeShape, Scalar, StepStaging,
 };
 use kv_block_manager::CopyOp;
 use kv_quant::BlockLayout;
@@ -80,8 +79,6 @@ struct Buffers {
     /// The sums of squares the O and down products leave for the next normalized products
     /// (fused norms).
     norm_partials: NormPartials,
-    /// The last-CTA count of the GEMV tails (allocated once, zero between launches).
-    tail: Option<TailCounter>,
 }
 
 /// How a step attends: the prefill kernel over whole chunks, or the decode kernel per token.
@@ -136,10 +133,6 @@ pub struct CudaBackend {
     /// Q/K/V and gate/up products normalize it as they read it. Off unless
     /// `KVSERVE_FUSED_NORM=1`: measured slower than separate norm launches (BENCHMARKS.md).
     fused_norm: bool,
-    /// On the GEMV path (norms not folded), the products' last CTAs run what followed them:
-    /// the Q/K/V product RoPE and the cache write, the O and down products the residual add
-    /// and the next RMSNorm (five launches per layer). On unless `KVSERVE_GEMV_TAIL=0`.
-    gemv_tail: bool,
     /// Steps with prompt chunks attend through the prefill kernel
     /// (`KVSERVE_PREFILL_KERNEL=0`: through the decode kernel, one row per token).
     prefill: bool,
@@ -499,7 +492,6 @@ impl CudaBackend {
             last_graph_bucket: None,
             gemv: std::env::var("KVSERVE_GEMV").as_deref() != Ok("0"),
             fused_norm: std::env::var("KVSERVE_FUSED_NORM").as_deref() == Ok("1"),
-            gemv_tail: std::env::var("KVSERVE_GEMV_TAIL").as_deref() != Ok("0"),
             prefill: std::env::var("KVSERVE_PREFILL_KERNEL").as_deref() != Ok("0"),
             blas,
             gpu,
@@ -598,29 +590,14 @@ impl CudaBackend {
         // and down products add into the residual stream (leaving its sums of squares in
         // `norm_partials`), the Q/K/V and gate/up products normalize it as they read it.
         let fused = small && self.fused_norm;
-        // Tails: the Q/K/V product's last CTA applies RoPE and writes the cache, the O and
-        // down products' last CTAs add into the residual and leave the next norm in `normed`
-        // (after the last down product: the final norm).
-        let tail = small && !fused && self.gemv_tail;
-        if tail && bf.tail.is_none() {
-            bf.tail = Some(TailCounter::new(gpu)?);
-        }
-        let rotary = Rotary {
-            shape,
-            positions,
-            inv_freq: &self.inv_freq,
-        };
         let products = Products {
             gpu,
             blas: &self.blas,
             small,
         };
         for (l, lw) in self.layers.iter().enumerate() {
-            // Folded into the Q/K/V product (fused norms), or left in `normed` by the previous
-            // down product's tail.
             let fold_attn_norm = fused && l > 0;
-            let attn_norm_done = fold_attn_norm || (tail && l > 0);
-            if !attn_norm_done {
+            if !fold_attn_norm {
                 // attn norm (adding the previous layer's MLP output).
                 let normed = buffer(&mut bf.normed, gpu, t * h)?;
                 let residual = bf.residual.as_mut().ok_or_else(missing)?;
@@ -632,23 +609,7 @@ impl CudaBackend {
             let q = buffer(&mut bf.q, gpu, t * nq)?;
             let k = buffer(&mut bf.k, gpu, t * nkv)?;
             let v = buffer(&mut bf.v, gpu, t * nkv)?;
-            if tail {
-                let qkv = QkvRopeCache {
-                    q,
-                    k,
-                    v,
-                    rotary: &rotary,
-                    slot_mapping: slots,
-                    cache: LayerCache {
-                        layout: &self.layout,
-                        k: &mut self.k_cache[l],
-                        v: &mut self.v_cache[l],
-                    },
-                };
-                let bias = lw.qkv_bias.as_ref();
-                let counter = bf.tail.as_mut().ok_or_else(missing)?;
-                kernels_cuda::gemv_qkv_rope_cache(gpu, normed, &lw.w_qkv, h, bias, qkv, counter)?;
-            } else if small {
+            if small {
                 let mut outs = [
                     GemvOut { out: q, width: nq },
                     GemvOut { out: k, width: nkv },
@@ -676,23 +637,24 @@ impl CudaBackend {
                 }
             }
             // RoPE on q and k and the cache write of k and v, one launch (k stays unrotated
-            // in its buffer: attention reads K from the cache); with tails, the Q/K/V
-            // product's last CTA did it.
-            if !tail {
-                kernels_cuda::rope_and_cache(
-                    gpu,
-                    &rotary,
-                    bf.q.as_mut().ok_or_else(missing)?,
-                    bf.k.as_ref().ok_or_else(missing)?,
-                    bf.v.as_ref().ok_or_else(missing)?,
-                    slots,
-                    LayerCache {
-                        layout: &self.layout,
-                        k: &mut self.k_cache[l],
-                        v: &mut self.v_cache[l],
-                    },
-                )?;
-            }
+            // in its buffer: attention reads K from the cache).
+            kernels_cuda::rope_and_cache(
+                gpu,
+                &kernels_cuda::Rotary {
+                    shape,
+                    positions,
+                    inv_freq: &self.inv_freq,
+                },
+                bf.q.as_mut().ok_or_else(missing)?,
+                bf.k.as_ref().ok_or_else(missing)?,
+                bf.v.as_ref().ok_or_else(missing)?,
+                slots,
+                kernels_cuda::LayerCache {
+                    layout: &self.layout,
+                    k: &mut self.k_cache[l],
+                    v: &mut self.v_cache[l],
+                },
+            )?;
             let attn = buffer(&mut bf.attn, gpu, t * qh * d)?;
             let q = bf.q.as_ref().ok_or_else(missing)?;
             let (kc, vc) = (&self.k_cache[l], &self.v_cache[l]);
@@ -704,21 +666,11 @@ impl CudaBackend {
                     decoder.run(gpu, m, &self.layout, qh, q, kc, vc, attn)?;
                 }
             }
-            // O product, then the ffn norm adding it (fused: the product adds itself; tail:
-            // the product adds itself and its last CTA normalizes).
+            // O product, then the ffn norm adding it (fused: the product adds itself).
             let attn = bf.attn.as_ref().ok_or_else(missing)?;
             if fused {
                 let residual = bf.residual.as_mut().ok_or_else(missing)?;
                 add_to_residual(gpu, attn, &lw.wo, qh * d, residual, &mut bf.norm_partials)?;
-            } else if tail {
-                let norm = AddNorm {
-                    residual: bf.residual.as_mut().ok_or_else(missing)?,
-                    weight: &lw.ffn_norm,
-                    eps,
-                    out: bf.normed.as_mut().ok_or_else(missing)?,
-                };
-                let counter = bf.tail.as_mut().ok_or_else(missing)?;
-                kernels_cuda::gemv_add_norm(gpu, attn, &lw.wo, qh * d, None, norm, counter)?;
             } else {
                 products.linear(attn, &lw.wo, h, qh * d, buffer(&mut bf.proj, gpu, t * h)?)?;
                 let normed = bf.normed.as_mut().ok_or_else(missing)?;
@@ -745,24 +697,13 @@ impl CudaBackend {
             if fused {
                 let residual = bf.residual.as_mut().ok_or_else(missing)?;
                 add_to_residual(gpu, act, &lw.w_down, inter, residual, &mut bf.norm_partials)?;
-            } else if tail {
-                // The next layer's attention norm, or after the last layer the final norm.
-                let next = self.layers.get(l + 1);
-                let norm = AddNorm {
-                    residual: bf.residual.as_mut().ok_or_else(missing)?,
-                    weight: next.map_or(&self.final_norm, |n| &n.attn_norm),
-                    eps,
-                    out: bf.normed.as_mut().ok_or_else(missing)?,
-                };
-                let counter = bf.tail.as_mut().ok_or_else(missing)?;
-                kernels_cuda::gemv_add_norm(gpu, act, &lw.w_down, inter, None, norm, counter)?;
             } else {
                 products.linear(act, &lw.w_down, h, inter, buffer(&mut bf.proj, gpu, t * h)?)?;
             }
         }
         // Final norm over every token (adding the last MLP output unless the down product
-        // did; with tails the last down product left it in `normed`), then the requested rows.
-        if !tail {
+        // did), then the requested rows.
+        {
             let normed = bf.normed.as_mut().ok_or_else(missing)?;
             let residual = bf.residual.as_mut().ok_or_else(missing)?;
             let delta = if fused { None } else { bf.proj.as_ref() };
@@ -995,14 +936,6 @@ impl CudaBackend {
     /// (for comparisons; `KVSERVE_FUSED_NORM=1` turns the folding on at construction).
     pub fn set_fused_norm(&mut self, on: bool) {
         self.fused_norm = on;
-    }
-
-    /// Whether the GEMV path's products run what follows them in their last CTA (RoPE and
-    /// the cache write after Q/K/V, the residual add and RMSNorm after O and down): on by
-    /// default, `KVSERVE_GEMV_TAIL=0` turns it off at construction (for comparisons). Folded
-    /// norms ([`CudaBackend::set_fused_norm`]) take precedence.
-    pub fn set_gemv_tail(&mut self, on: bool) {
-        self.gemv_tail = on;
         self.graph_steps.clear();
     }
 

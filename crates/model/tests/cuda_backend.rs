@@ -245,41 +245,6 @@ fn dummy_weights_have_the_shape_of_the_config() {
     assert!(r.is_err(), "32 heads over 5 KV heads accepted");
 }
 
-/// What [`decode_steps`] returns: the logits of each sequence, the graph buckets and the
-/// capture errors.
-struct DecodeRun {
-    logits: Vec<Vec<f32>>,
-    buckets: Vec<usize>,
-    errors: Vec<(usize, String)>,
-}
-
-/// Teacher-forced decode steps (one token per sequence per step) of sequences of `lens`
-/// tokens on a fresh CUDA backend (dummy weights) that `setup` configures.
-fn decode_steps(
-    config: &ModelConfig,
-    kv: KvCacheDtype,
-    lens: &[usize],
-    setup: impl FnOnce(&mut CudaBackend),
-) -> DecodeRun {
-    let weights = Weights::dummy(config, DType::Q8_0, 7).unwrap();
-    let cache = KvCacheConfig {
-        num_blocks: 64,
-        block_size: 16,
-        dtype: kv,
-        num_cpu_blocks: 0,
-    };
-    let mut cuda = CudaBackend::new(&weights, cache, Gpu::new(0).unwrap()).unwrap();
-    setup(&mut cuda);
-    let seqs = token_seqs(lens, config.vocab_size);
-    let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
-    let chunks = vec![1; lens.len()];
-    DecodeRun {
-        logits: batched::run_batched(&mut cuda, &refs, &chunks),
-        buckets: cuda.graph_buckets(),
-        errors: cuda.graph_capture_errors(),
-    }
-}
-
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn cuda_graphs_replay_the_uncaptured_decode_steps() {
@@ -290,10 +255,20 @@ fn cuda_graphs_replay_the_uncaptured_decode_steps() {
     // device (a different split than the host plan), so the logits agree to rounding, not
     // bit for bit.
     let gpu_run = |config: &ModelConfig, kv: KvCacheDtype, graphs: bool| {
-        let r = decode_steps(config, kv, &[70, 37, 19], |cuda| {
-            cuda.set_cuda_graphs(graphs)
-        });
-        (r.logits, r.buckets, r.errors)
+        let weights = Weights::dummy(config, DType::Q8_0, 7).unwrap();
+        let cache = KvCacheConfig {
+            num_blocks: 64,
+            block_size: 16,
+            dtype: kv,
+            num_cpu_blocks: 0,
+        };
+        let mut cuda = CudaBackend::new(&weights, cache, Gpu::new(0).unwrap()).unwrap();
+        cuda.set_cuda_graphs(graphs);
+        let vocab = config.vocab_size;
+        let seqs = token_seqs(&[70, 37, 19], vocab);
+        let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+        let out = batched::run_batched(&mut cuda, &refs, &[1, 1, 1]);
+        (out, cuda.graph_buckets(), cuda.graph_capture_errors())
     };
     let smol = ModelConfig::smollm2_135m();
     let mut llama = ModelConfig::llama31_8b();
@@ -316,55 +291,6 @@ fn cuda_graphs_replay_the_uncaptured_decode_steps() {
                 100.0 * same
             );
             assert_eq!(g.len(), w.len());
-            assert!(err < 1e-2, "{name} {kv} seq {s}: {err}");
-            assert!(same >= 0.95, "{name} {kv} seq {s}: argmax agrees {same}");
-        }
-    }
-}
-
-#[test]
-#[ignore = "needs a CUDA GPU"]
-fn gemv_tails_give_the_unfused_logits_bit_for_bit() {
-    // Steps of 3, 2 and 1 tokens (the tensor-core and the FMA GEMVs), teacher-forced, with the
-    // last-CTA tails (RoPE + cache write after Q/K/V, residual add + RMSNorm after O and down)
-    // and without (separate launches): the same bits. Then the tails inside CUDA graphs.
-    let run = |config: &ModelConfig, kv: KvCacheDtype, tail: bool, graphs: bool| {
-        let r = decode_steps(config, kv, &[40, 23, 9], |cuda| {
-            cuda.set_gemv_tail(tail);
-            cuda.set_cuda_graphs(graphs);
-        });
-        (r.logits, r.errors)
-    };
-    let smol = ModelConfig::smollm2_135m();
-    let mut llama = ModelConfig::llama31_8b();
-    llama.num_layers = 2;
-    llama.vocab_size = 4096;
-    let mut biased = smol.clone();
-    biased.qkv_bias = true;
-    for (name, config, kv) in [
-        ("smollm2-135m (dummy)", &smol, KvCacheDtype::Bf16),
-        ("smollm2-135m (dummy)", &smol, KvCacheDtype::Int8),
-        ("smollm2-135m (dummy)", &smol, KvCacheDtype::Fp8E4m3),
-        ("smollm2 shape, Q/K/V biases", &biased, KvCacheDtype::Fp16),
-        ("llama-3.1-8b shape, 2 layers", &llama, KvCacheDtype::Bf16),
-    ] {
-        let (off, _) = run(config, kv, false, false);
-        let (on, _) = run(config, kv, true, false);
-        let same_bits = |a: &[f32], b: &[f32]| {
-            a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
-        };
-        for (s, (g, w)) in on.iter().zip(&off).enumerate() {
-            assert!(
-                same_bits(g, w),
-                "{name} {kv} seq {s}: tails change the logits"
-            );
-        }
-        eprintln!("{name} kv={kv}: tails on = off, bit for bit");
-        let (graphed, errors) = run(config, kv, true, true);
-        assert!(errors.is_empty(), "{name} {kv}: capture failed: {errors:?}");
-        for (s, (g, w)) in graphed.iter().zip(&off).enumerate() {
-            let (err, same) = compare(g, w, config.vocab_size);
-            eprintln!("{name} kv={kv} seq {s}: tails in graphs, rel err {err:.2e}");
             assert!(err < 1e-2, "{name} {kv} seq {s}: {err}");
             assert!(same >= 0.95, "{name} {kv} seq {s}: argmax agrees {same}");
         }

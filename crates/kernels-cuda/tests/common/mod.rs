@@ -21,8 +21,6 @@ pub fn gpu() -> Gpu {
 pub trait Act: ActScalar {
     fn of(x: f32) -> Self;
     fn f32(self) -> f32;
-    /// The bit pattern (NaN payloads included).
-    fn bits(self) -> u16;
     const NAN: Self;
 }
 
@@ -32,9 +30,6 @@ impl Act for bf16 {
     }
     fn f32(self) -> f32 {
         self.to_f32()
-    }
-    fn bits(self) -> u16 {
-        self.to_bits()
     }
     const NAN: Self = bf16::NAN;
 }
@@ -46,28 +41,7 @@ impl Act for f16 {
     fn f32(self) -> f32 {
         self.to_f32()
     }
-    fn bits(self) -> u16 {
-        self.to_bits()
-    }
     const NAN: Self = f16::NAN;
-}
-
-/// The first index where two sequences differ (`got` from the fused kernel, `want` from the
-/// separate ones), with the count, as a message.
-pub fn first_diff<X: PartialEq + std::fmt::Debug>(
-    what: &str,
-    got: &[X],
-    want: &[X],
-) -> Option<String> {
-    if got.len() != want.len() {
-        return Some(format!("{what}: {} vs {} elements", got.len(), want.len()));
-    }
-    let i = got.iter().zip(want).position(|(a, b)| a != b)?;
-    let n = got.iter().zip(want).filter(|(a, b)| a != b).count();
-    Some(format!(
-        "{what}: {n} differ, first at {i}: fused {:?}, separate {:?}",
-        got[i], want[i]
-    ))
 }
 
 /// Random values in bf16 precision (returned as the f32 both sides use).
