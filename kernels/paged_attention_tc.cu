@@ -380,6 +380,34 @@ __device__ __forceinline__ void online_softmax_transposed(const float (&st)[4], 
     m[e] = m_new;
   }
 }
+// The warps' merge at the end of a transposed body: publishes this warp's (m, l) of heads
+// 2 t + e (l already summed over the lanes g) and sets mine[e], the factor that rescales the
+// warp's O of head 2 t + e to the CTA's max. Returns o_sh [kWarps][8][HEAD_DIM] in the tiles'
+// memory, free for the warps' outputs once every warp has passed the two barriers inside.
+__device__ __forceinline__ float* merge_warps_transposed(WarpTiles* tiles, const float (&m)[2],
+                                                         const float (&l)[2],
+                                                         float (&merge_m)[kWarps][8],
+                                                         float (&merge_l)[kWarps][8], int warp,
+                                                         int lane, float (&mine)[2]) {
+  const int g = lane / 4, t = lane % 4;
+  if (g == 0) {
+    merge_m[warp][2 * t] = m[0];
+    merge_m[warp][2 * t + 1] = m[1];
+    merge_l[warp][2 * t] = l[0];
+    merge_l[warp][2 * t + 1] = l[1];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    float m_all = -INFINITY;
+#pragma unroll
+    for (int x = 0; x < kWarps; ++x) m_all = fmaxf(m_all, merge_m[x][2 * t + e]);
+    mine[e] = m[e] == -INFINITY ? 0.f : exp2f(m[e] - m_all);
+  }
+  static_assert(kTilesBytes >= kWarps * 8 * HEAD_DIM * sizeof(float), "merge space");
+  __syncthreads();  // everyone has read merge_*; the tiles are free
+  return reinterpret_cast<float*>(&tiles[0].k[0][0][0]);
+}
 #endif
 
 // Sums the warps' outputs (o_sh [kWarps][8][HEAD_DIM], each already rescaled to the CTA's
@@ -626,24 +654,8 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas)
   }
 
   // Merge the warps as the other bodies do: (m, l) per head, O through the tiles' memory.
-  if (g == 0) {
-    merge_m[warp][2 * t] = m[0];
-    merge_m[warp][2 * t + 1] = m[1];
-    merge_l[warp][2 * t] = l[0];
-    merge_l[warp][2 * t + 1] = l[1];
-  }
-  __syncthreads();
   float mine[2];
-#pragma unroll
-  for (int e = 0; e < 2; ++e) {
-    float m_all = -INFINITY;
-#pragma unroll
-    for (int x = 0; x < kWarps; ++x) m_all = fmaxf(m_all, merge_m[x][2 * t + e]);
-    mine[e] = m[e] == -INFINITY ? 0.f : exp2f(m[e] - m_all);
-  }
-  float* o_sh = reinterpret_cast<float*>(&tiles[0].k[0][0][0]);  // [kWarps][8][HEAD_DIM]
-  static_assert(kTilesBytes >= kWarps * 8 * HEAD_DIM * sizeof(float), "merge space");
-  __syncthreads();  // everyone has read merge_*; the tiles are free
+  float* o_sh = merge_warps_transposed(tiles, m, l, merge_m, merge_l, warp, lane, mine);
 #pragma unroll
   for (int e = 0; e < 2; ++e) {
     float* row = o_sh + (warp * 8 + 2 * t + e) * HEAD_DIM + g;
@@ -945,24 +957,8 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas)
   }
 
   // Merge the warps as the other dtypes do: (m, l) per head, O through the tiles' memory.
-  if (g == 0) {
-    merge_m[warp][2 * t] = m[0];
-    merge_m[warp][2 * t + 1] = m[1];
-    merge_l[warp][2 * t] = l[0];
-    merge_l[warp][2 * t + 1] = l[1];
-  }
-  __syncthreads();
   float mine[2];
-#pragma unroll
-  for (int e = 0; e < 2; ++e) {
-    float m_all = -INFINITY;
-#pragma unroll
-    for (int x = 0; x < kWarps; ++x) m_all = fmaxf(m_all, merge_m[x][2 * t + e]);
-    mine[e] = m[e] == -INFINITY ? 0.f : exp2f(m[e] - m_all);
-  }
-  float* o_sh = reinterpret_cast<float*>(&tiles[0].k[0][0][0]);  // [kWarps][8][HEAD_DIM]
-  static_assert(kTilesBytes >= kWarps * 8 * HEAD_DIM * sizeof(float), "merge space");
-  __syncthreads();  // everyone has read merge_*; the tiles are free
+  float* o_sh = merge_warps_transposed(tiles, m, l, merge_m, merge_l, warp, lane, mine);
 #pragma unroll
   for (int mt = 0; mt < kMTiles; ++mt) {
     const int ch = 32 * (mt / 2) + 4 * g + 2 * (mt % 2);
@@ -1152,25 +1148,11 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas)
 
   // Merge the warps as the other dtypes do: (m, l) per head, O through the tiles' memory, with
   // the codes' offset taken out and f undone (1 / f: bits (254 << 23) - fbits, a normal f32).
-  if (g == 0) {
-    merge_m[warp][2 * t] = m[0];
-    merge_m[warp][2 * t + 1] = m[1];
-    merge_l[warp][2 * t] = l[0];
-    merge_l[warp][2 * t + 1] = l[1];
-  }
-  __syncthreads();
   float mine[2];
+  float* o_sh = merge_warps_transposed(tiles, m, l, merge_m, merge_l, warp, lane, mine);
   const float inv_f = __uint_as_float((254u << 23) - fbits);
-#pragma unroll
-  for (int e = 0; e < 2; ++e) {
-    float m_all = -INFINITY;
-#pragma unroll
-    for (int x = 0; x < kWarps; ++x) m_all = fmaxf(m_all, merge_m[x][2 * t + e]);
-    mine[e] = (m[e] == -INFINITY ? 0.f : exp2f(m[e] - m_all)) * inv_f;
-  }
-  float* o_sh = reinterpret_cast<float*>(&tiles[0].k[0][0][0]);  // [kWarps][8][HEAD_DIM]
-  static_assert(kTilesBytes >= kWarps * 8 * HEAD_DIM * sizeof(float), "merge space");
-  __syncthreads();  // everyone has read merge_*; the tiles are free
+  mine[0] *= inv_f;
+  mine[1] *= inv_f;
 #pragma unroll
   for (int e = 0; e < 2; ++e) {
     const float off = kCodeOffset * vsum[e];
