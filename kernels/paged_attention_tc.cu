@@ -380,6 +380,17 @@ __device__ __forceinline__ void online_softmax_transposed(const float (&st)[4], 
     m[e] = m_new;
   }
 }
+// Rescales a transposed body's O^T accumulators: o[mt][0, 2] belong to head 2 t (factor r0),
+// o[mt][1, 3] to head 2 t + 1 (r1).
+__device__ __forceinline__ void rescale_transposed(float (&o)[kMTiles][4], float r0, float r1) {
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt) {
+    o[mt][0] *= r0;
+    o[mt][1] *= r1;
+    o[mt][2] *= r0;
+    o[mt][3] *= r1;
+  }
+}
 // The warps' merge at the end of a transposed body: publishes this warp's (m, l) of heads
 // 2 t + e (l already summed over the lanes g) and sets mine[e], the factor that rescales the
 // warp's O of head 2 t + e to the CTA's max. Returns o_sh [kWarps][8][HEAD_DIM] in the tiles'
@@ -624,13 +635,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas)
     // Rescale O only when a head's max moved somewhere in the warp (alpha is exactly 1
     // otherwise).
     if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
-#pragma unroll
-      for (int mt = 0; mt < kMTiles; ++mt) {
-        o[mt][0] *= alpha[0];
-        o[mt][1] *= alpha[1];
-        o[mt][2] *= alpha[0];
-        o[mt][3] *= alpha[1];
-      }
+      rescale_transposed(o, alpha[0], alpha[1]);
     }
     // O^T += V^T P^T: B = P^T, the S^T fragments (rows: tokens g, g + 8; columns: heads 2 t,
     // 2 t + 1) packed and transposed into B fragments (rows: tokens 2 t, 2 t + 1 | 2 t + 8,
@@ -887,13 +892,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas)
     // Rescale O and the min sums only when a head's max moved somewhere in the warp (after
     // the first tiles it rarely does; alpha is exactly 1 otherwise).
     if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
-#pragma unroll
-      for (int mt = 0; mt < kMTiles; ++mt) {
-        o[mt][0] *= alpha[0];
-        o[mt][1] *= alpha[1];
-        o[mt][2] *= alpha[0];
-        o[mt][3] *= alpha[1];
-      }
+      rescale_transposed(o, alpha[0], alpha[1]);
 #pragma unroll
       for (int grp = 0; grp < kGroups; ++grp) {
         msum[0][grp] *= alpha[0];
@@ -1098,13 +1097,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas)
     if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f) || fnew != fbits) {
       const float ratio = __uint_as_float(fnew) * __uint_as_float((254u << 23) - fbits);
       const float r0 = alpha[0] * ratio, r1 = alpha[1] * ratio;
-#pragma unroll
-      for (int mt = 0; mt < kMTiles; ++mt) {
-        o[mt][0] *= r0;
-        o[mt][1] *= r1;
-        o[mt][2] *= r0;
-        o[mt][3] *= r1;
-      }
+      rescale_transposed(o, r0, r1);
       vsum[0] *= r0;
       vsum[1] *= r1;
       fbits = fnew;

@@ -1,13 +1,16 @@
 //! Decode-attention timing on the GPU: Llama-3-8B heads (32 query / 8 KV, d = 128), batch ×
-//! context, for bf16, int8 and int4 KV: median time per launch of back-to-back launches (both
-//! kernels of split-KV, host launch cost overlapped) over copies of the cache rotated past the
-//! L2, and the effective bandwidth (K + V bytes read / time). Run next to
-//! `scripts/bench_attention_baseline.py` (PyTorch SDPA and the copy roofline) in the same call:
+//! context, for bf16, int8 and int4 (groups of 32, and one group per head) KV: median time per
+//! launch of back-to-back launches (both kernels of split-KV, host launch cost overlapped) over
+//! copies of the cache rotated past the L2, and the effective bandwidth (K + V bytes read /
+//! time). Run next to `scripts/bench_attention_baseline.py` (PyTorch SDPA and the copy
+//! roofline) in the same call:
 //!
-//! `attention_bench [--quick] [--partition N] [--block-size N] [--profile]` (`KVSERVE_KERNEL_DEFINES=-DKV_UNROLL=8`
-//! to try a kernel variant; the default tensor-core kernel runs every row (bf16, int8 and
-//! int4-g32), `KVSERVE_DECODE_KERNEL=split` runs them on the CUDA-core kernel). `--profile`: one
-//! warm-up and one measured launch per case and no timing, for `cargo xtask profile` (ncu).
+//! `attention_bench [--quick | --shapes 64x1024,16x4096] [--kv bf16,int4] [--partition N]
+//! [--block-size N] [--profile]`
+//! (`KVSERVE_KERNEL_DEFINES=-DKV_UNROLL=8` to try a kernel variant; the default tensor-core
+//! kernel runs every row, `KVSERVE_DECODE_KERNEL=split` runs them on the CUDA-core kernel).
+//! `--profile`: one warm-up and one measured launch per case and no timing, for
+//! `cargo xtask profile` (ncu).
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 
 mod common;
@@ -27,7 +30,25 @@ fn main() {
         .map(|p| p.parse().unwrap());
     let gpu = open_gpu();
     let stream = gpu.stream().clone();
-    let shapes: Vec<(usize, usize)> = if quick {
+    let arg = |name: &str| std::env::args().skip_while(|a| a != name).nth(1);
+    // `--shapes 64x1024,16x4096`: these batch x context cases only.
+    let only: Option<Vec<(usize, usize)>> = arg("--shapes").map(|v| {
+        v.split(',')
+            .map(|c| {
+                let (b, l) = c.split_once('x').unwrap();
+                (b.parse().unwrap(), l.parse().unwrap())
+            })
+            .collect()
+    });
+    // `--kv bf16,int4`: these KV dtypes only (bf16 first, for the ratios).
+    let kv: Vec<KvCacheDtype> = arg("--kv")
+        .unwrap_or_else(|| "bf16,int8,int4-g32,int4".into())
+        .split(',')
+        .map(|d| d.parse().unwrap())
+        .collect();
+    let shapes: Vec<(usize, usize)> = if let Some(only) = only {
+        only
+    } else if quick {
         vec![(1, 4096), (16, 4096), (64, 4096)]
     } else {
         let mut v = Vec::new();
@@ -50,11 +71,7 @@ fn main() {
     println!("| ---: | ---: | --- | ---: | ---: | ---: |");
     for (b, l) in shapes {
         let mut bf16_us = 0.0;
-        for dtype in [
-            KvCacheDtype::Bf16,
-            KvCacheDtype::Int8,
-            "int4-g32".parse().unwrap(),
-        ] {
+        for &dtype in &kv {
             let layout = BlockLayout::new(dtype, bs, kv_heads, d).unwrap();
             let per_seq = l / bs;
             let num_blocks = b * per_seq;

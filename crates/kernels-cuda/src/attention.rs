@@ -233,7 +233,7 @@ impl Default for PagedDecoder {
 /// warps per CTA (2 or 4, `KVS_TC_WARPS`; the module exports its own, checked to divide this).
 const TC_QUANTUM: usize = 64;
 
-/// How one call is split (what [`PagedDecoder::plan`] chose).
+/// How one call is split (what [`PagedDecoder::run`] chose and returns).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DecodePlan {
     /// Tokens per partition (one CTA each, per KV head and sequence); 0: chosen on the device
@@ -243,13 +243,57 @@ pub struct DecodePlan {
     pub max_parts: usize,
 }
 
-/// Partitions per sequence for a grid of about two CTAs per SM (what [`PagedDecoder::plan`]
+/// Partitions per sequence for a grid of about two CTAs per SM (what the host plan
 /// aims at for the tensor-core kernel) for `num_seqs` sequences of `num_kv_heads` KV heads,
 /// whatever their contexts: the value for [`PagedDecoder::set_fixed_parts`].
 pub fn fixed_parts_for(gpu: &Gpu, num_seqs: usize, num_kv_heads: usize) -> usize {
     (2 * gpu.num_sms())
         .div_ceil((num_seqs * num_kv_heads).max(1))
         .clamp(1, 65_535)
+}
+
+/// How the tensor-core kernel splits a batch whose longest context attends `ctx` tokens over
+/// `ctas` (sequence, KV head) pairs, on `num_sms` SMs that each hold `ctas_per_sm` of its CTAs
+/// (`forced`: a partition size asked for, used as it is).
+///
+/// First choice, measured on an H200 with 2-warp CTAs (BENCHMARKS.md): about 2 CTAs per SM and
+/// partitions of at most 1,024 tokens (finer splits pay their prologue, partial results and
+/// merge). But where those CTAs would not fit one wave while the pairs alone do, a second,
+/// partial wave would leave most SMs idle behind a few CTAs: then the partitions are made as
+/// long as needed for one wave, if that wave still fills at least 3/4 of the device's CTA
+/// slots (16 x 4K with 4-warp CTAs, 3 per SM: 3 partitions of 1,408 tokens, 384 CTAs in 396
+/// slots, instead of 4 of 1,024 in two waves).
+fn plan_tensor_core(
+    ctx: usize,
+    ctas: usize,
+    num_sms: usize,
+    ctas_per_sm: usize,
+    forced: Option<usize>,
+) -> DecodePlan {
+    let ctx = ctx.max(1);
+    let ctas = ctas.max(1);
+    let split = |p: usize| DecodePlan {
+        partition_size: p,
+        max_parts: ctx.div_ceil(p),
+    };
+    if let Some(p) = forced {
+        return split(p.next_multiple_of(TC_QUANTUM));
+    }
+    let parts = (2 * num_sms).div_ceil(ctas).max(1);
+    let first = split(
+        ctx.div_ceil(parts)
+            .next_multiple_of(TC_QUANTUM)
+            .clamp(TC_QUANTUM, 1024),
+    );
+    let slots = (num_sms * ctas_per_sm).max(1);
+    let one_wave_parts = slots / ctas;
+    if ctas * first.max_parts <= slots
+        || one_wave_parts == 0
+        || 4 * ctas * one_wave_parts < 3 * slots
+    {
+        return first;
+    }
+    split(ctx.div_ceil(one_wave_parts).next_multiple_of(TC_QUANTUM))
 }
 
 impl PagedDecoder {
@@ -312,48 +356,28 @@ impl PagedDecoder {
         Ok(())
     }
 
-    /// How a batch is split for `kernel`. The split kernel: enough CTAs to fill the device
-    /// (2 per SM), partitions as long as possible within the shared memory of one CTA. The
-    /// tensor-core kernel keeps no per-token state in shared memory, so its partitions are only
-    /// sized for about six 2-warp CTAs per SM.
-    pub fn plan(
+    /// How a batch is split for the split kernel: enough CTAs to fill the device (2 per SM),
+    /// partitions as long as possible within the shared memory of one CTA.
+    fn plan_split(
         &self,
-        kernel: DecodeKernel,
         gpu: &Gpu,
         meta: &DecodeMetadata,
         num_kv_heads: usize,
         gqa_group: usize,
         head_dim: usize,
     ) -> DecodePlan {
-        if let (DecodeKernel::TensorCore, Some(parts)) = (kernel, self.fixed_parts) {
-            return DecodePlan {
-                partition_size: 0,
-                max_parts: parts,
-            };
-        }
         let ctx = meta.max_attended.max(1);
         let ctas = meta.num_seqs * num_kv_heads;
-        // CTAs per SM to aim for, the partition quantum, and the longest partition.
-        let (per_sm, quantum, max_p) = match kernel {
-            // Measured on an H200 with forced partitions (BENCHMARKS.md): about 2 CTAs per
-            // SM and partitions of at most 1,024 tokens were the fastest or within 8% of it at
-            // every batch {1, 16, 64, 256} x context {1K, 4K, 32K}; 6 per SM (the first
-            // choice) split too finely (16 x 4K: 88.6 us against 77.1).
-            DecodeKernel::TensorCore => (2, TC_QUANTUM, 1024),
-            DecodeKernel::Split => (
-                2,
-                PARTITION_QUANTUM,
-                ((SMEM_LIMIT / 4 - gqa_group * head_dim) / gqa_group.max(1)) / PARTITION_QUANTUM
-                    * PARTITION_QUANTUM,
-            ),
-        };
+        let max_p = ((SMEM_LIMIT / 4 - gqa_group * head_dim) / gqa_group.max(1))
+            / PARTITION_QUANTUM
+            * PARTITION_QUANTUM;
         let p = match self.forced_partition {
             Some(p) => p.min(max_p),
             None => {
-                let parts = (per_sm * gpu.num_sms()).div_ceil(ctas.max(1)).max(1);
+                let parts = (2 * gpu.num_sms()).div_ceil(ctas.max(1)).max(1);
                 ctx.div_ceil(parts)
-                    .next_multiple_of(quantum)
-                    .clamp(quantum, max_p)
+                    .next_multiple_of(PARTITION_QUANTUM)
+                    .clamp(PARTITION_QUANTUM, max_p)
             }
         };
         DecodePlan {
@@ -401,7 +425,6 @@ impl PagedDecoder {
         let d = layout.head_dim();
         let kv_heads = layout.num_kv_heads();
         let kernel = self.kernel_for(T::SCALAR, layout.dtype());
-        let plan = self.plan(kernel, gpu, meta, kv_heads, group, d);
         let (program, name) = match kernel {
             DecodeKernel::Split => (Program::PagedAttention, "paged_decode_partition"),
             DecodeKernel::TensorCore => (Program::PagedAttentionTc, "paged_decode_tc"),
@@ -413,12 +436,16 @@ impl PagedDecoder {
             head_dim: d,
             gqa_group: group,
         };
-        let (partition, threads, smem) = match kernel {
-            DecodeKernel::Split => (
-                gpu.function(&variant, name)?,
-                128,
-                4 * group * (plan.partition_size + d),
-            ),
+        let (partition, threads, smem, plan) = match kernel {
+            DecodeKernel::Split => {
+                let plan = self.plan_split(gpu, meta, kv_heads, group, d);
+                (
+                    gpu.function(&variant, name)?,
+                    128,
+                    4 * group * (plan.partition_size + d),
+                    plan,
+                )
+            }
             DecodeKernel::TensorCore => {
                 let (f, shape) = gpu.shaped_function(&variant, name)?;
                 if shape.quantum == 0 || !TC_QUANTUM.is_multiple_of(shape.quantum as usize) {
@@ -430,7 +457,20 @@ impl PagedDecoder {
                         ),
                     });
                 }
-                (f, shape.threads, shape.dynamic_smem as usize)
+                let plan = match self.fixed_parts {
+                    Some(parts) => DecodePlan {
+                        partition_size: 0,
+                        max_parts: parts,
+                    },
+                    None => plan_tensor_core(
+                        meta.max_attended,
+                        meta.num_seqs * kv_heads,
+                        gpu.num_sms(),
+                        shape.ctas_per_sm as usize,
+                        self.forced_partition,
+                    ),
+                };
+                (f, shape.threads, shape.dynamic_smem as usize, plan)
             }
         };
         let scratch = meta.num_seqs * num_heads * plan.max_parts;
@@ -477,7 +517,7 @@ impl PagedDecoder {
         // writes for this grid (q/out sizes, caches of `num_blocks` blocks, block tables whose
         // attended entries are below `num_blocks`, scratch of `max_parts` partitions, a
         // counter per (sequence, KV head), zero as every earlier launch left it), and the
-        // dynamic shared memory fits: the split kernel's the 48 KiB default limit (plan()),
+        // dynamic shared memory fits: the split kernel's the 48 KiB default limit (`plan_split`),
         // the tensor-core kernel's exactly what its module exports, the function's limit
         // raised to it (`shaped_function`, which refuses more than the device allows).
         // The kernel calls kvs_wait_prior() before touching any buffer (PDL).
@@ -736,4 +776,58 @@ fn grow<'a, T: DeviceRepr + ValidAsZeroBits>(
     }
     slot.as_mut()
         .ok_or_else(|| bad(KERNEL, "scratch buffer vanished"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An H200: 132 SMs.
+    const SMS: usize = 132;
+
+    #[test]
+    fn tensor_core_plan_keeps_two_ctas_per_sm_and_short_partitions_where_they_fit_one_wave() {
+        // 2-warp bf16 CTAs, 6 per SM: the measured plan (BENCHMARKS.md) is unchanged.
+        for (ctx, ctas, p, parts) in [
+            (4096, 8, 128, 32),    // 1 x 4K
+            (32768, 8, 1024, 32),  // 1 x 32K
+            (4096, 128, 1024, 4),  // 16 x 4K: 512 CTAs in 792 slots
+            (1024, 128, 384, 3),   // 16 x 1K
+            (4096, 512, 1024, 4),  // 64 x 4K: one wave would fill 512 of 792 slots
+            (1024, 2048, 1024, 1), // 256 x 1K: more pairs than slots
+        ] {
+            let plan = plan_tensor_core(ctx, ctas, SMS, 6, None);
+            assert_eq!(
+                (plan.partition_size, plan.max_parts),
+                (p, parts),
+                "{ctx} x {ctas}"
+            );
+        }
+    }
+
+    #[test]
+    fn tensor_core_plan_takes_one_full_wave_instead_of_a_partial_second() {
+        // 4-warp bf16 CTAs, 3 per SM (396 slots): 16 x 4K would be 512 CTAs (two waves).
+        let plan = plan_tensor_core(4096, 128, SMS, 3, None);
+        assert_eq!((plan.partition_size, plan.max_parts), (1408, 3));
+        assert!(128 * plan.max_parts <= 3 * SMS);
+        // 16 x 32K with 2-warp CTAs: 6 partitions of 5,504 tokens instead of 32 of 1,024.
+        let plan = plan_tensor_core(32768, 128, SMS, 6, None);
+        assert_eq!((plan.partition_size, plan.max_parts), (5504, 6));
+        // More pairs than slots: the first plan, whatever the waves.
+        let plan = plan_tensor_core(4096, 512, SMS, 3, None);
+        assert_eq!((plan.partition_size, plan.max_parts), (1024, 4));
+    }
+
+    #[test]
+    fn tensor_core_plan_uses_a_forced_size_as_it_is_and_survives_degenerate_input() {
+        let plan = plan_tensor_core(4096, 128, SMS, 3, Some(2048));
+        assert_eq!((plan.partition_size, plan.max_parts), (2048, 2));
+        let plan = plan_tensor_core(100, 1, SMS, 6, Some(64 * 1000));
+        assert_eq!((plan.partition_size, plan.max_parts), (64_000, 1));
+        for (ctx, ctas, sms, per_sm) in [(0, 0, 0, 0), (1, 1, 1, 1), (usize::MAX / 4, 1, 1, 1)] {
+            let plan = plan_tensor_core(ctx, ctas, sms, per_sm, None);
+            assert!(plan.partition_size >= TC_QUANTUM && plan.max_parts >= 1);
+        }
+    }
 }

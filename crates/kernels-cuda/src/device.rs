@@ -24,10 +24,14 @@ pub struct Gpu {
     pdl_capable: bool,
     modules: Mutex<FxHashMap<Variant, Arc<CudaModule>>>,
     /// Function handles already looked up: a launch costs no `cuModuleGetFunction`.
-    functions: Mutex<FxHashMap<(Variant, &'static str), CudaFunction>>,
-    /// Launch shapes read from the modules of kernels that export one ([`Gpu::shaped_function`]).
-    shapes: Mutex<FxHashMap<(Variant, &'static str), LaunchShape>>,
+    functions: Mutex<FxHashMap<KernelKey, CudaFunction>>,
+    /// Kernels that export their launch shape, with that shape ([`Gpu::shaped_function`]): a
+    /// launch takes this one lock.
+    shaped: Mutex<FxHashMap<KernelKey, (CudaFunction, LaunchShape)>>,
 }
+
+/// A kernel: its variant and its name in the variant's module.
+type KernelKey = (Variant, &'static str);
 
 /// What a kernel's module says about how to launch it (`<kernel>_launch`, three `int`s in
 /// constant memory): the kernel was compiled for exactly this block size and dynamic shared
@@ -40,6 +44,9 @@ pub(crate) struct LaunchShape {
     pub dynamic_smem: u32,
     /// The kernel's work quantum (for the decode kernel: tokens per round of its warps' tiles).
     pub quantum: u32,
+    /// CTAs of this shape that fit one SM at once (the driver's occupancy calculation: its
+    /// registers, threads and shared memory), at least 1.
+    pub ctas_per_sm: u32,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -121,7 +128,7 @@ impl Gpu {
             pdl_capable,
             modules: Mutex::new(FxHashMap::default()),
             functions: Mutex::new(FxHashMap::default()),
-            shapes: Mutex::new(FxHashMap::default()),
+            shaped: Mutex::new(FxHashMap::default()),
         })
     }
 
@@ -220,10 +227,10 @@ impl Gpu {
         variant: &Variant,
         name: &'static str,
     ) -> Result<(CudaFunction, LaunchShape)> {
-        let f = self.function(variant, name)?;
-        if let Some(shape) = lock(&self.shapes).get(&(*variant, name)) {
-            return Ok((f, *shape));
+        if let Some((f, shape)) = lock(&self.shaped).get(&(*variant, name)) {
+            return Ok((f.clone(), *shape));
         }
+        let f = self.function(variant, name)?;
         let module =
             lock(&self.modules)
                 .get(variant)
@@ -247,10 +254,11 @@ impl Gpu {
                     what: format!("{variant}: {symbol} of {} bytes (12 expected)", bytes.len()),
                 })
         };
-        let shape = LaunchShape {
+        let mut shape = LaunchShape {
             threads: word(0)?,
             dynamic_smem: word(1)?,
             quantum: word(2)?,
+            ctas_per_sm: 1,
         };
         let optin = self.ctx.attribute(
             sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
@@ -270,7 +278,14 @@ impl Gpu {
                 shape.dynamic_smem as i32,
             )?;
         }
-        lock(&self.shapes).insert((*variant, name), shape);
+        shape.ctas_per_sm = f
+            .occupancy_max_active_blocks_per_multiprocessor(
+                shape.threads,
+                shape.dynamic_smem as usize,
+                None,
+            )?
+            .max(1);
+        lock(&self.shaped).insert((*variant, name), (f.clone(), shape));
         Ok((f, shape))
     }
 }
