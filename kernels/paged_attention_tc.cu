@@ -101,10 +101,11 @@
 
 // Warps per CTA (a knob for measurements: KVSERVE_KERNEL_DEFINES=-DKVS_TC_WARPS=2|4). Each
 // warp streams its own tiles. 4 warps put more loads in flight per SM without more
-// partitions, but 4-warp 16-bit CTAs (68 KiB at d = 128, above the 48 KiB of static shared
-// memory) fit 3 to an SM and today's plan then needs two waves at 16 x 4K: 2 is the default
-// (kernels/NOTES.md, "4 warps per CTA"). The tiles live in dynamic shared memory; the module
-// exports its launch shape in `paged_decode_tc_launch` (below).
+// partitions; 4-warp 16-bit CTAs (68 KiB at d = 128, above the 48 KiB of static shared
+// memory) fit 3 to an SM, and with the host's one-wave plan they win at batch 1 (7-10%) but
+// lose 64 x 1K (8%) and int4 at batch 256: 2 is the default (kernels/NOTES.md, "4 warps per
+// CTA", "one-wave plan"). The tiles live in dynamic shared memory; the module exports its
+// launch shape in `paged_decode_tc_launch` (below).
 #ifndef KVS_TC_WARPS
 #define KVS_TC_WARPS 2
 #endif
