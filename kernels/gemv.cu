@@ -15,13 +15,20 @@
 //   gemv_glu_M        act[j] = silu(gate) * up from rows j and inter + j of a stacked gate/up
 //                     weight;
 //   *_tc_M            the same on tensor cores (below);
-//   *_norm_M          the same with the RMSNorm of the f32 residual stream folded into the
+//   *_snorm_M         the same with the RMSNorm of the f32 residual stream folded into the
 //                     input: x[m][i] = scalar_t(nweight[i] * (residual[m][i] * rinv[m])), rounded
 //                     as elementwise.cu's norm_row rounds it, rinv[m] = rsqrt(sum_p
 //                     partials[m][p] / K + eps) from the sums of squares a residual epilogue
-//                     (next) left. Each CTA adds the partials in one fixed order (the same in
-//                     every CTA and kernel), then every warp reads the residual row and the
-//                     norm weight where it would have read x (from L1 / L2).
+//                     (next) left. Each warp issues its first weight loads before the PDL wait
+//                     (the weights are constant); then the CTA adds the partials in one fixed
+//                     order (the same in every CTA and kernel) and writes the normalized rows
+//                     once into dynamic shared memory (M rows of stage_stride(K) values: the
+//                     launcher sizes it), and the unchanged product loop reads x from there.
+//   *_norm_M          the same input normalized in the loop instead: every warp reads the
+//                     residual and the norm weight where it would have read x and normalizes
+//                     each element as it loads it (no shared rows: the fallback where the rows
+//                     do not fit in shared memory, and KVSERVE_NORM_STAGE=0). Same rinv, same
+//                     roundings, same launch shape: bit for bit the *_snorm_M results.
 // Epilogue of gemv_M / gemv_tc_M / their norm entries: with `res_out` null the rows go to
 // their outputs; otherwise ("residual") residual[m][row] += float(scalar_t(y)) (the rounding of
 // the unfused product + add_rms_norm), nothing else is stored, and each CTA writes the sum of
@@ -94,8 +101,10 @@ __device__ __forceinline__ float warp_sum(float v) {
 // a lane reads one token; unroll<M>() is the FMA kernels' weight loads in flight per lane and
 // row with it.
 
-// Rows of scalar_t, `[M][k]`.
-struct PlainSrc {
+// Rows of scalar_t, `[M][k]` in global memory (kShared false: read through L1 by __ldg) or
+// `[M][k]` in shared memory (kShared true, k the padded row length: the staged rows).
+template <bool kShared>
+struct RowsSrc {
   const scalar_t* x;
   int k;
   struct Shared {};
@@ -103,15 +112,33 @@ struct PlainSrc {
   static constexpr int unroll() { return kUnroll; }
   __device__ __forceinline__ Shared shared(long long) const { return {}; }
   __device__ __forceinline__ uint4 at(int m, long long off, Shared = {}) const {
-    return __ldg(reinterpret_cast<const uint4*>(x + static_cast<long long>(m) * k + off));
+    if constexpr (kShared)
+      return *reinterpret_cast<const uint4*>(x + m * k + static_cast<int>(off));
+    else
+      return __ldg(reinterpret_cast<const uint4*>(x + static_cast<long long>(m) * k + off));
   }
-  __device__ __forceinline__ PlainSrc token(int m) const {
+  __device__ __forceinline__ RowsSrc token(int m) const {
     return {x + static_cast<long long>(m) * k, k};
   }
 };
+typedef RowsSrc<false> PlainSrc;
+typedef RowsSrc<true> StagedSrc;
+
+// scalar_t(w * (r * s)) for 8 consecutive values, r = (a, b), w packed: the rounding of
+// elementwise.cu's norm_row (two f32 products, never contracted), shared by both normalized
+// inputs so that they give the same bits.
+__device__ __forceinline__ uint4 normalize8(const float4& a, const float4& b, const uint4& wv,
+                                            float s) {
+  const float2 w0 = pair_to_float2(wv.x), w1 = pair_to_float2(wv.y);
+  const float2 w2 = pair_to_float2(wv.z), w3 = pair_to_float2(wv.w);
+  return make_uint4(pack_pair(from_float(w0.x * (a.x * s)), from_float(w0.y * (a.y * s))),
+                    pack_pair(from_float(w1.x * (a.z * s)), from_float(w1.y * (a.w * s))),
+                    pack_pair(from_float(w2.x * (b.x * s)), from_float(w2.y * (b.y * s))),
+                    pack_pair(from_float(w3.x * (b.z * s)), from_float(w3.y * (b.w * s))));
+}
 
 // The RMSNorm of the f32 residual rows `[M][k]` with the weight `w` `[k]`, rounded as
-// norm_row does: scalar_t(w * (r * rinv)).
+// norm_row does: scalar_t(w * (r * rinv)), computed as each chunk is loaded.
 template <int M>
 struct NormSrc {
   const float* res;
@@ -132,14 +159,7 @@ struct NormSrc {
   }
   __device__ __forceinline__ uint4 at(int m, long long off, const uint4& wv) const {
     const float4* r = reinterpret_cast<const float4*>(res + static_cast<long long>(m) * k + off);
-    const float4 a = __ldg(r), b = __ldg(r + 1);
-    const float s = rinv[m];
-    const float2 w0 = pair_to_float2(wv.x), w1 = pair_to_float2(wv.y);
-    const float2 w2 = pair_to_float2(wv.z), w3 = pair_to_float2(wv.w);
-    return make_uint4(pack_pair(from_float(w0.x * (a.x * s)), from_float(w0.y * (a.y * s))),
-                      pack_pair(from_float(w1.x * (a.z * s)), from_float(w1.y * (a.w * s))),
-                      pack_pair(from_float(w2.x * (b.x * s)), from_float(w2.y * (b.y * s))),
-                      pack_pair(from_float(w3.x * (b.z * s)), from_float(w3.y * (b.w * s))));
+    return normalize8(__ldg(r), __ldg(r + 1), wv, rinv[m]);
   }
   __device__ __forceinline__ NormSrc<1> token(int m) const {
     // A select chain, not a dynamically indexed (local-memory) array.
@@ -151,14 +171,26 @@ struct NormSrc {
   }
 };
 
+// A load of what the previous kernel wrote (the partial sums), for code inlined after weight
+// loads issued before the PDL wait: volatile asm with a memory clobber, so the compiler keeps
+// it after the wait (it hoisted __ldg, i.e. ld.global.nc of `const __restrict__` data, above
+// griddepcontrol.wait: seen in the SASS). Plain ld.global: cached in L1.
+__device__ __forceinline__ float load_prior(const float* p) {
+  float v;
+  asm volatile("ld.global.f32 %0, [%1];\n" : "=f"(v) : "l"(p) : "memory");
+  return v;
+}
+
 // rinv[m] = rsqrt(sum_p partials[m][p] / k + eps) for every token, the sum in one fixed order:
 // thread i adds p = i, i + kThreads, ...; then the lanes of each warp; then the warps in
 // order. The same in every CTA of every kernel (all have kThreads threads), so every consumer
 // of one residual scales a token by the same rinv. Every thread of the CTA must call it (it
 // holds barriers).
+// This form returns the CTA's shared copy of the M scales (valid after its last barrier);
+// the next gives them in registers.
 template <int M>
-__device__ __forceinline__ void norm_scales(const float* __restrict__ partials, int count, int k,
-                                            float eps, float (&rinv)[M]) {
+__device__ __forceinline__ const float* norm_scales_shared(const float* __restrict__ partials,
+                                                           int count, int k, float eps) {
   __shared__ float part[kWarps][M];
   __shared__ float scale[M];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -168,7 +200,8 @@ __device__ __forceinline__ void norm_scales(const float* __restrict__ partials, 
 #pragma unroll 4
   for (int i = threadIdx.x; i < count; i += kThreads)
 #pragma unroll
-    for (int m = 0; m < M; ++m) s[m] += __ldg(partials + static_cast<long long>(m) * count + i);
+    for (int m = 0; m < M; ++m)
+      s[m] += load_prior(partials + static_cast<long long>(m) * count + i);
 #pragma unroll
   for (int m = 0; m < M; ++m) s[m] = warp_sum(s[m]);
   if (lane == 0)
@@ -181,9 +214,171 @@ __device__ __forceinline__ void norm_scales(const float* __restrict__ partials, 
     scale[threadIdx.x] = rsqrtf(total / k + eps);
   }
   __syncthreads();
+  return scale;
+}
+
+template <int M>
+__device__ __forceinline__ void norm_scales(const float* __restrict__ partials, int count, int k,
+                                            float eps, float (&rinv)[M]) {
+  const float* scale = norm_scales_shared<M>(partials, count, k, eps);
 #pragma unroll
   for (int m = 0; m < M; ++m) rinv[m] = scale[m];
 }
+
+// ---------------------------------------------------------------------------------------
+// Programmatic dependent launch (scalar.cuh, crates/kernels-cuda/src/launch.rs): the CTA
+// waits for the previous kernel (nothing it reads or writes past this point, but the
+// weights, may be touched earlier) and lets the next kernel's CTAs be scheduled.
+__device__ __forceinline__ void wait_prior_kernel() {
+  kvs_wait_prior();
+  kvs_launch_dependents();
+}
+
+// ---------------------------------------------------------------------------------------
+// Normalized rows staged in shared memory (the *_snorm_M entries).
+
+// The dynamic shared memory of a CTA (0 bytes but in the *_snorm_M entries).
+extern __shared__ __align__(16) unsigned char gemv_stage[];
+
+// Values per staged row: k padded so that consecutive rows start 64 bytes apart modulo 128
+// (the tensor-core loop's lanes g and g + 1 then read x at the same offset of two rows from
+// different banks); gemv.rs's `stage_stride` is the same formula.
+__device__ __forceinline__ int stage_stride(int k) {
+  static_assert(sizeof(scalar_t) == 2, "two-byte activations");
+  return k + ((192 - (2 * k) % 128) % 128) / 2;
+}
+
+// Bytes of the M staged rows (a multiple of 16); the residual slots follow them. The CTA's
+// dynamic shared memory is stage_rows_bytes<M>(stride) + kStageSlotBytes (gemv.rs's
+// `stage_bytes`).
+template <int M>
+__device__ __forceinline__ int stage_rows_bytes(int stride) {
+  return M * stride * static_cast<int>(sizeof(scalar_t));
+}
+
+// Asynchronous copies of the residual into shared memory (cp.async, sm_80+): in flight
+// without holding registers. The memory clobbers keep the compiler from moving this thread's
+// shared-memory reads of a slot across the wait, or any of it above the PDL wait.
+__device__ __forceinline__ void copy_async16(unsigned dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void copy_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void copy_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// Residual slices (8 f32 values) each thread has in flight while the CTA adds the partial
+// sums: at M = 1 and K = 4096 all of them (512 slices, 256 threads, 2 each), so the residual
+// and the sums come in one L2 round trip; more slices go through the same slots, kStageSlots
+// copies ahead. Each slot is 32 bytes of shared memory per thread behind the staged rows.
+constexpr int kStageSlots = 2;
+constexpr int kStageSlotBytes = kStageSlots * kThreads * 32;
+
+// xs[m * stride + i] = scalar_t(nw[i] * (res[m][i] * rinv[m])) for the M rows of k values
+// (normalize8's rounding), rinv from norm_scales_shared; then a barrier. Slice j of thread i
+// is (token, 8 values) number i + j * kThreads: each thread copies its slices' residual into
+// its own slots (cp.async, halves of 16 bytes at thread-consecutive addresses: no bank
+// conflicts), normalizes them from there with the norm weight (__ldg: constant, shared by the
+// CTAs of an SM in L1) and writes the scalar_t rows; no barrier until the rows are complete.
+// `slots` is kStageSlotBytes of shared memory. Every thread of the CTA must call it, after
+// the PDL wait (the residual and the partials are the previous kernel's).
+template <int M>
+__device__ __forceinline__ void stage_normalized(scalar_t* xs, int stride, unsigned char* slots,
+                                                 const float* __restrict__ res,
+                                                 const scalar_t* __restrict__ nw,
+                                                 const float* __restrict__ partials, int count,
+                                                 int k, float eps) {
+  const int slices = k / 8, items = M * slices;
+  const int per_thread = (items + kThreads - 1) / kThreads;
+  // Half q of slot p of this thread: a shared-memory address.
+  const unsigned slot0 =
+      static_cast<unsigned>(__cvta_generic_to_shared(slots)) + threadIdx.x * 16;
+  const auto half = [&](int p, int q) { return slot0 + (p * 2 + q) * kThreads * 16; };
+  // Slice j of this thread: token m, 8-value slice s; false past the last.
+  const auto where = [&](int j, int& m, int& s) {
+    const int i = threadIdx.x + j * kThreads;
+    m = M == 1 ? 0 : i / slices;
+    s = i - m * slices;
+    return i < items;
+  };
+  // Slice j into slot j % kStageSlots, then a commit (empty past the last slice, so that
+  // every thread has committed the same groups).
+  const auto fetch = [&](int j) {
+    int m, s;
+    if (where(j, m, s)) {
+      const float* r = res + static_cast<long long>(m) * k + 8 * s;
+      const int p = j % kStageSlots;
+      copy_async16(half(p, 0), r);
+      copy_async16(half(p, 1), r + 4);
+    }
+    copy_commit();
+  };
+#pragma unroll
+  for (int j = 0; j < kStageSlots; ++j) fetch(j);
+  const float* scale = norm_scales_shared<M>(partials, count, k, eps);
+  for (int j0 = 0; j0 < per_thread; j0 += kStageSlots) {
+#pragma unroll
+    for (int p = 0; p < kStageSlots; ++p) {
+      const int j = j0 + p;
+      // Groups complete in order: slice j's is done once at most kStageSlots - 1 are
+      // pending.
+      copy_wait<kStageSlots - 1>();
+      int m, s;
+      if (where(j, m, s)) {
+        const uint4 w = __ldg(reinterpret_cast<const uint4*>(nw) + s);
+        float4 a, b;
+        asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+                     : "=f"(a.x), "=f"(a.y), "=f"(a.z), "=f"(a.w)
+                     : "r"(half(p, 0))
+                     : "memory");
+        asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+                     : "=f"(b.x), "=f"(b.y), "=f"(b.z), "=f"(b.w)
+                     : "r"(half(p, 1))
+                     : "memory");
+        *reinterpret_cast<uint4*>(xs + m * stride + 8 * s) = normalize8(a, b, w, scale[m]);
+      }
+      // The slot's reads are done (their values are stored above): refill it.
+      fetch(j + kStageSlots);
+    }
+  }
+  copy_wait<0>();
+  __syncthreads();
+}
+
+// What a product loop runs once its first weight loads are in flight (before any of them is
+// used): nothing for the plain and in-loop-normalized entries, which waited for the previous
+// kernel before the loop.
+struct NoPrologue {
+  static constexpr bool kPreload = false;
+  __device__ __forceinline__ void operator()() const {}
+};
+
+// The *_snorm_M entries' prologue: the PDL wait, then the normalized rows into shared
+// memory. The product loops issue their first weight loads before it, so those come from
+// DRAM while the previous kernel drains and while this CTA adds the partials and builds its
+// rows.
+template <int M>
+struct StageNorm {
+  static constexpr bool kPreload = true;
+  const float* res;
+  const scalar_t* nw;
+  const float* partials;
+  int count, k;
+  float eps;
+  __device__ __forceinline__ StagedSrc src() const {
+    return {reinterpret_cast<const scalar_t*>(gemv_stage), stage_stride(k)};
+  }
+  __device__ __forceinline__ void operator()() const {
+    wait_prior_kernel();
+    const int stride = stage_stride(k);
+    stage_normalized<M>(reinterpret_cast<scalar_t*>(gemv_stage), stride,
+                        gemv_stage + stage_rows_bytes<M>(stride), res, nw, partials, count, k,
+                        eps);
+  }
+};
 
 // ---------------------------------------------------------------------------------------
 // Epilogues, shared by the f32-FMA and the tensor-core kernels.
@@ -253,42 +448,67 @@ __device__ __forceinline__ void write_partials(float* __restrict__ partials, flo
 // ---------------------------------------------------------------------------------------
 // f32-FMA kernels (one warp per row group).
 
+// wv[r][u] = chunk c0 + 32u of row r (zeros past c_end or for a null row): one lane's weight
+// loads of one step of rows_dot.
+template <int R, int U>
+__device__ __forceinline__ void load_rows(const scalar_t* const (&rows)[R], int c0, int c_end,
+                                          uint4 (&wv)[R][U]) {
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int c = c0 + u * 32;
+      wv[r][u] = (rows[r] != nullptr && c < c_end)
+                     ? load_stream(reinterpret_cast<const uint4*>(rows[r]) + c)
+                     : make_uint4(0, 0, 0, 0);
+    }
+}
+
+// acc[r][m] += x[m] . wv[r][u] over the chunks c0 + 32u below c_end.
+template <int M, int R, int U, class Src>
+__device__ __forceinline__ void fold_rows(const uint4 (&wv)[R][U], const Src& src, int c0,
+                                          int c_end, float (&acc)[R][M]) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int c = c0 + u * 32;
+    if (c < c_end) {
+      const auto sv = src.shared(static_cast<long long>(c) * 8);
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        const uint4 xv = src.at(m, static_cast<long long>(c) * 8, sv);
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[r][m] = dot8(wv[r][u], xv, acc[r][m]);
+      }
+    }
+  }
+}
+
 // acc[r][m] = sum over chunks [c_begin, c_end) of x[m] . rows[r] (8 values per chunk) for this
 // warp's R rows (null rows are skipped: the last warp of an odd N). Every lane gets the full
-// sums.
-template <int M, int R, class Src>
+// sums. `pro` runs once, with the first step's weight loads in flight (Pro::kPreload), before
+// `src` is read; every thread of the CTA calls it.
+template <int M, int R, class Src, class Pro = NoPrologue>
 __device__ __forceinline__ void rows_dot(const scalar_t* const (&rows)[R], const Src& src,
-                                         int c_begin, int c_end, float (&acc)[R][M]) {
-  constexpr int kUnroll = Src::template unroll<M>();
+                                         int c_begin, int c_end, float (&acc)[R][M],
+                                         const Pro& pro = Pro{}) {
+  constexpr int U = Src::template unroll<M>();
   const int lane = threadIdx.x % 32;
 #pragma unroll
   for (int r = 0; r < R; ++r)
 #pragma unroll
     for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
-  for (int c0 = c_begin + lane; c0 < c_end; c0 += 32 * kUnroll) {
-    uint4 wv[R][kUnroll];
-#pragma unroll
-    for (int r = 0; r < R; ++r)
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int c = c0 + u * 32;
-        wv[r][u] = (rows[r] != nullptr && c < c_end)
-                       ? load_stream(reinterpret_cast<const uint4*>(rows[r]) + c)
-                       : make_uint4(0, 0, 0, 0);
-      }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int c = c0 + u * 32;
-      if (c < c_end) {
-        const auto sv = src.shared(static_cast<long long>(c) * 8);
-#pragma unroll
-        for (int m = 0; m < M; ++m) {
-          const uint4 xv = src.at(m, static_cast<long long>(c) * 8, sv);
-#pragma unroll
-          for (int r = 0; r < R; ++r) acc[r][m] = dot8(wv[r][u], xv, acc[r][m]);
-        }
-      }
-    }
+  int c0 = c_begin + lane;
+  if constexpr (Pro::kPreload) {
+    uint4 wv[R][U];
+    load_rows<R, U>(rows, c0, c_end, wv);
+    pro();
+    fold_rows<M, R, U>(wv, src, c0, c_end, acc);
+    c0 += 32 * U;
+  }
+  for (; c0 < c_end; c0 += 32 * U) {
+    uint4 wv[R][U];
+    load_rows<R, U>(rows, c0, c_end, wv);
+    fold_rows<M, R, U>(wv, src, c0, c_end, acc);
   }
 #pragma unroll
   for (int r = 0; r < R; ++r)
@@ -343,9 +563,10 @@ __device__ __forceinline__ Share share_of(int chunks, int ksplit) {
 
 // y = x W^T (+ bias) over o.n rows of K = 8 * chunks, into `o`. grid
 // (ceil(n / (kWarps / ksplit * R))), block kThreads.
-template <int M, class Src>
+template <int M, class Src, class Pro = NoPrologue>
 __device__ __forceinline__ void gemv_impl(const Out& o, const scalar_t* __restrict__ w,
-                                          const Src& src, int k, int ksplit) {
+                                          const Src& src, int k, int ksplit,
+                                          const Pro& pro = Pro{}) {
   constexpr int R = PlainRows<M>::value;
   const int n = o.n;
   const int chunks = k / 8;
@@ -356,7 +577,7 @@ __device__ __forceinline__ void gemv_impl(const Out& o, const scalar_t* __restri
   for (int r = 0; r < R; ++r)
     rows[r] = first + r < n ? w + static_cast<long long>(first + r) * k : nullptr;
   float acc[R][M];
-  rows_dot<M, R>(rows, src, sh.c_begin, sh.c_end, acc);
+  rows_dot<M, R>(rows, src, sh.c_begin, sh.c_end, acc, pro);
   const bool owner = combine_parts<M, R>(acc, ksplit);
   const int lane = threadIdx.x % 32;
   // Lane m stores token m's rows (every lane holds every sum), and sums their squares.
@@ -376,17 +597,18 @@ __device__ __forceinline__ void gemv_impl(const Out& o, const scalar_t* __restri
 
 // act = silu(gate) * up over `inter` row pairs (gate row j, up row inter + j). grid
 // (ceil(inter / (kWarps / ksplit))), block kThreads.
-template <int M, class Src>
+template <int M, class Src, class Pro = NoPrologue>
 __device__ __forceinline__ void gemv_glu_impl(scalar_t* __restrict__ y,
                                               const scalar_t* __restrict__ w, const Src& src,
-                                              int inter, int k, int ksplit) {
+                                              int inter, int k, int ksplit,
+                                              const Pro& pro = Pro{}) {
   const int chunks = k / 8;
   const Share sh = share_of(chunks, ksplit);
   const int j = sh.group;
   const scalar_t* rows[2] = {j < inter ? w + static_cast<long long>(j) * k : nullptr,
                              j < inter ? w + static_cast<long long>(inter + j) * k : nullptr};
   float acc[2][M];
-  rows_dot<M, 2>(rows, src, sh.c_begin, sh.c_end, acc);
+  rows_dot<M, 2>(rows, src, sh.c_begin, sh.c_end, acc, pro);
   if (!combine_parts<M, 2>(acc, ksplit) || j >= inter) return;
   const int lane = threadIdx.x % 32;
 #pragma unroll
@@ -418,13 +640,42 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], unsigned a0, unsigned a
                : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// Chunk c + u of the T tiles' A fragments (rows lo[i], hi[i]; zeros past c_end or the rows).
+template <int T, int U>
+__device__ __forceinline__ void load_a(const scalar_t* const (&lo)[T],
+                                       const scalar_t* const (&hi)[T], int c, int u, int c_end,
+                                       uint4 (&a_lo)[U][T], uint4 (&a_hi)[U][T]) {
+  const bool in = c + u < c_end;
+  const long long off = static_cast<long long>(c + u) * 32;
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+#pragma unroll
+  for (int i = 0; i < T; ++i) {
+    a_lo[u][i] = in && lo[i] ? load_stream(reinterpret_cast<const uint4*>(lo[i] + off)) : zero;
+    a_hi[u][i] = in && hi[i] ? load_stream(reinterpret_cast<const uint4*>(hi[i] + off)) : zero;
+  }
+}
+
+// d[i] += the products of U chunks of tile i's A fragments with the x fragments b.
+template <int T, int U>
+__device__ __forceinline__ void mma_chunks(float (&d)[T][4], const uint4 (&a_lo)[U][T],
+                                           const uint4 (&a_hi)[U][T], const uint4 (&b)[U]) {
+#pragma unroll
+  for (int u = 0; u < U; ++u)
+#pragma unroll
+    for (int i = 0; i < T; ++i) {
+      mma_16816(d[i], a_lo[u][i].x, a_hi[u][i].x, a_lo[u][i].y, a_hi[u][i].y, b[u].x, b[u].y);
+      mma_16816(d[i], a_lo[u][i].z, a_hi[u][i].z, a_lo[u][i].w, a_hi[u][i].w, b[u].z, b[u].w);
+    }
+}
+
 // d[T][4] += W[tile T rows] . x over the chunks [c_begin, c_end) (32 values each) for T tiles
 // of 16 rows starting at rows[T] (rows past n zero; tokens past M zero). d[T] holds C(row g,
-// tokens 2t, 2t + 1) and C(row g + 8, tokens 2t, 2t + 1) of tile T.
-template <int M, int T, class Src>
+// tokens 2t, 2t + 1) and C(row g + 8, tokens 2t, 2t + 1) of tile T. `pro` as in rows_dot:
+// once, with the first step's weight (A) loads in flight, before `src` is read.
+template <int M, int T, class Src, class Pro = NoPrologue>
 __device__ __forceinline__ void tiles_dot(const scalar_t* __restrict__ w, const int (&tile_row)[T],
                                           int n, const Src& src, int k, int c_begin, int c_end,
-                                          float (&d)[T][4]) {
+                                          float (&d)[T][4], const Pro& pro = Pro{}) {
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
 #pragma unroll
   for (int i = 0; i < T; ++i) d[i][0] = d[i][1] = d[i][2] = d[i][3] = 0.f;
@@ -442,26 +693,31 @@ __device__ __forceinline__ void tiles_dot(const scalar_t* __restrict__ w, const 
   const uint4 zero = make_uint4(0, 0, 0, 0);
   // 32-wide chunks in flight: 4 for one tile (4 KB per warp), 2 for two.
   constexpr int U = 4 / T;
-  for (int c = c_begin; c < c_end; c += U) {
+  int c = c_begin;
+  if constexpr (Pro::kPreload) {
+    // The first step as in the loop below, with the PDL wait and the staging between the
+    // weight loads and the x loads.
     uint4 a_lo[U][T], a_hi[U][T], b[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) load_a<T, U>(lo, hi, c, u, c_end, a_lo, a_hi);
+    pro();
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const bool in = c + u < c_end;
-      const long long off = static_cast<long long>(c + u) * 32;
-#pragma unroll
-      for (int i = 0; i < T; ++i) {
-        a_lo[u][i] = in && lo[i] ? load_stream(reinterpret_cast<const uint4*>(lo[i] + off)) : zero;
-        a_hi[u][i] = in && hi[i] ? load_stream(reinterpret_cast<const uint4*>(hi[i] + off)) : zero;
-      }
-      b[u] = in && has_token ? xs.at(0, off + 8 * t) : zero;
+      b[u] = in && has_token ? xs.at(0, static_cast<long long>(c + u) * 32 + 8 * t) : zero;
     }
+    mma_chunks<T, U>(d, a_lo, a_hi, b);
+    c += U;
+  }
+  for (; c < c_end; c += U) {
+    uint4 a_lo[U][T], a_hi[U][T], b[U];
 #pragma unroll
-    for (int u = 0; u < U; ++u)
-#pragma unroll
-      for (int i = 0; i < T; ++i) {
-        mma_16816(d[i], a_lo[u][i].x, a_hi[u][i].x, a_lo[u][i].y, a_hi[u][i].y, b[u].x, b[u].y);
-        mma_16816(d[i], a_lo[u][i].z, a_hi[u][i].z, a_lo[u][i].w, a_hi[u][i].w, b[u].z, b[u].w);
-      }
+    for (int u = 0; u < U; ++u) {
+      load_a<T, U>(lo, hi, c, u, c_end, a_lo, a_hi);
+      const bool in = c + u < c_end;
+      b[u] = in && has_token ? xs.at(0, static_cast<long long>(c + u) * 32 + 8 * t) : zero;
+    }
+    mma_chunks<T, U>(d, a_lo, a_hi, b);
   }
 }
 
@@ -488,15 +744,16 @@ __device__ __forceinline__ bool combine_tiles(float (&d)[T][4], int ksplit) {
 
 // y = x W^T (+ bias) as gemv_impl, a tile of 16 rows per warp group. grid
 // (ceil(ceil(n / 16) / (kWarps / ksplit))), block kThreads.
-template <int M, class Src>
+template <int M, class Src, class Pro = NoPrologue>
 __device__ __forceinline__ void gemv_tc_impl(const Out& o, const scalar_t* __restrict__ w,
-                                             const Src& src, int k, int ksplit) {
+                                             const Src& src, int k, int ksplit,
+                                             const Pro& pro = Pro{}) {
   const int n = o.n;
   const int chunks = k / 32;
   const Share sh = share_of(chunks, ksplit);
   const int tile_row[1] = {sh.group * 16};
   float d[1][4];
-  tiles_dot<M, 1>(w, tile_row, n, src, k, sh.c_begin, sh.c_end, d);
+  tiles_dot<M, 1>(w, tile_row, n, src, k, sh.c_begin, sh.c_end, d, pro);
   const bool owner = combine_tiles<1>(d, ksplit);
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   // ss[p]: sum of squares of the new residual values of token 2t + p in this lane's rows.
@@ -527,10 +784,11 @@ __device__ __forceinline__ void gemv_tc_impl(const Out& o, const scalar_t* __res
 
 // act = silu(gate) * up as gemv_glu_impl, tiles of 16 gate rows and their 16 up rows per
 // warp group. grid (ceil(ceil(inter / 16) / (kWarps / ksplit))), block kThreads.
-template <int M, class Src>
+template <int M, class Src, class Pro = NoPrologue>
 __device__ __forceinline__ void gemv_glu_tc_impl(scalar_t* __restrict__ y,
                                                  const scalar_t* __restrict__ w, const Src& src,
-                                                 int inter, int k, int ksplit) {
+                                                 int inter, int k, int ksplit,
+                                                 const Pro& pro = Pro{}) {
   const int chunks = k / 32;
   const Share sh = share_of(chunks, ksplit);
   const int j0 = sh.group * 16;
@@ -539,7 +797,7 @@ __device__ __forceinline__ void gemv_glu_tc_impl(scalar_t* __restrict__ y,
   const int tile_row[2] = {j0, inter + j0};
   float d[2][4];
   const int limit = min(inter, j0 + 16);
-  tiles_dot<M, 2>(w, tile_row, inter + limit, src, k, sh.c_begin, sh.c_end, d);
+  tiles_dot<M, 2>(w, tile_row, inter + limit, src, k, sh.c_begin, sh.c_end, d, pro);
   if (!combine_tiles<2>(d, ksplit)) return;
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
 #pragma unroll
@@ -559,8 +817,7 @@ __device__ __forceinline__ void gemv_glu_tc_impl(scalar_t* __restrict__ y,
 // DRAM keeps streaming under the short kernels between products. Only the head: prefetching
 // whole rows for every resident warp asked for more than the L2 holds, and the lines were
 // evicted before their loads (GEMV-only step 3.8 -> 5.1 ms on an H200). Then the CTA waits
-// (nothing it reads or writes past this point may be touched earlier) and lets the next
-// kernel's CTAs be scheduled.
+// (wait_prior_kernel).
 __device__ __forceinline__ void prefetch_head(const scalar_t* w, int k, int r, int nrows, int n,
                                               int e0, int e1, int bytes) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(GEMV_PREFETCH)
@@ -575,11 +832,6 @@ __device__ __forceinline__ void prefetch_head(const scalar_t* w, int k, int r, i
     asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
   }
 #endif
-}
-
-__device__ __forceinline__ void wait_prior_kernel() {
-  kvs_wait_prior();
-  kvs_launch_dependents();
 }
 
 // Per warp: its R rows (FMA products), its gate and up row (FMA gate/up), its tile of 16
@@ -621,7 +873,22 @@ __device__ __forceinline__ void glu_tc_prologue(const scalar_t* w, int k, int in
 // Entry points. Every product entry takes the same parameters (gemv.rs pushes one list):
 // the outputs or the residual epilogue (res_out, part_out; null when storing), the weight,
 // then the input: x for the plain entries, (nres, nweight, npart, ncount, eps) for the norm
-// entries (the other unused and null).
+// entries (the other unused and null). The *_snorm_M entries need
+// stage_rows_bytes<M>(stage_stride(k)) + kStageSlotBytes bytes of dynamic shared memory;
+// the others none.
+
+// CTAs per SM the *_snorm_M entries are compiled for (__launch_bounds__). Left free, the
+// staging prologue takes registers the product loop does not need (gemv_snorm_1 52 against
+// gemv_1's 32: 4 CTAs per SM). FMA products of 1-2 tokens: 6 (40 registers; gemv_1 gets 8,
+// gemv_2 6; 6 keep the 8B Q/K/V product's 768 CTAs in one wave on 132 SMs); FMA gate/up: 5
+// at 1 token and 4 at 2 (48 / 64 registers, as gemv_glu_1 / _2); tensor cores: 3 (80, as
+// gemv_tc_*) up to 6 tokens, 2 from 7, where shared memory allows no more (H200). Larger
+// FMA batches (widths not a multiple of 32): 2, as their plain entries. family: 0 FMA
+// product, 1 FMA gate/up, 2 tensor cores.
+constexpr int staged_ctas(int family, int m) {
+  return family == 0 ? (m <= 2 ? 6 : 2) : family == 1 ? (m == 1 ? 5 : m == 2 ? 4 : 2)
+                                                    : (m <= 6 ? 3 : 2);
+}
 
 #define GEMV_PARAMS                                                                             \
   scalar_t *__restrict__ y0, scalar_t *__restrict__ y1, scalar_t *__restrict__ y2,             \
@@ -648,6 +915,12 @@ __device__ __forceinline__ void glu_tc_prologue(const scalar_t* w, int k, int in
     norm_scales<M>(npart, ncount, k, eps, src.rinv);                                           \
     gemv_impl<M>(o, w, src, k, ksplit);                                                        \
   }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(kThreads, staged_ctas(0, M))                    \
+      gemv_snorm_##M(GEMV_PARAMS) {                                                            \
+    const Out o{y0, y1, y2, res_out, part_out, bias, n0, n01, n};                              \
+    const StageNorm<M> pro{nres, nweight, npart, ncount, k, eps};                              \
+    gemv_impl<M>(o, w, pro.src(), k, ksplit, pro);                                             \
+  }                                                                                            \
   extern "C" __global__ void __launch_bounds__(kThreads, 2) gemv_glu_##M(GLU_PARAMS) {        \
     glu_prologue(w, k, inter, ksplit);                                                         \
     gemv_glu_impl<M>(y, w, PlainSrc{x, k}, inter, k, ksplit);                                  \
@@ -657,6 +930,11 @@ __device__ __forceinline__ void glu_tc_prologue(const scalar_t* w, int k, int in
     NormSrc<M> src{nres, nweight, k, {}};                                                      \
     norm_scales<M>(npart, ncount, k, eps, src.rinv);                                           \
     gemv_glu_impl<M>(y, w, src, inter, k, ksplit);                                             \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(kThreads, staged_ctas(1, M))                    \
+      gemv_glu_snorm_##M(GLU_PARAMS) {                                                         \
+    const StageNorm<M> pro{nres, nweight, npart, ncount, k, eps};                              \
+    gemv_glu_impl<M>(y, w, pro.src(), inter, k, ksplit, pro);                                  \
   }                                                                                            \
   extern "C" __global__ void __launch_bounds__(kThreads, 2) gemv_tc_##M(GEMV_PARAMS) {        \
     tc_prologue(w, k, n, ksplit);                                                              \
@@ -670,6 +948,12 @@ __device__ __forceinline__ void glu_tc_prologue(const scalar_t* w, int k, int in
     norm_scales<M>(npart, ncount, k, eps, src.rinv);                                           \
     gemv_tc_impl<M>(o, w, src, k, ksplit);                                                     \
   }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(kThreads, staged_ctas(2, M))                    \
+      gemv_tc_snorm_##M(GEMV_PARAMS) {                                                         \
+    const Out o{y0, y1, y2, res_out, part_out, bias, n0, n01, n};                              \
+    const StageNorm<M> pro{nres, nweight, npart, ncount, k, eps};                              \
+    gemv_tc_impl<M>(o, w, pro.src(), k, ksplit, pro);                                          \
+  }                                                                                            \
   extern "C" __global__ void __launch_bounds__(kThreads, 2) gemv_glu_tc_##M(GLU_PARAMS) {     \
     glu_tc_prologue(w, k, inter, ksplit);                                                      \
     gemv_glu_tc_impl<M>(y, w, PlainSrc{x, k}, inter, k, ksplit);                               \
@@ -679,6 +963,11 @@ __device__ __forceinline__ void glu_tc_prologue(const scalar_t* w, int k, int in
     NormSrc<M> src{nres, nweight, k, {}};                                                      \
     norm_scales<M>(npart, ncount, k, eps, src.rinv);                                           \
     gemv_glu_tc_impl<M>(y, w, src, inter, k, ksplit);                                          \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(kThreads, staged_ctas(2, M))                    \
+      gemv_glu_tc_snorm_##M(GLU_PARAMS) {                                                      \
+    const StageNorm<M> pro{nres, nweight, npart, ncount, k, eps};                              \
+    gemv_glu_tc_impl<M>(y, w, pro.src(), inter, k, ksplit, pro);                               \
   }
 
 GEMV_ENTRY(1)

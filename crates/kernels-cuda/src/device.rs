@@ -28,6 +28,23 @@ pub struct Gpu {
     /// Kernels that export their launch shape, with that shape ([`Gpu::shaped_function`]): a
     /// launch takes this one lock.
     shaped: Mutex<FxHashMap<KernelKey, (CudaFunction, LaunchShape)>>,
+    /// The dynamic shared memory each function has been allowed beyond the default 48 KiB
+    /// ([`Gpu::function_with_smem`]).
+    smem_allowed: Mutex<FxHashMap<KernelKey, u32>>,
+    /// Shared memory per CTA (with the opt-in) and per SM, bytes.
+    smem_limits: SmemLimits,
+    /// The GEMV products normalize their input once per CTA into shared memory
+    /// ([`Gpu::set_staged_norm`]; `KVSERVE_NORM_STAGE=0` turns it off).
+    staged_norm: AtomicBool,
+}
+
+/// How much shared memory the device gives a CTA (with the opt-in attribute set) and an SM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SmemLimits {
+    /// `CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN`.
+    pub per_block: usize,
+    /// `CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR`.
+    pub per_sm: usize,
 }
 
 /// A kernel: its variant and its name in the variant's module.
@@ -118,6 +135,16 @@ impl Gpu {
         let stream = ctx.new_stream()?;
         let pdl_capable = major >= 9;
         let pdl = pdl_capable && std::env::var("KVSERVE_PDL").as_deref() != Ok("0");
+        let smem = |a| -> Result<usize> { Ok(ctx.attribute(a)?.max(0) as usize) };
+        let smem_limits = SmemLimits {
+            per_block: smem(
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )?,
+            per_sm: smem(
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR,
+            )?,
+        };
+        let staged_norm = std::env::var("KVSERVE_NORM_STAGE").as_deref() != Ok("0");
         Ok(Self {
             ctx,
             stream,
@@ -129,6 +156,9 @@ impl Gpu {
             modules: Mutex::new(FxHashMap::default()),
             functions: Mutex::new(FxHashMap::default()),
             shaped: Mutex::new(FxHashMap::default()),
+            smem_allowed: Mutex::new(FxHashMap::default()),
+            smem_limits,
+            staged_norm: AtomicBool::new(staged_norm),
         })
     }
 
@@ -156,6 +186,25 @@ impl Gpu {
     /// A/B measurements and tests.
     pub fn set_pdl(&self, on: bool) {
         self.pdl.store(on && self.pdl_capable, Ordering::Relaxed);
+    }
+
+    /// Whether the GEMV products over a normalized input ([`crate::GemvInput::Normalized`])
+    /// build the normalized rows once per CTA in shared memory, with their first weight
+    /// loads in flight (where the rows fit; the default), or normalize each element as they
+    /// load it. Both give the same bits.
+    pub fn staged_norm(&self) -> bool {
+        self.staged_norm.load(Ordering::Relaxed)
+    }
+
+    /// Chooses the normalized GEMV input's variant (see [`Gpu::staged_norm`]): for A/B
+    /// measurements and tests (`KVSERVE_NORM_STAGE=0` turns staging off at construction).
+    pub fn set_staged_norm(&self, on: bool) {
+        self.staged_norm.store(on, Ordering::Relaxed);
+    }
+
+    /// Shared memory per CTA and per SM.
+    pub(crate) fn smem_limits(&self) -> SmemLimits {
+        self.smem_limits
     }
 
     /// The stream every launch of this crate goes to. cudarc's cross-stream event tracking is
@@ -214,6 +263,45 @@ impl Gpu {
         Ok(f)
     }
 
+    /// Kernel `name` of `variant` (as [`Gpu::function`]), allowed `bytes` of dynamic shared
+    /// memory: above the default 48 KiB the function's limit is raised, once per size (the
+    /// first launch at a size must not be inside a graph capture).
+    ///
+    /// # Errors
+    /// Compile and driver errors; [`KernelError::Unsupported`] for more than a CTA may have.
+    pub(crate) fn function_with_smem(
+        &self,
+        variant: &Variant,
+        name: &'static str,
+        bytes: usize,
+    ) -> Result<CudaFunction> {
+        let f = self.function(variant, name)?;
+        if bytes <= 48 * 1024 {
+            return Ok(f);
+        }
+        let unsupported = || KernelError::Unsupported {
+            kernel: name,
+            what: format!(
+                "{variant}: {bytes} bytes of dynamic shared memory per CTA (the device allows {})",
+                self.smem_limits.per_block
+            ),
+        };
+        if bytes > self.smem_limits.per_block {
+            return Err(unsupported());
+        }
+        let bytes32 = u32::try_from(bytes).map_err(|_| unsupported())?;
+        let mut allowed = lock(&self.smem_allowed);
+        let current = allowed.entry((*variant, name)).or_insert(0);
+        if *current < bytes32 {
+            f.set_attribute(
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                bytes32 as i32,
+            )?;
+            *current = bytes32;
+        }
+        Ok(f)
+    }
+
     /// Kernel `name` of `variant` with the launch shape its module exports as `<name>_launch`
     /// (read once, with a synchronous copy: the first call must not be inside a graph
     /// capture), its dynamic shared-memory limit raised to that size where it exceeds the
@@ -260,10 +348,8 @@ impl Gpu {
             quantum: word(2)?,
             ctas_per_sm: 1,
         };
-        let optin = self.ctx.attribute(
-            sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
-        )?;
-        if i64::from(shape.dynamic_smem) > i64::from(optin) {
+        let optin = self.smem_limits.per_block;
+        if shape.dynamic_smem as usize > optin {
             return Err(KernelError::Unsupported {
                 kernel: name,
                 what: format!(

@@ -9,18 +9,21 @@
 //! whose output width is the hidden size (O, down) can add its output to the f32 residual
 //! stream instead of storing it ([`GemvEpilogue::Residual`]), each CTA leaving the sum of
 //! squares of the residual values it wrote in a [`NormPartials`]; the next products (Q/K/V,
-//! gate/up) then read the residual itself ([`GemvInput::Normalized`]) and normalize it as they
-//! load it, every CTA adding the partial sums in the same fixed order. Both are bit for bit
-//! the unfused rounding (the product rounded to the activation type, then added in f32; the
-//! normalized value `round(w · (r · rinv))`); only `rinv`'s sum is taken in another order than
-//! `rms_norm`'s.
+//! gate/up) then read the residual itself ([`GemvInput::Normalized`]), every CTA adding the
+//! partial sums in the same fixed order. Each CTA writes the normalized rows once into shared
+//! memory while its first weight loads are in flight (issued before the wait for the previous
+//! kernel), then runs the plain product loop over them; where the rows do not fit in shared
+//! memory (or with [`Gpu::set_staged_norm`] off) each warp normalizes the elements as it
+//! loads them instead, with the same bits. Both are bit for bit the unfused rounding (the
+//! product rounded to the activation type, then added in f32; the normalized value
+//! `round(w · (r · rinv))`); only `rinv`'s sum is taken in another order than `rms_norm`'s.
 #![allow(unsafe_code)]
 
 use cudarc::driver::{CudaSlice, LaunchConfig};
 
 use crate::attention::ActScalar;
 use crate::compile::Variant;
-use crate::device::Gpu;
+use crate::device::{Gpu, SmemLimits};
 use crate::error::{Result, bad};
 use crate::launch::Launch;
 
@@ -47,6 +50,12 @@ fn tc_min_tokens() -> usize {
 /// Whether `tokens` rows of width `k` go to the tensor-core kernels.
 fn use_tc(tokens: usize, k: usize) -> bool {
     tokens >= tc_min_tokens() && k.is_multiple_of(32)
+}
+
+/// Whether a GEMV over `tokens` input rows of width `k` runs on the tensor-core kernels (from
+/// [`GEMV_TC_MIN_TOKENS`] tokens, `k` a multiple of 32) rather than the f32-FMA ones.
+pub fn gemv_uses_tensor_cores(tokens: usize, k: usize) -> bool {
+    use_tc(tokens, k)
 }
 
 /// The tensor-core launch over `tiles` tiles of 16 rows of width `k`: up to 8 warps split
@@ -87,12 +96,57 @@ macro_rules! entries {
 type Entries = [&'static str; GEMV_MAX_TOKENS];
 const PLAIN: Entries = entries!("gemv_");
 const PLAIN_NORM: Entries = entries!("gemv_norm_");
+const PLAIN_SNORM: Entries = entries!("gemv_snorm_");
 const PLAIN_TC: Entries = entries!("gemv_tc_");
 const PLAIN_TC_NORM: Entries = entries!("gemv_tc_norm_");
+const PLAIN_TC_SNORM: Entries = entries!("gemv_tc_snorm_");
 const GLU: Entries = entries!("gemv_glu_");
 const GLU_NORM: Entries = entries!("gemv_glu_norm_");
+const GLU_SNORM: Entries = entries!("gemv_glu_snorm_");
 const GLU_TC: Entries = entries!("gemv_glu_tc_");
 const GLU_TC_NORM: Entries = entries!("gemv_glu_tc_norm_");
+const GLU_TC_SNORM: Entries = entries!("gemv_glu_tc_snorm_");
+
+/// How a product reads its input: `x` itself, or the RMSNorm of the residual stream
+/// normalized as each warp loads it (`*_norm_M`) or staged once per CTA in shared memory
+/// (`*_snorm_M`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum InputKind {
+    Plain,
+    NormInLoop,
+    NormStaged,
+}
+
+/// Values per staged row (gemv.cu's `stage_stride`): `k` padded so that consecutive rows
+/// start 64 bytes apart modulo 128 (the tensor-core lanes reading two tokens' x at one
+/// offset then hit different banks).
+fn stage_stride(k: usize) -> usize {
+    k + ((192 - (2 * k) % 128) % 128) / 2
+}
+
+/// The residual slots behind the staged rows (gemv.cu's `kStageSlotBytes`: 2 slices of 32
+/// bytes per thread).
+const STAGE_SLOT_BYTES: usize = 2 * WARPS * 32 * 32;
+
+/// Dynamic shared memory of a `*_snorm_M` CTA: the `tokens` normalized rows, then the slots.
+fn stage_bytes(tokens: usize, k: usize) -> usize {
+    tokens * stage_stride(k) * 2 + STAGE_SLOT_BYTES
+}
+
+/// Static shared memory a `*_snorm_M` entry may add (the most: `gemv_glu_tc_snorm_8`, 8,480
+/// bytes, rounded up) and the 1 KiB the driver keeps per CTA.
+const STAGE_OVERHEAD: usize = 10 * 1024;
+
+/// Whether `tokens` normalized rows of `k` are staged in shared memory on a device with
+/// `limits`: when the CTA's dynamic shared memory is allowed, and two CTAs (the fewest the
+/// kernels are compiled for) still fit on an SM. At `k` = 4,096 a CTA takes 24 KiB at 1 token,
+/// 32 at 2, 80.5 at 8: on an H200 (227 KiB per CTA, 228 per SM) every token count fits (6
+/// CTAs per SM at 1–2 tokens, as many as the registers allow; 2 at 7–8); on an A100 (163 /
+/// 164 KiB) up to 6 tokens.
+fn stage_fits(tokens: usize, k: usize, limits: SmemLimits) -> bool {
+    let bytes = stage_bytes(tokens, k);
+    bytes + STAGE_OVERHEAD <= limits.per_block && 2 * (bytes + STAGE_OVERHEAD) <= limits.per_sm
+}
 
 /// One output of a [`gemv`]: the next `width` rows of the weight, written `[tokens][width]`.
 #[derive(Debug)]
@@ -352,7 +406,8 @@ fn check_epilogue(
     Ok(n)
 }
 
-/// A launch: the entry point, how many warps split a row group's K, and the grid.
+/// A launch: the entry point, how many warps split a row group's K, and the grid (with the
+/// staged entries' dynamic shared memory).
 #[derive(Debug, Clone, Copy)]
 struct Plan {
     name: &'static str,
@@ -360,47 +415,77 @@ struct Plan {
     cfg: LaunchConfig,
 }
 
-/// The launch of a product of `tokens` rows over `n` weight rows of width `k`.
-fn plan_gemv(num_sms: usize, tokens: usize, n: usize, k: usize, normalized: bool) -> Plan {
-    let i = tokens - 1;
-    if use_tc(tokens, k) {
-        let (ksplit, cfg) = tc_launch_shape(num_sms, n.div_ceil(16), k);
-        let names = if normalized { PLAIN_TC_NORM } else { PLAIN_TC };
-        Plan {
-            name: names[i],
-            ksplit,
-            cfg,
-        }
+/// The entry points of one product kind, on tensor cores and on the f32-FMA kernels, each
+/// for the three input kinds (plain, normalized in the loop, staged).
+struct Family {
+    tc: [Entries; 3],
+    fma: [Entries; 3],
+}
+
+const PRODUCT: Family = Family {
+    tc: [PLAIN_TC, PLAIN_TC_NORM, PLAIN_TC_SNORM],
+    fma: [PLAIN, PLAIN_NORM, PLAIN_SNORM],
+};
+
+const GATE_UP: Family = Family {
+    tc: [GLU_TC, GLU_TC_NORM, GLU_TC_SNORM],
+    fma: [GLU, GLU_NORM, GLU_SNORM],
+};
+
+/// The launch of a `family` product of `tokens` input rows of width `k` over `rows` output
+/// rows (row pairs for gate/up), `fma_rows` per warp on the FMA kernels. The launch shape
+/// does not depend on the input kind: the normalized variants add exactly what the plain
+/// entry would compute from the stored norm.
+fn plan(
+    num_sms: usize,
+    tokens: usize,
+    k: usize,
+    input: InputKind,
+    family: &Family,
+    rows: usize,
+    fma_rows: usize,
+) -> Plan {
+    let (entries, (ksplit, mut cfg)) = if use_tc(tokens, k) {
+        (&family.tc, tc_launch_shape(num_sms, rows.div_ceil(16), k))
     } else {
-        let (ksplit, cfg) = launch_shape(num_sms, n.div_ceil(plain_rows(tokens)), k);
-        let names = if normalized { PLAIN_NORM } else { PLAIN };
-        Plan {
-            name: names[i],
-            ksplit,
-            cfg,
+        let groups = rows.div_ceil(fma_rows);
+        (&family.fma, launch_shape(num_sms, groups, k))
+    };
+    let kind = match input {
+        InputKind::Plain => 0,
+        InputKind::NormInLoop => 1,
+        InputKind::NormStaged => {
+            cfg.shared_mem_bytes = stage_bytes(tokens, k) as u32;
+            2
         }
+    };
+    Plan {
+        name: entries[kind][tokens - 1],
+        ksplit,
+        cfg,
     }
 }
 
+/// The launch of a product of `tokens` rows over `n` weight rows of width `k`.
+fn plan_gemv(num_sms: usize, tokens: usize, n: usize, k: usize, input: InputKind) -> Plan {
+    plan(num_sms, tokens, k, input, &PRODUCT, n, plain_rows(tokens))
+}
+
 /// The launch of a gate/up product of `tokens` rows over `inter` row pairs of width `k`.
-fn plan_glu(num_sms: usize, tokens: usize, inter: usize, k: usize, normalized: bool) -> Plan {
-    let i = tokens - 1;
-    if use_tc(tokens, k) {
-        let (ksplit, cfg) = tc_launch_shape(num_sms, inter.div_ceil(16), k);
-        let names = if normalized { GLU_TC_NORM } else { GLU_TC };
-        Plan {
-            name: names[i],
-            ksplit,
-            cfg,
+fn plan_glu(num_sms: usize, tokens: usize, inter: usize, k: usize, input: InputKind) -> Plan {
+    plan(num_sms, tokens, k, input, &GATE_UP, inter, 1)
+}
+
+/// How `input` (of `tokens` rows of `k`) is read on `gpu`.
+fn input_kind<T>(gpu: &Gpu, input: &GemvInput<'_, T>, tokens: usize, k: usize) -> InputKind {
+    match input {
+        GemvInput::Plain(_) => InputKind::Plain,
+        GemvInput::Normalized(_)
+            if gpu.staged_norm() && stage_fits(tokens, k, gpu.smem_limits()) =>
+        {
+            InputKind::NormStaged
         }
-    } else {
-        let (ksplit, cfg) = launch_shape(num_sms, inter, k);
-        let names = if normalized { GLU_NORM } else { GLU };
-        Plan {
-            name: names[i],
-            ksplit,
-            cfg,
-        }
+        GemvInput::Normalized(_) => InputKind::NormInLoop,
     }
 }
 
@@ -485,9 +570,10 @@ pub fn gemv_with<T: ActScalar>(
         },
     };
     let n = check_epilogue(K, lens, tokens, w.len(), k, bias.map(CudaSlice::len))?;
-    let normalized = matches!(input, GemvInput::Normalized(_));
-    let plan = plan_gemv(gpu.num_sms(), tokens, n, k, normalized);
-    let f = gpu.function(&Variant::gemv(T::SCALAR), plan.name)?;
+    let kind = input_kind(gpu, &input, tokens, k);
+    let plan = plan_gemv(gpu.num_sms(), tokens, n, k, kind);
+    let smem = plan.cfg.shared_mem_bytes as usize;
+    let f = gpu.function_with_smem(&Variant::gemv(T::SCALAR), plan.name, smem)?;
     let stream = gpu.stream();
     // Absent pointers are null; the kernel never touches them (no rows map to an absent
     // output; a plain entry reads x only, a normalized one the residual, weight and partials
@@ -547,7 +633,7 @@ pub fn gemv_with<T: ActScalar>(
         .arg(&n_i)
         .arg(&k_i)
         .arg(&plan.ksplit);
-    // SAFETY: matches the GEMV_PARAMS of `gemv[_tc][_norm]_<tokens>` in kernels/gemv.cu (the
+    // SAFETY: matches the GEMV_PARAMS of `gemv[_tc][_norm|_snorm]_<tokens>` in kernels/gemv.cu (the
     // tensor-core ones only for k a multiple of 32): w holds n x k values (k a multiple of 8,
     // so every row starts 16-byte aligned in a cudarc allocation); a plain input x holds
     // tokens x k values, a normalized one a residual of tokens x k, a norm weight of k and
@@ -555,8 +641,9 @@ pub fn gemv_with<T: ActScalar>(
     // width (rows map to outputs by the prefix sums n0 and n01 of the widths); the residual
     // epilogue's residual holds tokens x n and its partials tokens x the grid; the bias n
     // values or null (all checked above). The grid covers n rows at `ksplit` warps per row
-    // group.
-    // The kernel prefetches only weight rows into L2, then calls kvs_wait_prior() (PDL).
+    // group; a staged entry gets the stage_bytes(tokens, k) of dynamic shared memory it
+    // lays its rows and slots out in (`plan`), allowed by function_with_smem.
+    // The kernel reads only weight rows before kvs_wait_prior() (PDL).
     unsafe { launch.dependent().launch(plan.cfg) }?;
     if let Some((slot, shape)) = written {
         *slot = Some(shape);
@@ -623,10 +710,11 @@ pub fn gemv_silu_mul_with<T: ActScalar>(
     const K: &str = "gemv_silu_mul";
     let (tokens, count) = check_input(K, input.lens(), k)?;
     check_glu(K, tokens, inter, w_gate_up.len(), k, out.len())?;
-    let normalized = matches!(input, GemvInput::Normalized(_));
-    let plan = plan_glu(gpu.num_sms(), tokens, inter, k, normalized);
+    let kind = input_kind(gpu, &input, tokens, k);
+    let plan = plan_glu(gpu.num_sms(), tokens, inter, k, kind);
     let (i_i, k_i, count_i) = (inter as i32, k as i32, count as i32);
-    let f = gpu.function(&Variant::gemv(T::SCALAR), plan.name)?;
+    let smem = plan.cfg.shared_mem_bytes as usize;
+    let f = gpu.function_with_smem(&Variant::gemv(T::SCALAR), plan.name, smem)?;
     let null = 0u64;
     let mut launch = Launch::new(gpu, &f);
     launch.arg(&mut *out).arg(w_gate_up);
@@ -637,12 +725,13 @@ pub fn gemv_silu_mul_with<T: ActScalar>(
         .arg(&i_i)
         .arg(&k_i)
         .arg(&plan.ksplit);
-    // SAFETY: matches the GLU_PARAMS of `gemv_glu[_tc][_norm]_<tokens>` in kernels/gemv.cu
+    // SAFETY: matches the GLU_PARAMS of `gemv_glu[_tc][_norm|_snorm]_<tokens>` in kernels/gemv.cu
     // (the tensor-core ones only for k a multiple of 32): w_gate_up holds 2 inter x k values,
     // a plain x tokens x k (k a multiple of 8), a normalized input a residual of tokens x k, a
     // norm weight of k and partials of at least tokens x count values, out tokens x inter
-    // (checked above); the grid covers inter row pairs at `ksplit` warps each.
-    // The kernel prefetches only weight rows into L2, then calls kvs_wait_prior() (PDL).
+    // (checked above); the grid covers inter row pairs at `ksplit` warps each; a staged
+    // entry gets its stage_bytes(tokens, k) of dynamic shared memory (`plan`).
+    // The kernel reads only weight rows before kvs_wait_prior() (PDL).
     unsafe { launch.dependent().launch(plan.cfg) }?;
     Ok(())
 }
@@ -834,6 +923,11 @@ mod tests {
 
     #[test]
     fn plans_pick_the_kernel_and_cover_every_row() {
+        let kinds = [
+            (InputKind::Plain, ""),
+            (InputKind::NormInLoop, "_norm_"),
+            (InputKind::NormStaged, "_snorm_"),
+        ];
         for tokens in 1..=GEMV_MAX_TOKENS {
             for (n, k) in [
                 (4096, 4096),
@@ -842,21 +936,76 @@ mod tests {
                 (577, 1536),
                 (200, 584),
             ] {
-                for normalized in [false, true] {
-                    let p = plan_gemv(132, tokens, n, k, normalized);
+                let plain = plan_gemv(132, tokens, n, k, InputKind::Plain);
+                let plain_glu = plan_glu(132, tokens, n, k, InputKind::Plain);
+                for (kind, infix) in kinds {
+                    let p = plan_gemv(132, tokens, n, k, kind);
                     let tc = tokens >= GEMV_TC_MIN_TOKENS && k % 32 == 0;
                     assert_eq!(p.name.contains("_tc_"), tc, "{}", p.name);
-                    assert_eq!(p.name.contains("_norm_"), normalized, "{}", p.name);
+                    for other in ["_norm_", "_snorm_"] {
+                        assert_eq!(p.name.contains(other), infix == other, "{}", p.name);
+                    }
                     assert!(p.name.ends_with(&tokens.to_string()), "{}", p.name);
                     let rows_per_group = if tc { 16 } else { plain_rows(tokens) };
                     let groups_per_cta = WARPS / p.ksplit as usize;
                     let rows = p.cfg.grid_dim.0 as usize * groups_per_cta * rows_per_group;
                     assert!(rows >= n && rows - n < groups_per_cta * rows_per_group);
-                    let g = plan_glu(132, tokens, n, k, normalized);
-                    assert_eq!(g.name.contains("_norm_"), normalized, "{}", g.name);
+                    let g = plan_glu(132, tokens, n, k, kind);
+                    assert_eq!(g.name.contains("_snorm_"), infix == "_snorm_", "{}", g.name);
                     assert!(g.name.starts_with("gemv_glu_"), "{}", g.name);
+                    // Every input kind launches the same shape (the products add in the same
+                    // order); only the staged entries take shared memory.
+                    for (q, base) in [(p, plain), (g, plain_glu)] {
+                        assert_eq!(q.ksplit, base.ksplit);
+                        assert_eq!(q.cfg.grid_dim, base.cfg.grid_dim);
+                        let smem = if kind == InputKind::NormStaged {
+                            stage_bytes(tokens, k) as u32
+                        } else {
+                            0
+                        };
+                        assert_eq!(q.cfg.shared_mem_bytes, smem, "{}", q.name);
+                    }
                 }
             }
         }
+    }
+
+    #[test]
+    fn staged_rows_are_laid_out_and_sized() {
+        for k in (8..=20_000).step_by(8) {
+            let stride = stage_stride(k);
+            // 16-byte aligned rows, consecutive ones 64 bytes apart modulo 128, little padding.
+            assert_eq!(stride % 8, 0, "{k}");
+            assert_eq!((2 * stride) % 128, 64, "{k}");
+            assert!(stride >= k && stride - k < 64, "{k}");
+        }
+        assert_eq!(stage_stride(4096), 4128);
+        assert_eq!(stage_stride(4064), 4064);
+        // The 8B consumers: 24 KiB at 1 token (rows, then 16 KiB of slots), 80.5 at 8.
+        assert_eq!(stage_bytes(1, 4096), 8256 + 16384);
+        assert_eq!(stage_bytes(8, 4096), 8 * 8256 + 16384);
+        let h200 = SmemLimits {
+            per_block: 232_448,
+            per_sm: 233_472,
+        };
+        let a100 = SmemLimits {
+            per_block: 166_912,
+            per_sm: 167_936,
+        };
+        let ada = SmemLimits {
+            per_block: 101_376,
+            per_sm: 102_400,
+        };
+        for tokens in 1..=GEMV_MAX_TOKENS {
+            assert!(stage_fits(tokens, 4096, h200), "{tokens}");
+            assert_eq!(stage_fits(tokens, 4096, a100), tokens <= 6, "{tokens}");
+            // Llama-3-70B's 8,192 on an H200: two CTAs of 6 tokens (122 KiB each with the
+            // overhead) do not fit on an SM: those fall back to the in-loop normalization.
+            assert_eq!(stage_fits(tokens, 8192, h200), tokens <= 5, "{tokens}");
+        }
+        // 100 KiB per SM: two CTAs of 2 tokens at 4,096, not of 3.
+        assert!(stage_fits(2, 4096, ada));
+        assert!(!stage_fits(3, 4096, ada));
+        assert!(!stage_fits(1, 1 << 20, h200));
     }
 }

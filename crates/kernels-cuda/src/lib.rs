@@ -45,7 +45,7 @@ pub use error::{KernelError, Result};
 pub use gemm::Blas;
 pub use gemv::{
     GEMV_MAX_TOKENS, GEMV_TC_MIN_TOKENS, GemvEpilogue, GemvInput, GemvOut, NormInput, NormPartials,
-    gemv, gemv_silu_mul, gemv_silu_mul_with, gemv_with,
+    gemv, gemv_silu_mul, gemv_silu_mul_with, gemv_uses_tensor_cores, gemv_with,
 };
 pub use indices::{Index, Indices};
 pub use layers::{

@@ -1,6 +1,10 @@
 //! RMSNorm folded into the GEMV products, on a GPU: a product's residual epilogue followed by
 //! products over the normalized residual (`gemv_with`, `gemv_silu_mul_with`) against the
-//! unfused chain (product stored, `rms_norm` adding it, products over the stored norm).
+//! unfused chain (product stored, `rms_norm` adding it, products over the stored norm); the
+//! consumers' two variants (rows staged once per CTA in shared memory, or normalized in the
+//! product loop: `Gpu::set_staged_norm`) against each other bit for bit, and the staged chain
+//! queued back to back (consumers overlapping their producers under PDL) against the same
+//! chain synchronized after each launch.
 //! Ignored by default (CI has no GPU): `cargo test -p kernels-cuda --test gemv_norm --
 //! --include-ignored` on the GPU machine.
 #![allow(clippy::unwrap_used, clippy::print_stderr, clippy::needless_range_loop)]
@@ -209,39 +213,143 @@ fn run_chain(gpu: &Gpu, s: &Shape, w: &Weights, tokens: usize, bias: bool, seed:
     rms_norm(gpu, &mut res_u, None, &w.attn_norm, eps, &mut normed).unwrap();
     let final_u = host(gpu, &normed);
 
-    // Fused: the residual epilogues and the normalized inputs. The down product reads the
-    // unfused chain's activations, so the residual stays comparable bit for bit.
-    let mut res_f = st.clone_htod(&residual0).unwrap();
+    // Fused: the residual epilogues and the normalized inputs, with the rows staged in shared
+    // memory (the default) and synchronized after each producer to check its residual.
+    let inputs = ChainInputs {
+        residual0: &residual0,
+        attn: &attn_d,
+        act: &act_u,
+        bias_o,
+        bias_qkv,
+        eps,
+    };
+    gpu.set_staged_norm(true);
+    let fused = fused_chain(gpu, s, w, tokens, &inputs, true);
+    let [res_f1, res_f2] = fused.residuals.as_ref().unwrap();
+    assert!(same_bits(res_f1, &res_u1), "{what}: O epilogue residual");
+    assert!(same_bits(res_f2, &res_u2), "{what}: down epilogue residual");
+    let (a_f, a_u) = (&fused.act, host(gpu, &act_u));
+    let (q_f, q_u) = (&fused.qkv, qkv_u.host(gpu));
+    let (e_act, e_qkv) = (rel_diff(a_f, &a_u), rel_diff(q_f, &q_u));
+    eprintln!(
+        "{what}: gate/up {e_act:.2e} ({} of {} differ), q/k/v {e_qkv:.2e} ({} of {} differ)",
+        differing(a_f, &a_u),
+        a_u.len(),
+        differing(q_f, &q_u),
+        q_u.len()
+    );
+    assert!(e_act < TOLERANCE, "{what}: gate/up {e_act}");
+    assert!(e_qkv < TOLERANCE, "{what}: q/k/v {e_qkv}");
+    // The final norm reads the same residual through the same kernel: bit for bit.
+    assert_eq!(
+        differing(&fused.final_norm, &final_u),
+        0,
+        "{what}: final norm"
+    );
+
+    // The consumers normalizing in their loops instead (no shared-memory rows): the same
+    // launch shapes, rinv and roundings, so the same bits.
+    gpu.set_staged_norm(false);
+    let in_loop = fused_chain(gpu, s, w, tokens, &inputs, true);
+    gpu.set_staged_norm(true);
+    for (name, got, want) in [("gate/up", &in_loop.act, a_f), ("q/k/v", &in_loop.qkv, q_f)] {
+        assert_eq!(differing(got, want), 0, "{what}: {name}, in-loop vs staged");
+    }
+
+    // Staged again, every launch queued back to back (no host copy in between): with PDL
+    // each consumer's CTAs start while its producer drains and load weights before their
+    // wait; anything they read of the residual or the sums before it would be stale.
+    let queued = fused_chain(gpu, s, w, tokens, &inputs, false);
+    for (name, got, want) in [
+        ("gate/up", &queued.act, a_f),
+        ("q/k/v", &queued.qkv, q_f),
+        ("final norm", &queued.final_norm, &fused.final_norm),
+    ] {
+        assert_eq!(differing(got, want), 0, "{what}: {name}, back to back");
+    }
+}
+
+/// What the fused chain starts from: the residual, the attention output (the O product's
+/// input), the unfused chain's activations (the down product's input, so that the residual
+/// stays comparable bit for bit), the biases and eps.
+struct ChainInputs<'a> {
+    residual0: &'a [f32],
+    attn: &'a CudaSlice<bf16>,
+    act: &'a CudaSlice<bf16>,
+    bias_o: Option<&'a CudaSlice<bf16>>,
+    bias_qkv: Option<&'a CudaSlice<bf16>>,
+    eps: f32,
+}
+
+/// The fused chain's results on the host: the gate/up activations, Q/K/V, the final norm, and
+/// (when checked) the residual after the O and the down products.
+struct Fused {
+    act: Vec<bf16>,
+    qkv: Vec<bf16>,
+    final_norm: Vec<bf16>,
+    residuals: Option<[Vec<f32>; 2]>,
+}
+
+/// The RMSNorm of `res` with `weight` as a GEMV input, from the sums in `partials`.
+fn norm_input<'a>(
+    res: &'a CudaSlice<f32>,
+    weight: &'a CudaSlice<bf16>,
+    partials: &'a NormPartials,
+    eps: f32,
+) -> GemvInput<'a, bf16> {
+    GemvInput::Normalized(NormInput {
+        residual: res,
+        weight,
+        partials,
+        eps,
+    })
+}
+
+/// The chain with the residual epilogues and the normalized inputs: O (+ residual) →
+/// gate/up over the normalized residual; down (+ residual) → Q/K/V over it; the final norm.
+/// With `check`, the residual and the partial sums are read back after each producer (a
+/// host synchronization); without, every launch is queued back to back.
+fn fused_chain(
+    gpu: &Gpu,
+    s: &Shape,
+    w: &Weights,
+    tokens: usize,
+    inputs: &ChainInputs<'_>,
+    check: bool,
+) -> Fused {
+    let st = gpu.stream();
+    let (h, inter) = (s.hidden, s.inter);
+    let what = format!("{h} x {tokens} tokens, staged {}", gpu.staged_norm());
+    let mut res_f = st.clone_htod(inputs.residual0).unwrap();
     let mut partials = NormPartials::new();
     let mut act_f = st.alloc_zeros::<bf16>(tokens * inter).unwrap();
     let mut qkv_f = Qkv::new(gpu, tokens, &s.qkv);
+    let mut normed = st.alloc_zeros::<bf16>(tokens * h).unwrap();
+    let residual = |res: &CudaSlice<f32>, partials: &NormPartials| {
+        let after = check.then(|| host(gpu, res));
+        if let Some(r) = &after {
+            check_sums(gpu, partials, r, h, &what);
+        }
+        after
+    };
     gemv_with(
         gpu,
-        GemvInput::Plain(&attn_d),
+        GemvInput::Plain(inputs.attn),
         &w.wo,
         s.attn,
-        bias_o,
+        inputs.bias_o,
         GemvEpilogue::Residual {
             residual: &mut res_f,
             partials: &mut partials,
         },
     )
     .unwrap();
-    let res_f1 = host(gpu, &res_f);
-    assert!(same_bits(&res_f1, &res_u1), "{what}: O epilogue residual");
-    check_sums(gpu, &partials, &res_f1, h, &format!("{what}, O"));
-    let norm = |weight| {
-        GemvInput::Normalized(NormInput {
-            residual: &res_f,
-            weight,
-            partials: &partials,
-            eps,
-        })
-    };
-    gemv_silu_mul_with(gpu, norm(&w.ffn_norm), &w.w_gate_up, inter, h, &mut act_f).unwrap();
+    let res_f1 = residual(&res_f, &partials);
+    let input = norm_input(&res_f, &w.ffn_norm, &partials, inputs.eps);
+    gemv_silu_mul_with(gpu, input, &w.w_gate_up, inter, h, &mut act_f).unwrap();
     gemv_with(
         gpu,
-        GemvInput::Plain(&act_u),
+        GemvInput::Plain(inputs.act),
         &w.w_down,
         inter,
         None,
@@ -251,44 +359,17 @@ fn run_chain(gpu: &Gpu, s: &Shape, w: &Weights, tokens: usize, bias: bool, seed:
         },
     )
     .unwrap();
-    let res_f2 = host(gpu, &res_f);
-    assert!(
-        same_bits(&res_f2, &res_u2),
-        "{what}: down epilogue residual"
-    );
-    check_sums(gpu, &partials, &res_f2, h, &format!("{what}, down"));
-    let norm = GemvInput::Normalized(NormInput {
-        residual: &res_f,
-        weight: &w.attn_norm,
-        partials: &partials,
-        eps,
-    });
-    gemv_with(
-        gpu,
-        norm,
-        &w.w_qkv,
-        h,
-        bias_qkv,
-        GemvEpilogue::Store(&mut qkv_f.outs(&s.qkv)),
-    )
-    .unwrap();
-    rms_norm(gpu, &mut res_f, None, &w.attn_norm, eps, &mut normed).unwrap();
-    let final_f = host(gpu, &normed);
-
-    let (a_f, a_u) = (host(gpu, &act_f), host(gpu, &act_u));
-    let (q_f, q_u) = (qkv_f.host(gpu), qkv_u.host(gpu));
-    let (e_act, e_qkv) = (rel_diff(&a_f, &a_u), rel_diff(&q_f, &q_u));
-    eprintln!(
-        "{what}: gate/up {e_act:.2e} ({} of {} differ), q/k/v {e_qkv:.2e} ({} of {} differ)",
-        differing(&a_f, &a_u),
-        a_u.len(),
-        differing(&q_f, &q_u),
-        q_u.len()
-    );
-    assert!(e_act < TOLERANCE, "{what}: gate/up {e_act}");
-    assert!(e_qkv < TOLERANCE, "{what}: q/k/v {e_qkv}");
-    // The final norm reads the same residual through the same kernel: bit for bit.
-    assert_eq!(differing(&final_f, &final_u), 0, "{what}: final norm");
+    let res_f2 = residual(&res_f, &partials);
+    let input = norm_input(&res_f, &w.attn_norm, &partials, inputs.eps);
+    let outs = GemvEpilogue::Store(&mut qkv_f.outs(&s.qkv));
+    gemv_with(gpu, input, &w.w_qkv, h, inputs.bias_qkv, outs).unwrap();
+    rms_norm(gpu, &mut res_f, None, &w.attn_norm, inputs.eps, &mut normed).unwrap();
+    Fused {
+        act: host(gpu, &act_f),
+        qkv: qkv_f.host(gpu),
+        final_norm: host(gpu, &normed),
+        residuals: res_f1.zip(res_f2).map(|(a, b)| [a, b]),
+    }
 }
 
 #[test]
@@ -322,6 +403,15 @@ fn fused_norm_chain_matches_the_unfused_chain() {
             qkv: [512, 128, 128],
             inter: 1544,
         },
+        // Llama-3-70B's hidden size: staged rows of 4 to 20 slices per thread (the residual
+        // slots refilled several times) up to 5 tokens; from 6 tokens two CTAs' rows no
+        // longer fit on an SM (H200), and the consumers normalize in their loops.
+        Shape {
+            hidden: 8192,
+            attn: 1024,
+            qkv: [1024, 256, 256],
+            inter: 512,
+        },
     ];
     for (i, s) in shapes.iter().enumerate() {
         let w = weights(&gpu, s, i as u64);
@@ -345,12 +435,7 @@ fn normalized(
     let h = norm_w.len();
     gemv_with(
         gpu,
-        GemvInput::Normalized(NormInput {
-            residual: res,
-            weight: norm_w,
-            partials,
-            eps: 1e-5,
-        }),
+        norm_input(res, norm_w, partials, 1e-5),
         w,
         h,
         None,
@@ -403,12 +488,7 @@ fn normalized_inputs_need_matching_partials() {
     let mut out1 = st.alloc_zeros::<bf16>(h / 2).unwrap();
     let r = gemv_silu_mul_with(
         &gpu,
-        GemvInput::Normalized(NormInput {
-            residual: &one,
-            weight: &norm_w,
-            partials: &partials,
-            eps: 1e-5,
-        }),
+        norm_input(&one, &norm_w, &partials, 1e-5),
         &w,
         h / 2,
         h,
@@ -429,9 +509,15 @@ fn normalized_inputs_need_matching_partials() {
     );
     assert!(is_bad(r));
     assert_eq!(partials.written(), Some((tokens, h)));
-    // All zeros with eps: the products are zeros, not NaN.
-    fill_uniform(&gpu, &mut out, 1, 1.0, 2.0).unwrap();
+    // All zeros with eps: the products are zeros, not NaN (rows staged or not).
     add_to_residual(&gpu, h, &w, &x, &mut res, &mut partials).unwrap();
-    normalized(&gpu, &w, &res, &norm_w, &partials, &mut out).unwrap();
-    assert!(host(&gpu, &out).iter().all(|v| v.to_f32() == 0.0));
+    for staged in [true, false] {
+        gpu.set_staged_norm(staged);
+        fill_uniform(&gpu, &mut out, 1, 1.0, 2.0).unwrap();
+        normalized(&gpu, &w, &res, &norm_w, &partials, &mut out).unwrap();
+        assert!(
+            host(&gpu, &out).iter().all(|v| v.to_f32() == 0.0),
+            "staged {staged}"
+        );
+    }
 }

@@ -5,11 +5,12 @@
 //! RMSNorm (fused with the residual add), the Q/K/V product (one stacked weight), RoPE and the
 //! quantizing cache write (one launch), attention, the O product, RMSNorm, gate·up with SiLU·up and down;
 //! then the final norm, a row gather and the LM head for the tokens whose logits are wanted.
-//! Products: GEMV kernels for steps of at most 8 tokens, cuBLAS above. With
-//! `KVSERVE_FUSED_NORM=1`, on the GEMV path the norms but layer 0's attention norm and the
-//! final one are folded into the products (the O and down products add into the residual,
-//! Q/K/V and gate/up normalize it as they load it); off by default: slower on an H200
-//! (BENCHMARKS.md). Attention: steps with a
+//! Products: GEMV kernels for steps of at most 8 tokens, cuBLAS above. On steps whose GEMVs
+//! run the f32-FMA kernels (1–2 tokens; [`FusedNorm`], `KVSERVE_FUSED_NORM`), the norms but
+//! layer 0's attention norm and the final one are folded into the products: the O and down
+//! products add into the residual, the Q/K/V and gate/up products normalize it once per CTA
+//! into shared memory while their first weight loads are in flight (kernels/NOTES.md).
+//! Attention: steps with a
 //! prompt chunk run the prefill kernel (every sequence, after the whole step's K/V is
 //! written: causal by construction); decode-only steps, and int4 caches, the decode kernel
 //! with one row per token. Logits come back to the host as f32 (computed in bf16), or are
@@ -128,11 +129,10 @@ pub struct CudaBackend {
     /// Small batches (≤ [`GEMV_TOKENS`] tokens) run their linear layers through the GEMV
     /// kernels instead of cuBLAS (`KVSERVE_GEMV=0` turns this off).
     gemv: bool,
-    /// On the GEMV path, every RMSNorm but layer 0's attention norm and the final norm is
-    /// folded into the products: the O and down products add into the residual stream, the
-    /// Q/K/V and gate/up products normalize it as they read it. Off unless
-    /// `KVSERVE_FUSED_NORM=1`: measured slower than separate norm launches (BENCHMARKS.md).
-    fused_norm: bool,
+    /// Which steps of the GEMV path fold every RMSNorm but layer 0's attention norm and the
+    /// final norm into the products: the O and down products add into the residual stream,
+    /// the Q/K/V and gate/up products normalize it as they read it.
+    fused_norm: FusedNorm,
     /// Steps with prompt chunks attend through the prefill kernel
     /// (`KVSERVE_PREFILL_KERNEL=0`: through the decode kernel, one row per token).
     prefill: bool,
@@ -255,6 +255,43 @@ impl Products<'_> {
             self.blas.linear(x, w, n, k, out)?;
         }
         Ok(())
+    }
+}
+
+/// Which decode steps fold the RMSNorms into the GEMV products (no norm launches but layer
+/// 0's attention norm and the final norm).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FusedNorm {
+    /// Never: every norm is a launch of its own (`KVSERVE_FUSED_NORM=0`).
+    Off,
+    /// Steps whose products over the hidden state run the f32-FMA GEMV kernels (fewer than
+    /// [`kernels_cuda::GEMV_TC_MIN_TOKENS`] tokens, or a hidden size not a multiple of 32):
+    /// the default. There a CTA's staged rows (8 KiB per token at hidden 4,096) build while its
+    /// first weight loads are in flight; the tensor-core products (3–8 tokens) would read
+    /// 16 KiB of f32 residual per token and CTA, more than their prologue can hide.
+    FmaSteps,
+    /// Every step of the GEMV path (`KVSERVE_FUSED_NORM=1`).
+    All,
+}
+
+impl FusedNorm {
+    /// `KVSERVE_FUSED_NORM`: `0` [`FusedNorm::Off`], `1` [`FusedNorm::All`], otherwise (or
+    /// unset) [`FusedNorm::FmaSteps`].
+    pub fn from_env() -> Self {
+        match std::env::var("KVSERVE_FUSED_NORM").as_deref() {
+            Ok("0") => Self::Off,
+            Ok("1") => Self::All,
+            _ => Self::FmaSteps,
+        }
+    }
+
+    /// Whether a step of `tokens` tokens on the GEMV path, hidden size `hidden`, folds them.
+    pub fn folds(self, tokens: usize, hidden: usize) -> bool {
+        match self {
+            Self::Off => false,
+            Self::FmaSteps => !kernels_cuda::gemv_uses_tensor_cores(tokens, hidden),
+            Self::All => true,
+        }
     }
 }
 
@@ -491,7 +528,7 @@ impl CudaBackend {
             graph_steps: HashMap::new(),
             last_graph_bucket: None,
             gemv: std::env::var("KVSERVE_GEMV").as_deref() != Ok("0"),
-            fused_norm: std::env::var("KVSERVE_FUSED_NORM").as_deref() == Ok("1"),
+            fused_norm: FusedNorm::from_env(),
             prefill: std::env::var("KVSERVE_PREFILL_KERNEL").as_deref() != Ok("0"),
             blas,
             gpu,
@@ -589,7 +626,7 @@ impl CudaBackend {
         // Fused norms: no norm launch but layer 0's attention norm and the final one. The O
         // and down products add into the residual stream (leaving its sums of squares in
         // `norm_partials`), the Q/K/V and gate/up products normalize it as they read it.
-        let fused = small && self.fused_norm;
+        let fused = small && self.fused_norm.folds(t, h);
         let products = Products {
             gpu,
             blas: &self.blas,
@@ -932,10 +969,10 @@ impl CudaBackend {
         self.graph_steps.clear();
     }
 
-    /// Folds the RMSNorms into the GEMV products on the GEMV path, or launches them apart
-    /// (for comparisons; `KVSERVE_FUSED_NORM=1` turns the folding on at construction).
-    pub fn set_fused_norm(&mut self, on: bool) {
-        self.fused_norm = on;
+    /// Which steps of the GEMV path fold the RMSNorms into the products (for comparisons;
+    /// `KVSERVE_FUSED_NORM` at construction, see [`FusedNorm`]).
+    pub fn set_fused_norm(&mut self, mode: FusedNorm) {
+        self.fused_norm = mode;
         self.graph_steps.clear();
     }
 

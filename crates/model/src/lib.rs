@@ -48,7 +48,7 @@ pub mod weights;
 pub use backend::{Backend, ForwardBatch, KvCacheConfig, RowSampling};
 pub use config::{Architecture, ConfigError, ModelConfig, RopeScaling, RopeStyle};
 pub use cpu::CpuBackend;
-pub use cuda::CudaBackend;
+pub use cuda::{CudaBackend, FusedNorm};
 pub use error::ModelError;
 pub use fetch::{FetchError, default_model_path, ensure_default_model};
 pub use gguf::{GgufError, GgufFile, GgufValue, TensorView};

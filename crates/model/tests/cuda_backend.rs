@@ -1,6 +1,7 @@
 //! The CUDA backend against the CPU backend on the same weights and batches (teacher-forced
 //! logits of every position; prefill in one pass, in chunks, token by token, and a mixed
-//! batch), across KV dtypes, GQA shapes, head dims and a sliding window. Ignored without a
+//! batch), across KV dtypes, GQA shapes, head dims and a sliding window; the RMSNorms folded
+//! into the GEMVs against separate norm launches. Ignored without a
 //! GPU: `cargo test -p model --test cuda_backend -- --include-ignored` on the GPU machine.
 #![allow(clippy::unwrap_used, clippy::print_stderr)]
 
@@ -9,7 +10,8 @@ mod batched;
 use kernels_cuda::Gpu;
 use kv_quant::KvCacheDtype;
 use model::{
-    Backend, CpuBackend, CudaBackend, DType, ForwardBatch, KvCacheConfig, ModelConfig, Weights,
+    Backend, CpuBackend, CudaBackend, DType, ForwardBatch, FusedNorm, KvCacheConfig, ModelConfig,
+    Weights,
 };
 
 /// (max |gpu − cpu| / max |cpu|, fraction of positions with the same argmax).
@@ -34,14 +36,19 @@ fn compare(gpu: &[f32], cpu: &[f32], vocab: usize) -> (f32, f32) {
     (err / scale, same as f32 / rows as f32)
 }
 
-fn check_model(name: &str, config: &ModelConfig, kv: KvCacheDtype) {
-    let weights = Weights::dummy(config, DType::Q8_0, 7).unwrap();
-    let cache = KvCacheConfig {
+/// 64 blocks of 16 tokens of `kv`, `num_cpu_blocks` of swap space.
+fn cache_of(kv: KvCacheDtype, num_cpu_blocks: usize) -> KvCacheConfig {
+    KvCacheConfig {
         num_blocks: 64,
         block_size: 16,
         dtype: kv,
-        num_cpu_blocks: 8,
-    };
+        num_cpu_blocks,
+    }
+}
+
+fn check_model(name: &str, config: &ModelConfig, kv: KvCacheDtype) {
+    let weights = Weights::dummy(config, DType::Q8_0, 7).unwrap();
+    let cache = cache_of(kv, 8);
     let mut cpu = CpuBackend::new(weights.clone(), cache).unwrap();
     let mut cuda = CudaBackend::new(&weights, cache, Gpu::new(0).unwrap()).unwrap();
     let vocab = config.vocab_size;
@@ -103,10 +110,11 @@ fn cuda_backend_matches_the_cpu_backend() {
     let mut windowed = smol.clone();
     windowed.sliding_window = Some(24);
     check_model("smollm2 shape, window 24", &windowed, KvCacheDtype::Fp16);
-    let mut llama = ModelConfig::llama31_8b();
-    llama.num_layers = 2;
-    llama.vocab_size = 4096;
-    check_model("llama-3.1-8b shape, 2 layers", &llama, KvCacheDtype::Bf16);
+    check_model(
+        "llama-3.1-8b shape, 2 layers",
+        &llama_2_layers(),
+        KvCacheDtype::Bf16,
+    );
 }
 
 #[test]
@@ -245,6 +253,46 @@ fn dummy_weights_have_the_shape_of_the_config() {
     assert!(r.is_err(), "32 heads over 5 KV heads accepted");
 }
 
+/// Teacher-forced decode steps (one token per sequence per step) over sequences of `lens`
+/// tokens, on a CUDA backend for `config`'s dummy weights set up by `setup`: the logits of
+/// every position, and the backend.
+fn decode_steps(
+    config: &ModelConfig,
+    kv: KvCacheDtype,
+    gpu: Gpu,
+    lens: &[usize],
+    setup: impl FnOnce(&mut CudaBackend),
+) -> (Vec<Vec<f32>>, CudaBackend) {
+    let weights = Weights::dummy(config, DType::Q8_0, 7).unwrap();
+    let mut cuda = CudaBackend::new(&weights, cache_of(kv, 0), gpu).unwrap();
+    setup(&mut cuda);
+    let seqs = token_seqs(lens, config.vocab_size);
+    let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+    let out = batched::run_batched(&mut cuda, &refs, &vec![1; lens.len()]);
+    (out, cuda)
+}
+
+/// Logits that agree to rounding: within 1e-2 of the largest, the same argmax at ≥ 95% of
+/// the positions.
+fn assert_close(what: &str, got: &[f32], want: &[f32], vocab: usize) {
+    let (err, same) = compare(got, want, vocab);
+    eprintln!(
+        "{what}: rel err {err:.2e}, argmax agrees {:.1}%",
+        100.0 * same
+    );
+    assert_eq!(got.len(), want.len(), "{what}");
+    assert!(err < 1e-2, "{what}: {err}");
+    assert!(same >= 0.95, "{what}: argmax agrees {same}");
+}
+
+/// The Llama-3.1-8B shape with 2 layers and a 4,096-token vocabulary.
+fn llama_2_layers() -> ModelConfig {
+    let mut llama = ModelConfig::llama31_8b();
+    llama.num_layers = 2;
+    llama.vocab_size = 4096;
+    llama
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn cuda_graphs_replay_the_uncaptured_decode_steps() {
@@ -255,25 +303,14 @@ fn cuda_graphs_replay_the_uncaptured_decode_steps() {
     // device (a different split than the host plan), so the logits agree to rounding, not
     // bit for bit.
     let gpu_run = |config: &ModelConfig, kv: KvCacheDtype, graphs: bool| {
-        let weights = Weights::dummy(config, DType::Q8_0, 7).unwrap();
-        let cache = KvCacheConfig {
-            num_blocks: 64,
-            block_size: 16,
-            dtype: kv,
-            num_cpu_blocks: 0,
-        };
-        let mut cuda = CudaBackend::new(&weights, cache, Gpu::new(0).unwrap()).unwrap();
-        cuda.set_cuda_graphs(graphs);
-        let vocab = config.vocab_size;
-        let seqs = token_seqs(&[70, 37, 19], vocab);
-        let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
-        let out = batched::run_batched(&mut cuda, &refs, &[1, 1, 1]);
+        let gpu = Gpu::new(0).unwrap();
+        let (out, cuda) = decode_steps(config, kv, gpu, &[70, 37, 19], |c| {
+            c.set_cuda_graphs(graphs);
+        });
         (out, cuda.graph_buckets(), cuda.graph_capture_errors())
     };
     let smol = ModelConfig::smollm2_135m();
-    let mut llama = ModelConfig::llama31_8b();
-    llama.num_layers = 2;
-    llama.vocab_size = 4096;
+    let llama = llama_2_layers();
     for (name, config, kv) in [
         ("smollm2-135m (dummy)", &smol, KvCacheDtype::Bf16),
         ("smollm2-135m (dummy)", &smol, KvCacheDtype::Int8),
@@ -285,14 +322,47 @@ fn cuda_graphs_replay_the_uncaptured_decode_steps() {
         eprintln!("{name} kv={kv}: graphs for buckets {buckets:?}");
         assert!(!buckets.is_empty(), "{name} {kv}: nothing was captured");
         for (s, (g, w)) in on.iter().zip(&off).enumerate() {
-            let (err, same) = compare(g, w, config.vocab_size);
-            eprintln!(
-                "{name} kv={kv} seq {s}: graphs vs none, rel err {err:.2e}, argmax agrees {:.1}%",
-                100.0 * same
+            let what = format!("{name} kv={kv} seq {s}: graphs vs none");
+            assert_close(&what, g, w, config.vocab_size);
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn fused_norms_match_the_separate_norm_launches() {
+    // Decode steps of 3, 2 and 1 tokens (tensor-core, then f32-FMA GEMVs) with the norms
+    // apart, folded on every step (rows staged in shared memory, or normalized in the product
+    // loops) and folded on the FMA steps only (the default). Folded, rinv adds the same
+    // squares in another order than rms_norm, so the logits agree to rounding; the staged and
+    // the in-loop normalization give the same bits.
+    let gpu_run = |config: &ModelConfig, mode: FusedNorm, staged: bool| {
+        let gpu = Gpu::new(0).unwrap();
+        gpu.set_staged_norm(staged);
+        let lens = [40, 23, 9];
+        let kv = KvCacheDtype::Bf16;
+        decode_steps(config, kv, gpu, &lens, |c| c.set_fused_norm(mode)).0
+    };
+    let smol = ModelConfig::smollm2_135m();
+    let llama = llama_2_layers();
+    for (name, config) in [
+        ("smollm2-135m (dummy)", &smol),
+        ("llama-3.1-8b shape, 2 layers", &llama),
+    ] {
+        let apart = gpu_run(config, FusedNorm::Off, true);
+        let staged = gpu_run(config, FusedNorm::All, true);
+        let in_loop = gpu_run(config, FusedNorm::All, false);
+        let default = gpu_run(config, FusedNorm::FmaSteps, true);
+        for (s, w) in apart.iter().enumerate() {
+            for (mode, g) in [("all steps", &staged[s]), ("FMA steps", &default[s])] {
+                let what = format!("{name} seq {s}: folded on {mode} vs apart");
+                assert_close(&what, g, w, config.vocab_size);
+            }
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert!(
+                bits(&staged[s]) == bits(&in_loop[s]),
+                "{name} seq {s}: staged and in-loop normalization differ"
             );
-            assert_eq!(g.len(), w.len());
-            assert!(err < 1e-2, "{name} {kv} seq {s}: {err}");
-            assert!(same >= 0.95, "{name} {kv} seq {s}: argmax agrees {same}");
         }
     }
 }
