@@ -110,19 +110,54 @@
 #define KVS_TC_WARPS 2
 #endif
 
+// Warp specialization of the transposed 16-bit body (a knob for measurements:
+// KVSERVE_KERNEL_DEFINES=-DKVS_TC_WS=1; kernels/NOTES.md, "a warp-specialized 16-bit body"):
+// one producer warp streams the CTA's tiles into a ring of KVS_TC_WS_STAGES stages shared by
+// KVS_TC_WS_CONSUMERS consumer warps (2 or 4), which take them round-robin and run the body's
+// tile math unchanged; an mbarrier per stage says "full" (the producer's cp.async landed) and
+// one "empty" (its consumer is done with it). Other bodies (8-bit, int4, -DKVS_TC_T16=0) and
+// the shapes whose split-KV merge cannot spread over the CTA's threads (GroupMerge: d = 64,
+// GQA 3 at 4 consumers) keep the per-warp streams: the define falls back at compile time.
+#ifndef KVS_TC_WS
+#define KVS_TC_WS 0
+#endif
+#ifndef KVS_TC_WS_CONSUMERS
+#define KVS_TC_WS_CONSUMERS 2
+#endif
+#ifndef KVS_TC_WS_STAGES
+#define KVS_TC_WS_STAGES (KVS_TC_WS_CONSUMERS == 2 ? 4 : 8)
+#endif
+#define KVS_WS_THREADS (32 * (KVS_TC_WS_CONSUMERS + 1))
+#define KVS_WS_MERGE_COLS (GQA_GROUP * HEAD_DIM / 4)
+#if KVS_TC_WS && (!KVS_TC_T16 || (KVS_WS_MERGE_COLS < KVS_WS_THREADS &&                 \
+                                   KVS_WS_THREADS % (KVS_WS_THREADS / KVS_WS_MERGE_COLS) != 0))
+#undef KVS_TC_WS
+#define KVS_TC_WS 0
+#endif
+
 namespace kvserve {
 
 constexpr int kTile = 16;                    // tokens per tile (the mma K of the PV product)
+#if KVS_TC_WS
+constexpr int kWarps = KVS_TC_WS_CONSUMERS;  // consumer warps (accumulators; the warp merge's)
+constexpr int kProducerWarps = 1;            // warp kWarps streams the tiles
+#else
 constexpr int kWarps = KVS_TC_WARPS;         // warps per CTA, each with its own tiles
+constexpr int kProducerWarps = 0;
+#endif
 static_assert(kWarps == 2 || kWarps == 4, "2 or 4 warps per CTA");
-constexpr int kThreads = 32 * kWarps;
-// Tiles in shared memory per warp; the other dtypes' count is a knob for measurements too
-// (KVSERVE_KERNEL_DEFINES=-DKVS_TC_STAGES=3).
+constexpr int kThreads = 32 * (kWarps + kProducerWarps);
+// Tiles in shared memory per warp (warp specialization: in the CTA's ring); the other dtypes'
+// count is a knob for measurements too (KVSERVE_KERNEL_DEFINES=-DKVS_TC_STAGES=3).
 #ifndef KVS_TC_STAGES
 #define KVS_TC_STAGES 2
 #endif
-constexpr int kStages = KVS_TC_INT8 ? KVS_TC_INT8_STAGES : KVS_TC_STAGES;
+constexpr int kStages =
+    KVS_TC_WS ? KVS_TC_WS_STAGES : (KVS_TC_INT8 ? KVS_TC_INT8_STAGES : KVS_TC_STAGES);
 static_assert(kStages >= 2, "one tile in use while the next one is in flight");
+// Warp specialization: consumer c owns stages c, c + kWarps, ... (ws_stream_tiles' parity
+// waits rely on it).
+static_assert(!KVS_TC_WS || kStages % kWarps == 0, "whole stages per consumer");
 constexpr bool kPow2Stages = (kStages & (kStages - 1)) == 0;
 constexpr int kRowBytes = kValueRowBytes + 16;  // padded: no bank conflicts, 16-B aligned
 // K rows: int8 leaves them unpadded (its 128-bit loads are conflict-free through k_chunk).
@@ -142,14 +177,17 @@ constexpr int kMinWarps = 16;  // warps per SM the registers are bounded for (<=
 #elif KVS_TC_INT8 || KVS_TC_T16
 constexpr int kMTiles = HEAD_DIM / 16;         // mma M tiles (16 channels) of V^T P^T
 constexpr int kChunksPerLane = HEAD_DIM / 64;  // K chunks a lane reads per row (q . K)
-constexpr int kMinWarps = 16;
+// Warp specialization: 15 warps (<= 136 registers each): 5 CTAs of 2 consumers and the
+// producer, or 3 of 4 and the producer.
+constexpr int kMinWarps = KVS_TC_WS ? 15 : 16;
 #else
 constexpr int kMinWarps = 12;  // <= 168 registers each
 #endif
-constexpr int kMinCtas = kMinWarps / kWarps;
+constexpr int kMinCtas = kMinWarps / (kWarps + kProducerWarps);
 
-// One warp's shared memory: kStages tiles of K and of V (rows of raw bytes), and for 8-bit
-// codes their scales, for int4 their (scale, min) rows.
+// One warp's shared memory (warp specialization: the CTA's ring, one for all its warps):
+// kStages tiles of K and of V (rows of raw bytes), and for 8-bit codes their scales, for int4
+// their (scale, min) rows.
 struct WarpTiles {
   unsigned char k[kStages][kTile][kKRowBytes];
   unsigned char v[kStages][kTile][kRowBytes];
@@ -164,10 +202,11 @@ struct WarpTiles {
 };
 
 // The launch shape the host reads from the module (cuModuleGetGlobal) before launching
-// `paged_decode_tc`: threads per CTA, bytes of dynamic shared memory (the warps' tiles, also
+// `paged_decode_tc`: threads per CTA (warp specialization: with the producer warp), bytes of
+// dynamic shared memory (the warps' tiles, also
 // the space of the warp merge and of the split-KV merge), and the partition quantum (tokens a
 // round of tiles covers: partitions should be multiples of it).
-constexpr int kTilesBytes = kWarps * static_cast<int>(sizeof(WarpTiles));
+constexpr int kTilesBytes = (KVS_TC_WS ? 1 : kWarps) * static_cast<int>(sizeof(WarpTiles));
 extern "C" __constant__ int paged_decode_tc_launch[3] = {kThreads, kTilesBytes, kTile * kWarps};
 
 // The 16-byte chunk of a K row's shared-memory copy that holds the row's chunk `col`. int8 at
@@ -195,6 +234,35 @@ __device__ __forceinline__ unsigned pair(const unsigned char* row, int i) {
 #else
   return *reinterpret_cast<const unsigned*>(row + 2 * i);
 #endif
+}
+#endif
+
+#if KVS_TC_INT8 || KVS_TC_T16
+// Issues the cp.async copies of a tile's K and V rows into `stage`: lane r = lane % kTile
+// gives `row` >= 0, the offset of row r's K row in k_cache (its V row: the same in v_cache),
+// or -1 for a masked token, whose rows are zero-filled (from a valid address). The lanes
+// copying a row's 16-byte chunks (8 lanes a row at d = 128) take its address by a shuffle and
+// its liveness from a ballot. K chunks land swizzled (k_chunk).
+__device__ __forceinline__ void copy_tile_rows(WarpTiles& w, int stage,
+                                               const unsigned char* __restrict__ k_cache,
+                                               const unsigned char* __restrict__ v_cache,
+                                               long long row, int lane) {
+  const unsigned live_rows = __ballot_sync(0xffffffffu, row >= 0);  // bit r: token t0 + r
+  const unsigned long long k_row =
+      reinterpret_cast<unsigned long long>(k_cache) + (row >= 0 ? row : 0);
+  const unsigned long long v_minus_k =
+      reinterpret_cast<unsigned long long>(v_cache) - reinterpret_cast<unsigned long long>(k_cache);
+#pragma unroll
+  for (int i = 0; i < kTile * kChunksPerRow / 32; ++i) {
+    const int c = lane + 32 * i;
+    const int row_i = c / kChunksPerRow, col = c % kChunksPerRow;
+    const unsigned long long k_src = __shfl_sync(0xffffffffu, k_row, row_i) + col * 16;
+    const int bytes = (live_rows >> row_i) & 1u ? 16 : 0;
+    cp_async16(&w.k[stage][row_i][k_chunk(row_i, col) * 16],
+               reinterpret_cast<const unsigned char*>(k_src), bytes);
+    cp_async16(&w.v[stage][row_i][col * 16],
+               reinterpret_cast<const unsigned char*>(k_src + v_minus_k), bytes);
+  }
 }
 #endif
 
@@ -232,31 +300,14 @@ __device__ __forceinline__ void load_tile(WarpTiles& w, int stage, int t0, int f
   }
 #elif KVS_TC_INT8 || KVS_TC_T16
   // One table lookup per lane: lane r = lane % kTile resolves token t0 + r (lanes r and r + 16
-  // alike: for int8 they copy its K and its V scale). The lanes copying a row's 16-byte chunks (8 lanes
-  // a row at d = 128) take the address of its K row from that lane by a shuffle, and its
-  // liveness from a ballot (a token outside [first, end) is zero-filled, from a valid address);
-  // V rows are at the same offset in v_cache. K chunks land swizzled (k_chunk).
+  // alike: for int8 they copy its K and its V scale); copy_tile_rows spreads the rows' chunks
+  // over the lanes (a token outside [first, end) is zero-filled).
   const int r = lane % kTile;
   const int tok = t0 + r;
   const bool live = tok >= first && tok < end;
-  const unsigned live_rows = __ballot_sync(0xffffffffu, live);  // bit r: token t0 + r
   const long long base = live ? static_cast<long long>(table[tok >> block_shift]) * block_bytes : 0;
   const int slot = head * block_size + (tok & (block_size - 1));
-  const unsigned long long k_row =
-      reinterpret_cast<unsigned long long>(k_cache) + (live ? base + slot * kValueRowBytes : 0);
-  const unsigned long long v_minus_k =
-      reinterpret_cast<unsigned long long>(v_cache) - reinterpret_cast<unsigned long long>(k_cache);
-#pragma unroll
-  for (int i = 0; i < kTile * kChunksPerRow / 32; ++i) {
-    const int c = lane + 32 * i;
-    const int row = c / kChunksPerRow, col = c % kChunksPerRow;
-    const unsigned long long k_src = __shfl_sync(0xffffffffu, k_row, row) + col * 16;
-    const int bytes = (live_rows >> row) & 1u ? 16 : 0;
-    cp_async16(&w.k[stage][row][k_chunk(row, col) * 16],
-               reinterpret_cast<const unsigned char*>(k_src), bytes);
-    cp_async16(&w.v[stage][row][col * 16],
-               reinterpret_cast<const unsigned char*>(k_src + v_minus_k), bytes);
-  }
+  copy_tile_rows(w, stage, k_cache, v_cache, live ? base + slot * kValueRowBytes : -1, lane);
 #if KVS_TC_INT8
   const long long scale_src =
       live ? base + kv_scale_section_offset(KV_DTYPE, block_size, num_kv_heads, HEAD_DIM) +
@@ -402,7 +453,7 @@ __device__ __forceinline__ float* merge_warps_transposed(WarpTiles* tiles, const
                                                          float (&merge_l)[kWarps][8], int warp,
                                                          int lane, float (&mine)[2]) {
   const int g = lane / 4, t = lane % 4;
-  if (g == 0) {
+  if (g == 0 && warp < kWarps) {  // (not the producer warp of warp specialization)
     merge_m[warp][2 * t] = m[0];
     merge_m[warp][2 * t + 1] = m[1];
     merge_l[warp][2 * t] = l[0];
@@ -540,6 +591,100 @@ __device__ __forceinline__ void stream_tiles(WarpTiles& w, const Partition& pt,
   cp_async_wait<0>();
 }
 
+#if KVS_TC_WS
+// Warp specialization: streams the partition's tiles through the CTA's ring `ring` of kStages
+// stages. Warp kWarps is the producer; warp c < kWarps, a consumer, gets tiles c, c + kWarps,
+// c + 2 kWarps, ... and calls `tile(stage, t0)` for each, as stream_tiles does. Every thread of
+// the CTA calls this (a barrier inside, after the mbarriers' initialization).
+//
+// Protocol. Tile i (tokens t0 = p_start + kTile i ..) goes into stage s = i % kStages in round
+// r = i / kStages. full[s] (32 arrivals a phase: the producer's lanes, each by
+// cp.async.mbarrier.arrive.noinc once its cp.async of the tile have landed) completes its
+// phase r when tile i is in the stage; empty[s] (1 arrival: lane 0 of the tile's consumer,
+// after a __syncwarp that orders the warp's reads of the stage before it) completes its phase
+// r when tile i has been used. The producer issues tile i after waiting for phase r - 1 of
+// empty[s] (r >= 1: tile i - kStages, the stage's previous tile, used); tile i's consumer
+// waits for phase r of full[s] before reading. Invariants:
+//  - phases are waited for by parity, which is unambiguous only if the barrier is in phase r
+//    (pending) or r + 1 (phase r completed) when phase r is waited for: a wait for parity 1
+//    on a barrier still in phase 0 returns at once. Behind: kStages % kWarps == 0, so stage s
+//    always has the same consumer, which waited for phase r - 1 of full[s] (its previous tile
+//    there) before it waits for phase r; the producer waits for phase r - 1 of empty[s] after
+//    issuing round r - 1 of the stage, whose own wait saw phase r - 2 complete. Ahead: full[s]
+//    cannot complete phase r + 1 before tile i's consumer released phase r of empty[s] (the
+//    producer waits for it first), which it does after its wait; empty[s] cannot complete
+//    phase r before the producer issued round r (its consumer waits for full[s]'s phase r
+//    first), which it does after its wait for phase r - 1.
+//  - each stage round has exactly one writer (the producer, once) and one reader (the
+//    consumer of tile i); stage s is rewritten only after its reader's release (no WAR), and
+//    read only after every lane's copies of it landed (no RAW); cp.async are generic-proxy
+//    writes, so the mbarrier's release / acquire order them (no proxy fence).
+//  - no deadlock: the producer's waits need tiles < i - kStages + 1 used; a consumer's, tile
+//    i issued; tiles are issued in order and each consumer uses its tiles in order, so the
+//    lowest unissued or unused tile can always make progress.
+//  - every tile issued is used, so when the consumers leave, every copy has landed: the
+//    tiles' memory is free for the warp merge after the barrier that follows.
+// Masked tokens (past p_end, in the last tile only: p_start is the first token of a tile) are
+// zero-filled by cp.async (src-size 0). The producer looks up the block of tile i + 1's
+// tokens before waiting for tile i's stage, so the lookup's latency overlaps the wait.
+template <class Tile>
+__device__ __forceinline__ void ws_stream_tiles(WarpTiles& ring, const Partition& pt,
+                                                const unsigned char* __restrict__ k_cache,
+                                                const unsigned char* __restrict__ v_cache,
+                                                const int* __restrict__ table, int block_shift,
+                                                int block_size, long long block_bytes,
+                                                int head, int warp, int lane, Tile&& tile) {
+  __shared__ unsigned long long full[kStages], empty[kStages];
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int s = 0; s < kStages; ++s) {
+      mbarrier_init(&full[s], 32);
+      mbarrier_init(&empty[s], 1);
+    }
+  }
+  __syncthreads();
+  const int num_tiles = (pt.p_end - pt.p_start + kTile - 1) / kTile;
+  if (warp == kWarps) {
+    // Lane r = lane % kTile resolves token t0 + r (lanes r and r + 16 alike).
+    const int r = lane % kTile;
+    int block = r < pt.p_end - pt.p_start ? table[(pt.p_start + r) >> block_shift] : 0;
+    int stage = 0;
+    unsigned round = 0;
+    for (int i = 0; i < num_tiles; ++i) {
+      const int tok = pt.p_start + i * kTile + r;
+      const int next = tok + kTile < pt.p_end ? table[(tok + kTile) >> block_shift] : 0;
+      if (round > 0) mbarrier_wait(&empty[stage], (round - 1) & 1u);
+      const int slot = head * block_size + (tok & (block_size - 1));
+      const long long row = tok < pt.p_end ? static_cast<long long>(block) * block_bytes +
+                                                 static_cast<long long>(slot) * kValueRowBytes
+                                           : -1;
+      copy_tile_rows(ring, stage, k_cache, v_cache, row, lane);
+      cp_async_mbarrier_arrive(&full[stage]);
+      block = next;
+      if (++stage == kStages) {
+        stage = 0;
+        ++round;
+      }
+    }
+    cp_async_wait<0>();
+  } else {
+    int stage = warp;  // tile `warp`: round 0 (kStages is a multiple of kWarps)
+    unsigned round = 0;
+    for (int i = warp; i < num_tiles; i += kWarps) {
+      mbarrier_wait(&full[stage], round & 1u);
+      tile(stage, pt.p_start + i * kTile);
+      __syncwarp();  // every lane's reads of the stage before the release
+      if (lane == 0) mbarrier_arrive(&empty[stage]);
+      stage += kWarps;
+      if (stage >= kStages) {
+        stage -= kStages;
+        ++round;
+      }
+    }
+  }
+}
+#endif
+
 }  // namespace kvserve
 
 using namespace kvserve;
@@ -599,7 +744,11 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas)
 #pragma unroll
   for (int mt = 0; mt < kMTiles; ++mt) o[mt][0] = o[mt][1] = o[mt][2] = o[mt][3] = 0.f;
 
+#if KVS_TC_WS
+  WarpTiles& w = tiles[0];  // the CTA's ring, filled by the producer warp
+#else
   WarpTiles& w = tiles[warp];
+#endif
   // This lane's ldmatrix row: of K (A of S^T, not transposed), matrix lane / 8 is tokens
   // 8 ((lane / 8) % 2) .. + 7 of channels 8 (lane / 16) .. + 7 of a k step; of V (A of O^T,
   // transposed), tokens 8 (lane / 16) .. + 7 of channels 8 ((lane / 8) % 2) .. + 7 of an m tile.
@@ -608,8 +757,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas)
       &w.k[0][(lane & 7) + 8 * ((lane >> 3) & 1)][16 * (lane >> 4)]));
   const unsigned v_lane = static_cast<unsigned>(__cvta_generic_to_shared(
       &w.v[0][(lane & 7) + 8 * (lane >> 4)][16 * ((lane >> 3) & 1)]));
-  stream_tiles(w, pt, k_cache, v_cache, table, block_shift, block_size, num_kv_heads,
-               block_bytes, head, lane, [&](int stage, int t0) {
+  const auto tile = [&](int stage, int t0) {
     // S^T = K q^T: acc[x][2 h + e] is token t0 + g + 8 h, head 2 t + e, over the k steps of
     // parity x (two chains of dependent mma, half as long as one).
     float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
@@ -650,7 +798,15 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas)
       ldmatrix_x4_trans(a, v_addr + 32 * mt);
       mma(o[mt], a, b0, b1);
     }
-  });
+  };
+#if KVS_TC_WS
+  // The producer warp leaves with m = -inf, l = 0: it takes part in the merge's barriers only.
+  ws_stream_tiles(w, pt, k_cache, v_cache, table, block_shift, block_size, block_bytes, head,
+                  warp, lane, tile);
+#else
+  stream_tiles(w, pt, k_cache, v_cache, table, block_shift, block_size, num_kv_heads,
+               block_bytes, head, lane, tile);
+#endif
 
   // Sums of l over the lanes g (the tokens).
 #pragma unroll
@@ -662,13 +818,15 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas)
   // Merge the warps as the other bodies do: (m, l) per head, O through the tiles' memory.
   float mine[2];
   float* o_sh = merge_warps_transposed(tiles, m, l, merge_m, merge_l, warp, lane, mine);
+  if (warp < kWarps) {  // (not the producer warp of warp specialization: it has no rows)
 #pragma unroll
-  for (int e = 0; e < 2; ++e) {
-    float* row = o_sh + (warp * 8 + 2 * t + e) * HEAD_DIM + g;
+    for (int e = 0; e < 2; ++e) {
+      float* row = o_sh + (warp * 8 + 2 * t + e) * HEAD_DIM + g;
 #pragma unroll
-    for (int mt = 0; mt < kMTiles; ++mt) {
-      row[16 * mt] = o[mt][e] * mine[e];
-      row[16 * mt + 8] = o[mt][2 + e] * mine[e];
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        row[16 * mt] = o[mt][e] * mine[e];
+        row[16 * mt + 8] = o[mt][2 + e] * mine[e];
+      }
     }
   }
 #elif !KVS_TC_INT4 && !KVS_TC_INT8

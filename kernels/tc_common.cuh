@@ -1,7 +1,7 @@
 // tc_common.cuh: what the tensor-core attention kernels (paged_attention_tc.cu and
 // paged_prefill_tc.cu) share: how a KV dtype reaches the tensor cores (KVS_TC_CODES), packing
-// into 16-bit pairs, the mma.m16n8k16 and ldmatrix wrappers, the cp.async helpers, and where a
-// token's row lives in the paged cache.
+// into 16-bit pairs, the mma.m16n8k16 and ldmatrix wrappers, the cp.async and mbarrier
+// helpers, and where a token's row lives in the paged cache.
 #pragma once
 
 #include "common.cuh"
@@ -91,6 +91,53 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// mbarriers in shared memory (sm_80 and later), for producer / consumer pipelines. A phase
+// completes when `count` arrivals (init) have happened; waits name the phase by its parity.
+__device__ __forceinline__ void mbarrier_init(unsigned long long* bar, unsigned count) {
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(bar));
+  asm volatile("mbarrier.init.shared.b64 [%0], %1;\n" ::"r"(a), "r"(count) : "memory");
+}
+
+// One arrival (release semantics at CTA scope: this thread's earlier shared-memory accesses
+// happen before the phase completes).
+__device__ __forceinline__ void mbarrier_arrive(unsigned long long* bar) {
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(bar));
+  asm volatile("{\n .reg .b64 st;\n mbarrier.arrive.shared.b64 st, [%0];\n}\n" ::"r"(a)
+               : "memory");
+}
+
+// One arrival, made when every cp.async this thread issued before it has landed (.noinc: it
+// counts as one of the `count` arrivals of the phase, with no arrive of the thread's own).
+__device__ __forceinline__ void cp_async_mbarrier_arrive(unsigned long long* bar) {
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(bar));
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared.b64 [%0];\n" ::"r"(a) : "memory");
+}
+
+// Waits until the phase of parity `parity` has completed (acquire at CTA scope: what the
+// arrivals released, and cp.async data they tracked, is visible after it). The barrier must
+// not be more than one phase past it (the pipelines' invariants guarantee that).
+__device__ __forceinline__ void mbarrier_wait(unsigned long long* bar, unsigned parity) {
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(bar));
+  unsigned done;
+  do {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared.b64 p, [%1], %2;\n"
+        " selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(a), "r"(parity)
+        : "memory");
+#else
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.test_wait.parity.shared.b64 p, [%1], %2;\n"
+        " selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(a), "r"(parity)
+        : "memory");
+#endif
+  } while (!done);
 }
 
 #if KVS_TC_INT4

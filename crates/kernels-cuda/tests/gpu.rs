@@ -425,6 +425,48 @@ fn tensor_core_decode_matches_the_reference() {
 
 #[test]
 #[ignore = "needs a CUDA GPU"]
+fn tensor_core_decode_with_blocks_smaller_than_a_tile_matches_the_reference() {
+    // Blocks of 1, 2 and 4 tokens: a 16-token tile spans 16, 8 or 4 blocks, each row its own
+    // table lookup (the warp-specialized producer, `-DKVS_TC_WS=1`, looks tile i + 1's blocks
+    // up while it waits for tile i's stage). Windows that start inside a tile, contexts that
+    // end inside one, partitions of many rounds of the ring (1,100 tokens). bf16 and fp16
+    // activations of their own KV dtype; tolerance as tensor_core_decode_matches_the_reference.
+    let gpu = gpu();
+    let mut rng = ChaCha8Rng::seed_from_u64(23);
+    let tc = DecodeKernel::TensorCore;
+    let mut worst = Vec::new();
+    for (i, block_size) in [1usize, 2, 4].into_iter().enumerate() {
+        for head_dim in [64, 128] {
+            for window in [None, Some(37 + 100 * i)] {
+                let case = |dtype| Case {
+                    layout: BlockLayout::new(dtype, block_size, 2, head_dim).unwrap(),
+                    num_heads: 8,
+                    contexts: vec![1, 15, 17, 300, 1100],
+                    window,
+                };
+                let name = format!("bs={block_size} d={head_dim} window={window:?}");
+                for partition in [None, Some(64)] {
+                    let e = decode_error(&gpu, &mut rng, &case(KvCacheDtype::Bf16), partition, tc);
+                    let h = decode_error_as::<half::f16>(
+                        &gpu,
+                        &mut rng,
+                        &case(KvCacheDtype::Fp16),
+                        partition,
+                        tc,
+                    );
+                    eprintln!("tc {name} partition={partition:?}: err {e:.2e} bf16, {h:.2e} f16");
+                    if e > 1.5e-2 || h > 1.5e-2 {
+                        worst.push(format!("{name} partition={partition:?}: {e:.2e} {h:.2e}"));
+                    }
+                }
+            }
+        }
+    }
+    assert!(worst.is_empty(), "over tolerance:\n{}", worst.join("\n"));
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
 fn bad_arguments_are_refused_before_launch() {
     let gpu = gpu();
     let stream = gpu.stream().clone();
