@@ -65,6 +65,12 @@ __device__ __forceinline__ int fresh_ctaid_y() {
   return t;
 }
 
+__device__ __forceinline__ int fresh_ctaid_z() {
+  int t;
+  asm volatile("mov.u32 %0, %%ctaid.z;\n" : "=r"(t));
+  return t;
+}
+
 // The merge of every partition of one (sequence, KV head): the kGroup query heads
 // qh0 .. qh0 + kGroup - 1 (rows of tmp_out etc.), num_parts >= 2 partitions, by one CTA of
 // kThreads threads, all of which call run(). On the critical path (it starts when the last

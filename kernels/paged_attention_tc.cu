@@ -61,7 +61,14 @@
 // the last CTA of the (sequence, KV head) to finish merges them (GroupMerge) and writes `out`:
 // no second launch. `counters` [num_seqs][num_kv_heads] (u32) count the finished partitions;
 // they must be zero before the first launch, and each launch leaves them zero.
+//
+// Two entries, one body (decode_tc<kRope>): paged_decode_tc reads q rotated and the step's K
+// and V from the cache; paged_decode_tc_rope (decode steps, PagedDecoder::run_with_rope) does
+// rope_and_cache's work first (rope_and_cache_rows): each CTA rotates its group's q rows into
+// shared memory and the CTA holding a sequence's new token writes that token's K and V (one
+// KV head) into the cache before it loads its tiles: one launch fewer per layer.
 #include "tc_common.cuh"
+#include "cache_write.cuh"
 #define KVS_NO_REDUCE_KERNEL  // the merge is this kernel's epilogue, not a second launch
 #include "decode_reduce.cuh"
 
@@ -208,6 +215,9 @@ struct WarpTiles {
 // round of tiles covers: partitions should be multiples of it).
 constexpr int kTilesBytes = (KVS_TC_WS ? 1 : kWarps) * static_cast<int>(sizeof(WarpTiles));
 extern "C" __constant__ int paged_decode_tc_launch[3] = {kThreads, kTilesBytes, kTile * kWarps};
+// The same for the entry with RoPE and the cache write folded in (`<entry>_launch`).
+extern "C" __constant__ int paged_decode_tc_rope_launch[3] = {kThreads, kTilesBytes,
+                                                              kTile * kWarps};
 
 // The 16-byte chunk of a K row's shared-memory copy that holds the row's chunk `col`. int8 at
 // d = 128 (8 chunks, unpadded 128-byte rows): col ^ (row % 8), so that the two rows of a
@@ -685,25 +695,134 @@ __device__ __forceinline__ void ws_stream_tiles(WarpTiles& ring, const Partition
 }
 #endif
 
-}  // namespace kvserve
+// The angles of the folded RoPE: pair i's (sin, cos) from a table in shared memory that the
+// CTA filled with rope_angle (the same bits as AngleOf computes them one by one).
+struct AngleTable {
+  const float2* angles;
+  __device__ __forceinline__ float2 operator()(int i) const { return angles[i]; }
+};
 
-using namespace kvserve;
+// rope_and_cache's work, folded into the attention kernel (paged_decode_tc_rope, from
+// PagedDecoder::run_with_rope): q and the new token's k and v arrive as the Q/K/V product left
+// them. Every CTA rotates its GQA group's query rows itself, into the tiles' memory, and
+// returns them ([GQA_GROUP][HEAD_DIM], read by the body's q loads instead of q; the caller
+// must barrier once every warp has its q fragments, before the tiles are loaded over them),
+// or nullptr for a CTA past its sequence's partitions (it has nothing to do). The CTA whose
+// partition holds the context's last token (the new one, at position ctx - 1, in slot
+// slot_mapping[seq]; -1: padding, nothing written) also rotates the new token's K row of its
+// KV head and writes it, quantized, and its V row into that slot. Both with cache.cu's own
+// rotate_row and write_row, and angles from rope_angle once per pair: bit for bit
+// rope_and_cache's q and cache bytes. Warps take rows round robin, K and V first.
+//
+// It runs first in the kernel and reads its indices anew (blockIdx, threadIdx, the context
+// length): nothing it derives is kept in registers into the attention's main loop (which runs
+// at the register cap at d = 128; derived from the same values, the body's partition and
+// addresses made the GQA 7-8 variants spill).
+//
+// Visibility: the K/V stores are weak generic-proxy writes; the barrier at the end makes them
+// performed relative to every thread of the CTA (PTX barrier semantics), and the tiles are
+// read afterwards by cp.async, which PTX treats as a weak memory operation in the generic
+// proxy too (unlike cp.async.bulk / TMA, the async proxy): so the tile holding the new token
+// sees its bytes without a proxy fence. No other CTA reads that slot in this launch: the
+// other partitions of the sequence end before ctx - 1, and other sequences' tables never
+// hold a block this sequence writes (the caller's contract: one new token per sequence, in a
+// block of its own).
+__device__ __forceinline__ const scalar_t* rope_and_cache_rows(
+    WarpTiles* tiles, const scalar_t* __restrict__ q, unsigned char* __restrict__ k_cache,
+    unsigned char* __restrict__ v_cache, const scalar_t* __restrict__ new_k,
+    const scalar_t* __restrict__ new_v, const int* __restrict__ positions,
+    const float* __restrict__ inv_freq, const long long* __restrict__ slot_mapping,
+    int interleaved, const int* __restrict__ context_lens, int window, int partition_size,
+    int max_parts, int num_kv_heads, int block_size, int block_shift, long long block_bytes) {
+  const int head = fresh_ctaid_x(), seq = fresh_ctaid_y(), part = fresh_ctaid_z();
+  const int warp = fresh_tid() / 32, lane = fresh_tid() % 32;
+  // Every global load first, so that their latencies overlap: the context length, position
+  // and slot, and this warp's rows (row r: -2 the new K, -1 the new V, 0.. the query rows;
+  // warps take them round robin).
+  const int ctx = context_lens[seq];
+  const float pos = static_cast<float>(positions[seq]);
+  const long long new_slot = slot_mapping[seq];
+  constexpr int kRowsPerWarp = (GQA_GROUP + 2 + kWarps - 1) / kWarps;
+  float x[kRowsPerWarp][kPerLane];
+#pragma unroll
+  for (int j = 0; j < kRowsPerWarp; ++j) {
+    const int r = warp + j * kWarps - 2;
+    if (r >= GQA_GROUP) break;
+    const scalar_t* src =
+        r >= 0 ? q + (static_cast<long long>(seq) * num_kv_heads * GQA_GROUP +
+                      head * GQA_GROUP + r) * HEAD_DIM
+               : (r == -2 ? new_k : new_v) +
+                     (static_cast<long long>(seq) * num_kv_heads + head) * HEAD_DIM;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) x[j][i] = to_float(src[lane * kPerLane + i]);
+  }
+  const Partition pt = partition_of(ctx, window, part, partition_size, max_parts, 0);
+  if (part >= pt.num_parts) return nullptr;
+  const long long slot = part == pt.num_parts - 1 ? new_slot : -1;  // written by this CTA
+  scalar_t* q_rot = reinterpret_cast<scalar_t*>(tiles);
+  float2* angles = reinterpret_cast<float2*>(q_rot + GQA_GROUP * HEAD_DIM);
+  static_assert(kTilesBytes >= GQA_GROUP * HEAD_DIM * sizeof(scalar_t) +
+                                   HEAD_DIM / 2 * sizeof(float2),
+                "rotated q rows and angles fit the tiles");
+  static_assert(kThreads >= HEAD_DIM / 2, "a pair per thread");
+  const int tid = fresh_tid();
+  if (tid < HEAD_DIM / 2) angles[tid] = rope_angle(pos, inv_freq[tid]);
+  __syncthreads();  // the angles are in
+#pragma unroll
+  for (int j = 0; j < kRowsPerWarp; ++j) {
+    const int r = warp + j * kWarps - 2;
+    if (r >= GQA_GROUP) break;
+    if (r < 0 && slot < 0) continue;  // K and V only where this CTA writes them
+    scalar_t y[kPerLane];
+    if (r != -1) rotate_row(x[j], y, AngleTable{angles}, lane, interleaved);
+    if (r >= 0) {
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) q_rot[r * HEAD_DIM + lane * kPerLane + i] = y[i];
+    } else {
+      if (r == -2) {
+#pragma unroll
+        for (int i = 0; i < kPerLane; ++i) x[j][i] = to_float(y[i]);  // rounded as rope stores k
+      }
+      unsigned char* base = (r == -2 ? k_cache : v_cache) + (slot >> block_shift) * block_bytes;
+      write_row(base, head, static_cast<int>(slot & (block_size - 1)), block_size, num_kv_heads,
+                lane, x[j]);
+    }
+  }
+  __syncthreads();  // the rotated rows and the new token's K and V are in
+  return q_rot;
+}
 
-extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas)
-    paged_decode_tc(scalar_t* __restrict__ out, float* __restrict__ tmp_out,
-                    float* __restrict__ max_logits, float* __restrict__ exp_sums,
-                    const scalar_t* __restrict__ q, const unsigned char* __restrict__ k_cache,
-                    const unsigned char* __restrict__ v_cache,
-                    const int* __restrict__ block_tables, const int* __restrict__ context_lens,
-                    float scale, int num_kv_heads, int block_size, int block_shift,
-                    long long block_bytes, int max_blocks, int partition_size, int max_parts,
-                    int window, unsigned* __restrict__ counters) {
+// The kernel (both entries below). kRope: rope_and_cache's work folded in
+// (paged_decode_tc_rope): new_k .. interleaved are its inputs; otherwise they are unused.
+template <bool kRope>
+__device__ __forceinline__ void decode_tc(
+    scalar_t* __restrict__ out, float* __restrict__ tmp_out, float* __restrict__ max_logits,
+    float* __restrict__ exp_sums, const scalar_t* __restrict__ q,
+    unsigned char* __restrict__ k_cache, unsigned char* __restrict__ v_cache,
+    const int* __restrict__ block_tables, const int* __restrict__ context_lens, float scale,
+    int num_kv_heads, int block_size, int block_shift, long long block_bytes, int max_blocks,
+    int partition_size, int max_parts, int window, unsigned* __restrict__ counters,
+    const scalar_t* __restrict__ new_k, const scalar_t* __restrict__ new_v,
+    const int* __restrict__ positions, const float* __restrict__ inv_freq,
+    const long long* __restrict__ slot_mapping, int interleaved) {
   extern __shared__ __align__(16) unsigned char dynamic_smem[];  // kTilesBytes
   WarpTiles* tiles = reinterpret_cast<WarpTiles*>(dynamic_smem);
   __shared__ float merge_m[kWarps][8];
   __shared__ float merge_l[kWarps][8];
   kvs_wait_prior();  // PDL (scalar.cuh)
   kvs_launch_dependents();
+
+  // kRope: the group's query rows rotated by this CTA, which also writes the new token's K
+  // and V when its partition holds it (rope_and_cache_rows; the tiles' memory holds the rows
+  // until every warp has its q fragments: `rotated` barriers below).
+  constexpr bool rotated = kRope;
+  const scalar_t* q_rot = nullptr;
+  if (rotated) {
+    q_rot = rope_and_cache_rows(tiles, q, k_cache, v_cache, new_k, new_v, positions, inv_freq,
+                                slot_mapping, interleaved, context_lens, window, partition_size,
+                                max_parts, num_kv_heads, block_size, block_shift, block_bytes);
+    if (q_rot == nullptr) return;
+  }
 
   const int head = blockIdx.x;
   const int seq = blockIdx.y;
@@ -715,6 +834,8 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas)
   const int p_start = pt.p_start, p_end = pt.p_end;
   const int* table = block_tables + static_cast<long long>(seq) * max_blocks;
   const int num_heads = num_kv_heads * GQA_GROUP;
+  const scalar_t* q_group =
+      rotated ? q_rot : q + (static_cast<long long>(seq) * num_heads + head * GQA_GROUP) * HEAD_DIM;
 #if KVS_TC_T16
   // Fragment coordinates: rows g and g + 8 of A and of D, column g of B; columns 2 t, 2 t + 1
   // of D (query heads 2 t + e, e = 0, 1).
@@ -726,15 +847,15 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas)
   unsigned qb[kKSteps][2];
   {
     const bool live = g < GQA_GROUP;
-    const unsigned* qrow = reinterpret_cast<const unsigned*>(
-        q + (static_cast<long long>(seq) * num_heads + head * GQA_GROUP + (live ? g : 0)) *
-                HEAD_DIM);
+    const unsigned* qrow =
+        reinterpret_cast<const unsigned*>(q_group + (live ? g : 0) * HEAD_DIM);
 #pragma unroll
     for (int s = 0; s < kKSteps; ++s) {
       qb[s][0] = live ? qrow[8 * s + t] : 0u;
       qb[s][1] = live ? qrow[8 * s + t + 4] : 0u;
     }
   }
+  if (rotated) __syncthreads();  // every warp has its q fragments: the tiles are free
 
   // Online softmax state of heads 2 t + e (log2 units; l over this lane's tokens only, summed
   // over the lanes g at the end) and O^T: o[mt][2 h + e] = O[head 2 t + e][channel 16 mt + g +
@@ -838,9 +959,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas)
   // The A operand (q) for every k step: a[1] and a[3] (rows r + 8) stay zero.
   unsigned qa[kKSteps][4];
   {
-    const scalar_t* qrow =
-        q + (static_cast<long long>(seq) * num_heads + head * GQA_GROUP + (row_live ? r : 0)) *
-                HEAD_DIM;
+    const scalar_t* qrow = q_group + (row_live ? r : 0) * HEAD_DIM;
 #pragma unroll
     for (int s = 0; s < kKSteps; ++s) {
       qa[s][0] = row_live ? pack(qrow[16 * s + kq], qrow[16 * s + kq + 1]) : 0u;
@@ -849,6 +968,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas)
       qa[s][3] = 0u;
     }
   }
+  if (rotated) __syncthreads();  // every warp has its q fragments: the tiles are free
   const float scale2 = scale * kLog2e;  // logits in log2 units: exp2 below
 
   // Online softmax state of row r (in log2 units) and this lane's slice of the output row:
@@ -969,9 +1089,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas)
   float qsum[2][kGroups], qsum16[2][kGroups];
   {
     const bool live = g < GQA_GROUP;
-    const scalar_t* qrow =
-        q + (static_cast<long long>(seq) * num_heads + head * GQA_GROUP + (live ? g : 0)) *
-                HEAD_DIM;
+    const scalar_t* qrow = q_group + (live ? g : 0) * HEAD_DIM;
     float mine[kGroups];
 #pragma unroll
     for (int grp = 0; grp < kGroups; ++grp) mine[grp] = 0.f;
@@ -994,6 +1112,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas)
       }
     }
   }
+  if (rotated) __syncthreads();  // every warp has its q fragments: the tiles are free
   const float scale2 = scale * kLog2e;  // logits in log2 units: exp2 below
 
   // Online softmax state of heads 2 t + e (log2 units; l and msum over this lane's tokens
@@ -1143,9 +1262,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas)
   const float scale2 = scale * kLog2e;  // logits in log2 units: exp2 below
   {
     const bool live = g < GQA_GROUP;
-    const uint2* qrow = reinterpret_cast<const uint2*>(
-        q + (static_cast<long long>(seq) * num_heads + head * GQA_GROUP + (live ? g : 0)) *
-                HEAD_DIM);
+    const uint2* qrow = reinterpret_cast<const uint2*>(q_group + (live ? g : 0) * HEAD_DIM);
     float x[kKSteps][4];
     float amax = 0.f;
 #pragma unroll
@@ -1188,6 +1305,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas)
 #endif
     }
   }
+  if (rotated) __syncthreads();  // every warp has its q fragments: the tiles are free
 
   // Online softmax state of heads 2 t + e (log2 units; l over this lane's tokens only, summed
   // over the lanes g at the end) and O^T scaled by f: o[2 b + x][2 h + e] = f O[head 2 t + e]
@@ -1358,3 +1476,40 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas)
              max_parts, reinterpret_cast<float*>(&tiles[0].k[0][0][0]));
 }
 
+}  // namespace kvserve
+
+using namespace kvserve;
+
+// The parameters both entries share, in their order, and the same as arguments.
+#define KVS_DECODE_TC_PARAMS                                                                  \
+  scalar_t* __restrict__ out, float* __restrict__ tmp_out, float* __restrict__ max_logits,    \
+      float* __restrict__ exp_sums, const scalar_t* __restrict__ q,                           \
+      unsigned char* __restrict__ k_cache, unsigned char* __restrict__ v_cache,               \
+      const int* __restrict__ block_tables, const int* __restrict__ context_lens, float scale, \
+      int num_kv_heads, int block_size, int block_shift, long long block_bytes,               \
+      int max_blocks, int partition_size, int max_parts, int window,                          \
+      unsigned* __restrict__ counters
+#define KVS_DECODE_TC_ARGS                                                                    \
+  out, tmp_out, max_logits, exp_sums, q, k_cache, v_cache, block_tables, context_lens, scale, \
+      num_kv_heads, block_size, block_shift, block_bytes, max_blocks, partition_size,         \
+      max_parts, window, counters
+
+// Decode attention over the cache (q rotated, the step's K and V already written).
+extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas)
+    paged_decode_tc(KVS_DECODE_TC_PARAMS) {
+  decode_tc<false>(KVS_DECODE_TC_ARGS, nullptr, nullptr, nullptr, nullptr, nullptr, 0);
+}
+
+// The same with rope_and_cache's work folded in (PagedDecoder::run_with_rope): q unrotated,
+// new_k and new_v ([num_seqs][num_kv_heads][HEAD_DIM], k unrotated) not yet in the cache; each
+// sequence's single new token at position positions[seq] = context_lens[seq] - 1 goes into
+// slot slot_mapping[seq] (negative: nothing written) of the block its table gives that
+// position; inv_freq [HEAD_DIM / 2]; interleaved: pairs (2i, 2i + 1), else (i, i + HEAD_DIM / 2).
+extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas)
+    paged_decode_tc_rope(KVS_DECODE_TC_PARAMS, const scalar_t* __restrict__ new_k,
+                         const scalar_t* __restrict__ new_v, const int* __restrict__ positions,
+                         const float* __restrict__ inv_freq,
+                         const long long* __restrict__ slot_mapping, int interleaved) {
+  decode_tc<true>(KVS_DECODE_TC_ARGS, new_k, new_v, positions, inv_freq, slot_mapping,
+                  interleaved);
+}

@@ -44,9 +44,19 @@ __device__ __forceinline__ void kvs_launch_dependents() {
 // The rotary embedding of one channel pair (x0, x1) by the angle pos * freq, as the CPU
 // backend computes it: the f32 product, then an accurate sin/cos. The roundings are spelled
 // out with _rn intrinsics (never contracted by the compiler), so every kernel that rotates
-// (`rope` in elementwise.cu, `rope_and_cache` in cache.cu) gives the same bits.
-__device__ __forceinline__ float2 rotate_pair(float x0, float x1, float pos, float freq) {
+// (`rope` in elementwise.cu, `rope_and_cache` in cache.cu, the decode attention's folded
+// RoPE in paged_attention_tc.cu) gives the same bits. rope_angle is (sin, cos) of the angle
+// (a kernel may compute it once per pair and reuse it for every head); rotate_by rotates by
+// it.
+__device__ __forceinline__ float2 rope_angle(float pos, float freq) {
   float s, c;
   sincosf(__fmul_rn(pos, freq), &s, &c);
-  return make_float2(__fmaf_rn(x0, c, -__fmul_rn(x1, s)), __fmaf_rn(x0, s, __fmul_rn(x1, c)));
+  return make_float2(s, c);
+}
+__device__ __forceinline__ float2 rotate_by(float x0, float x1, float2 sc) {
+  return make_float2(__fmaf_rn(x0, sc.y, -__fmul_rn(x1, sc.x)),
+                     __fmaf_rn(x0, sc.x, __fmul_rn(x1, sc.y)));
+}
+__device__ __forceinline__ float2 rotate_pair(float x0, float x1, float pos, float freq) {
+  return rotate_by(x0, x1, rope_angle(pos, freq));
 }

@@ -4,11 +4,13 @@
 use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, ValidAsZeroBits};
 use kv_quant::BlockLayout;
 
+use crate::cache::{LayerCache, RopeCacheShapes, Rotary, check_rope_cache, rope_and_cache};
 use crate::compile::{HEAD_DIMS, MAX_GQA_GROUP, Program, Scalar, Variant};
 use crate::device::Gpu;
 use crate::error::{KernelError, Result, bad};
-use crate::indices::DeviceArray;
+use crate::indices::{DeviceArray, Indices};
 use crate::launch::Launch;
+use crate::layers::RopeShape;
 
 /// An activation type the kernels read and write (q, k, v, attention output).
 pub trait ActScalar: DeviceRepr + ValidAsZeroBits + Copy + Default + Unpin {
@@ -407,27 +409,116 @@ impl PagedDecoder {
         v_cache: &CudaSlice<u8>,
         out: &mut CudaSlice<T>,
     ) -> Result<DecodePlan> {
-        let group = check_launch(
-            KERNEL,
-            layout,
-            &LaunchShapes {
-                rows: meta.num_seqs,
-                row_name: "seqs",
-                num_heads,
-                q: q.len(),
-                out: out.len(),
-                k_cache: k_cache.len(),
-                v_cache: v_cache.len(),
-                num_blocks: meta.num_blocks,
-                block_size: meta.block_size,
-            },
-        )?;
+        let bufs = DecodeBuffers {
+            q,
+            k_cache,
+            v_cache,
+            out,
+        };
+        self.launch(gpu, meta, layout, num_heads, bufs, None)
+    }
+
+    /// [`crate::rope_and_cache`] then [`PagedDecoder::run`] over its result, in one launch
+    /// where the tensor-core kernel runs, with the same cache bytes and `out` bit for bit:
+    /// each CTA rotates its query rows as it loads them, and the CTA whose partition holds a
+    /// row's new token rotates that token's K row and writes it, quantized, and its V row into
+    /// the token's slot (one KV head per CTA) before it loads its tiles. The split kernel runs
+    /// the two calls.
+    ///
+    /// `q` (`[num_seqs][num_heads][head_dim]`) comes unrotated, as the Q/K/V product leaves
+    /// it, and `new` holds the rows' K and V, positions and slots (one row per sequence of
+    /// `meta`). Each row must be its sequence's only new token, at position `context_len - 1`,
+    /// in the slot its block table gives that position, in a block no other row attends: a
+    /// decode step as the engine builds it. (With several tokens of one sequence in a batch,
+    /// one row would attend another's token before it is written: call
+    /// [`crate::rope_and_cache`] and [`PagedDecoder::run`].) Afterwards `q` holds the rotated
+    /// queries (split kernel) or the unrotated ones (tensor-core kernel): use neither.
+    ///
+    /// # Errors
+    /// Everything [`PagedDecoder::run`] and [`crate::rope_and_cache`] refuse, and rows other
+    /// than the metadata's sequences or a rotary shape of other than `num_heads` query heads:
+    /// [`KernelError::BadArgument`] (or [`KernelError::Unsupported`]) before any launch;
+    /// compile and driver errors.
+    pub fn run_with_rope<T: ActScalar>(
+        &mut self,
+        gpu: &Gpu,
+        meta: &DecodeMetadata,
+        num_heads: usize,
+        q: &mut CudaSlice<T>,
+        new: NewTokens<'_, T>,
+        out: &mut CudaSlice<T>,
+    ) -> Result<DecodePlan> {
+        let NewTokens {
+            rotary,
+            k,
+            v,
+            slot_mapping,
+            cache,
+        } = new;
+        let layout = cache.layout;
+        let shapes = RopeCacheShapes::of(&rotary, q, k, v, slot_mapping, &cache);
+        let launch = LaunchShapes::decode(meta, num_heads, q, out, cache.k, cache.v);
+        check_new_tokens(layout, &rotary.shape, &shapes, &launch)?;
+        if self.kernel_for(T::SCALAR, layout.dtype()) == DecodeKernel::Split {
+            let (kc, vc) = (cache.k, cache.v);
+            let dest = LayerCache {
+                layout,
+                k: &mut *kc,
+                v: &mut *vc,
+            };
+            rope_and_cache(gpu, &rotary, q, k, v, slot_mapping, dest)?;
+            return self.run(gpu, meta, layout, num_heads, q, kc, vc, out);
+        }
+        let fold = FoldedRope {
+            k,
+            v,
+            positions: rotary.positions,
+            inv_freq: rotary.inv_freq,
+            slot_mapping,
+            interleaved: i32::from(rotary.shape.interleaved),
+        };
+        // The kernel writes the caches through these shared borrows: `cache` holds them
+        // exclusively for the call.
+        let bufs = DecodeBuffers {
+            q,
+            k_cache: cache.k,
+            v_cache: cache.v,
+            out,
+        };
+        self.launch(gpu, meta, layout, num_heads, bufs, Some(&fold))
+    }
+
+    /// [`PagedDecoder::run`] over `bufs`, with `fold` (tensor-core kernel only) the folded
+    /// [`crate::rope_and_cache`] of [`PagedDecoder::run_with_rope`], checked by it.
+    fn launch<T: ActScalar>(
+        &mut self,
+        gpu: &Gpu,
+        meta: &DecodeMetadata,
+        layout: &BlockLayout,
+        num_heads: usize,
+        bufs: DecodeBuffers<'_, T>,
+        fold: Option<&FoldedRope<'_, T>>,
+    ) -> Result<DecodePlan> {
+        let DecodeBuffers {
+            q,
+            k_cache,
+            v_cache,
+            out,
+        } = bufs;
+        let shapes = LaunchShapes::decode(meta, num_heads, q, out, k_cache, v_cache);
+        let group = check_launch(KERNEL, layout, &shapes)?;
         let d = layout.head_dim();
         let kv_heads = layout.num_kv_heads();
         let kernel = self.kernel_for(T::SCALAR, layout.dtype());
-        let (program, name) = match kernel {
-            DecodeKernel::Split => (Program::PagedAttention, "paged_decode_partition"),
-            DecodeKernel::TensorCore => (Program::PagedAttentionTc, "paged_decode_tc"),
+        if fold.is_some() && kernel != DecodeKernel::TensorCore {
+            return Err(bad(KERNEL, "RoPE folded into the split kernel"));
+        }
+        let (program, name) = match (kernel, fold) {
+            (DecodeKernel::Split, _) => (Program::PagedAttention, "paged_decode_partition"),
+            (DecodeKernel::TensorCore, None) => (Program::PagedAttentionTc, "paged_decode_tc"),
+            (DecodeKernel::TensorCore, Some(_)) => {
+                (Program::PagedAttentionTc, "paged_decode_tc_rope")
+            }
         };
         let variant = Variant {
             program,
@@ -509,17 +600,33 @@ impl PagedDecoder {
         if let Some(counters) = counters {
             launch.arg(counters);
         }
+        if let Some(f) = fold {
+            // paged_decode_tc_rope: the new tokens' rows, positions, frequencies and slots.
+            launch
+                .arg(f.k)
+                .arg(f.v)
+                .arg(f.positions.device())
+                .arg(f.inv_freq)
+                .arg(f.slot_mapping.device())
+                .arg(&f.interleaved);
+        }
         // SAFETY: the argument list matches `paged_decode_partition` in
-        // kernels/paged_attention.cu and `paged_decode_tc` in kernels/paged_attention_tc.cu
-        // (the same list, then the tensor-core kernel's counters; 128 threads for the split
-        // kernel, the tensor-core kernel's the threads its module exports, as its launch
-        // bounds); every buffer was checked above to hold what the kernel reads or
-        // writes for this grid (q/out sizes, caches of `num_blocks` blocks, block tables whose
-        // attended entries are below `num_blocks`, scratch of `max_parts` partitions, a
-        // counter per (sequence, KV head), zero as every earlier launch left it), and the
-        // dynamic shared memory fits: the split kernel's the 48 KiB default limit (`plan_split`),
-        // the tensor-core kernel's exactly what its module exports, the function's limit
-        // raised to it (`shaped_function`, which refuses more than the device allows).
+        // kernels/paged_attention.cu and `paged_decode_tc` / `paged_decode_tc_rope` in
+        // kernels/paged_attention_tc.cu (the same list, then the tensor-core kernel's counters,
+        // then the rope entry's arguments; 128 threads for the split kernel, the tensor-core
+        // kernel's the threads its module exports for both entries, as their launch bounds);
+        // every buffer was checked above to hold what the kernel reads or writes for this grid
+        // (q/out sizes, caches of `num_blocks` blocks, block tables whose attended entries are
+        // below `num_blocks`, scratch of `max_parts` partitions, a counter per (sequence, KV
+        // head), zero as every earlier launch left it), and the dynamic shared memory fits:
+        // the split kernel's the 48 KiB default limit (`plan_split`), the tensor-core kernel's
+        // exactly what its module exports, the function's limit raised to it
+        // (`shaped_function`, which refuses more than the device allows).
+        // With `fold` (checked by run_with_rope: k and v of num_seqs x KV heads x head_dim,
+        // a position per sequence, head_dim / 2 frequencies, a slot per sequence, every
+        // non-negative one inside both caches, whose block size is a power of two) the kernel
+        // also reads those and writes one (head, slot) row of K and of V per CTA that holds
+        // a sequence's last token, inside the caches, which run_with_rope borrows mutably.
         // The kernel calls kvs_wait_prior() before touching any buffer (PDL).
         unsafe { launch.dependent().launch(cfg) }?;
         // The split kernel's partitions are merged by a second launch (the tensor-core kernel
@@ -551,6 +658,72 @@ impl PagedDecoder {
         }
         Ok(plan)
     }
+}
+
+/// The new token of every decode row as the Q/K/V product leaves it (q and k unrotated, k
+/// and v not yet in the cache), and where it goes: what [`crate::rope_and_cache`] rotates and
+/// writes, and [`PagedDecoder::run_with_rope`] folds into the attention kernel.
+#[derive(Debug)]
+pub struct NewTokens<'a, T> {
+    /// The rotary embedding: shapes (those of q and of the cache), each row's position (its
+    /// context length - 1), the inverse frequencies.
+    pub rotary: Rotary<'a>,
+    /// Each row's K, `[num_seqs][num_kv_heads][head_dim]`, unrotated (left as it is).
+    pub k: &'a CudaSlice<T>,
+    /// Each row's V, the same shape.
+    pub v: &'a CudaSlice<T>,
+    /// Each row's slot (`block * block_size + offset`; negative: nothing written, e.g. the
+    /// padded rows of a CUDA graph's batch).
+    pub slot_mapping: &'a Indices<i64>,
+    /// The layer's caches and their layout: written at the slots, then attended.
+    pub cache: LayerCache<'a>,
+}
+
+/// The buffers of one decode launch: `[num_seqs][num_heads][head_dim]` queries and outputs,
+/// one layer's caches.
+struct DecodeBuffers<'a, T> {
+    q: &'a CudaSlice<T>,
+    k_cache: &'a CudaSlice<u8>,
+    v_cache: &'a CudaSlice<u8>,
+    out: &'a mut CudaSlice<T>,
+}
+
+/// The arguments of the RoPE + cache write folded into a tensor-core launch, checked by
+/// [`check_new_tokens`].
+struct FoldedRope<'a, T> {
+    k: &'a CudaSlice<T>,
+    v: &'a CudaSlice<T>,
+    positions: &'a Indices<i32>,
+    inv_freq: &'a CudaSlice<f32>,
+    slot_mapping: &'a Indices<i64>,
+    /// 1: pairs (2i, 2i + 1); 0: (i, i + head_dim / 2).
+    interleaved: i32,
+}
+
+/// The checks of [`PagedDecoder::run_with_rope`]: everything [`PagedDecoder::run`] checks of
+/// `launch` and [`crate::rope_and_cache`] of `shape` and `rope`, one new token per row of the
+/// metadata, and the rotary's query heads those of the launch.
+///
+/// # Errors
+/// [`KernelError::BadArgument`] or [`KernelError::Unsupported`] naming the first problem.
+pub(crate) fn check_new_tokens(
+    layout: &BlockLayout,
+    shape: &RopeShape,
+    rope: &RopeCacheShapes,
+    launch: &LaunchShapes,
+) -> Result<()> {
+    check_launch(KERNEL, layout, launch)?;
+    check_rope_cache(layout, shape, rope)?;
+    if rope.rows.tokens != launch.rows || shape.num_q_heads != launch.num_heads {
+        return Err(bad(
+            KERNEL,
+            format!(
+                "{} new tokens of {} query heads for {} sequences of {}",
+                rope.rows.tokens, shape.num_q_heads, launch.rows, launch.num_heads
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The scalar arguments both attention kernels take after the block tables, in their order:
@@ -695,6 +868,30 @@ pub(crate) struct LaunchShapes {
     pub(crate) block_size: usize,
 }
 
+impl LaunchShapes {
+    /// The lengths of a decode launch over `meta`'s sequences.
+    fn decode<T>(
+        meta: &DecodeMetadata,
+        num_heads: usize,
+        q: &CudaSlice<T>,
+        out: &CudaSlice<T>,
+        k_cache: &CudaSlice<u8>,
+        v_cache: &CudaSlice<u8>,
+    ) -> Self {
+        Self {
+            rows: meta.num_seqs,
+            row_name: "seqs",
+            num_heads,
+            q: q.len(),
+            out: out.len(),
+            k_cache: k_cache.len(),
+            v_cache: v_cache.len(),
+            num_blocks: meta.num_blocks,
+            block_size: meta.block_size,
+        }
+    }
+}
+
 /// Checks a launch of `kernel` over caches of `layout`: a head_dim with kernels, query heads a
 /// multiple of the KV heads in a GQA group with kernels, the metadata's block size, q and out
 /// of `rows x num_heads x head_dim` values, caches holding the metadata's blocks. Returns the
@@ -781,6 +978,8 @@ fn grow<'a, T: DeviceRepr + ValidAsZeroBits>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache::CacheRows;
+    use kv_quant::KvCacheDtype;
 
     /// An H200: 132 SMs.
     const SMS: usize = 132;
@@ -829,5 +1028,167 @@ mod tests {
             let plan = plan_tensor_core(ctx, ctas, sms, per_sm, None);
             assert!(plan.partition_size >= TC_QUANTUM && plan.max_parts >= 1);
         }
+    }
+
+    /// 3 sequences of Llama-3-8B heads (32 query over 8 KV heads, d = 128) over a 6-block int8
+    /// cache: the shapes of a good `run_with_rope` call.
+    fn good() -> (BlockLayout, RopeShape, RopeCacheShapes, LaunchShapes) {
+        let layout = BlockLayout::new(KvCacheDtype::Int8, 16, 8, 128).unwrap();
+        let bb = layout.kv_block_bytes();
+        let (seqs, qh, kvh, d) = (3, 32, 8, 128);
+        let shape = RopeShape {
+            num_q_heads: qh,
+            num_kv_heads: kvh,
+            head_dim: d,
+            interleaved: false,
+        };
+        let rope = RopeCacheShapes {
+            rows: CacheRows {
+                tokens: seqs,
+                max_slot: 6 * 16 - 1,
+                k: seqs * kvh * d,
+                v: seqs * kvh * d,
+                k_cache: 6 * bb,
+                v_cache: 6 * bb,
+            },
+            q: seqs * qh * d,
+            inv_freq: d / 2,
+            positions: seqs,
+            min_position: 0,
+        };
+        let launch = LaunchShapes {
+            rows: seqs,
+            row_name: "seqs",
+            num_heads: qh,
+            q: seqs * qh * d,
+            out: seqs * qh * d,
+            k_cache: 6 * bb,
+            v_cache: 6 * bb,
+            num_blocks: 6,
+            block_size: 16,
+        };
+        (layout, shape, rope, launch)
+    }
+
+    #[test]
+    fn run_with_rope_checks_accept_a_good_call() {
+        let (layout, shape, rope, launch) = good();
+        check_new_tokens(&layout, &shape, &rope, &launch).unwrap();
+        // Negative slots (padded rows) are skipped, not refused; both pair styles.
+        let padded = RopeCacheShapes {
+            rows: CacheRows {
+                max_slot: -1,
+                ..rope.rows
+            },
+            ..rope
+        };
+        let interleaved = RopeShape {
+            interleaved: true,
+            ..shape
+        };
+        check_new_tokens(&layout, &interleaved, &padded, &launch).unwrap();
+    }
+
+    #[test]
+    fn run_with_rope_refuses_what_either_call_would_and_mismatched_rows() {
+        let (layout, shape, rope, launch) = good();
+        let refused = |shape: &RopeShape, rope: &RopeCacheShapes, launch: &LaunchShapes| {
+            let r = check_new_tokens(&layout, shape, rope, launch);
+            assert!(
+                matches!(r, Err(KernelError::BadArgument { .. })),
+                "{shape:?} {rope:?} {launch:?}: {r:?}"
+            );
+        };
+        let rows = |r: CacheRows| RopeCacheShapes { rows: r, ..rope };
+        // Two new tokens for three sequences (k, v, q and positions of two rows).
+        let two = RopeCacheShapes {
+            rows: CacheRows {
+                tokens: 2,
+                k: 2 * 8 * 128,
+                v: 2 * 8 * 128,
+                ..rope.rows
+            },
+            q: 2 * 32 * 128,
+            positions: 2,
+            ..rope
+        };
+        refused(&shape, &two, &launch);
+        // A rotary shape of 16 query heads for a launch of 32 (q sized for either side).
+        let sixteen = RopeShape {
+            num_q_heads: 16,
+            ..shape
+        };
+        refused(
+            &sixteen,
+            &RopeCacheShapes {
+                q: 3 * 16 * 128,
+                ..rope
+            },
+            &launch,
+        );
+        refused(&sixteen, &rope, &launch);
+        // What rope_and_cache refuses: a slot past the cache, positions of another count, a
+        // negative position, too few frequencies, a short k, a rotary shape of other KV heads.
+        for bad in [
+            rows(CacheRows {
+                max_slot: 6 * 16,
+                ..rope.rows
+            }),
+            RopeCacheShapes {
+                positions: 4,
+                ..rope
+            },
+            RopeCacheShapes {
+                min_position: -1,
+                ..rope
+            },
+            RopeCacheShapes {
+                inv_freq: 32,
+                ..rope
+            },
+            rows(CacheRows {
+                k: 3 * 8 * 128 - 1,
+                ..rope.rows
+            }),
+        ] {
+            refused(&shape, &bad, &launch);
+        }
+        refused(
+            &RopeShape {
+                num_kv_heads: 4,
+                ..shape
+            },
+            &rope,
+            &launch,
+        );
+        // What run refuses: q or out of another size, caches smaller than the metadata's
+        // blocks, the metadata's block size other than the layout's.
+        for bad in [
+            LaunchShapes {
+                out: launch.out - 1,
+                ..launch
+            },
+            LaunchShapes {
+                num_blocks: 7,
+                ..launch
+            },
+            LaunchShapes {
+                block_size: 32,
+                ..launch
+            },
+        ] {
+            refused(&shape, &rope, &bad);
+        }
+        // A GQA group without a kernel (9 query heads per KV head).
+        let nine = LaunchShapes {
+            num_heads: 72,
+            q: 3 * 72 * 128,
+            out: 3 * 72 * 128,
+            ..launch
+        };
+        assert!(matches!(
+            check_new_tokens(&layout, &shape, &rope, &nine),
+            Err(KernelError::Unsupported { .. })
+        ));
     }
 }

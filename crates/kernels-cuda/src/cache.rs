@@ -41,17 +41,17 @@ fn check_layout(kernel: &'static str, layout: &BlockLayout) -> Result<()> {
 
 /// Lengths of a cache write's buffers (what the host knows of them).
 #[derive(Debug, Clone, Copy)]
-struct CacheRows {
+pub(crate) struct CacheRows {
     /// Tokens (`slot_mapping.len()`).
-    tokens: usize,
+    pub(crate) tokens: usize,
     /// Largest slot (`slot_mapping.max()`).
-    max_slot: i64,
+    pub(crate) max_slot: i64,
     /// Values of k and v.
-    k: usize,
-    v: usize,
+    pub(crate) k: usize,
+    pub(crate) v: usize,
     /// Bytes of the K and V caches.
-    k_cache: usize,
-    v_cache: usize,
+    pub(crate) k_cache: usize,
+    pub(crate) v_cache: usize,
 }
 
 /// The row checks of a cache write of at least one token: k and v hold `tokens` rows of
@@ -182,21 +182,49 @@ pub struct LayerCache<'a> {
 
 /// Lengths of a [`rope_and_cache`] call (what the host knows of its buffers).
 #[derive(Debug, Clone, Copy)]
-struct RopeCacheShapes {
-    rows: CacheRows,
+pub(crate) struct RopeCacheShapes {
+    pub(crate) rows: CacheRows,
     /// Values of q.
-    q: usize,
+    pub(crate) q: usize,
     /// Inverse frequencies.
-    inv_freq: usize,
+    pub(crate) inv_freq: usize,
     /// Positions, and the smallest.
-    positions: usize,
-    min_position: i64,
+    pub(crate) positions: usize,
+    pub(crate) min_position: i64,
+}
+
+impl RopeCacheShapes {
+    /// The lengths of a call's buffers: q, k and v rows, the caches of `cache`, `rotary`'s
+    /// positions and inverse frequencies, `slot_mapping`.
+    pub(crate) fn of<T>(
+        rotary: &Rotary<'_>,
+        q: &CudaSlice<T>,
+        k: &CudaSlice<T>,
+        v: &CudaSlice<T>,
+        slot_mapping: &Indices<i64>,
+        cache: &LayerCache<'_>,
+    ) -> Self {
+        Self {
+            rows: CacheRows {
+                tokens: slot_mapping.len(),
+                max_slot: slot_mapping.max(),
+                k: k.len(),
+                v: v.len(),
+                k_cache: cache.k.len(),
+                v_cache: cache.v.len(),
+            },
+            q: q.len(),
+            inv_freq: rotary.inv_freq.len(),
+            positions: rotary.positions.len(),
+            min_position: rotary.positions.min(),
+        }
+    }
 }
 
 /// Checks a [`rope_and_cache`] call: everything [`crate::rope`] and [`reshape_and_cache`]
 /// check, and that the rotary shapes are the cache's. `Ok(None)`: no tokens, nothing to do;
 /// else the query-head warps of a CTA.
-fn check_rope_cache(
+pub(crate) fn check_rope_cache(
     layout: &BlockLayout,
     shape: &RopeShape,
     s: &RopeCacheShapes,
@@ -274,20 +302,7 @@ pub fn rope_and_cache<T: ActScalar>(
 ) -> Result<()> {
     let layout = cache.layout;
     let shape = &rotary.shape;
-    let shapes = RopeCacheShapes {
-        rows: CacheRows {
-            tokens: slot_mapping.len(),
-            max_slot: slot_mapping.max(),
-            k: k.len(),
-            v: v.len(),
-            k_cache: cache.k.len(),
-            v_cache: cache.v.len(),
-        },
-        q: q.len(),
-        inv_freq: rotary.inv_freq.len(),
-        positions: rotary.positions.len(),
-        min_position: rotary.positions.min(),
-    };
+    let shapes = RopeCacheShapes::of(rotary, q, k, v, slot_mapping, &cache);
     let Some(query_warps) = check_rope_cache(layout, shape, &shapes)? else {
         return Ok(());
     };

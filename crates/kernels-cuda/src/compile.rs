@@ -37,6 +37,10 @@ const SOURCES: &[(&str, &str)] = &[
         include_str!("../../../kernels/decode_reduce.cuh"),
     ),
     (
+        "cache_write.cuh",
+        include_str!("../../../kernels/cache_write.cuh"),
+    ),
+    (
         "paged_attention.cu",
         include_str!("../../../kernels/paged_attention.cu"),
     ),

@@ -36,7 +36,7 @@ mod sampling;
 mod staging;
 
 pub use attention::{
-    ActScalar, DecodeKernel, DecodeMetadata, DecodePlan, PagedDecoder, fixed_parts_for,
+    ActScalar, DecodeKernel, DecodeMetadata, DecodePlan, NewTokens, PagedDecoder, fixed_parts_for,
 };
 pub use cache::{BlockCopies, LayerCache, Rotary, copy_blocks, reshape_and_cache, rope_and_cache};
 pub use compile::{Program, Scalar, Variant};

@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::{Act, MaxError, attention_ref, gpu, paged_cache, random_act, random_bf16, to_bf16};
+use common::{Act, MaxError, attention_ref, decode_batch, gpu, random_act, random_bf16, to_bf16};
 use half::bf16;
 use kernels_cuda::cudarc::driver::CudaSlice;
 use kernels_cuda::{
@@ -167,29 +167,11 @@ fn decode_error_on<T: Act>(
 ) -> (f64, DecodePlan) {
     let stream = gpu.stream().clone();
     let l = &c.layout;
-    let (bs, kvh, d) = (l.block_size(), l.num_kv_heads(), l.head_dim());
-    let max_blocks = c.contexts.iter().max().unwrap().div_ceil(bs);
-    let seqs: Vec<(usize, usize)> = c.contexts.iter().map(|&ctx| (0, ctx)).collect();
-    let cache = paged_cache(rng, l, &seqs, max_blocks, |rng| {
-        (
-            random_act::<T>(rng, kvh * d, 2.0),
-            random_act::<T>(rng, kvh * d, 1.0),
-        )
-    });
+    let (kvh, d) = (l.num_kv_heads(), l.head_dim());
+    let (cache, meta) = decode_batch::<T>(gpu, rng, l, &c.contexts, c.window);
     let nh = c.num_heads;
     let group = nh / kvh;
     let q = random_act::<T>(rng, c.contexts.len() * nh * d, 1.0);
-    let ctx_i: Vec<i32> = c.contexts.iter().map(|&x| x as i32).collect();
-    let meta = DecodeMetadata::new(
-        gpu,
-        &cache.tables,
-        max_blocks,
-        &ctx_i,
-        bs,
-        cache.num_blocks,
-        c.window,
-    )
-    .unwrap();
     let kd = stream.clone_htod(&cache.k).unwrap();
     let vd = stream.clone_htod(&cache.v).unwrap();
     let q_t: Vec<T> = q.iter().map(|&x| T::of(x)).collect();

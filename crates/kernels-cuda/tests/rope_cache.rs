@@ -12,7 +12,7 @@
 
 mod common;
 
-use common::{Act, random_act};
+use common::{Bits, first_diff, inv_freq, random_act};
 use half::{bf16, f16};
 use kernels_cuda::cudarc::driver::CudaSlice;
 use kernels_cuda::{
@@ -34,31 +34,6 @@ fn device() -> Option<Gpu> {
         }
         Err(e) => panic!("the device is there but unusable: {e}"),
     }
-}
-
-/// An activation type's bit pattern (NaN payloads included).
-trait Bits: Act {
-    fn bits(self) -> u16;
-}
-
-impl Bits for bf16 {
-    fn bits(self) -> u16 {
-        self.to_bits()
-    }
-}
-
-impl Bits for f16 {
-    fn bits(self) -> u16 {
-        self.to_bits()
-    }
-}
-
-/// Llama-style inverse frequencies (base 500000): `inv[0] = 1`, so the angle of pair 0 is
-/// the position itself.
-fn inv_freq(d: usize) -> Vec<f32> {
-    (0..d / 2)
-        .map(|i| 1.0 / 500_000f32.powf(2.0 * i as f32 / d as f32))
-        .collect()
 }
 
 /// Positions of ragged sequences laid end to end: runs of 1 to 9 consecutive positions, each
@@ -87,19 +62,6 @@ struct Case {
     q_heads: usize,
     interleaved: bool,
     tokens: usize,
-}
-
-/// The first index where two bit patterns differ, as a message.
-fn first_diff<X: PartialEq + std::fmt::Debug>(what: &str, got: &[X], want: &[X]) -> Option<String> {
-    if got.len() != want.len() {
-        return Some(format!("{what}: {} vs {} elements", got.len(), want.len()));
-    }
-    let i = got.iter().zip(want).position(|(a, b)| a != b)?;
-    let n = got.iter().zip(want).filter(|(a, b)| a != b).count();
-    Some(format!(
-        "{what}: {n} differ, first at {i}: fused {:?}, separate {:?}",
-        got[i], want[i]
-    ))
 }
 
 /// Runs `c` both ways with activations of type `T`; returns the differences found.

@@ -3,7 +3,9 @@
 //!
 //! Weights are dequantized to bf16 at load; one step runs embedding gather, then per layer
 //! RMSNorm (fused with the residual add), the Q/K/V product (one stacked weight), RoPE and the
-//! quantizing cache write (one launch), attention, the O product, RMSNorm, gate·up with SiLU·up and down;
+//! quantizing cache write (one launch; in decode steps folded into the attention launch,
+//! `PagedDecoder::run_with_rope`, unless `KVSERVE_FOLD_ROPE=0`), attention, the O product,
+//! RMSNorm, gate·up with SiLU·up and down;
 //! then the final norm, a row gather and the LM head for the tokens whose logits are wanted.
 //! Products: GEMV kernels for steps of at most 8 tokens, cuBLAS above. On steps whose GEMVs
 //! run the f32-FMA kernels (1–2 tokens; [`FusedNorm`], `KVSERVE_FUSED_NORM`), the norms but
@@ -34,8 +36,9 @@ use half::bf16;
 use kernels_cuda::cudarc::driver::{CudaSlice, PinnedHostSlice};
 use kernels_cuda::graph::StepGraph;
 use kernels_cuda::{
-    Blas, DecodeKernel, DecodeMetadata, GemvEpilogue, GemvInput, GemvOut, Gpu, Indices, NormInput,
-    NormPartials, PagedDecoder, PrefillBatch, PrefillMetadata, RopeShape, Scalar, StepStaging,
+    Blas, DecodeKernel, DecodeMetadata, GemvEpilogue, GemvInput, GemvOut, Gpu, Indices, NewTokens,
+    NormInput, NormPartials, PagedDecoder, PrefillBatch, PrefillMetadata, RopeShape, Scalar,
+    StepStaging,
 };
 use kv_block_manager::CopyOp;
 use kv_quant::BlockLayout;
@@ -98,6 +101,9 @@ struct StepInputs {
     attention: StepAttention,
     /// Tokens (rows of every buffer; a padded batch's bucket).
     tokens: usize,
+    /// At most one token per sequence: no row attends another row's new token, so a decode
+    /// step may write each token's K and V inside its own attention launch.
+    one_token_per_seq: bool,
 }
 
 /// The decode steps of one bucket (padded batch size): a CUDA graph of everything from the
@@ -136,6 +142,10 @@ pub struct CudaBackend {
     /// Steps with prompt chunks attend through the prefill kernel
     /// (`KVSERVE_PREFILL_KERNEL=0`: through the decode kernel, one row per token).
     prefill: bool,
+    /// Decode steps (at most one token per sequence) fold RoPE and the cache write into the
+    /// attention launch (`PagedDecoder::run_with_rope`: one launch fewer per layer, the same
+    /// bits); `KVSERVE_FOLD_ROPE=0` launches `rope_and_cache` apart.
+    fold_rope: bool,
     config: ModelConfig,
     local: LocalShape,
     cache_config: KvCacheConfig,
@@ -530,6 +540,7 @@ impl CudaBackend {
             gemv: std::env::var("KVSERVE_GEMV").as_deref() != Ok("0"),
             fused_norm: FusedNorm::from_env(),
             prefill: std::env::var("KVSERVE_PREFILL_KERNEL").as_deref() != Ok("0"),
+            fold_rope: std::env::var("KVSERVE_FOLD_ROPE").as_deref() != Ok("0"),
             blas,
             gpu,
             config: c,
@@ -574,6 +585,7 @@ impl CudaBackend {
             rows: Indices::from_u32(gpu, b.logits_indices, "logits_indices")?,
             attention,
             tokens: t,
+            one_token_per_seq: b.seq_starts.windows(2).all(|w| w[1] - w[0] <= 1),
         };
         let mut bf = std::mem::take(&mut self.buffers);
         let mut decoder = self.decoder.take().ok_or_else(missing)?;
@@ -627,6 +639,8 @@ impl CudaBackend {
         // and down products add into the residual stream (leaving its sums of squares in
         // `norm_partials`), the Q/K/V and gate/up products normalize it as they read it.
         let fused = small && self.fused_norm.folds(t, h);
+        // Decode steps write each token's K and V in its attention launch.
+        let fold_rope = self.fold_rope && inputs.one_token_per_seq;
         let products = Products {
             gpu,
             blas: &self.blas,
@@ -674,33 +688,46 @@ impl CudaBackend {
                 }
             }
             // RoPE on q and k and the cache write of k and v, one launch (k stays unrotated
-            // in its buffer: attention reads K from the cache).
-            kernels_cuda::rope_and_cache(
-                gpu,
-                &kernels_cuda::Rotary {
-                    shape,
-                    positions,
-                    inv_freq: &self.inv_freq,
-                },
-                bf.q.as_mut().ok_or_else(missing)?,
+            // in its buffer: attention reads K from the cache); in decode steps inside the
+            // attention launch instead.
+            let rotary = kernels_cuda::Rotary {
+                shape,
+                positions,
+                inv_freq: &self.inv_freq,
+            };
+            let cache = kernels_cuda::LayerCache {
+                layout: &self.layout,
+                k: &mut self.k_cache[l],
+                v: &mut self.v_cache[l],
+            };
+            let (k, v) = (
                 bf.k.as_ref().ok_or_else(missing)?,
                 bf.v.as_ref().ok_or_else(missing)?,
-                slots,
-                kernels_cuda::LayerCache {
-                    layout: &self.layout,
-                    k: &mut self.k_cache[l],
-                    v: &mut self.v_cache[l],
-                },
-            )?;
+            );
             let attn = buffer(&mut bf.attn, gpu, t * qh * d)?;
-            let q = bf.q.as_ref().ok_or_else(missing)?;
-            let (kc, vc) = (&self.k_cache[l], &self.v_cache[l]);
+            let q = bf.q.as_mut().ok_or_else(missing)?;
             match &inputs.attention {
-                StepAttention::Prefill(p) => {
-                    kernels_cuda::paged_prefill(gpu, p, &self.layout, qh, q, kc, vc, attn)?
+                StepAttention::Decode(m) if fold_rope => {
+                    let new = NewTokens {
+                        rotary,
+                        k,
+                        v,
+                        slot_mapping: slots,
+                        cache,
+                    };
+                    decoder.run_with_rope(gpu, m, qh, q, new, attn)?;
                 }
-                StepAttention::Decode(m) => {
-                    decoder.run(gpu, m, &self.layout, qh, q, kc, vc, attn)?;
+                attention => {
+                    kernels_cuda::rope_and_cache(gpu, &rotary, q, k, v, slots, cache)?;
+                    let (kc, vc) = (&self.k_cache[l], &self.v_cache[l]);
+                    match attention {
+                        StepAttention::Prefill(p) => {
+                            kernels_cuda::paged_prefill(gpu, p, &self.layout, qh, q, kc, vc, attn)?
+                        }
+                        StepAttention::Decode(m) => {
+                            decoder.run(gpu, m, &self.layout, qh, q, kc, vc, attn)?;
+                        }
+                    }
                 }
             }
             // O product, then the ffn norm adding it (fused: the product adds itself).
@@ -925,6 +952,7 @@ impl CudaBackend {
                 self.config.sliding_window,
             )?),
             tokens: bucket,
+            one_token_per_seq: true, // graph_bucket: one token per sequence, padding alike
         };
         debug_assert!(t <= bucket);
         st.upload(&self.gpu)?;
@@ -973,6 +1001,14 @@ impl CudaBackend {
     /// `KVSERVE_FUSED_NORM` at construction, see [`FusedNorm`]).
     pub fn set_fused_norm(&mut self, mode: FusedNorm) {
         self.fused_norm = mode;
+        self.graph_steps.clear();
+    }
+
+    /// Folds RoPE and the cache write into the decode attention launch in decode steps (the
+    /// default), or launches `rope_and_cache` apart (for comparisons; `KVSERVE_FOLD_ROPE=0` at
+    /// construction). The logits are the same bit for bit.
+    pub fn set_fold_rope(&mut self, on: bool) {
+        self.fold_rope = on;
         self.graph_steps.clear();
     }
 

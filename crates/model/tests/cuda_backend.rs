@@ -77,6 +77,21 @@ fn check_model(name: &str, config: &ModelConfig, kv: KvCacheDtype) {
     }
 }
 
+/// The CUDA backend over dummy weights of `config` (seed 7) and 64 blocks of 16 tokens of `kv`,
+/// no swap space, CUDA graphs on or off.
+fn dummy_backend(config: &ModelConfig, kv: KvCacheDtype, graphs: bool) -> CudaBackend {
+    let weights = Weights::dummy(config, DType::Q8_0, 7).unwrap();
+    let cache = KvCacheConfig {
+        num_blocks: 64,
+        block_size: 16,
+        dtype: kv,
+        num_cpu_blocks: 0,
+    };
+    let mut cuda = CudaBackend::new(&weights, cache, Gpu::new(0).unwrap()).unwrap();
+    cuda.set_cuda_graphs(graphs);
+    cuda
+}
+
 /// Deterministic token ids for sequences of `lens` tokens (each sequence its own pattern).
 fn token_seqs(lens: &[usize], vocab: usize) -> Vec<Vec<u32>> {
     lens.iter()
@@ -362,6 +377,76 @@ fn fused_norms_match_the_separate_norm_launches() {
             assert!(
                 bits(&staged[s]) == bits(&in_loop[s]),
                 "{name} seq {s}: staged and in-loop normalization differ"
+            );
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn folded_rope_gives_the_same_logits_bit_for_bit() {
+    // RoPE and the cache write folded into the decode attention launch (the default, for steps
+    // of at most one token per sequence) against rope_and_cache launched apart
+    // (`set_fold_rope(false)`): the same logits to the bit at every position, uncaptured and
+    // replayed from CUDA graphs. Three sequences, one advancing 5 tokens a step at first
+    // (steps with a prompt chunk keep the separate launch: with int4 caches those attend
+    // through the decode kernel, several rows per sequence), the others token by token from
+    // context 1; fp16 KV under bf16 activations runs the split kernel (the fallback); a window.
+    let gpu_run = |config: &ModelConfig, kv: KvCacheDtype, graphs: bool, fold: bool| {
+        let mut cuda = dummy_backend(config, kv, graphs);
+        cuda.set_fold_rope(fold);
+        let seqs = token_seqs(&[12, 40, 19], config.vocab_size);
+        let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+        let out = batched::run_batched(&mut cuda, &refs, &[5, 1, 1]);
+        assert!(cuda.graph_capture_errors().is_empty());
+        out
+    };
+    let smol = ModelConfig::smollm2_135m();
+    let mut windowed = smol.clone();
+    windowed.sliding_window = Some(24);
+    let mut llama = ModelConfig::llama31_8b();
+    llama.num_layers = 2;
+    llama.vocab_size = 4096;
+    let int4: KvCacheDtype = "int4-g32".parse().unwrap();
+    for (name, config, kv, graphs) in [
+        ("smollm2-135m (dummy)", &smol, KvCacheDtype::Bf16, false),
+        ("smollm2-135m (dummy)", &smol, KvCacheDtype::Int8, true),
+        ("smollm2-135m (dummy)", &smol, int4, false),
+        ("smollm2-135m (dummy)", &smol, KvCacheDtype::Fp16, false),
+        (
+            "smollm2 shape, window 24",
+            &windowed,
+            KvCacheDtype::Fp8E4m3,
+            false,
+        ),
+        (
+            "llama-3.1-8b shape, 2 layers",
+            &llama,
+            KvCacheDtype::Bf16,
+            false,
+        ),
+        (
+            "llama-3.1-8b shape, 2 layers",
+            &llama,
+            KvCacheDtype::Bf16,
+            true,
+        ),
+    ] {
+        let apart = gpu_run(config, kv, graphs, false);
+        let folded = gpu_run(config, kv, graphs, true);
+        for (s, (f, a)) in folded.iter().zip(&apart).enumerate() {
+            let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
+            let differ = bits(f).iter().zip(&bits(a)).filter(|(x, y)| x != y).count();
+            let (err, _) = compare(f, a, config.vocab_size);
+            eprintln!(
+                "{name} kv={kv} graphs={graphs} seq {s}: {differ} of {} logits differ (rel err \
+                 {err:.1e})",
+                f.len()
+            );
+            assert_eq!(f.len(), a.len());
+            assert_eq!(
+                differ, 0,
+                "{name} {kv} graphs={graphs} seq {s}: rel err {err:.1e}"
             );
         }
     }

@@ -7,7 +7,7 @@
 use std::ops::Range;
 
 use half::{bf16, f16};
-use kernels_cuda::{ActScalar, Gpu};
+use kernels_cuda::{ActScalar, DecodeMetadata, Gpu};
 use kv_quant::BlockLayout;
 use rand::Rng;
 use rand::seq::SliceRandom;
@@ -42,6 +42,49 @@ impl Act for f16 {
         self.to_f32()
     }
     const NAN: Self = f16::NAN;
+}
+
+/// An activation type's bit pattern (NaN payloads included).
+pub trait Bits: Act {
+    fn bits(self) -> u16;
+}
+
+impl Bits for bf16 {
+    fn bits(self) -> u16 {
+        self.to_bits()
+    }
+}
+
+impl Bits for f16 {
+    fn bits(self) -> u16 {
+        self.to_bits()
+    }
+}
+
+/// Llama-style inverse frequencies (base 500000): `inv[0] = 1`, so the angle of pair 0 is
+/// the position itself.
+pub fn inv_freq(d: usize) -> Vec<f32> {
+    (0..d / 2)
+        .map(|i| 1.0 / 500_000f32.powf(2.0 * i as f32 / d as f32))
+        .collect()
+}
+
+/// The first index where a fused path's values differ from the separate launches', as a
+/// message (`None`: the same).
+pub fn first_diff<X: PartialEq + std::fmt::Debug>(
+    what: &str,
+    got: &[X],
+    want: &[X],
+) -> Option<String> {
+    if got.len() != want.len() {
+        return Some(format!("{what}: {} vs {} elements", got.len(), want.len()));
+    }
+    let i = got.iter().zip(want).position(|(a, b)| a != b)?;
+    let n = got.iter().zip(want).filter(|(a, b)| a != b).count();
+    Some(format!(
+        "{what}: {n} differ, first at {i}: fused {:?}, separate {:?}",
+        got[i], want[i]
+    ))
 }
 
 /// Random values in bf16 precision (returned as the f32 both sides use).
@@ -128,6 +171,39 @@ pub fn paged_cache(
         k_dec,
         v_dec,
     }
+}
+
+/// A decode batch over a paged cache of random tokens: sequences of `contexts` tokens (every
+/// position written; K in [-2, 2), V in [-1, 1), in the precision of `T`), tables of just
+/// enough entries for the longest, and the batch's metadata on the device.
+pub fn decode_batch<T: Act>(
+    gpu: &Gpu,
+    rng: &mut ChaCha8Rng,
+    l: &BlockLayout,
+    contexts: &[usize],
+    window: Option<usize>,
+) -> (PagedCache, DecodeMetadata) {
+    let (bs, kvh, d) = (l.block_size(), l.num_kv_heads(), l.head_dim());
+    let max_blocks = contexts.iter().max().unwrap().div_ceil(bs);
+    let seqs: Vec<(usize, usize)> = contexts.iter().map(|&ctx| (0, ctx)).collect();
+    let cache = paged_cache(rng, l, &seqs, max_blocks, |rng| {
+        (
+            random_act::<T>(rng, kvh * d, 2.0),
+            random_act::<T>(rng, kvh * d, 1.0),
+        )
+    });
+    let ctx_i: Vec<i32> = contexts.iter().map(|&x| x as i32).collect();
+    let meta = DecodeMetadata::new(
+        gpu,
+        &cache.tables,
+        max_blocks,
+        &ctx_i,
+        bs,
+        cache.num_blocks,
+        window,
+    )
+    .unwrap();
+    (cache, meta)
 }
 
 /// Softmax attention in f64 of query head `q` (`head_dim` values) over `positions` of KV head
