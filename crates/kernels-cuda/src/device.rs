@@ -264,8 +264,9 @@ impl Gpu {
     }
 
     /// Kernel `name` of `variant` (as [`Gpu::function`]), allowed `bytes` of dynamic shared
-    /// memory: above the default 48 KiB the function's limit is raised, once per size (the
-    /// first launch at a size must not be inside a graph capture).
+    /// memory: where that and its static shared memory pass the default 48 KiB the function's
+    /// limit is raised, once per size (the first launch at a size must not be inside a graph
+    /// capture).
     ///
     /// # Errors
     /// Compile and driver errors; [`KernelError::Unsupported`] for more than a CTA may have.
@@ -276,36 +277,67 @@ impl Gpu {
         bytes: usize,
     ) -> Result<CudaFunction> {
         let f = self.function(variant, name)?;
-        if bytes <= 48 * 1024 {
-            return Ok(f);
-        }
-        let unsupported = || KernelError::Unsupported {
-            kernel: name,
-            what: format!(
-                "{variant}: {bytes} bytes of dynamic shared memory per CTA (the device allows {})",
-                self.smem_limits.per_block
-            ),
-        };
-        if bytes > self.smem_limits.per_block {
-            return Err(unsupported());
-        }
-        let bytes32 = u32::try_from(bytes).map_err(|_| unsupported())?;
+        let bytes32 =
+            u32::try_from(bytes).map_err(|_| self.too_much_smem(variant, name, bytes, 0))?;
         let mut allowed = lock(&self.smem_allowed);
         let current = allowed.entry((*variant, name)).or_insert(0);
         if *current < bytes32 {
-            f.set_attribute(
-                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                bytes32 as i32,
-            )?;
+            self.allow_dynamic_smem(&f, variant, name, bytes)?;
             *current = bytes32;
         }
         Ok(f)
     }
 
+    /// Lets `f` launch with `bytes` of dynamic shared memory: the limit on static plus dynamic
+    /// shared memory is 48 KiB unless the function's dynamic limit is raised (up to the
+    /// device's opt-in maximum less the function's static shared memory), so it is raised
+    /// wherever the sum passes 48 KiB.
+    ///
+    /// # Errors
+    /// [`KernelError::Unsupported`] where the sum exceeds what a CTA may have; driver errors.
+    fn allow_dynamic_smem(
+        &self,
+        f: &CudaFunction,
+        variant: &Variant,
+        name: &'static str,
+        bytes: usize,
+    ) -> Result<()> {
+        let fixed = f.shared_size_bytes()?.max(0) as usize;
+        if fixed + bytes > self.smem_limits.per_block {
+            return Err(self.too_much_smem(variant, name, bytes, fixed));
+        }
+        if fixed + bytes > 48 * 1024 {
+            let dynamic = i32::try_from(bytes)
+                .map_err(|_| self.too_much_smem(variant, name, bytes, fixed))?;
+            f.set_attribute(
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                dynamic,
+            )?;
+        }
+        Ok(())
+    }
+
+    fn too_much_smem(
+        &self,
+        variant: &Variant,
+        name: &'static str,
+        bytes: usize,
+        fixed: usize,
+    ) -> KernelError {
+        KernelError::Unsupported {
+            kernel: name,
+            what: format!(
+                "{variant}: {bytes} bytes of dynamic and {fixed} of static shared memory per CTA \
+                 (the device allows {})",
+                self.smem_limits.per_block
+            ),
+        }
+    }
+
     /// Kernel `name` of `variant` with the launch shape its module exports as `<name>_launch`
     /// (read once, with a synchronous copy: the first call must not be inside a graph
-    /// capture), its dynamic shared-memory limit raised to that size where it exceeds the
-    /// default 48 KiB.
+    /// capture), its dynamic shared-memory limit raised to that size where it and the static
+    /// shared memory pass the default 48 KiB.
     ///
     /// # Errors
     /// Compile and driver errors; [`KernelError::Unsupported`] for a shape the device cannot
@@ -348,22 +380,7 @@ impl Gpu {
             quantum: word(2)?,
             ctas_per_sm: 1,
         };
-        let optin = self.smem_limits.per_block;
-        if shape.dynamic_smem as usize > optin {
-            return Err(KernelError::Unsupported {
-                kernel: name,
-                what: format!(
-                    "{variant}: {} bytes of shared memory per CTA (the device allows {optin})",
-                    shape.dynamic_smem
-                ),
-            });
-        }
-        if shape.dynamic_smem > 48 * 1024 {
-            f.set_attribute(
-                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                shape.dynamic_smem as i32,
-            )?;
-        }
+        self.allow_dynamic_smem(&f, variant, name, shape.dynamic_smem as usize)?;
         shape.ctas_per_sm = f
             .occupancy_max_active_blocks_per_multiprocessor(
                 shape.threads,

@@ -3,8 +3,8 @@
 //!
 //! Weights are dequantized to bf16 at load; one step runs embedding gather, then per layer
 //! RMSNorm (fused with the residual add), the Q/K/V product (one stacked weight), RoPE and the
-//! quantizing cache write (one launch; in decode steps folded into the attention launch,
-//! `PagedDecoder::run_with_rope`, unless `KVSERVE_FOLD_ROPE=0`), attention, the O product,
+//! quantizing cache write (one launch; with `KVSERVE_FOLD_ROPE=1` folded into the attention
+//! launch in decode steps, `PagedDecoder::run_with_rope`), attention, the O product,
 //! RMSNorm, gate·up with SiLU·up and down;
 //! then the final norm, a row gather and the LM head for the tokens whose logits are wanted.
 //! Products: GEMV kernels for steps of at most 8 tokens, cuBLAS above. On steps whose GEMVs
@@ -144,7 +144,8 @@ pub struct CudaBackend {
     prefill: bool,
     /// Decode steps (at most one token per sequence) fold RoPE and the cache write into the
     /// attention launch (`PagedDecoder::run_with_rope`: one launch fewer per layer, the same
-    /// bits); `KVSERVE_FOLD_ROPE=0` launches `rope_and_cache` apart.
+    /// bits). Off unless `KVSERVE_FOLD_ROPE=1`: on an H200 it saved no GPU time on the 8B
+    /// shape (BENCHMARKS.md, session 9).
     fold_rope: bool,
     config: ModelConfig,
     local: LocalShape,
@@ -540,7 +541,7 @@ impl CudaBackend {
             gemv: std::env::var("KVSERVE_GEMV").as_deref() != Ok("0"),
             fused_norm: FusedNorm::from_env(),
             prefill: std::env::var("KVSERVE_PREFILL_KERNEL").as_deref() != Ok("0"),
-            fold_rope: std::env::var("KVSERVE_FOLD_ROPE").as_deref() != Ok("0"),
+            fold_rope: std::env::var("KVSERVE_FOLD_ROPE").as_deref() == Ok("1"),
             blas,
             gpu,
             config: c,
@@ -1004,9 +1005,9 @@ impl CudaBackend {
         self.graph_steps.clear();
     }
 
-    /// Folds RoPE and the cache write into the decode attention launch in decode steps (the
-    /// default), or launches `rope_and_cache` apart (for comparisons; `KVSERVE_FOLD_ROPE=0` at
-    /// construction). The logits are the same bit for bit.
+    /// Folds RoPE and the cache write into the decode attention launch in decode steps, or
+    /// launches `rope_and_cache` apart (the default; `KVSERVE_FOLD_ROPE=1` at construction
+    /// folds). The logits are the same bit for bit.
     pub fn set_fold_rope(&mut self, on: bool) {
         self.fold_rope = on;
         self.graph_steps.clear();

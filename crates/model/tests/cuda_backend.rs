@@ -287,17 +287,44 @@ fn decode_steps(
     (out, cuda)
 }
 
-/// Logits that agree to rounding: within 1e-2 of the largest, the same argmax at ≥ 95% of
-/// the positions.
+/// Logits that agree to rounding: within 1e-2 of the largest, and the same argmax at every
+/// clear position (the reference's top two more than 1.5e-2 of the largest logit apart). On
+/// dummy weights many positions are near-ties, where rounding alone may swap the top two (a
+/// share of agreeing positions, the first form of this check, failed on them: 91.3%); a clear
+/// one changes only if both top logits move by more than 0.75e-2 in opposite directions.
 fn assert_close(what: &str, got: &[f32], want: &[f32], vocab: usize) {
     let (err, same) = compare(got, want, vocab);
     eprintln!(
-        "{what}: rel err {err:.2e}, argmax agrees {:.1}%",
+        "{what}: rel err {err:.2e}, argmax agrees at {:.1}% of the positions",
         100.0 * same
     );
     assert_eq!(got.len(), want.len(), "{what}");
     assert!(err < 1e-2, "{what}: {err}");
-    assert!(same >= 0.95, "{what}: argmax agrees {same}");
+    let scale = want.iter().fold(1e-30f32, |m, x| m.max(x.abs()));
+    let top2 = |r: &[f32]| {
+        r.iter()
+            .enumerate()
+            .fold(((0, f32::MIN), f32::MIN), |(best, second), (i, &x)| {
+                if x > best.1 {
+                    ((i, x), best.1)
+                } else {
+                    (best, second.max(x))
+                }
+            })
+    };
+    let mut clear = 0;
+    for (r, (g, w)) in got.chunks(vocab).zip(want.chunks(vocab)).enumerate() {
+        let ((wi, wmax), wsecond) = top2(w);
+        if wmax - wsecond > 1.5e-2 * scale {
+            clear += 1;
+            assert_eq!(
+                top2(g).0.0,
+                wi,
+                "{what}: argmax differs at clear position {r}"
+            );
+        }
+    }
+    eprintln!("{what}: {clear} clear positions agree");
 }
 
 /// The Llama-3.1-8B shape with 2 layers and a 4,096-token vocabulary.
@@ -385,7 +412,7 @@ fn fused_norms_match_the_separate_norm_launches() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn folded_rope_gives_the_same_logits_bit_for_bit() {
-    // RoPE and the cache write folded into the decode attention launch (the default, for steps
+    // RoPE and the cache write folded into the decode attention launch (opt-in, for steps
     // of at most one token per sequence) against rope_and_cache launched apart
     // (`set_fold_rope(false)`): the same logits to the bit at every position, uncaptured and
     // replayed from CUDA graphs. Three sequences, one advancing 5 tokens a step at first
