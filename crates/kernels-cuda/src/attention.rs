@@ -249,9 +249,38 @@ pub struct DecodePlan {
 /// aims at for the tensor-core kernel) for `num_seqs` sequences of `num_kv_heads` KV heads,
 /// whatever their contexts: the value for [`PagedDecoder::set_fixed_parts`].
 pub fn fixed_parts_for(gpu: &Gpu, num_seqs: usize, num_kv_heads: usize) -> usize {
-    (2 * gpu.num_sms())
-        .div_ceil((num_seqs * num_kv_heads).max(1))
-        .clamp(1, 65_535)
+    parts_for_two_ctas_per_sm(gpu.num_sms(), num_seqs * num_kv_heads).min(65_535)
+}
+
+/// Partitions per (sequence, KV head) pair for about two CTAs per SM over `ctas` pairs.
+fn parts_for_two_ctas_per_sm(num_sms: usize, ctas: usize) -> usize {
+    (2 * num_sms).div_ceil(ctas.max(1)).max(1)
+}
+
+/// `ctx` tokens in partitions of `p` tokens.
+fn split_into(ctx: usize, p: usize) -> DecodePlan {
+    DecodePlan {
+        partition_size: p,
+        max_parts: ctx.div_ceil(p),
+    }
+}
+
+/// The first plan of both kernels: about two CTAs per SM over `ctas` pairs, partitions a
+/// multiple of `quantum` and at most `max_p` tokens.
+fn two_ctas_per_sm(
+    ctx: usize,
+    ctas: usize,
+    num_sms: usize,
+    quantum: usize,
+    max_p: usize,
+) -> DecodePlan {
+    let parts = parts_for_two_ctas_per_sm(num_sms, ctas);
+    split_into(
+        ctx,
+        ctx.div_ceil(parts)
+            .next_multiple_of(quantum)
+            .clamp(quantum, max_p),
+    )
 }
 
 /// How the tensor-core kernel splits a batch whose longest context attends `ctx` tokens over
@@ -274,19 +303,10 @@ fn plan_tensor_core(
 ) -> DecodePlan {
     let ctx = ctx.max(1);
     let ctas = ctas.max(1);
-    let split = |p: usize| DecodePlan {
-        partition_size: p,
-        max_parts: ctx.div_ceil(p),
-    };
     if let Some(p) = forced {
-        return split(p.next_multiple_of(TC_QUANTUM));
+        return split_into(ctx, p.next_multiple_of(TC_QUANTUM));
     }
-    let parts = (2 * num_sms).div_ceil(ctas).max(1);
-    let first = split(
-        ctx.div_ceil(parts)
-            .next_multiple_of(TC_QUANTUM)
-            .clamp(TC_QUANTUM, 1024),
-    );
+    let first = two_ctas_per_sm(ctx, ctas, num_sms, TC_QUANTUM, 1024);
     let slots = (num_sms * ctas_per_sm).max(1);
     let one_wave_parts = slots / ctas;
     if ctas * first.max_parts <= slots
@@ -295,7 +315,10 @@ fn plan_tensor_core(
     {
         return first;
     }
-    split(ctx.div_ceil(one_wave_parts).next_multiple_of(TC_QUANTUM))
+    split_into(
+        ctx,
+        ctx.div_ceil(one_wave_parts).next_multiple_of(TC_QUANTUM),
+    )
 }
 
 impl PagedDecoder {
@@ -373,18 +396,9 @@ impl PagedDecoder {
         let max_p = ((SMEM_LIMIT / 4 - gqa_group * head_dim) / gqa_group.max(1))
             / PARTITION_QUANTUM
             * PARTITION_QUANTUM;
-        let p = match self.forced_partition {
-            Some(p) => p.min(max_p),
-            None => {
-                let parts = (2 * gpu.num_sms()).div_ceil(ctas.max(1)).max(1);
-                ctx.div_ceil(parts)
-                    .next_multiple_of(PARTITION_QUANTUM)
-                    .clamp(PARTITION_QUANTUM, max_p)
-            }
-        };
-        DecodePlan {
-            partition_size: p,
-            max_parts: ctx.div_ceil(p),
+        match self.forced_partition {
+            Some(p) => split_into(ctx, p.min(max_p)),
+            None => two_ctas_per_sm(ctx, ctas, gpu.num_sms(), PARTITION_QUANTUM, max_p),
         }
     }
 

@@ -77,19 +77,11 @@ fn check_model(name: &str, config: &ModelConfig, kv: KvCacheDtype) {
     }
 }
 
-/// The CUDA backend over dummy weights of `config` (seed 7) and 64 blocks of 16 tokens of `kv`,
-/// no swap space, CUDA graphs on or off.
-fn dummy_backend(config: &ModelConfig, kv: KvCacheDtype, graphs: bool) -> CudaBackend {
+/// The CUDA backend over dummy weights of `config` (seed 7) on `gpu`, with 64 blocks of 16
+/// tokens of `kv` and no swap space.
+fn dummy_backend(config: &ModelConfig, kv: KvCacheDtype, gpu: Gpu) -> CudaBackend {
     let weights = Weights::dummy(config, DType::Q8_0, 7).unwrap();
-    let cache = KvCacheConfig {
-        num_blocks: 64,
-        block_size: 16,
-        dtype: kv,
-        num_cpu_blocks: 0,
-    };
-    let mut cuda = CudaBackend::new(&weights, cache, Gpu::new(0).unwrap()).unwrap();
-    cuda.set_cuda_graphs(graphs);
-    cuda
+    CudaBackend::new(&weights, cache_of(kv, 0), gpu).unwrap()
 }
 
 /// Deterministic token ids for sequences of `lens` tokens (each sequence its own pattern).
@@ -278,8 +270,7 @@ fn decode_steps(
     lens: &[usize],
     setup: impl FnOnce(&mut CudaBackend),
 ) -> (Vec<Vec<f32>>, CudaBackend) {
-    let weights = Weights::dummy(config, DType::Q8_0, 7).unwrap();
-    let mut cuda = CudaBackend::new(&weights, cache_of(kv, 0), gpu).unwrap();
+    let mut cuda = dummy_backend(config, kv, gpu);
     setup(&mut cuda);
     let seqs = token_seqs(lens, config.vocab_size);
     let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
@@ -420,7 +411,8 @@ fn folded_rope_gives_the_same_logits_bit_for_bit() {
     // through the decode kernel, several rows per sequence), the others token by token from
     // context 1; fp16 KV under bf16 activations runs the split kernel (the fallback); a window.
     let gpu_run = |config: &ModelConfig, kv: KvCacheDtype, graphs: bool, fold: bool| {
-        let mut cuda = dummy_backend(config, kv, graphs);
+        let mut cuda = dummy_backend(config, kv, Gpu::new(0).unwrap());
+        cuda.set_cuda_graphs(graphs);
         cuda.set_fold_rope(fold);
         let seqs = token_seqs(&[12, 40, 19], config.vocab_size);
         let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
