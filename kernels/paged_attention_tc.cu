@@ -142,6 +142,25 @@
 #define KVS_TC_WS 0
 #endif
 
+// TMA tile loader of the transposed 16-bit body (a knob for measurements, sm_90 only:
+// KVSERVE_KERNEL_DEFINES=-DKVS_TC_TMA=1; kernels/NOTES.md, "a TMA tile loader"): each warp's
+// tiles arrive by cp.async.bulk.tensor through two tensor maps the host encodes per cache
+// (`k_map`, `v_map`: extra kernel parameters), unpadded and swizzled (128-byte swizzle), with
+// a transaction-counted mbarrier per stage; blocks of fewer than 8 tokens take a cp.async
+// loader into the same layout. KVS_TC_TMA_STAGES stages per warp. Other bodies, the
+// warp-specialized one, and sm_80 ignore the define (compile-time fallback); the module says
+// whether the kernel takes the maps in its launch shape (below).
+#ifndef KVS_TC_TMA
+#define KVS_TC_TMA 0
+#endif
+#if KVS_TC_TMA && (!KVS_TC_T16 || KVS_TC_WS || !defined(__CUDA_ARCH__) || __CUDA_ARCH__ < 900)
+#undef KVS_TC_TMA
+#define KVS_TC_TMA 0
+#endif
+#ifndef KVS_TC_TMA_STAGES
+#define KVS_TC_TMA_STAGES 2
+#endif
+
 namespace kvserve {
 
 constexpr int kTile = 16;                    // tokens per tile (the mma K of the PV product)
@@ -160,13 +179,15 @@ constexpr int kThreads = 32 * (kWarps + kProducerWarps);
 #define KVS_TC_STAGES 2
 #endif
 constexpr int kStages =
-    KVS_TC_WS ? KVS_TC_WS_STAGES : (KVS_TC_INT8 ? KVS_TC_INT8_STAGES : KVS_TC_STAGES);
+    KVS_TC_WS ? KVS_TC_WS_STAGES
+              : (KVS_TC_INT8 ? KVS_TC_INT8_STAGES : (KVS_TC_TMA ? KVS_TC_TMA_STAGES : KVS_TC_STAGES));
 static_assert(kStages >= 2, "one tile in use while the next one is in flight");
 // Warp specialization: consumer c owns stages c, c + kWarps, ... (ws_stream_tiles' parity
 // waits rely on it).
 static_assert(!KVS_TC_WS || kStages % kWarps == 0, "whole stages per consumer");
 constexpr bool kPow2Stages = (kStages & (kStages - 1)) == 0;
-constexpr int kRowBytes = kValueRowBytes + 16;  // padded: no bank conflicts, 16-B aligned
+// Padded: no bank conflicts, 16-B aligned (TMA: unpadded, swizzled instead; tma_chunk_offset).
+constexpr int kRowBytes = KVS_TC_TMA ? kValueRowBytes : kValueRowBytes + 16;
 // K rows: int8 leaves them unpadded (its 128-bit loads are conflict-free through k_chunk).
 constexpr int kKRowBytes = KVS_TC_INT8 ? kValueRowBytes : kRowBytes;
 constexpr int kKSteps = HEAD_DIM / 16;          // mma K steps of q . k
@@ -213,11 +234,18 @@ struct WarpTiles {
 // dynamic shared memory (the warps' tiles, also
 // the space of the warp merge and of the split-KV merge), and the partition quantum (tokens a
 // round of tiles covers: partitions should be multiples of it).
+// A fourth word says whether the entry takes the TMA tensor maps (KVS_TC_TMA: 1) after its
+// other parameters. TMA: the tiles start at the first 1024-byte boundary of the dynamic shared
+// memory (the 128-byte swizzle repeats every 1024 bytes of shared address), hence 1024 bytes
+// more than the tiles.
 constexpr int kTilesBytes = (KVS_TC_WS ? 1 : kWarps) * static_cast<int>(sizeof(WarpTiles));
-extern "C" __constant__ int paged_decode_tc_launch[3] = {kThreads, kTilesBytes, kTile * kWarps};
+constexpr int kTmaAlign = 1024;
+constexpr int kSmemBytes = kTilesBytes + (KVS_TC_TMA ? kTmaAlign : 0);
+extern "C" __constant__ int paged_decode_tc_launch[4] = {kThreads, kSmemBytes, kTile * kWarps,
+                                                         KVS_TC_TMA};
 // The same for the entry with RoPE and the cache write folded in (`<entry>_launch`).
-extern "C" __constant__ int paged_decode_tc_rope_launch[3] = {kThreads, kTilesBytes,
-                                                              kTile * kWarps};
+extern "C" __constant__ int paged_decode_tc_rope_launch[4] = {kThreads, kSmemBytes,
+                                                              kTile * kWarps, KVS_TC_TMA};
 
 // The 16-byte chunk of a K row's shared-memory copy that holds the row's chunk `col`. int8 at
 // d = 128 (8 chunks, unpadded 128-byte rows): col ^ (row % 8), so that the two rows of a
@@ -226,6 +254,29 @@ extern "C" __constant__ int paged_decode_tc_rope_launch[3] = {kThreads, kTilesBy
 __device__ __forceinline__ int k_chunk(int row, int col) {
   return (KVS_TC_INT8 && kChunksPerRow == 8) ? col ^ (row & 7) : col;
 }
+
+#if KVS_TC_TMA
+// TMA tiles (kTile rows of kValueRowBytes, unpadded, each stage's K and V tile at a multiple
+// of 1024 bytes of shared address). The host's tensor map (2-D: HEAD_DIM elements by every
+// row of the cache, 128-byte swizzle) has boxes of 64 channels (128 bytes) by kTmaBoxRows
+// rows: box (b, h) of a tile, rows 8 b .. 8 b + 7 and channels 64 h .. 64 h + 63, lands at
+// 1024 (kHalves b + h), row r % 8 in its 128-byte line r % 8, and the TMA engine stores the
+// line's 16-byte chunk c at chunk c ^ (line address / 128 % 8) = c ^ (r % 8). So 16-byte
+// chunk `chunk` (channels 8 chunk .. + 7) of row `row` of a tile is at the byte offset below.
+// An ldmatrix 8x8 matrix (8 consecutive rows of one box at one chunk) then reads 8 distinct
+// chunk positions of 8 lines: every bank once (kernels/experiments/tma_swizzle_emulation.py).
+constexpr int kTmaBoxRows = 8;                 // rows per box: a box never spans two blocks
+constexpr int kHalves = HEAD_DIM / 64;         // 128-byte boxes per row
+constexpr int kTmaBoxBytes = kTmaBoxRows * kValueRowBytes;  // rows 8 b .. 8 b + 7, every half
+static_assert(kValueRowBytes == 128 * kHalves, "16-bit rows of whole 128-byte lines");
+static_assert(kTile == 2 * kTmaBoxRows, "two box rows per tile");
+static_assert(sizeof(WarpTiles) % kTmaAlign == 0 && kTile * kValueRowBytes % kTmaAlign == 0,
+              "every stage's K and V tile at a multiple of 1024 bytes");
+__device__ __forceinline__ int tma_chunk_offset(int row, int chunk) {
+  return (row / kTmaBoxRows) * kTmaBoxBytes + (chunk / 8) * 1024 + (row % 8) * 128 +
+         (((chunk % 8) ^ (row % 8)) * 16);
+}
+#endif
 
 #if !KVS_TC_INT4 && !KVS_TC_INT8
 // Element `i` of a shared-memory row as the activation type (an fp8 code is exact in it).
@@ -268,10 +319,18 @@ __device__ __forceinline__ void copy_tile_rows(WarpTiles& w, int stage,
     const int row_i = c / kChunksPerRow, col = c % kChunksPerRow;
     const unsigned long long k_src = __shfl_sync(0xffffffffu, k_row, row_i) + col * 16;
     const int bytes = (live_rows >> row_i) & 1u ? 16 : 0;
+#if KVS_TC_TMA
+    // Blocks of fewer than kTmaBoxRows tokens: the TMA tiles' swizzled layout.
+    const int dst = tma_chunk_offset(row_i, col);
+    cp_async16(&w.k[stage][0][0] + dst, reinterpret_cast<const unsigned char*>(k_src), bytes);
+    cp_async16(&w.v[stage][0][0] + dst, reinterpret_cast<const unsigned char*>(k_src + v_minus_k),
+               bytes);
+#else
     cp_async16(&w.k[stage][row_i][k_chunk(row_i, col) * 16],
                reinterpret_cast<const unsigned char*>(k_src), bytes);
     cp_async16(&w.v[stage][row_i][col * 16],
                reinterpret_cast<const unsigned char*>(k_src + v_minus_k), bytes);
+#endif
   }
 }
 #endif
@@ -546,9 +605,17 @@ __device__ __forceinline__ Partition partition_of(int ctx, int window, int part,
   pt.num_parts = (ctx - first + partition_size - 1) / partition_size;
   pt.p_start = first + part * partition_size;
   pt.p_end = min(ctx, pt.p_start + partition_size);
-  const int tiles_total = (pt.p_end - pt.p_start + kTile - 1) / kTile;
+#if KVS_TC_TMA
+  // TMA boxes are runs of rows inside one block: tiles start at a multiple of kTile tokens
+  // (blocks are powers of two), and the tokens before p_start are masked (the previous
+  // partition's, or before the window).
+  const int tiles_from = pt.p_start & ~(kTile - 1);
+#else
+  const int tiles_from = pt.p_start;
+#endif
+  const int tiles_total = (pt.p_end - tiles_from + kTile - 1) / kTile;
   pt.my_tiles = tiles_total > warp ? (tiles_total - warp + kWarps - 1) / kWarps : 0;
-  pt.my_first = pt.p_start + warp * kTile;
+  pt.my_first = tiles_from + warp * kTile;
   return pt;
 }
 
@@ -600,6 +667,150 @@ __device__ __forceinline__ void stream_tiles(WarpTiles& w, const Partition& pt,
   }
   cp_async_wait<0>();
 }
+
+#if KVS_TC_TMA
+// Zeroes the V rows of the tile of tokens t0 .. t0 + kTile in `stage` whose tokens are outside
+// [p_start, p_end): their weights are 0, but the TMA boxes brought whatever the cache holds
+// there (unwritten slots, another partition's tokens), or nothing (a box skipped: the stage's
+// previous tile), and 0 * NaN is NaN in the P . V mma. K rows need nothing: their logits are
+// replaced by -inf (a select), whatever the products. Physical 128-byte line P of a tile holds
+// row 8 (P / (8 kHalves)) + P % 8 (tma_chunk_offset). The stores are generic-proxy writes to
+// memory a later TMA overwrites: each lane fences the proxies after its stores (ordered before
+// the next issue by the __syncwarp below and the one after the tile's math).
+__device__ __forceinline__ void tma_zero_masked_v(WarpTiles& w, int stage, int t0, int p_start,
+                                                  int p_end, int lane) {
+  constexpr int kChunks = kTile * kValueRowBytes / 16;
+  static_assert(kChunks % 32 == 0, "whole chunks per lane");
+  unsigned char* v = &w.v[stage][0][0];
+#pragma unroll
+  for (int i = 0; i < kChunks / 32; ++i) {
+    const int c = lane + 32 * i;
+    const int line = c / 8;
+    const int tok = t0 + (line / (8 * kHalves)) * 8 + line % 8;
+    if (tok < p_start || tok >= p_end) {
+      *reinterpret_cast<uint4*>(v + 16 * c) = make_uint4(0u, 0u, 0u, 0u);
+    }
+  }
+  fence_proxy_async_shared();
+  __syncwarp();
+}
+
+// Streams this warp's tiles of `pt` through its kStages stages by TMA, as stream_tiles does
+// by cp.async: `tile(stage, t0)` computes with the tile of tokens t0 .. t0 + kTile.
+//
+// Loads. With blocks of kTmaBoxRows (8) tokens or more, a tile is two boxes of 8 rows, each a
+// run of consecutive rows of one block (tiles start at multiples of kTile: partition_of), so
+// row t0 + 8 b is cache row table[(t0 + 8 b) >> block_shift] * num_kv_heads * block_size +
+// head * block_size + (t0 + 8 b) % block_size (16-bit blocks are their value rows and nothing
+// else: the host checks block_bytes against that). Per box and half (64 channels) one TMA of
+// K and one of V, issued by lane 0; a box with no token in [p_start, p_end) is skipped (its
+// block may be outside the cache: table entries before the window or past the context are not
+// checked), and its rows masked. Lanes b = 0, 1 look up box b's block one tile ahead (the
+// next issue's), so the lookup's latency hides behind the wait and the math. With smaller
+// blocks every lane copies its chunks by cp.async into the same swizzled layout (load_tile,
+// copy_tile_rows; masked rows zero-filled there).
+//
+// Protocol. full[warp][s] completes phase r when round r of stage s has landed: TMA, 1
+// arrival a phase (lane 0's arrive.expect_tx of the bytes it issues; the copies' complete_tx
+// brings the count to zero); cp.async, 32 (each lane's cp.async.mbarrier.arrive.noinc when
+// its copies have landed). Tile i uses stage i % kStages in round i / kStages; the stage is
+// reissued (tile i + kStages) only after tile i's math, so a barrier is never more than one
+// phase ahead of the parity waited for. Masked V rows are zeroed after the wait (TMA only).
+//
+// Proxies (TMA writes shared memory through the async proxy). RAW: the mbarrier wait makes
+// the TMA's writes visible to the waiting lanes. WAR: the stage is reissued after __syncwarp
+// following the tile's math, whose ldmatrix reads have completed (their values fed the mma
+// before the barrier); as in CUTLASS's TMA pipelines, no proxy fence. WAW: the zeroing
+// stores fence the proxies (tma_zero_masked_v), as do paged_decode_tc_rope's prologue (q
+// rows in the tiles' memory, the new token in the cache) before its barrier and every lane
+// after its last tile (the merge writes the tiles next). Every tile issued is waited for, so
+// nothing is in flight when the warps merge through the tiles.
+template <class Tile>
+__device__ __forceinline__ void tma_stream_tiles(WarpTiles& w, const Partition& pt,
+                                                 const TensorMap* k_map, const TensorMap* v_map,
+                                                 const unsigned char* __restrict__ k_cache,
+                                                 const unsigned char* __restrict__ v_cache,
+                                                 const int* __restrict__ table, int block_shift,
+                                                 int block_size, int num_kv_heads,
+                                                 long long block_bytes, int head, int warp,
+                                                 int lane, Tile&& tile) {
+  __shared__ unsigned long long full[kWarps][kStages];
+  unsigned long long* bar = full[warp];
+  const bool use_tma = block_size >= kTmaBoxRows;  // uniform over the launch
+  if (lane == 0) {
+#pragma unroll
+    for (int s = 0; s < kStages; ++s) mbarrier_init(&bar[s], use_tma ? 1u : 32u);
+    fence_mbarrier_init();
+  }
+  __syncwarp();
+  constexpr int kStride = kWarps * kTile;
+  const int block_rows = num_kv_heads * block_size;
+  const int head_row = head * block_size;
+  // Box (lane & 1)'s first cache row in the tile of tokens t0 .., or -1 when the box holds no
+  // token in [p_start, p_end) (TMA only).
+  const auto box_row = [&](int t0) -> int {
+    const int t = t0 + kTmaBoxRows * (lane & 1);
+    if (t >= pt.p_end || t + kTmaBoxRows <= pt.p_start) return -1;
+    return table[t >> block_shift] * block_rows + head_row + (t & (block_size - 1));
+  };
+  // Issues the tile of tokens t0 .. into `stage` (TMA: `row` from box_row(t0)).
+  const auto issue = [&](int stage, int t0, int row) {
+    if (use_tma) {
+      const int row1 = __shfl_sync(0xffffffffu, row, 1);
+      if (lane == 0) {
+        const unsigned boxes = (row >= 0 ? 1u : 0u) + (row1 >= 0 ? 1u : 0u);
+        mbarrier_arrive_expect_tx(&bar[stage], boxes * 2u * kTmaBoxBytes);
+        const unsigned k_dst = static_cast<unsigned>(__cvta_generic_to_shared(&w.k[stage][0][0]));
+        const unsigned v_dst = static_cast<unsigned>(__cvta_generic_to_shared(&w.v[stage][0][0]));
+#pragma unroll
+        for (int b = 0; b < 2; ++b) {
+          const int r = b == 0 ? row : row1;
+          if (r < 0) continue;
+#pragma unroll
+          for (int h = 0; h < kHalves; ++h) {
+            const unsigned off = b * kTmaBoxBytes + h * 1024;
+            tma_load_2d(k_dst + off, k_map, 64 * h, r, &bar[stage]);
+            tma_load_2d(v_dst + off, v_map, 64 * h, r, &bar[stage]);
+          }
+        }
+      }
+    } else {
+      load_tile(w, stage, t0, pt.p_start, pt.p_end, k_cache, v_cache, table, block_shift,
+                block_size, num_kv_heads, block_bytes, head, lane);
+      cp_async_mbarrier_arrive(&bar[stage]);
+    }
+  };
+#pragma unroll
+  for (int s = 0; s < kStages; ++s) {
+    if (s < pt.my_tiles) {
+      const int t0 = pt.my_first + s * kStride;
+      issue(s, t0, use_tma ? box_row(t0) : -1);
+    }
+  }
+  int stage = 0;
+  unsigned phase = 0;
+  for (int i = 0; i < pt.my_tiles; ++i) {
+    const int t0 = pt.my_first + i * kStride;
+    const int t_next = t0 + kStages * kStride;
+    const bool refill = i + kStages < pt.my_tiles;
+    const int next_row = use_tma && refill ? box_row(t_next) : -1;  // in flight meanwhile
+    mbarrier_wait(&bar[stage], phase);
+    __syncwarp();
+    if (use_tma && (t0 < pt.p_start || t0 + kTile > pt.p_end)) {
+      tma_zero_masked_v(w, stage, t0, pt.p_start, pt.p_end, lane);
+    }
+    tile(stage, t0);
+    __syncwarp();  // every lane's reads of the stage are done before it is reissued
+    if (refill) issue(stage, t_next, next_row);
+    if (++stage == kStages) {
+      stage = 0;
+      phase ^= 1u;
+    }
+  }
+  // The warps' merge writes the tiles' memory next (generic proxy) where TMA wrote last.
+  fence_proxy_async_shared();
+}
+#endif
 
 #if KVS_TC_WS
 // Warp specialization: streams the partition's tiles through the CTA's ring `ring` of kStages
@@ -792,6 +1003,18 @@ __device__ __forceinline__ const scalar_t* rope_and_cache_rows(
   return q_rot;
 }
 
+// The tensor maps of the TMA loader (KVS_TC_TMA): the last two parameters of both entries.
+#if KVS_TC_TMA
+#define KVS_TMA_PARAMS \
+  , const __grid_constant__ TensorMap k_map, const __grid_constant__ TensorMap v_map
+#define KVS_TMA_ARGS , &k_map, &v_map
+#define KVS_TMA_DECL , const TensorMap* k_map, const TensorMap* v_map
+#else
+#define KVS_TMA_PARAMS
+#define KVS_TMA_ARGS
+#define KVS_TMA_DECL
+#endif
+
 // The kernel (both entries below). kRope: rope_and_cache's work folded in
 // (paged_decode_tc_rope): new_k .. interleaved are its inputs; otherwise they are unused.
 template <bool kRope>
@@ -804,9 +1027,16 @@ __device__ __forceinline__ void decode_tc(
     int partition_size, int max_parts, int window, unsigned* __restrict__ counters,
     const scalar_t* __restrict__ new_k, const scalar_t* __restrict__ new_v,
     const int* __restrict__ positions, const float* __restrict__ inv_freq,
-    const long long* __restrict__ slot_mapping, int interleaved) {
-  extern __shared__ __align__(16) unsigned char dynamic_smem[];  // kTilesBytes
+    const long long* __restrict__ slot_mapping, int interleaved KVS_TMA_DECL) {
+  extern __shared__ __align__(16) unsigned char dynamic_smem[];  // kSmemBytes
+#if KVS_TC_TMA
+  // The tiles from the first 1024-byte boundary (kSmemBytes leaves room for it).
+  const unsigned smem_base = static_cast<unsigned>(__cvta_generic_to_shared(dynamic_smem));
+  WarpTiles* tiles =
+      reinterpret_cast<WarpTiles*>(dynamic_smem + ((kTmaAlign - smem_base % kTmaAlign) % kTmaAlign));
+#else
   WarpTiles* tiles = reinterpret_cast<WarpTiles*>(dynamic_smem);
+#endif
   __shared__ float merge_m[kWarps][8];
   __shared__ float merge_l[kWarps][8];
   kvs_wait_prior();  // PDL (scalar.cuh)
@@ -855,6 +1085,11 @@ __device__ __forceinline__ void decode_tc(
       qb[s][1] = live ? qrow[8 * s + t + 4] : 0u;
     }
   }
+#if KVS_TC_TMA
+  // The rotated q rows and angles in the tiles' memory, and the new token's K and V in the
+  // cache, are generic-proxy writes that TMA (the async proxy) overwrites / reads next.
+  if (rotated) fence_proxy_async();
+#endif
   if (rotated) __syncthreads();  // every warp has its q fragments: the tiles are free
 
   // Online softmax state of heads 2 t + e (log2 units; l over this lane's tokens only, summed
@@ -874,10 +1109,31 @@ __device__ __forceinline__ void decode_tc(
   // 8 ((lane / 8) % 2) .. + 7 of channels 8 (lane / 16) .. + 7 of a k step; of V (A of O^T,
   // transposed), tokens 8 (lane / 16) .. + 7 of channels 8 ((lane / 8) % 2) .. + 7 of an m tile.
   // Padded rows (kRowBytes = 17 x 16 B): the 8 rows of a matrix are on distinct banks.
+#if KVS_TC_TMA
+  // TMA tiles (tma_chunk_offset): K row (lane & 7) + 8 ((lane >> 3) & 1), chunk 2 ks +
+  // (lane >> 4) is at box row ((lane >> 3) & 1), half ks / 4, line lane & 7, chunk position
+  // (2 (ks % 4) + (lane >> 4)) ^ (lane & 7) = 2 (ks % 4) ^ ((lane >> 4) ^ (lane & 7)) (2 (ks %
+  // 4) is even): the lane's base holds (lane >> 4) ^ (lane & 7) in address bits 4-6 and
+  // tc_addr flips bits 5-6 by 2 (ks % 4) (nothing else of the address touches bits 4-6: the
+  // tiles are 1024-byte aligned, lines 128). V alike with (lane >> 3) & 1 and lane >> 4
+  // exchanged, m tile mt for ks.
+  const unsigned k_lane =
+      static_cast<unsigned>(__cvta_generic_to_shared(&w.k[0][0][0])) +
+      ((lane >> 3) & 1) * kTmaBoxBytes + (lane & 7) * 128 + (((lane >> 4) ^ (lane & 7)) << 4);
+  const unsigned v_lane =
+      static_cast<unsigned>(__cvta_generic_to_shared(&w.v[0][0][0])) + (lane >> 4) * kTmaBoxBytes +
+      (lane & 7) * 128 + ((((lane >> 3) & 1) ^ (lane & 7)) << 4);
+  // The address of 16-channel step j (K: k step; V: m tile) from a lane's base.
+  const auto tc_addr = [](unsigned base, int j) {
+    return (base + (j / 4) * 1024) ^ static_cast<unsigned>(32 * (j % 4));
+  };
+#else
   const unsigned k_lane = static_cast<unsigned>(__cvta_generic_to_shared(
       &w.k[0][(lane & 7) + 8 * ((lane >> 3) & 1)][16 * (lane >> 4)]));
   const unsigned v_lane = static_cast<unsigned>(__cvta_generic_to_shared(
       &w.v[0][(lane & 7) + 8 * (lane >> 4)][16 * ((lane >> 3) & 1)]));
+  const auto tc_addr = [](unsigned base, int j) { return base + 32 * j; };
+#endif
   const auto tile = [&](int stage, int t0) {
     // S^T = K q^T: acc[x][2 h + e] is token t0 + g + 8 h, head 2 t + e, over the k steps of
     // parity x (two chains of dependent mma, half as long as one).
@@ -886,7 +1142,7 @@ __device__ __forceinline__ void decode_tc(
 #pragma unroll
     for (int ks = 0; ks < kKSteps; ++ks) {
       unsigned a[4];
-      ldmatrix_x4(a, k_addr + 32 * ks);
+      ldmatrix_x4(a, tc_addr(k_addr, ks));
       mma(acc[ks % 2], a, qb[ks][0], qb[ks][1]);
     }
     float st[4];
@@ -916,7 +1172,7 @@ __device__ __forceinline__ void decode_tc(
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt) {
       unsigned a[4];
-      ldmatrix_x4_trans(a, v_addr + 32 * mt);
+      ldmatrix_x4_trans(a, tc_addr(v_addr, mt));
       mma(o[mt], a, b0, b1);
     }
   };
@@ -924,6 +1180,9 @@ __device__ __forceinline__ void decode_tc(
   // The producer warp leaves with m = -inf, l = 0: it takes part in the merge's barriers only.
   ws_stream_tiles(w, pt, k_cache, v_cache, table, block_shift, block_size, block_bytes, head,
                   warp, lane, tile);
+#elif KVS_TC_TMA
+  tma_stream_tiles(w, pt, k_map, v_map, k_cache, v_cache, table, block_shift, block_size,
+                   num_kv_heads, block_bytes, head, warp, lane, tile);
 #else
   stream_tiles(w, pt, k_cache, v_cache, table, block_shift, block_size, num_kv_heads,
                block_bytes, head, lane, tile);
@@ -1496,8 +1755,9 @@ using namespace kvserve;
 
 // Decode attention over the cache (q rotated, the step's K and V already written).
 extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas)
-    paged_decode_tc(KVS_DECODE_TC_PARAMS) {
-  decode_tc<false>(KVS_DECODE_TC_ARGS, nullptr, nullptr, nullptr, nullptr, nullptr, 0);
+    paged_decode_tc(KVS_DECODE_TC_PARAMS KVS_TMA_PARAMS) {
+  decode_tc<false>(KVS_DECODE_TC_ARGS, nullptr, nullptr, nullptr, nullptr, nullptr,
+                   0 KVS_TMA_ARGS);
 }
 
 // The same with rope_and_cache's work folded in (PagedDecoder::run_with_rope): q unrotated,
@@ -1509,7 +1769,8 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas)
     paged_decode_tc_rope(KVS_DECODE_TC_PARAMS, const scalar_t* __restrict__ new_k,
                          const scalar_t* __restrict__ new_v, const int* __restrict__ positions,
                          const float* __restrict__ inv_freq,
-                         const long long* __restrict__ slot_mapping, int interleaved) {
+                         const long long* __restrict__ slot_mapping,
+                         int interleaved KVS_TMA_PARAMS) {
   decode_tc<true>(KVS_DECODE_TC_ARGS, new_k, new_v, positions, inv_freq, slot_mapping,
-                  interleaved);
+                  interleaved KVS_TMA_ARGS);
 }

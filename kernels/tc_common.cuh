@@ -140,6 +140,53 @@ __device__ __forceinline__ void mbarrier_wait(unsigned long long* bar, unsigned 
   } while (!done);
 }
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+// TMA (sm_90): tensor maps, transaction-counted mbarriers, proxy fences.
+
+// A CUtensorMap as a kernel parameter (`const __grid_constant__`): 128 opaque bytes, encoded on
+// the host by cuTensorMapEncodeTiled (the driver header is not available to NVRTC).
+struct alignas(64) TensorMap {
+  unsigned long long opaque[16];
+};
+
+// Makes the mbarrier initializations of this thread visible to the async proxy (the TMA
+// engine's complete_tx) before the barriers are used.
+__device__ __forceinline__ void fence_mbarrier_init() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+
+// One arrival that also expects `bytes` more bytes of transactions (complete_tx) in the current
+// phase: the phase completes when every arrival has been made and every byte has landed.
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(unsigned long long* bar, unsigned bytes) {
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(bar));
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(a), "r"(bytes)
+               : "memory");
+}
+
+// Copies the box of `map` at coordinates (c0, c1) (innermost first, in elements) into shared
+// memory at `dst` (the map's swizzle applied), completing its bytes on `bar`.
+__device__ __forceinline__ void tma_load_2d(unsigned dst, const TensorMap* map, int c0, int c1,
+                                            unsigned long long* bar) {
+  const unsigned b = static_cast<unsigned>(__cvta_generic_to_shared(bar));
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, "
+      "{%2, %3}], [%4];\n" ::"r"(dst),
+      "l"(reinterpret_cast<unsigned long long>(map)), "r"(c0), "r"(c1), "r"(b)
+      : "memory");
+}
+
+// Orders this thread's earlier generic-proxy accesses to shared memory before later
+// async-proxy (TMA) accesses (and the reverse).
+__device__ __forceinline__ void fence_proxy_async_shared() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// The same for every state space (global memory too).
+__device__ __forceinline__ void fence_proxy_async() {
+  asm volatile("fence.proxy.async;\n" ::: "memory");
+}
+#endif
+
 #if KVS_TC_INT4
 // Nibbles I and I + 4 of `w` (bits 4 I and 16 + 4 I) as a packed pair of the activation type,
 // each 1 + nibble / 16 (exact in bf16 and fp16): the nibble lands in the top four mantissa

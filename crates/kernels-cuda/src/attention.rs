@@ -1,15 +1,19 @@
 //! Paged decode attention: one query token per sequence over its cached context.
 #![allow(unsafe_code)]
 
-use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, ValidAsZeroBits};
+use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, ValidAsZeroBits};
 use kv_quant::BlockLayout;
+use rustc_hash::FxHashMap;
 
 use crate::cache::{LayerCache, RopeCacheShapes, Rotary, check_rope_cache, rope_and_cache};
 use crate::compile::{HEAD_DIMS, MAX_GQA_GROUP, Program, Scalar, Variant};
 use crate::device::Gpu;
 use crate::error::{KernelError, Result, bad};
 use crate::indices::{DeviceArray, Indices};
-use crate::launch::Launch;
+use crate::launch::{
+    KvCacheGeometry, KvTensorMapShape, Launch, TensorMapArg, encode_kv_tensor_map,
+    kv_tensor_map_shape,
+};
 use crate::layers::RopeShape;
 
 /// An activation type the kernels read and write (q, k, v, attention output).
@@ -215,7 +219,14 @@ pub struct PagedDecoder {
     /// ([`PagedDecoder::set_fixed_parts`]).
     fixed_parts: Option<usize>,
     kernel: DecodeKernel,
+    /// The TMA tensor maps encoded so far (a tensor-core kernel built with `-DKVS_TC_TMA=1`),
+    /// per cache buffer and shape: one driver call per cache, not per launch.
+    tensor_maps: FxHashMap<KvTensorMapShape, TensorMapArg>,
 }
+
+/// Tensor maps kept at most (a model's layers times K and V, with room for tests): past it the
+/// cache starts over, so buffers freed and reallocated elsewhere do not pile up.
+const MAX_TENSOR_MAPS: usize = 1024;
 
 impl Default for PagedDecoder {
     fn default() -> Self {
@@ -227,6 +238,7 @@ impl Default for PagedDecoder {
             forced_partition: None,
             fixed_parts: None,
             kernel: DecodeKernel::from_env(),
+            tensor_maps: FxHashMap::default(),
         }
     }
 }
@@ -379,6 +391,46 @@ impl PagedDecoder {
         }
         self.fixed_parts = parts;
         Ok(())
+    }
+
+    /// The TMA tensor map of `cache` (one layer's K or V cache of `layout`, `num_blocks`
+    /// blocks addressed), encoded once per buffer and shape; [`TensorMapArg::UNUSED`] for
+    /// blocks of fewer than 8 tokens (the kernel loads those by cp.async).
+    ///
+    /// # Errors
+    /// What [`kv_tensor_map_shape`] refuses; driver errors.
+    fn tensor_map(
+        &mut self,
+        gpu: &Gpu,
+        layout: &BlockLayout,
+        num_blocks: usize,
+        cache: &CudaSlice<u8>,
+    ) -> Result<TensorMapArg> {
+        // Event tracking is off for the crate's context (device.rs): the guard does nothing.
+        let (address, _guard) = cache.device_ptr(gpu.stream());
+        let geometry = KvCacheGeometry {
+            dtype: layout.dtype(),
+            head_dim: layout.head_dim(),
+            block_size: layout.block_size(),
+            num_kv_heads: layout.num_kv_heads(),
+            row_bytes: layout.value_row_bytes(),
+            block_bytes: layout.kv_block_bytes(),
+            num_blocks,
+            cache_bytes: cache.len(),
+            address,
+        };
+        let Some(shape) = kv_tensor_map_shape(KERNEL, &geometry)? else {
+            return Ok(TensorMapArg::UNUSED);
+        };
+        if let Some(map) = self.tensor_maps.get(&shape) {
+            return Ok(*map);
+        }
+        let map = encode_kv_tensor_map(gpu, &shape)?;
+        if self.tensor_maps.len() >= MAX_TENSOR_MAPS {
+            self.tensor_maps.clear();
+        }
+        self.tensor_maps.insert(shape, map);
+        Ok(map)
     }
 
     /// How a batch is split for the split kernel: enough CTAs to fill the device (2 per SM),
@@ -541,7 +593,7 @@ impl PagedDecoder {
             head_dim: d,
             gqa_group: group,
         };
-        let (partition, threads, smem, plan) = match kernel {
+        let (partition, threads, smem, plan, tma) = match kernel {
             DecodeKernel::Split => {
                 let plan = self.plan_split(gpu, meta, kv_heads, group, d);
                 (
@@ -549,6 +601,7 @@ impl PagedDecoder {
                     128,
                     4 * group * (plan.partition_size + d),
                     plan,
+                    false,
                 )
             }
             DecodeKernel::TensorCore => {
@@ -575,8 +628,24 @@ impl PagedDecoder {
                         self.forced_partition,
                     ),
                 };
-                (f, shape.threads, shape.dynamic_smem as usize, plan)
+                (
+                    f,
+                    shape.threads,
+                    shape.dynamic_smem as usize,
+                    plan,
+                    shape.tensor_maps,
+                )
             }
+        };
+        // The TMA loader's tensor maps (a kernel built with -DKVS_TC_TMA=1), before anything
+        // is allocated or launched.
+        let maps = if tma {
+            Some((
+                self.tensor_map(gpu, layout, meta.num_blocks, k_cache)?,
+                self.tensor_map(gpu, layout, meta.num_blocks, v_cache)?,
+            ))
+        } else {
+            None
         };
         let scratch = meta.num_seqs * num_heads * plan.max_parts;
         let (tmp, maxl, sums) = (
@@ -624,6 +693,10 @@ impl PagedDecoder {
                 .arg(f.slot_mapping.device())
                 .arg(&f.interleaved);
         }
+        if let Some((k_map, v_map)) = &maps {
+            // Both entries' last parameters (KVS_TMA_PARAMS).
+            launch.arg(k_map).arg(v_map);
+        }
         // SAFETY: the argument list matches `paged_decode_partition` in
         // kernels/paged_attention.cu and `paged_decode_tc` / `paged_decode_tc_rope` in
         // kernels/paged_attention_tc.cu (the same list, then the tensor-core kernel's counters,
@@ -641,6 +714,9 @@ impl PagedDecoder {
         // non-negative one inside both caches, whose block size is a power of two) the kernel
         // also reads those and writes one (head, slot) row of K and of V per CTA that holds
         // a sequence's last token, inside the caches, which run_with_rope borrows mutably.
+        // A kernel that takes tensor maps (its module says so) gets K's and V's, encoded over
+        // these very buffers (address, the metadata's blocks, inside the buffers: checked by
+        // kv_tensor_map_shape), or zeroed maps it does not read (blocks under 8 tokens).
         // The kernel calls kvs_wait_prior() before touching any buffer (PDL).
         unsafe { launch.dependent().launch(cfg) }?;
         // The split kernel's partitions are merged by a second launch (the tensor-core kernel

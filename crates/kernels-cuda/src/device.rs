@@ -64,6 +64,9 @@ pub(crate) struct LaunchShape {
     /// CTAs of this shape that fit one SM at once (the driver's occupancy calculation: its
     /// registers, threads and shared memory), at least 1.
     pub ctas_per_sm: u32,
+    /// Whether the kernel takes TMA tensor maps after its other parameters (an optional fourth
+    /// word, nonzero: the decode kernel built with `-DKVS_TC_TMA=1` for sm_90).
+    pub tensor_maps: bool,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -335,7 +338,7 @@ impl Gpu {
     }
 
     /// Kernel `name` of `variant` with the launch shape its module exports as `<name>_launch`
-    /// (read once, with a synchronous copy: the first call must not be inside a graph
+    /// (three or four `int`s; read once, with a synchronous copy: the first call must not be inside a graph
     /// capture), its dynamic shared-memory limit raised to that size where it and the static
     /// shared memory pass the default 48 KiB.
     ///
@@ -371,7 +374,10 @@ impl Gpu {
                 .map(u32::from_le_bytes)
                 .ok_or_else(|| KernelError::Unsupported {
                     kernel: name,
-                    what: format!("{variant}: {symbol} of {} bytes (12 expected)", bytes.len()),
+                    what: format!(
+                        "{variant}: {symbol} of {} bytes (12 or 16 expected)",
+                        bytes.len()
+                    ),
                 })
         };
         let mut shape = LaunchShape {
@@ -379,6 +385,7 @@ impl Gpu {
             dynamic_smem: word(1)?,
             quantum: word(2)?,
             ctas_per_sm: 1,
+            tensor_maps: bytes.len() >= 16 && word(3)? != 0,
         };
         self.allow_dynamic_smem(&f, variant, name, shape.dynamic_smem as usize)?;
         shape.ctas_per_sm = f

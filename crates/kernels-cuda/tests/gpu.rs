@@ -447,6 +447,152 @@ fn tensor_core_decode_with_blocks_smaller_than_a_tile_matches_the_reference() {
     assert!(worst.is_empty(), "over tolerance:\n{}", worst.join("\n"));
 }
 
+/// [`decode_error_as`] (tensor-core kernel) over a cache poisoned outside what the batch
+/// attends: every byte that is not in a value row (any KV head) of an attended token (slots
+/// past a context, tokens before the window, the spare blocks) is 0xFF (NaN in bf16 and
+/// fp16), and table entries of blocks wholly before a sequence's window are -1 (the metadata
+/// checks only the attended ones). A loader that reads
+/// such a row and lets it reach the P . V product (0 * NaN), or looks such a block up, fails.
+fn poisoned_decode_error<T: Act>(
+    gpu: &Gpu,
+    rng: &mut ChaCha8Rng,
+    c: &Case,
+    partition: Option<usize>,
+) -> f64 {
+    let stream = gpu.stream().clone();
+    let l = &c.layout;
+    let (kvh, d, bs) = (l.num_kv_heads(), l.head_dim(), l.block_size());
+    let (row_bytes, bb) = (l.value_row_bytes(), l.kv_block_bytes());
+    let (mut cache, _) = decode_batch::<T>(gpu, rng, l, &c.contexts, c.window);
+    let mb = cache.max_blocks;
+    let mut attended = vec![false; cache.k.len()];
+    for (s, &ctx) in c.contexts.iter().enumerate() {
+        let first = c.window.map_or(0, |w| ctx.saturating_sub(w));
+        for t in first..ctx {
+            let b = cache.tables[s * mb + t / bs] as usize;
+            for h in 0..kvh {
+                let at = b * bb + (h * bs + t % bs) * row_bytes;
+                attended[at..at + row_bytes].fill(true);
+            }
+        }
+        for j in 0..first / bs {
+            cache.tables[s * mb + j] = -1;
+        }
+    }
+    for (i, &a) in attended.iter().enumerate() {
+        if !a {
+            cache.k[i] = 0xFF;
+            cache.v[i] = 0xFF;
+        }
+    }
+    let ctx_i: Vec<i32> = c.contexts.iter().map(|&x| x as i32).collect();
+    let meta = DecodeMetadata::new(
+        gpu,
+        &cache.tables,
+        mb,
+        &ctx_i,
+        bs,
+        cache.num_blocks,
+        c.window,
+    )
+    .unwrap();
+    let nh = c.num_heads;
+    let group = nh / kvh;
+    let q = random_act::<T>(rng, c.contexts.len() * nh * d, 1.0);
+    let q_t: Vec<T> = q.iter().map(|&x| T::of(x)).collect();
+    let qd = stream.clone_htod(&q_t).unwrap();
+    let kd = stream.clone_htod(&cache.k).unwrap();
+    let vd = stream.clone_htod(&cache.v).unwrap();
+    let mut out: CudaSlice<T> = stream
+        .clone_htod(&vec![T::NAN; c.contexts.len() * nh * d])
+        .unwrap();
+    let mut dec = PagedDecoder::new();
+    dec.set_kernel(DecodeKernel::TensorCore);
+    dec.set_partition_size(partition).unwrap();
+    dec.run(gpu, &meta, l, nh, &qd, &kd, &vd, &mut out).unwrap();
+    let out: Vec<f32> = stream
+        .clone_dtoh(&out)
+        .unwrap()
+        .iter()
+        .map(|x| x.f32())
+        .collect();
+    let mut err = MaxError::default();
+    for (s, &ctx) in c.contexts.iter().enumerate() {
+        let first = c.window.map_or(0, |w| ctx.saturating_sub(w));
+        for h in 0..nh {
+            let qh = &q[(s * nh + h) * d..][..d];
+            let r = attention_ref(
+                qh,
+                &cache.k_dec[s],
+                &cache.v_dec[s],
+                kvh,
+                h / group,
+                first..ctx,
+            );
+            for (i, r) in r.into_iter().enumerate() {
+                let o = f64::from(out[(s * nh + h) * d + i]);
+                if !o.is_finite() {
+                    return f64::INFINITY;
+                }
+                err.add(o, r);
+            }
+        }
+    }
+    err.relative()
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn tensor_core_decode_ignores_poisoned_rows_and_tables_outside_what_it_attends() {
+    // NaN in every cache row the batch does not attend (slots past a context, tokens before a
+    // window, spare blocks) and -1 in the table entries before a window: the tiles' masked
+    // tokens must contribute nothing (-DKVS_TC_TMA=1 brings whole boxes of 8 rows and zeroes
+    // the masked V rows; cp.async zero-fills them). Block sizes 1 to 32 (the TMA loader's
+    // cp.async fallback below 8), d 64 / 128, windows starting inside tiles and blocks, bf16
+    // and fp16; tolerance as tensor_core_decode_matches_the_reference.
+    let gpu = gpu();
+    let mut rng = ChaCha8Rng::seed_from_u64(24);
+    let mut worst = Vec::new();
+    for (i, block_size) in [8usize, 16, 32, 4].into_iter().enumerate() {
+        for head_dim in [64, 128] {
+            for window in [None, Some(45 + 50 * i)] {
+                let case = |dtype| Case {
+                    layout: BlockLayout::new(dtype, block_size, 2, head_dim).unwrap(),
+                    num_heads: 2 * (1 + i),
+                    contexts: vec![1, 9, 23, 300, 1037],
+                    window,
+                };
+                let name = format!("bs={block_size} d={head_dim} window={window:?}");
+                for partition in [None, Some(64)] {
+                    let e = poisoned_decode_error::<bf16>(
+                        &gpu,
+                        &mut rng,
+                        &case(KvCacheDtype::Bf16),
+                        partition,
+                    );
+                    let h = poisoned_decode_error::<half::f16>(
+                        &gpu,
+                        &mut rng,
+                        &case(KvCacheDtype::Fp16),
+                        partition,
+                    );
+                    eprintln!(
+                        "tc poisoned {name} partition={partition:?}: err {e:.2e} bf16, {h:.2e} f16"
+                    );
+                    if !(e <= 1.5e-2 && h <= 1.5e-2) {
+                        worst.push(format!("{name} partition={partition:?}: {e:.2e} {h:.2e}"));
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        worst.is_empty(),
+        "over tolerance or not finite:\n{}",
+        worst.join("\n")
+    );
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn bad_arguments_are_refused_before_launch() {
