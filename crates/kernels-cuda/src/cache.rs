@@ -2,7 +2,9 @@
 //! rotary embedding of q and k.
 #![allow(unsafe_code)]
 
-use cudarc::driver::{CudaSlice, LaunchConfig};
+use std::marker::PhantomData;
+
+use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig};
 use kv_quant::BlockLayout;
 
 use crate::attention::ActScalar;
@@ -300,6 +302,77 @@ pub fn rope_and_cache<T: ActScalar>(
     slot_mapping: &Indices<i64>,
     cache: LayerCache<'_>,
 ) -> Result<()> {
+    rope_and_cache_with(gpu, rotary, q, k, v, slot_mapping, cache, None)
+}
+
+/// A range of device memory for the L2 to fetch ahead of its use, e.g. the head of the next
+/// weight product's matrix, asked for by a short kernel that leaves the DRAM idle
+/// ([`rope_and_cache_with`]). Only a hint: on devices before sm_90 nothing is fetched, and
+/// nothing a kernel reads changes.
+#[derive(Clone, Copy, Debug)]
+pub struct L2Prefetch<'a> {
+    ptr: u64,
+    bytes: i64,
+    _memory: PhantomData<&'a ()>,
+}
+
+impl<'a> L2Prefetch<'a> {
+    /// The first `max_bytes` of `buf` (a buffer or a view; rounded down to a multiple of 16
+    /// bytes).
+    ///
+    /// # Errors
+    /// [`KernelError::BadArgument`] if `buf` does not start on a 16-byte boundary (a view
+    /// into a buffer at an odd offset), which the bulk prefetch needs.
+    pub fn head_of<T, B: DevicePtr<T>>(gpu: &Gpu, buf: &'a B, max_bytes: usize) -> Result<Self> {
+        // Event tracking is off for the crate's context (device.rs): the guard does nothing.
+        let (ptr, _guard) = buf.device_ptr(gpu.stream());
+        if ptr % 16 != 0 {
+            return Err(bad(
+                PREFETCH,
+                format!("address {ptr:#x} is not 16-byte aligned"),
+            ));
+        }
+        let bytes = prefetch_len(buf.num_bytes(), max_bytes);
+        Ok(Self {
+            ptr,
+            bytes: i64::try_from(bytes).map_err(|_| bad(PREFETCH, format!("{bytes} bytes")))?,
+            _memory: PhantomData,
+        })
+    }
+
+    /// Bytes it asks for.
+    pub fn bytes(&self) -> usize {
+        self.bytes as usize
+    }
+}
+
+const PREFETCH: &str = "l2_prefetch";
+
+/// Bytes a prefetch of the first `max_bytes` of `len` bytes asks for: a multiple of 16 (the
+/// bulk prefetch's unit).
+fn prefetch_len(len: usize, max_bytes: usize) -> usize {
+    len.min(max_bytes) & !15
+}
+
+/// [`rope_and_cache`], and the same launch asks the L2 for `prefetch` before it waits for the
+/// previous kernel (PDL): its CTAs issue the requests and go on, the lines arrive while this
+/// kernel and the attention after it run. For small decode batches, where those kernels leave
+/// the DRAM idle between the Q/K/V and O products: the O weights can be in the L2 when the O
+/// product starts.
+///
+/// # Errors
+/// As [`rope_and_cache`].
+#[allow(clippy::too_many_arguments)]
+pub fn rope_and_cache_with<T: ActScalar>(
+    gpu: &Gpu,
+    rotary: &Rotary<'_>,
+    q: &mut CudaSlice<T>,
+    k: &CudaSlice<T>,
+    v: &CudaSlice<T>,
+    slot_mapping: &Indices<i64>,
+    cache: LayerCache<'_>,
+    prefetch: Option<L2Prefetch<'_>>,
+) -> Result<()> {
     let layout = cache.layout;
     let shape = &rotary.shape;
     let shapes = RopeCacheShapes::of(rotary, q, k, v, slot_mapping, &cache);
@@ -315,6 +388,7 @@ pub fn rope_and_cache<T: ActScalar>(
     let bs = layout.block_size() as i32;
     let shift = layout.block_size().trailing_zeros() as i32;
     let block_bytes = layout.kv_block_bytes() as i64;
+    let (prefetch_ptr, prefetch_bytes) = prefetch.map_or((0u64, 0i64), |p| (p.ptr, p.bytes));
     let cfg = LaunchConfig {
         grid_dim: (slot_mapping.len() as u32, kv_heads as u32, 1),
         block_dim: (32 * (2 + query_warps) as u32, 1, 1),
@@ -335,14 +409,19 @@ pub fn rope_and_cache<T: ActScalar>(
         .arg(&inter)
         .arg(&bs)
         .arg(&shift)
-        .arg(&block_bytes);
+        .arg(&block_bytes)
+        .arg(&prefetch_ptr)
+        .arg(&prefetch_bytes);
     // SAFETY: the arguments match `rope_and_cache` in kernels/cache.cu, and the block has
     // 2 + query_warps <= 2 + kMaxQueryWarps warps (its launch bound). Checked above: q holds
     // tokens x num_q_heads x head_dim values and k, v tokens x num_kv_heads x head_dim (the
     // layout's); positions has one entry per token and inv_freq head_dim / 2; the grid is
     // tokens x num_kv_heads; every non-negative slot is inside both caches, whose block size
-    // is a power of two (the kernel shifts).
-    // The kernel calls kvs_wait_prior() before touching any buffer (PDL).
+    // is a power of two (the kernel shifts). The prefetch range (null, 0 for none) lies inside
+    // a live buffer (L2Prefetch::head_of borrows it), starts 16-byte aligned and is a
+    // multiple of 16 bytes; a prefetch reads nothing into the kernel.
+    // The kernel calls kvs_wait_prior() before touching any buffer but the prefetch's, which
+    // is only read (PDL).
     unsafe { launch.dependent().launch(cfg) }?;
     Ok(())
 }
@@ -471,6 +550,15 @@ fn cache_variant<T: ActScalar>(layout: &BlockLayout) -> Variant {
 mod tests {
     use super::*;
     use kv_quant::KvCacheDtype;
+
+    #[test]
+    fn prefetch_asks_for_whole_16_byte_units_up_to_the_cap() {
+        assert_eq!(prefetch_len(32 << 20, 24 << 20), 24 << 20);
+        assert_eq!(prefetch_len(1000, 1 << 20), 992);
+        assert_eq!(prefetch_len(1000, 17), 16);
+        assert_eq!(prefetch_len(1000, 15), 0);
+        assert_eq!(prefetch_len(0, 1 << 20), 0);
+    }
 
     fn layout() -> BlockLayout {
         BlockLayout::new(KvCacheDtype::Int8, 16, 2, 64).unwrap()
