@@ -37,32 +37,6 @@ extern "C" __global__ void __launch_bounds__(64)
   write_row(base, head, offset, block_size, num_kv_heads, lane, x);
 }
 
-// L2 prefetch (sm_90): the CTAs of the grid ask the L2 for `bytes` (a multiple of 16) from
-// `p` (16-byte aligned), in chunks of kPrefetchChunk bytes spread over every thread of the
-// grid, one cp.async.bulk.prefetch each. The request returns at once: the lines arrive while
-// this kernel and the next ones run. Used for weights (never written during a step), so it may
-// run before the PDL wait. What for: at small batches the short kernels between two weight
-// products (RoPE + cache write, attention) leave the DRAM idle; the next product's weights can
-// stream into the L2 meanwhile (crates/kernels-cuda/src/cache.rs, L2Prefetch).
-constexpr long long kPrefetchChunk = 16384;
-
-__device__ __forceinline__ void l2_prefetch(const unsigned char* p, long long bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (p == nullptr || bytes <= 0) return;
-  const long long chunks = (bytes + kPrefetchChunk - 1) / kPrefetchChunk;
-  const long long threads =
-      static_cast<long long>(gridDim.x) * gridDim.y * gridDim.z * blockDim.x;
-  const long long cta = blockIdx.x + static_cast<long long>(gridDim.x) *
-                                         (blockIdx.y + static_cast<long long>(gridDim.y) * blockIdx.z);
-  for (long long c = cta * blockDim.x + threadIdx.x; c < chunks; c += threads) {
-    const long long off = c * kPrefetchChunk;
-    const unsigned size = static_cast<unsigned>(min(kPrefetchChunk, bytes - off));
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p + off), "r"(size)
-                 : "memory");
-  }
-#endif
-}
-
 // Query-head warps of a rope_and_cache CTA at most (the launcher picks
 // min(ceil(num_q_heads / num_kv_heads), kMaxQueryWarps)).
 constexpr int kMaxQueryWarps = 8;
@@ -73,17 +47,14 @@ constexpr int kMaxQueryWarps = 8;
 // grid (num_tokens, num_kv_heads), block 32 * (2 + query warps) threads: warp 0 the K row and
 // warp 1 the V row of (token, KV head) blockIdx.y, as reshape_and_cache (nothing for a negative
 // slot); the other warps rotate query heads blockIdx.y + j * num_kv_heads (j = 0, 1, ...; any
-// num_q_heads works), one head per warp at a time, whatever the slot. `prefetch`, `prefetch_bytes`
-// (null, 0: none): a range of weights to bring into the L2 (l2_prefetch), before the PDL wait.
+// num_q_heads works), one head per warp at a time, whatever the slot.
 extern "C" __global__ void __launch_bounds__(32 * (2 + kMaxQueryWarps), 1)
     rope_and_cache(scalar_t* __restrict__ q, unsigned char* __restrict__ k_cache,
                    unsigned char* __restrict__ v_cache, const scalar_t* __restrict__ k,
                    const scalar_t* __restrict__ v, const int* __restrict__ positions,
                    const float* __restrict__ inv_freq, const long long* __restrict__ slot_mapping,
                    int num_q_heads, int num_kv_heads, int interleaved, int block_size,
-                   int block_shift, long long block_bytes,
-                   const unsigned char* __restrict__ prefetch, long long prefetch_bytes) {
-  l2_prefetch(prefetch, prefetch_bytes);
+                   int block_shift, long long block_bytes) {
   kvs_wait_prior();  // PDL (scalar.cuh)
   kvs_launch_dependents();
   const int token = blockIdx.x;

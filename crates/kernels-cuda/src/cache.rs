@@ -302,17 +302,61 @@ pub fn rope_and_cache<T: ActScalar>(
     slot_mapping: &Indices<i64>,
     cache: LayerCache<'_>,
 ) -> Result<()> {
-    rope_and_cache_with(gpu, rotary, q, k, v, slot_mapping, cache, None)
+    let layout = cache.layout;
+    let shape = &rotary.shape;
+    let shapes = RopeCacheShapes::of(rotary, q, k, v, slot_mapping, &cache);
+    let Some(query_warps) = check_rope_cache(layout, shape, &shapes)? else {
+        return Ok(());
+    };
+    let variant = cache_variant::<T>(layout);
+    let f = gpu.function(&variant, FUSED)?;
+    let kv_heads = layout.num_kv_heads();
+    let qh = shape.num_q_heads as i32;
+    let kvh = kv_heads as i32;
+    let inter = i32::from(shape.interleaved);
+    let bs = layout.block_size() as i32;
+    let shift = layout.block_size().trailing_zeros() as i32;
+    let block_bytes = layout.kv_block_bytes() as i64;
+    let cfg = LaunchConfig {
+        grid_dim: (slot_mapping.len() as u32, kv_heads as u32, 1),
+        block_dim: (32 * (2 + query_warps) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut launch = Launch::new(gpu, &f);
+    launch
+        .arg(&mut *q)
+        .arg(&mut *cache.k)
+        .arg(&mut *cache.v)
+        .arg(k)
+        .arg(v)
+        .arg(rotary.positions.device())
+        .arg(rotary.inv_freq)
+        .arg(slot_mapping.device())
+        .arg(&qh)
+        .arg(&kvh)
+        .arg(&inter)
+        .arg(&bs)
+        .arg(&shift)
+        .arg(&block_bytes);
+    // SAFETY: the arguments match `rope_and_cache` in kernels/cache.cu, and the block has
+    // 2 + query_warps <= 2 + kMaxQueryWarps warps (its launch bound). Checked above: q holds
+    // tokens x num_q_heads x head_dim values and k, v tokens x num_kv_heads x head_dim (the
+    // layout's); positions has one entry per token and inv_freq head_dim / 2; the grid is
+    // tokens x num_kv_heads; every non-negative slot is inside both caches, whose block size
+    // is a power of two (the kernel shifts).
+    // The kernel calls kvs_wait_prior() before touching any buffer (PDL).
+    unsafe { launch.dependent().launch(cfg) }?;
+    Ok(())
 }
 
 /// A range of device memory for the L2 to fetch ahead of its use, e.g. the head of the next
-/// weight product's matrix, asked for by a short kernel that leaves the DRAM idle
-/// ([`rope_and_cache_with`]). Only a hint: on devices before sm_90 nothing is fetched, and
-/// nothing a kernel reads changes.
+/// weight product's matrix, asked for by a kernel that leaves the DRAM idle
+/// ([`crate::PagedDecoder::run_prefetching`]). Only a hint: on devices before sm_90 nothing is
+/// fetched, and nothing a kernel reads changes.
 #[derive(Clone, Copy, Debug)]
 pub struct L2Prefetch<'a> {
-    ptr: u64,
-    bytes: i64,
+    pub(crate) ptr: u64,
+    pub(crate) bytes: i64,
     _memory: PhantomData<&'a ()>,
 }
 
@@ -352,78 +396,6 @@ const PREFETCH: &str = "l2_prefetch";
 /// bulk prefetch's unit).
 fn prefetch_len(len: usize, max_bytes: usize) -> usize {
     len.min(max_bytes) & !15
-}
-
-/// [`rope_and_cache`], and the same launch asks the L2 for `prefetch` before it waits for the
-/// previous kernel (PDL): its CTAs issue the requests and go on, the lines arrive while this
-/// kernel and the attention after it run. For small decode batches, where those kernels leave
-/// the DRAM idle between the Q/K/V and O products: the O weights can be in the L2 when the O
-/// product starts.
-///
-/// # Errors
-/// As [`rope_and_cache`].
-#[allow(clippy::too_many_arguments)]
-pub fn rope_and_cache_with<T: ActScalar>(
-    gpu: &Gpu,
-    rotary: &Rotary<'_>,
-    q: &mut CudaSlice<T>,
-    k: &CudaSlice<T>,
-    v: &CudaSlice<T>,
-    slot_mapping: &Indices<i64>,
-    cache: LayerCache<'_>,
-    prefetch: Option<L2Prefetch<'_>>,
-) -> Result<()> {
-    let layout = cache.layout;
-    let shape = &rotary.shape;
-    let shapes = RopeCacheShapes::of(rotary, q, k, v, slot_mapping, &cache);
-    let Some(query_warps) = check_rope_cache(layout, shape, &shapes)? else {
-        return Ok(());
-    };
-    let variant = cache_variant::<T>(layout);
-    let f = gpu.function(&variant, FUSED)?;
-    let kv_heads = layout.num_kv_heads();
-    let qh = shape.num_q_heads as i32;
-    let kvh = kv_heads as i32;
-    let inter = i32::from(shape.interleaved);
-    let bs = layout.block_size() as i32;
-    let shift = layout.block_size().trailing_zeros() as i32;
-    let block_bytes = layout.kv_block_bytes() as i64;
-    let (prefetch_ptr, prefetch_bytes) = prefetch.map_or((0u64, 0i64), |p| (p.ptr, p.bytes));
-    let cfg = LaunchConfig {
-        grid_dim: (slot_mapping.len() as u32, kv_heads as u32, 1),
-        block_dim: (32 * (2 + query_warps) as u32, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let mut launch = Launch::new(gpu, &f);
-    launch
-        .arg(&mut *q)
-        .arg(&mut *cache.k)
-        .arg(&mut *cache.v)
-        .arg(k)
-        .arg(v)
-        .arg(rotary.positions.device())
-        .arg(rotary.inv_freq)
-        .arg(slot_mapping.device())
-        .arg(&qh)
-        .arg(&kvh)
-        .arg(&inter)
-        .arg(&bs)
-        .arg(&shift)
-        .arg(&block_bytes)
-        .arg(&prefetch_ptr)
-        .arg(&prefetch_bytes);
-    // SAFETY: the arguments match `rope_and_cache` in kernels/cache.cu, and the block has
-    // 2 + query_warps <= 2 + kMaxQueryWarps warps (its launch bound). Checked above: q holds
-    // tokens x num_q_heads x head_dim values and k, v tokens x num_kv_heads x head_dim (the
-    // layout's); positions has one entry per token and inv_freq head_dim / 2; the grid is
-    // tokens x num_kv_heads; every non-negative slot is inside both caches, whose block size
-    // is a power of two (the kernel shifts). The prefetch range (null, 0 for none) lies inside
-    // a live buffer (L2Prefetch::head_of borrows it), starts 16-byte aligned and is a
-    // multiple of 16 bytes; a prefetch reads nothing into the kernel.
-    // The kernel calls kvs_wait_prior() before touching any buffer but the prefetch's, which
-    // is only read (PDL).
-    unsafe { launch.dependent().launch(cfg) }?;
-    Ok(())
 }
 
 /// A step's block copies, checked and on the device: build once, apply to every layer's

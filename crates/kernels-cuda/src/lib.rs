@@ -40,7 +40,6 @@ pub use attention::{
 };
 pub use cache::{
     BlockCopies, L2Prefetch, LayerCache, Rotary, copy_blocks, reshape_and_cache, rope_and_cache,
-    rope_and_cache_with,
 };
 pub use compile::{Program, Scalar, Variant};
 pub use device::{Gpu, driver_available};

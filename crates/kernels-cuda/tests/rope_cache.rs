@@ -16,8 +16,8 @@ use common::{Bits, first_diff, inv_freq, random_act};
 use half::{bf16, f16};
 use kernels_cuda::cudarc::driver::CudaSlice;
 use kernels_cuda::{
-    Gpu, Indices, KernelError, L2Prefetch, LayerCache, RopeShape, Rotary, reshape_and_cache, rope,
-    rope_and_cache, rope_and_cache_with,
+    Gpu, Indices, KernelError, LayerCache, RopeShape, Rotary, reshape_and_cache, rope,
+    rope_and_cache,
 };
 use kv_quant::{BlockLayout, KvCacheDtype};
 use rand::seq::SliceRandom;
@@ -133,21 +133,7 @@ fn compare<T: Bits>(gpu: &Gpu, rng: &mut ChaCha8Rng, c: Case) -> Vec<String> {
         k: &mut kc_b,
         v: &mut vc_b,
     };
-    // With an L2 prefetch of an unrelated buffer (a hint: the same bits).
-    let weights = s.clone_htod(&init).unwrap();
-    let prefetch = L2Prefetch::head_of(gpu, &weights, 1 << 20).unwrap();
-    assert_eq!(prefetch.bytes(), cache_bytes.min(1 << 20) & !15);
-    rope_and_cache_with(
-        gpu,
-        &rotary,
-        &mut q_b,
-        &k_b,
-        &v_b,
-        &slots_d,
-        dest,
-        Some(prefetch),
-    )
-    .unwrap();
+    rope_and_cache(gpu, &rotary, &mut q_b, &k_b, &v_b, &slots_d, dest).unwrap();
 
     let bits = |x: &CudaSlice<T>| -> Vec<u16> {
         s.clone_dtoh(x).unwrap().into_iter().map(T::bits).collect()
@@ -250,10 +236,6 @@ fn rope_and_cache_refuses_bad_arguments_before_launch() {
         inv_freq: &inv,
     };
     run(good, &mut q, &slots).unwrap();
-    // A prefetch must start on a 16-byte boundary.
-    let odd = kv.slice(1..);
-    let r = L2Prefetch::head_of(&gpu, &odd, 1024).map(|_| ());
-    assert!(matches!(r, Err(KernelError::BadArgument { .. })), "{r:?}");
     let is_bad = |r: kernels_cuda::Result<()>| {
         assert!(matches!(r, Err(KernelError::BadArgument { .. })), "{r:?}");
     };

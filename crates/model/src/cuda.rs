@@ -147,9 +147,9 @@ pub struct CudaBackend {
     /// bits). Off unless `KVSERVE_FOLD_ROPE=1`: on an H200 it saved no GPU time on the 8B
     /// shape (BENCHMARKS.md, session 9).
     fold_rope: bool,
-    /// Bytes of each layer's O weights the `rope_and_cache` launch asks the L2 for on the
-    /// GEMV path (small batches), so that they stream in while RoPE and attention leave the
-    /// DRAM idle (`kernels_cuda::L2Prefetch`). 0: none (`KVSERVE_L2_PREFETCH_MB` at
+    /// Bytes of each layer's O weights the decode attention launch asks the L2 for on the
+    /// GEMV path (small batches), so that they stream in while attention leaves the DRAM
+    /// idle (`PagedDecoder::run_prefetching`). 0: none (`KVSERVE_L2_PREFETCH_MB` at
     /// construction).
     l2_prefetch: usize,
     config: ModelConfig,
@@ -728,18 +728,25 @@ impl CudaBackend {
                     decoder.run_with_rope(gpu, m, qh, q, new, attn)?;
                 }
                 attention => {
-                    let prefetch = if small && self.l2_prefetch > 0 {
-                        Some(L2Prefetch::head_of(gpu, &lw.wo, self.l2_prefetch)?)
-                    } else {
-                        None
-                    };
-                    kernels_cuda::rope_and_cache_with(
-                        gpu, &rotary, q, k, v, slots, cache, prefetch,
-                    )?;
+                    kernels_cuda::rope_and_cache(gpu, &rotary, q, k, v, slots, cache)?;
                     let (kc, vc) = (&self.k_cache[l], &self.v_cache[l]);
                     match attention {
                         StepAttention::Prefill(p) => {
                             kernels_cuda::paged_prefill(gpu, p, &self.layout, qh, q, kc, vc, attn)?
+                        }
+                        StepAttention::Decode(m) if small && self.l2_prefetch > 0 => {
+                            let wo = L2Prefetch::head_of(gpu, &lw.wo, self.l2_prefetch)?;
+                            decoder.run_prefetching(
+                                gpu,
+                                m,
+                                &self.layout,
+                                qh,
+                                q,
+                                kc,
+                                vc,
+                                attn,
+                                wo,
+                            )?;
                         }
                         StepAttention::Decode(m) => {
                             decoder.run(gpu, m, &self.layout, qh, q, kc, vc, attn)?;
@@ -1029,7 +1036,7 @@ impl CudaBackend {
         self.graph_steps.clear();
     }
 
-    /// On the GEMV path (small batches), each layer's `rope_and_cache` launch asks the L2 for
+    /// On the GEMV path (small batches), each layer's decode attention launch asks the L2 for
     /// the first `bytes` of the layer's O weights (0: nothing, the default unless
     /// `KVSERVE_L2_PREFETCH_MB` is set at construction). A hint: the logits are the same.
     pub fn set_l2_prefetch(&mut self, bytes: usize) {
