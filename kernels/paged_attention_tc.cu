@@ -794,8 +794,6 @@ __device__ __forceinline__ const scalar_t* rope_and_cache_rows(
 
 // The kernel (both entries below). kRope: rope_and_cache's work folded in
 // (paged_decode_tc_rope): new_k .. interleaved are its inputs; otherwise they are unused.
-// prefetch, prefetch_bytes: a range of weights the CTAs ask the L2 for before their PDL wait
-// (l2_prefetch in scalar.cuh; null, 0: none).
 template <bool kRope>
 __device__ __forceinline__ void decode_tc(
     scalar_t* __restrict__ out, float* __restrict__ tmp_out, float* __restrict__ max_logits,
@@ -804,7 +802,6 @@ __device__ __forceinline__ void decode_tc(
     const int* __restrict__ block_tables, const int* __restrict__ context_lens, float scale,
     int num_kv_heads, int block_size, int block_shift, long long block_bytes, int max_blocks,
     int partition_size, int max_parts, int window, unsigned* __restrict__ counters,
-    const unsigned char* __restrict__ prefetch, long long prefetch_bytes,
     const scalar_t* __restrict__ new_k, const scalar_t* __restrict__ new_v,
     const int* __restrict__ positions, const float* __restrict__ inv_freq,
     const long long* __restrict__ slot_mapping, int interleaved) {
@@ -812,7 +809,6 @@ __device__ __forceinline__ void decode_tc(
   WarpTiles* tiles = reinterpret_cast<WarpTiles*>(dynamic_smem);
   __shared__ float merge_m[kWarps][8];
   __shared__ float merge_l[kWarps][8];
-  l2_prefetch(prefetch, prefetch_bytes);  // weights for a later kernel (scalar.cuh)
   kvs_wait_prior();  // PDL (scalar.cuh)
   kvs_launch_dependents();
 
@@ -1492,12 +1488,11 @@ using namespace kvserve;
       const int* __restrict__ block_tables, const int* __restrict__ context_lens, float scale, \
       int num_kv_heads, int block_size, int block_shift, long long block_bytes,               \
       int max_blocks, int partition_size, int max_parts, int window,                          \
-      unsigned* __restrict__ counters, const unsigned char* __restrict__ prefetch,            \
-      long long prefetch_bytes
+      unsigned* __restrict__ counters
 #define KVS_DECODE_TC_ARGS                                                                    \
   out, tmp_out, max_logits, exp_sums, q, k_cache, v_cache, block_tables, context_lens, scale, \
       num_kv_heads, block_size, block_shift, block_bytes, max_blocks, partition_size,         \
-      max_parts, window, counters, prefetch, prefetch_bytes
+      max_parts, window, counters
 
 // Decode attention over the cache (q rotated, the step's K and V already written).
 extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas)

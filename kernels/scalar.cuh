@@ -41,35 +41,6 @@ __device__ __forceinline__ void kvs_launch_dependents() {
 #endif
 }
 
-// L2 prefetch (sm_90; nothing before): the grid's threads ask the L2 for `bytes` (a multiple of
-// 16) from `p` (16-byte aligned; null: nothing), in chunks of kPrefetchChunk bytes, one
-// cp.async.bulk.prefetch per chunk, spread over every thread of the grid. The requests return at
-// once and the lines arrive while this kernel and the next ones run. For weights, which no
-// kernel writes during a step: it may come before kvs_wait_prior(). Why: at small batches the
-// decode attention leaves the DRAM idle between the Q/K/V and O products; the O weights can
-// stream into the L2 meanwhile (crates/kernels-cuda/src/attention.rs, run_prefetching). Issue it
-// from a grid spread over the SMs: measured on an H200, the 8 CTAs of rope_and_cache at batch 1
-// took ~11 us per layer to issue 8 MB (kernels/NOTES.md).
-constexpr long long kPrefetchChunk = 16384;
-
-__device__ __forceinline__ void l2_prefetch(const unsigned char* p, long long bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (p == nullptr || bytes <= 0) return;
-  const long long chunks = (bytes + kPrefetchChunk - 1) / kPrefetchChunk;
-  const long long threads =
-      static_cast<long long>(gridDim.x) * gridDim.y * gridDim.z * blockDim.x;
-  const long long cta =
-      blockIdx.x +
-      static_cast<long long>(gridDim.x) * (blockIdx.y + static_cast<long long>(gridDim.y) * blockIdx.z);
-  for (long long c = cta * blockDim.x + threadIdx.x; c < chunks; c += threads) {
-    const long long off = c * kPrefetchChunk;
-    const unsigned size = static_cast<unsigned>(min(kPrefetchChunk, bytes - off));
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p + off), "r"(size)
-                 : "memory");
-  }
-#endif
-}
-
 // The rotary embedding of one channel pair (x0, x1) by the angle pos * freq, as the CPU
 // backend computes it: the f32 product, then an accurate sin/cos. The roundings are spelled
 // out with _rn intrinsics (never contracted by the compiler), so every kernel that rotates

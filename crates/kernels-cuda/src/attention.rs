@@ -4,9 +4,7 @@
 use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, ValidAsZeroBits};
 use kv_quant::BlockLayout;
 
-use crate::cache::{
-    L2Prefetch, LayerCache, RopeCacheShapes, Rotary, check_rope_cache, rope_and_cache,
-};
+use crate::cache::{LayerCache, RopeCacheShapes, Rotary, check_rope_cache, rope_and_cache};
 use crate::compile::{HEAD_DIMS, MAX_GQA_GROUP, Program, Scalar, Variant};
 use crate::device::Gpu;
 use crate::error::{KernelError, Result, bad};
@@ -430,37 +428,6 @@ impl PagedDecoder {
             k_cache,
             v_cache,
             out,
-            prefetch: None,
-        };
-        self.launch(gpu, meta, layout, num_heads, bufs, None)
-    }
-
-    /// [`PagedDecoder::run`], and where the tensor-core kernel runs its CTAs ask the L2 for
-    /// `prefetch` before they wait for the previous kernel (PDL): at small batches attention
-    /// leaves the DRAM mostly idle, and the next weight product's matrix (the O projection)
-    /// can stream into the L2 meanwhile. A hint: `out` is the same bit for bit.
-    ///
-    /// # Errors
-    /// As [`PagedDecoder::run`].
-    #[allow(clippy::too_many_arguments)]
-    pub fn run_prefetching<T: ActScalar>(
-        &mut self,
-        gpu: &Gpu,
-        meta: &DecodeMetadata,
-        layout: &BlockLayout,
-        num_heads: usize,
-        q: &CudaSlice<T>,
-        k_cache: &CudaSlice<u8>,
-        v_cache: &CudaSlice<u8>,
-        out: &mut CudaSlice<T>,
-        prefetch: L2Prefetch<'_>,
-    ) -> Result<DecodePlan> {
-        let bufs = DecodeBuffers {
-            q,
-            k_cache,
-            v_cache,
-            out,
-            prefetch: Some(prefetch),
         };
         self.launch(gpu, meta, layout, num_heads, bufs, None)
     }
@@ -531,7 +498,6 @@ impl PagedDecoder {
             k_cache: cache.k,
             v_cache: cache.v,
             out,
-            prefetch: None,
         };
         self.launch(gpu, meta, layout, num_heads, bufs, Some(&fold))
     }
@@ -552,7 +518,6 @@ impl PagedDecoder {
             k_cache,
             v_cache,
             out,
-            prefetch,
         } = bufs;
         let shapes = LaunchShapes::decode(meta, num_heads, q, out, k_cache, v_cache);
         let group = check_launch(KERNEL, layout, &shapes)?;
@@ -646,9 +611,8 @@ impl PagedDecoder {
             .arg(meta.context_lens.arg());
         cache.push(&mut launch);
         launch.arg(&p).arg(&max_parts).arg(&cache.window);
-        let (prefetch_ptr, prefetch_bytes) = prefetch.map_or((0u64, 0i64), |p| (p.ptr, p.bytes));
         if let Some(counters) = counters {
-            launch.arg(counters).arg(&prefetch_ptr).arg(&prefetch_bytes);
+            launch.arg(counters);
         }
         if let Some(f) = fold {
             // paged_decode_tc_rope: the new tokens' rows, positions, frequencies and slots.
@@ -662,8 +626,8 @@ impl PagedDecoder {
         }
         // SAFETY: the argument list matches `paged_decode_partition` in
         // kernels/paged_attention.cu and `paged_decode_tc` / `paged_decode_tc_rope` in
-        // kernels/paged_attention_tc.cu (the same list, then the tensor-core kernel's counters
-        // and prefetch range, then the rope entry's arguments; 128 threads for the split kernel, the tensor-core
+        // kernels/paged_attention_tc.cu (the same list, then the tensor-core kernel's counters,
+        // then the rope entry's arguments; 128 threads for the split kernel, the tensor-core
         // kernel's the threads its module exports for both entries, as their launch bounds);
         // every buffer was checked above to hold what the kernel reads or writes for this grid
         // (q/out sizes, caches of `num_blocks` blocks, block tables whose attended entries are
@@ -677,10 +641,7 @@ impl PagedDecoder {
         // non-negative one inside both caches, whose block size is a power of two) the kernel
         // also reads those and writes one (head, slot) row of K and of V per CTA that holds
         // a sequence's last token, inside the caches, which run_with_rope borrows mutably.
-        // The prefetch range (null, 0: none) lies inside a buffer `prefetch` borrows, starts
-        // 16-byte aligned and is a multiple of 16 bytes (L2Prefetch::head_of); it is only
-        // prefetched, never read into the kernel, and no kernel writes it during a step.
-        // The kernel calls kvs_wait_prior() before touching any buffer but that range (PDL).
+        // The kernel calls kvs_wait_prior() before touching any buffer (PDL).
         unsafe { launch.dependent().launch(cfg) }?;
         // The split kernel's partitions are merged by a second launch (the tensor-core kernel
         // merges its own).
@@ -739,8 +700,6 @@ struct DecodeBuffers<'a, T> {
     k_cache: &'a CudaSlice<u8>,
     v_cache: &'a CudaSlice<u8>,
     out: &'a mut CudaSlice<T>,
-    /// Weights for the L2 (tensor-core kernel only).
-    prefetch: Option<L2Prefetch<'a>>,
 }
 
 /// The arguments of the RoPE + cache write folded into a tensor-core launch, checked by

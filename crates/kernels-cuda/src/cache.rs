@@ -2,9 +2,7 @@
 //! rotary embedding of q and k.
 #![allow(unsafe_code)]
 
-use std::marker::PhantomData;
-
-use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig};
+use cudarc::driver::{CudaSlice, LaunchConfig};
 use kv_quant::BlockLayout;
 
 use crate::attention::ActScalar;
@@ -349,55 +347,6 @@ pub fn rope_and_cache<T: ActScalar>(
     Ok(())
 }
 
-/// A range of device memory for the L2 to fetch ahead of its use, e.g. the head of the next
-/// weight product's matrix, asked for by a kernel that leaves the DRAM idle
-/// ([`crate::PagedDecoder::run_prefetching`]). Only a hint: on devices before sm_90 nothing is
-/// fetched, and nothing a kernel reads changes.
-#[derive(Clone, Copy, Debug)]
-pub struct L2Prefetch<'a> {
-    pub(crate) ptr: u64,
-    pub(crate) bytes: i64,
-    _memory: PhantomData<&'a ()>,
-}
-
-impl<'a> L2Prefetch<'a> {
-    /// The first `max_bytes` of `buf` (a buffer or a view; rounded down to a multiple of 16
-    /// bytes).
-    ///
-    /// # Errors
-    /// [`KernelError::BadArgument`] if `buf` does not start on a 16-byte boundary (a view
-    /// into a buffer at an odd offset), which the bulk prefetch needs.
-    pub fn head_of<T, B: DevicePtr<T>>(gpu: &Gpu, buf: &'a B, max_bytes: usize) -> Result<Self> {
-        // Event tracking is off for the crate's context (device.rs): the guard does nothing.
-        let (ptr, _guard) = buf.device_ptr(gpu.stream());
-        if ptr % 16 != 0 {
-            return Err(bad(
-                PREFETCH,
-                format!("address {ptr:#x} is not 16-byte aligned"),
-            ));
-        }
-        let bytes = prefetch_len(buf.num_bytes(), max_bytes);
-        Ok(Self {
-            ptr,
-            bytes: i64::try_from(bytes).map_err(|_| bad(PREFETCH, format!("{bytes} bytes")))?,
-            _memory: PhantomData,
-        })
-    }
-
-    /// Bytes it asks for.
-    pub fn bytes(&self) -> usize {
-        self.bytes as usize
-    }
-}
-
-const PREFETCH: &str = "l2_prefetch";
-
-/// Bytes a prefetch of the first `max_bytes` of `len` bytes asks for: a multiple of 16 (the
-/// bulk prefetch's unit).
-fn prefetch_len(len: usize, max_bytes: usize) -> usize {
-    len.min(max_bytes) & !15
-}
-
 /// A step's block copies, checked and on the device: build once, apply to every layer's
 /// caches with [`copy_blocks`].
 #[derive(Debug)]
@@ -522,15 +471,6 @@ fn cache_variant<T: ActScalar>(layout: &BlockLayout) -> Variant {
 mod tests {
     use super::*;
     use kv_quant::KvCacheDtype;
-
-    #[test]
-    fn prefetch_asks_for_whole_16_byte_units_up_to_the_cap() {
-        assert_eq!(prefetch_len(32 << 20, 24 << 20), 24 << 20);
-        assert_eq!(prefetch_len(1000, 1 << 20), 992);
-        assert_eq!(prefetch_len(1000, 17), 16);
-        assert_eq!(prefetch_len(1000, 15), 0);
-        assert_eq!(prefetch_len(0, 1 << 20), 0);
-    }
 
     fn layout() -> BlockLayout {
         BlockLayout::new(KvCacheDtype::Int8, 16, 2, 64).unwrap()

@@ -38,9 +38,7 @@ mod staging;
 pub use attention::{
     ActScalar, DecodeKernel, DecodeMetadata, DecodePlan, NewTokens, PagedDecoder, fixed_parts_for,
 };
-pub use cache::{
-    BlockCopies, L2Prefetch, LayerCache, Rotary, copy_blocks, reshape_and_cache, rope_and_cache,
-};
+pub use cache::{BlockCopies, LayerCache, Rotary, copy_blocks, reshape_and_cache, rope_and_cache};
 pub use compile::{Program, Scalar, Variant};
 pub use device::{Gpu, driver_available};
 pub use error::{KernelError, Result};

@@ -36,9 +36,9 @@ use half::bf16;
 use kernels_cuda::cudarc::driver::{CudaSlice, PinnedHostSlice};
 use kernels_cuda::graph::StepGraph;
 use kernels_cuda::{
-    Blas, DecodeKernel, DecodeMetadata, GemvEpilogue, GemvInput, GemvOut, Gpu, Indices, L2Prefetch,
-    NewTokens, NormInput, NormPartials, PagedDecoder, PrefillBatch, PrefillMetadata, RopeShape,
-    Scalar, StepStaging,
+    Blas, DecodeKernel, DecodeMetadata, GemvEpilogue, GemvInput, GemvOut, Gpu, Indices, NewTokens,
+    NormInput, NormPartials, PagedDecoder, PrefillBatch, PrefillMetadata, RopeShape, Scalar,
+    StepStaging,
 };
 use kv_block_manager::CopyOp;
 use kv_quant::BlockLayout;
@@ -147,11 +147,6 @@ pub struct CudaBackend {
     /// bits). Off unless `KVSERVE_FOLD_ROPE=1`: on an H200 it saved no GPU time on the 8B
     /// shape (BENCHMARKS.md, session 9).
     fold_rope: bool,
-    /// Bytes of each layer's O weights the decode attention launch asks the L2 for on the
-    /// GEMV path (small batches), so that they stream in while attention leaves the DRAM
-    /// idle (`PagedDecoder::run_prefetching`). 0: none (`KVSERVE_L2_PREFETCH_MB` at
-    /// construction).
-    l2_prefetch: usize,
     config: ModelConfig,
     local: LocalShape,
     cache_config: KvCacheConfig,
@@ -547,10 +542,6 @@ impl CudaBackend {
             fused_norm: FusedNorm::from_env(),
             prefill: std::env::var("KVSERVE_PREFILL_KERNEL").as_deref() != Ok("0"),
             fold_rope: std::env::var("KVSERVE_FOLD_ROPE").as_deref() == Ok("1"),
-            l2_prefetch: std::env::var("KVSERVE_L2_PREFETCH_MB")
-                .ok()
-                .and_then(|v| v.parse::<usize>().ok())
-                .map_or(0, |mb| mb << 20),
             blas,
             gpu,
             config: c,
@@ -733,20 +724,6 @@ impl CudaBackend {
                     match attention {
                         StepAttention::Prefill(p) => {
                             kernels_cuda::paged_prefill(gpu, p, &self.layout, qh, q, kc, vc, attn)?
-                        }
-                        StepAttention::Decode(m) if small && self.l2_prefetch > 0 => {
-                            let wo = L2Prefetch::head_of(gpu, &lw.wo, self.l2_prefetch)?;
-                            decoder.run_prefetching(
-                                gpu,
-                                m,
-                                &self.layout,
-                                qh,
-                                q,
-                                kc,
-                                vc,
-                                attn,
-                                wo,
-                            )?;
                         }
                         StepAttention::Decode(m) => {
                             decoder.run(gpu, m, &self.layout, qh, q, kc, vc, attn)?;
@@ -1033,14 +1010,6 @@ impl CudaBackend {
     /// folds). The logits are the same bit for bit.
     pub fn set_fold_rope(&mut self, on: bool) {
         self.fold_rope = on;
-        self.graph_steps.clear();
-    }
-
-    /// On the GEMV path (small batches), each layer's decode attention launch asks the L2 for
-    /// the first `bytes` of the layer's O weights (0: nothing, the default unless
-    /// `KVSERVE_L2_PREFETCH_MB` is set at construction). A hint: the logits are the same.
-    pub fn set_l2_prefetch(&mut self, bytes: usize) {
-        self.l2_prefetch = bytes;
         self.graph_steps.clear();
     }
 
