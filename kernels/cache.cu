@@ -56,7 +56,7 @@ extern "C" __global__ void __launch_bounds__(32 * (2 + kMaxQueryWarps), 1)
                    int num_q_heads, int num_kv_heads, int interleaved, int block_size,
                    int block_shift, long long block_bytes) {
   kvs_wait_prior();  // PDL (scalar.cuh)
-  kvs_launch_dependents_small();
+  kvs_launch_dependents();
   const int token = blockIdx.x;
   const int head = blockIdx.y;
   const int warp = threadIdx.x / 32;

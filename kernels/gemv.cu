@@ -356,22 +356,6 @@ struct NoPrologue {
   __device__ __forceinline__ void operator()() const {}
 };
 
-// The plain entries' prologue with KVS_GEMV_PRELOAD (a measurement knob): the PDL wait, with
-// the first weight loads in flight. Where the previous kernel lets this grid in early (the
-// decode attention at small batches, kvs_launch_dependents_small), those loads run under it.
-struct WaitPrologue {
-  static constexpr bool kPreload = true;
-  __device__ __forceinline__ void operator()() const { wait_prior_kernel(); }
-};
-
-#if defined(KVS_GEMV_PRELOAD)
-#define KVS_PLAIN_PROLOGUE(call) WaitPrologue pro_wait;
-#define KVS_PLAIN_PRO , pro_wait
-#else
-#define KVS_PLAIN_PROLOGUE(call) call;
-#define KVS_PLAIN_PRO
-#endif
-
 // The *_snorm_M entries' prologue: the PDL wait, then the normalized rows into shared
 // memory. The product loops issue their first weight loads before it, so those come from
 // DRAM while the previous kernel drains and while this CTA adds the partials and builds its
@@ -920,9 +904,9 @@ constexpr int staged_ctas(int family, int m) {
 
 #define GEMV_ENTRY(M)                                                                          \
   extern "C" __global__ void __launch_bounds__(kThreads, 2) gemv_##M(GEMV_PARAMS) {           \
-    KVS_PLAIN_PROLOGUE(plain_prologue<M>(w, k, n, ksplit))                                     \
+    plain_prologue<M>(w, k, n, ksplit);                                                        \
     const Out o{y0, y1, y2, res_out, part_out, bias, n0, n01, n};                              \
-    gemv_impl<M>(o, w, PlainSrc{x, k}, k, ksplit KVS_PLAIN_PRO);                               \
+    gemv_impl<M>(o, w, PlainSrc{x, k}, k, ksplit);                                             \
   }                                                                                            \
   extern "C" __global__ void __launch_bounds__(kThreads, 2) gemv_norm_##M(GEMV_PARAMS) {      \
     plain_prologue<M>(w, k, n, ksplit);                                                        \
@@ -953,9 +937,9 @@ constexpr int staged_ctas(int family, int m) {
     gemv_glu_impl<M>(y, w, pro.src(), inter, k, ksplit, pro);                                  \
   }                                                                                            \
   extern "C" __global__ void __launch_bounds__(kThreads, 2) gemv_tc_##M(GEMV_PARAMS) {        \
-    KVS_PLAIN_PROLOGUE(tc_prologue(w, k, n, ksplit))                                           \
+    tc_prologue(w, k, n, ksplit);                                                              \
     const Out o{y0, y1, y2, res_out, part_out, bias, n0, n01, n};                              \
-    gemv_tc_impl<M>(o, w, PlainSrc{x, k}, k, ksplit KVS_PLAIN_PRO);                            \
+    gemv_tc_impl<M>(o, w, PlainSrc{x, k}, k, ksplit);                                          \
   }                                                                                            \
   extern "C" __global__ void __launch_bounds__(kThreads, 2) gemv_tc_norm_##M(GEMV_PARAMS) {   \
     tc_prologue(w, k, n, ksplit);                                                              \

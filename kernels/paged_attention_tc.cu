@@ -810,7 +810,7 @@ __device__ __forceinline__ void decode_tc(
   __shared__ float merge_m[kWarps][8];
   __shared__ float merge_l[kWarps][8];
   kvs_wait_prior();  // PDL (scalar.cuh)
-  kvs_launch_dependents_small();
+  kvs_launch_dependents();
 
   // kRope: the group's query rows rotated by this CTA, which also writes the new token's K
   // and V when its partition holds it (rope_and_cache_rows; the tiles' memory holds the rows

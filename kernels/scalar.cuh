@@ -40,21 +40,6 @@ __device__ __forceinline__ void kvs_launch_dependents() {
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
 }
-// For kernels whose grid may leave most of each SM free (the decode attention and
-// rope_and_cache at small batches): with KVS_EARLY_TRIGGER_SMALL (a measurement knob), a grid
-// of at most two CTAs per SM lets the next grid's CTAs in at once, so that they take the free
-// slots and run what comes before their own wait (with KVS_GEMV_PRELOAD, the O product's
-// first weight loads) while this grid runs; larger grids trigger at exit as the others do.
-__device__ __forceinline__ void kvs_launch_dependents_small() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && \
-    (defined(KVS_EARLY_TRIGGER) || defined(KVS_EARLY_TRIGGER_SMALL))
-  unsigned sms;
-  asm("mov.u32 %0, %%nsmid;" : "=r"(sms));
-  if (static_cast<unsigned long long>(gridDim.x) * gridDim.y * gridDim.z <= 2ull * sms) {
-    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-  }
-#endif
-}
 
 // The rotary embedding of one channel pair (x0, x1) by the angle pos * freq, as the CPU
 // backend computes it: the f32 product, then an accurate sin/cos. The roundings are spelled
