@@ -23,14 +23,13 @@ pub struct Gpu {
     /// Whether the device can do PDL at all (compute capability 9.0 or later).
     pdl_capable: bool,
     modules: Mutex<FxHashMap<Variant, Arc<CudaModule>>>,
-    /// Function handles already looked up: a launch costs no `cuModuleGetFunction`.
-    functions: Mutex<FxHashMap<KernelKey, CudaFunction>>,
+    /// Function handles already looked up (a launch costs no `cuModuleGetFunction`), with the
+    /// dynamic shared memory each has been allowed ([`Gpu::function_with_smem`]): a launch
+    /// takes this one lock.
+    functions: Mutex<FxHashMap<KernelKey, (CudaFunction, u32)>>,
     /// Kernels that export their launch shape, with that shape ([`Gpu::shaped_function`]): a
     /// launch takes this one lock.
     shaped: Mutex<FxHashMap<KernelKey, (CudaFunction, LaunchShape)>>,
-    /// The dynamic shared memory each function has been allowed beyond the default 48 KiB
-    /// ([`Gpu::function_with_smem`]).
-    smem_allowed: Mutex<FxHashMap<KernelKey, u32>>,
     /// Shared memory per CTA (with the opt-in) and per SM, bytes.
     smem_limits: SmemLimits,
     /// The GEMV products normalize their input once per CTA into shared memory
@@ -159,7 +158,6 @@ impl Gpu {
             modules: Mutex::new(FxHashMap::default()),
             functions: Mutex::new(FxHashMap::default()),
             shaped: Mutex::new(FxHashMap::default()),
-            smem_allowed: Mutex::new(FxHashMap::default()),
             smem_limits,
             staged_norm: AtomicBool::new(staged_norm),
         })
@@ -243,27 +241,7 @@ impl Gpu {
     /// Kernel `name` of `variant`, compiling (or loading from the disk cache) on first use;
     /// later calls return the handle looked up the first time.
     pub(crate) fn function(&self, variant: &Variant, name: &'static str) -> Result<CudaFunction> {
-        if let Some(f) = lock(&self.functions).get(&(*variant, name)) {
-            return Ok(f.clone());
-        }
-        let module = {
-            let mut modules = lock(&self.modules);
-            match modules.get(variant) {
-                Some(m) => m.clone(),
-                None => {
-                    let compiled = compile_variant(variant, &self.arch)?;
-                    if !compiled.cached {
-                        tracing::debug!("compiled {variant} for {}", self.arch);
-                    }
-                    let m = self.ctx.load_module(Ptx::from_binary(compiled.cubin))?;
-                    modules.insert(*variant, m.clone());
-                    m
-                }
-            }
-        };
-        let f = module.load_function(name)?;
-        lock(&self.functions).insert((*variant, name), f.clone());
-        Ok(f)
+        self.function_with_smem(variant, name, 0)
     }
 
     /// Kernel `name` of `variant` (as [`Gpu::function`]), allowed `bytes` of dynamic shared
@@ -279,16 +257,43 @@ impl Gpu {
         name: &'static str,
         bytes: usize,
     ) -> Result<CudaFunction> {
-        let f = self.function(variant, name)?;
+        let key = (*variant, name);
         let bytes32 =
             u32::try_from(bytes).map_err(|_| self.too_much_smem(variant, name, bytes, 0))?;
-        let mut allowed = lock(&self.smem_allowed);
-        let current = allowed.entry((*variant, name)).or_insert(0);
-        if *current < bytes32 {
+        let cached = lock(&self.functions).get(&key).cloned();
+        let (f, allowed) = match cached {
+            Some((f, allowed)) if allowed >= bytes32 => return Ok(f),
+            Some(entry) => entry,
+            None => (self.load_function(variant, name)?, 0),
+        };
+        if allowed < bytes32 {
             self.allow_dynamic_smem(&f, variant, name, bytes)?;
-            *current = bytes32;
         }
+        let mut functions = lock(&self.functions);
+        let entry = functions.entry(key).or_insert_with(|| (f.clone(), 0));
+        entry.1 = entry.1.max(bytes32);
         Ok(f)
+    }
+
+    /// Looks `name` up in `variant`'s module, compiling (or loading from the disk cache) the
+    /// module on first use.
+    fn load_function(&self, variant: &Variant, name: &'static str) -> Result<CudaFunction> {
+        let module = {
+            let mut modules = lock(&self.modules);
+            match modules.get(variant) {
+                Some(m) => m.clone(),
+                None => {
+                    let compiled = compile_variant(variant, &self.arch)?;
+                    if !compiled.cached {
+                        tracing::debug!("compiled {variant} for {}", self.arch);
+                    }
+                    let m = self.ctx.load_module(Ptx::from_binary(compiled.cubin))?;
+                    modules.insert(*variant, m.clone());
+                    m
+                }
+            }
+        };
+        Ok(module.load_function(name)?)
     }
 
     /// Lets `f` launch with `bytes` of dynamic shared memory: the limit on static plus dynamic
