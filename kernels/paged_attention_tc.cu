@@ -142,8 +142,9 @@
 #define KVS_TC_WS 0
 #endif
 
-// TMA tile loader of the transposed 16-bit body (a knob for measurements, sm_90 only:
-// KVSERVE_KERNEL_DEFINES=-DKVS_TC_TMA=1; kernels/NOTES.md, "a TMA tile loader"): each warp's
+// TMA tile loader of the transposed 16-bit body (sm_90; on by default since session 10, when
+// it measured 1-7% faster at most shapes: BENCHMARKS.md; KVSERVE_KERNEL_DEFINES=-DKVS_TC_TMA=0
+// turns it off; kernels/NOTES.md, "a TMA tile loader"): each warp's
 // tiles arrive by cp.async.bulk.tensor through two tensor maps the host encodes per cache
 // (`k_map`, `v_map`: extra kernel parameters), unpadded and swizzled (128-byte swizzle), with
 // a transaction-counted mbarrier per stage; blocks of fewer than 8 tokens take a cp.async
@@ -151,7 +152,7 @@
 // warp-specialized one, and sm_80 ignore the define (compile-time fallback); the module says
 // whether the kernel takes the maps in its launch shape (below).
 #ifndef KVS_TC_TMA
-#define KVS_TC_TMA 0
+#define KVS_TC_TMA 1
 #endif
 #if KVS_TC_TMA && (!KVS_TC_T16 || KVS_TC_WS || !defined(__CUDA_ARCH__) || __CUDA_ARCH__ < 900)
 #undef KVS_TC_TMA
