@@ -513,16 +513,21 @@ __device__ __forceinline__ void rescale_transposed(float (&o)[kMTiles][4], float
     o[mt][3] *= r1;
   }
 }
-// The warps' merge at the end of a transposed body: publishes this warp's (m, l) of heads
-// 2 t + e (l already summed over the lanes g) and sets mine[e], the factor that rescales the
+// The warps' merge at the end of a transposed body: sums this lane's l (its tokens g) over the
+// lanes g, publishes this warp's (m, l) of heads 2 t + e and sets mine[e], the factor that rescales the
 // warp's O of head 2 t + e to the CTA's max. Returns o_sh [kWarps][8][HEAD_DIM] in the tiles'
 // memory, free for the warps' outputs once every warp has passed the two barriers inside.
 __device__ __forceinline__ float* merge_warps_transposed(WarpTiles* tiles, const float (&m)[2],
-                                                         const float (&l)[2],
+                                                         float (&l)[2],
                                                          float (&merge_m)[kWarps][8],
                                                          float (&merge_l)[kWarps][8], int warp,
                                                          int lane, float (&mine)[2]) {
   const int g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+#pragma unroll
+    for (int x = 4; x < 32; x *= 2) l[e] += __shfl_xor_sync(0xffffffffu, l[e], x);
+  }
   if (g == 0 && warp < kWarps) {  // (not the producer warp of warp specialization)
     merge_m[warp][2 * t] = m[0];
     merge_m[warp][2 * t + 1] = m[1];
@@ -1189,13 +1194,6 @@ __device__ __forceinline__ void decode_tc(
                block_bytes, head, lane, tile);
 #endif
 
-  // Sums of l over the lanes g (the tokens).
-#pragma unroll
-  for (int e = 0; e < 2; ++e) {
-#pragma unroll
-    for (int x = 4; x < 32; x *= 2) l[e] += __shfl_xor_sync(0xffffffffu, l[e], x);
-  }
-
   // Merge the warps as the other bodies do: (m, l) per head, O through the tiles' memory.
   float mine[2];
   float* o_sh = merge_warps_transposed(tiles, m, l, merge_m, merge_l, warp, lane, mine);
@@ -1472,12 +1470,12 @@ __device__ __forceinline__ void decode_tc(
     }
   });
 
-  // Sums over the lanes g (the tokens), then the min terms join their groups' channels.
+  // The min terms summed over the lanes g (the tokens; l is, in the merge below), then added
+  // to their groups' channels.
 #pragma unroll
   for (int e = 0; e < 2; ++e) {
 #pragma unroll
     for (int x = 4; x < 32; x *= 2) {
-      l[e] += __shfl_xor_sync(0xffffffffu, l[e], x);
 #pragma unroll
       for (int grp = 0; grp < kGroups; ++grp) {
         msum[e][grp] += __shfl_xor_sync(0xffffffffu, msum[e][grp], x);
@@ -1668,13 +1666,6 @@ __device__ __forceinline__ void decode_tc(
       mma_f16(o[2 * b + 1], a1, b0, b1);
     }
   });
-
-  // Sums of l over the lanes g (the tokens).
-#pragma unroll
-  for (int e = 0; e < 2; ++e) {
-#pragma unroll
-    for (int x = 4; x < 32; x *= 2) l[e] += __shfl_xor_sync(0xffffffffu, l[e], x);
-  }
 
   // Merge the warps as the other dtypes do: (m, l) per head, O through the tiles' memory, with
   // the codes' offset taken out and f undone (1 / f: bits (254 << 23) - fbits, a normal f32).
