@@ -966,9 +966,11 @@ async fn a_request_that_can_never_fit_the_pool_is_refused_at_once() {
 
     // The bench driver: a workload that cannot fit is an error, one that fits is measured.
     let workload = |input_len, output_len| serve_grpc::bench::Workload {
+        kind: serve_grpc::bench::WorkloadKind::Fixed {
+            input_len,
+            output_len,
+        },
         num_requests: 3,
-        input_len,
-        output_len,
         seed: 1,
     };
     let err = serve_grpc::bench::run(&server.engine, &workload(32, 1000))
@@ -977,10 +979,10 @@ async fn a_request_that_can_never_fit_the_pool_is_refused_at_once() {
     assert!(
         matches!(
             err,
-            engine::EngineError::InvalidArgument {
-                field: "max_tokens",
+            serve_grpc::bench::BenchError::Workload(serve_grpc::bench::WorkloadError::TooLong {
+                index: 0,
                 ..
-            }
+            })
         ),
         "{err:?}"
     );
@@ -989,7 +991,7 @@ async fn a_request_that_can_never_fit_the_pool_is_refused_at_once() {
         .unwrap();
     assert_eq!(report.output_tokens, 12);
     assert_eq!(report.prompt_tokens, 48);
-    assert_eq!(report.ttft.len(), 3);
+    assert_eq!(report.ttft.count, 3);
     assert!(report.to_string().contains("| output tokens/s"));
 
     server.wait_idle().await;

@@ -414,12 +414,21 @@ pub struct EngineStats {
     pub kv_blocks_total: usize,
     /// KV blocks registered in the prefix cache (in use or evictable).
     pub kv_blocks_cached: usize,
+    /// The most KV blocks in use at once since the engine started (as seen at each update).
+    pub kv_blocks_used_peak: usize,
+    /// The most sequences running at once since the engine started (as seen at each update).
+    pub running_peak: usize,
     /// Requests accepted and not finished (read when `stats` is called).
     pub requests_in_flight: usize,
     /// Steps run.
     pub steps: u64,
     /// Preemptions so far.
     pub preemptions: u64,
+    /// Prompt tokens looked up in the prefix cache so far (a prompt prefilled again after a
+    /// preemption counts again).
+    pub prefix_query_tokens: u64,
+    /// Prompt tokens found in the prefix cache so far (their KV was not computed).
+    pub prefix_hit_tokens: u64,
     /// Draft tokens proposed by speculative decoding.
     pub spec_proposed_tokens: u64,
     /// Draft tokens accepted.

@@ -633,6 +633,7 @@ impl Worker {
     fn publish_stats(&mut self) {
         let s = self.sched.stats();
         let b = self.sched.block_manager().stats();
+        let last = *lock(&self.shared.stats);
         let stats = EngineStats {
             waiting: s.num_waiting,
             running: s.num_running,
@@ -641,9 +642,13 @@ impl Worker {
             kv_blocks_free: b.free_blocks + b.evictable_blocks,
             kv_blocks_total: b.total_blocks,
             kv_blocks_cached: b.cached_blocks,
+            kv_blocks_used_peak: last.kv_blocks_used_peak.max(b.used_blocks),
+            running_peak: last.running_peak.max(s.num_running),
             requests_in_flight: 0,
             steps: s.steps,
             preemptions: s.num_preemptions,
+            prefix_query_tokens: b.prefix_query_tokens,
+            prefix_hit_tokens: b.prefix_hit_tokens,
             spec_proposed_tokens: s.spec_proposed,
             spec_accepted_tokens: s.spec_accepted,
         };

@@ -570,3 +570,35 @@ fn sampling_on_the_device_gives_the_host_paths_tokens() {
     wait_idle(&host);
     wait_idle(&device);
 }
+
+#[test]
+fn stats_count_prefix_hits_and_peaks() {
+    let engine = cpu_engine(EngineConfig::default(), 64);
+    let before = engine.stats();
+    assert_eq!(
+        (before.prefix_hit_tokens, before.kv_blocks_used_peak),
+        (0, 0)
+    );
+    // Two full blocks of shared prefix, then distinct suffixes; the first request fills the
+    // prefix cache before the second arrives.
+    let prefix: Vec<u32> = (100..132).collect();
+    let with_suffix = |s: u32| {
+        let mut p = prefix.clone();
+        p.extend([s, s + 1, s + 2]);
+        p
+    };
+    run(&engine, greedy_req(with_suffix(500), 4)).unwrap();
+    run(&engine, greedy_req(with_suffix(600), 4)).unwrap();
+    wait_idle(&engine);
+    let s = engine.stats();
+    assert_eq!(s.prefix_query_tokens, 2 * 35);
+    assert_eq!(s.prefix_hit_tokens, 32, "{s:?}");
+    // Each request held 3 blocks (38 slots) at most, one at a time.
+    assert!(
+        (2..=3).contains(&s.kv_blocks_used_peak),
+        "{}",
+        s.kv_blocks_used_peak
+    );
+    assert_eq!(s.running_peak, 1);
+    assert_eq!(s.kv_blocks_used, 0);
+}

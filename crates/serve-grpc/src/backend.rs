@@ -8,7 +8,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use engine::{EngineError, GenerateRequest, Health, ModelInfo, Prompt, StreamDelta};
+use engine::{EngineError, EngineStats, GenerateRequest, Health, ModelInfo, Prompt, StreamDelta};
 
 /// The engine as the gRPC service sees it. Cheap to clone (a handle).
 pub trait GenerationBackend: Clone + Send + Sync + 'static {
@@ -33,6 +33,12 @@ pub trait GenerationBackend: Clone + Send + Sync + 'static {
 
     /// Prometheus text exposition of the engine's metrics.
     fn metrics_text(&self) -> String;
+
+    /// Queue lengths, KV usage and cumulative counters (`kvserve bench` reports their change
+    /// over a run). Fakes that keep none return zeros.
+    fn stats(&self) -> EngineStats {
+        EngineStats::default()
+    }
 
     /// Stops admitting, lets running requests finish for up to `timeout`, then ends the rest.
     /// Blocks.

@@ -1,123 +1,317 @@
-//! `kvserve bench`: offline throughput over a synthetic workload.
+//! `kvserve bench`: offline throughput over a synthetic [`workload`].
 //!
 //! Every request is submitted at once (the engine's continuous batching does the rest); each
-//! has `input_len` random prompt token ids and generates exactly `output_len` tokens (EOS
-//! ignored). The report gives wall time, throughput and latency percentiles as a table.
+//! has its workload's prompt token ids and generates exactly its output length (EOS ignored).
+//! [`run`] measures one workload on one engine into a [`BenchReport`]: throughput, TTFT, time
+//! per output token (TPOT), inter-token latency (ITL) and end-to-end latency percentiles, peak
+//! KV usage, and the engine's preemptions and prefix-cache hits over the run (the change of
+//! [`GenerationBackend::stats`]'s counters). The report prints as a table and serializes to
+//! JSON with the model, KV dtype, device and UTC date ([`BenchMeta`]); a KV-dtype sweep is a
+//! [`SweepReport`] of one [`SweepEntry`] per dtype.
+//!
+//! Definitions (as vLLM's benchmarks define them): TTFT is submission → first token; TPOT
+//! of a request is `(latency - TTFT) / (output_len - 1)` (requests of one output token have
+//! none); ITL is the time between consecutive deltas that carry tokens, over every request;
+//! percentiles are nearest-rank.
+
+pub mod workload;
 
 use std::fmt;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use engine::{EngineError, GenerateRequest, Prompt};
+use engine::{EngineError, GenerateRequest, ModelInfo, Prompt};
+use serde::{Deserialize, Serialize};
 
 use crate::backend::{DeltaStream, GenerationBackend};
+pub use workload::{BenchRequest, Workload, WorkloadError, WorkloadKind};
 
-/// The synthetic workload.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Workload {
-    /// Requests, all submitted at once.
-    pub num_requests: u32,
-    /// Prompt tokens per request.
-    pub input_len: u32,
-    /// Generated tokens per request.
-    pub output_len: u32,
-    /// Seed of the random prompts.
-    pub seed: u64,
+/// Errors of a bench run.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum BenchError {
+    /// The workload cannot run on this engine.
+    #[error(transparent)]
+    Workload(#[from] WorkloadError),
+    /// The engine refused or failed a request.
+    #[error("request {index}: {source}")]
+    Engine {
+        /// The request's index in the workload.
+        index: usize,
+        /// What the engine said.
+        source: EngineError,
+    },
+    /// A request ended with fewer or more tokens than asked (the report would be wrong).
+    #[error("request {index} produced {got} tokens, the workload asked for {expected}")]
+    TokenCount {
+        /// The request's index in the workload.
+        index: usize,
+        /// Tokens asked for.
+        expected: u32,
+        /// Tokens produced.
+        got: u64,
+    },
+}
+
+/// What was measured, and on what.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BenchMeta {
+    /// Model name.
+    pub model: String,
+    /// KV-cache format.
+    pub kv_cache_dtype: String,
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+    /// Token slots per KV block.
+    pub block_size: u32,
+    /// KV blocks in the pool.
+    pub kv_blocks_total: u32,
+    /// The engine's longest sequence.
+    pub max_model_len: u32,
+    /// When the run ended, UTC, RFC 3339 (`2026-12-02T21:42:33Z`).
+    pub date_utc: String,
+    /// kvserve's version.
+    pub kvserve_version: String,
+}
+
+impl BenchMeta {
+    /// The metadata of a run on an engine serving `info`, dated now.
+    pub fn new(info: &ModelInfo) -> Self {
+        Self {
+            model: info.model.clone(),
+            kv_cache_dtype: info.kv_cache_dtype.clone(),
+            device: info.device.clone(),
+            block_size: info.block_size,
+            kv_blocks_total: info.num_blocks,
+            max_model_len: info.max_model_len,
+            date_utc: utc_now(),
+            kvserve_version: env!("CARGO_PKG_VERSION").to_owned(),
+        }
+    }
+}
+
+/// p50 / p90 / p99 of a set of durations, in milliseconds (0 for an empty set).
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct Percentiles {
+    /// Median.
+    pub p50_ms: f64,
+    /// 90th percentile.
+    pub p90_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+    /// Mean.
+    pub mean_ms: f64,
+    /// Samples.
+    pub count: usize,
+}
+
+impl Percentiles {
+    /// The percentiles of `values` (sorted here).
+    pub fn of(mut values: Vec<Duration>) -> Self {
+        values.sort_unstable();
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let mean = if values.is_empty() {
+            0.0
+        } else {
+            values.iter().map(|&d| ms(d)).sum::<f64>() / values.len() as f64
+        };
+        Self {
+            p50_ms: ms(percentile(&values, 0.5)),
+            p90_ms: ms(percentile(&values, 0.9)),
+            p99_ms: ms(percentile(&values, 0.99)),
+            mean_ms: mean,
+            count: values.len(),
+        }
+    }
 }
 
 /// What one run measured.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BenchReport {
+    /// Model, KV dtype, device, date.
+    pub meta: BenchMeta,
     /// The workload.
     pub workload: Workload,
+    /// Requests completed.
+    pub requests: u64,
     /// Prompt tokens over all requests.
     pub prompt_tokens: u64,
     /// Generated tokens over all requests.
     pub output_tokens: u64,
-    /// From the first submission to the last token.
-    pub elapsed: Duration,
-    /// Time to first token of each request, sorted.
-    pub ttft: Vec<Duration>,
-    /// Time from submission to the last token of each request, sorted.
-    pub latency: Vec<Duration>,
+    /// From the first submission to the last token, seconds.
+    pub elapsed_s: f64,
+    /// Requests per second.
+    pub requests_per_s: f64,
+    /// Generated tokens per second.
+    pub output_tokens_per_s: f64,
+    /// Prompt and generated tokens per second.
+    pub total_tokens_per_s: f64,
+    /// Time to first token.
+    pub ttft: Percentiles,
+    /// Time per output token after the first, per request.
+    pub tpot: Percentiles,
+    /// Time between consecutive token-carrying deltas.
+    pub itl: Percentiles,
+    /// Submission to last token.
+    pub latency: Percentiles,
+    /// The most KV blocks in use at once (since the engine started).
+    pub kv_blocks_peak: u64,
+    /// `kv_blocks_peak / kv_blocks_total`.
+    pub kv_peak_usage: f64,
+    /// The most sequences running at once (since the engine started).
+    pub running_peak: u64,
+    /// Preemptions during the run.
+    pub preemptions: u64,
+    /// Prompt tokens looked up in the prefix cache during the run (re-prefills count again).
+    pub prefix_query_tokens: u64,
+    /// Prompt tokens found in the prefix cache during the run.
+    pub prefix_hit_tokens: u64,
+    /// `prefix_hit_tokens / prompt_tokens`.
+    pub prefix_hit_rate: f64,
 }
 
-/// SplitMix64: a tiny, well-distributed generator for reproducible prompts.
-fn splitmix64(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
+/// What one request measured.
+#[derive(Debug, Default)]
+struct RequestTiming {
+    ttft: Duration,
+    latency: Duration,
+    gaps: Vec<Duration>,
+    tokens: u64,
+    prompt_tokens: u64,
 }
 
-/// The workload's prompts: random ids below `vocab_size`.
-pub fn prompts(workload: &Workload, vocab_size: u32) -> Vec<Vec<u32>> {
-    let mut state = workload.seed;
-    let vocab = u64::from(vocab_size.max(1));
-    (0..workload.num_requests)
-        .map(|_| {
-            (0..workload.input_len)
-                .map(|_| (splitmix64(&mut state) % vocab) as u32)
-                .collect()
-        })
-        .collect()
-}
-
-/// Runs `workload` on `backend` and measures it. A request the engine refuses or fails is an
-/// error (the workload is meant to fit the configuration).
+/// Runs `workload` on `backend` and measures it. A request the engine refuses or fails, or one
+/// that does not produce exactly its output length, is an error (the workload is meant to fit
+/// the configuration).
+///
+/// # Errors
+/// [`BenchError`]: a workload that does not fit the engine (checked before anything is
+/// submitted), or the first request that failed.
 pub async fn run<B: GenerationBackend>(
     backend: &B,
     workload: &Workload,
-) -> Result<BenchReport, EngineError> {
-    let vocab_size = backend.model_info().vocab_size;
+) -> Result<BenchReport, BenchError> {
+    let info = backend.model_info();
+    let requests = workload.requests(info.vocab_size, info.max_model_len)?;
+    let expected: Vec<u32> = requests.iter().map(|r| r.output_len).collect();
+    let before = backend.stats();
     let start = Instant::now();
-    let mut tasks = Vec::new();
-    for (i, ids) in prompts(workload, vocab_size).into_iter().enumerate() {
-        let mut request = GenerateRequest::new(Prompt::TokenIds(ids));
-        request.request_id = Some(format!("bench-{i}"));
-        request.max_tokens = Some(workload.output_len);
+    let mut tasks = Vec::with_capacity(requests.len());
+    for (index, r) in requests.into_iter().enumerate() {
+        let mut request = GenerateRequest::new(Prompt::TokenIds(r.prompt));
+        request.request_id = Some(format!("bench-{index}"));
+        request.max_tokens = Some(r.output_len);
         request.ignore_eos = true;
         let submitted = Instant::now();
-        let mut stream = backend.generate(request)?;
+        let mut stream = backend
+            .generate(request)
+            .map_err(|source| BenchError::Engine { index, source })?;
         tasks.push(tokio::spawn(async move {
+            let mut t = RequestTiming::default();
             let mut first = None;
-            let mut tokens = 0u64;
-            let mut prompt_tokens = 0u64;
+            let mut last = None;
             while let Some(delta) = stream.next().await {
                 let delta = delta?;
-                if first.is_none() && !delta.token_ids.is_empty() {
-                    first = Some(submitted.elapsed());
+                if !delta.token_ids.is_empty() {
+                    let now = submitted.elapsed();
+                    if first.is_none() {
+                        first = Some(now);
+                    }
+                    if let Some(prev) = last {
+                        t.gaps.push(now.saturating_sub(prev));
+                    }
+                    last = Some(now);
                 }
-                tokens += delta.token_ids.len() as u64;
+                t.tokens += delta.token_ids.len() as u64;
                 if let Some(usage) = delta.usage {
-                    prompt_tokens = u64::from(usage.prompt_tokens);
+                    t.prompt_tokens = u64::from(usage.prompt_tokens);
                 }
             }
-            let latency = submitted.elapsed();
-            Ok::<_, EngineError>((first.unwrap_or(latency), latency, tokens, prompt_tokens))
+            t.latency = last.unwrap_or_else(|| submitted.elapsed());
+            t.ttft = first.unwrap_or(t.latency);
+            Ok::<_, EngineError>(t)
         }));
     }
-    let mut report = BenchReport {
-        workload: *workload,
-        prompt_tokens: 0,
-        output_tokens: 0,
-        elapsed: Duration::ZERO,
-        ttft: Vec::new(),
-        latency: Vec::new(),
-    };
-    for task in tasks {
-        let (ttft, latency, tokens, prompt_tokens) = task
+    let mut timings = Vec::with_capacity(tasks.len());
+    for (index, task) in tasks.into_iter().enumerate() {
+        let t = task
             .await
-            .map_err(|e| EngineError::Internal(format!("bench task: {e}")))??;
-        report.ttft.push(ttft);
-        report.latency.push(latency);
-        report.output_tokens += tokens;
-        report.prompt_tokens += prompt_tokens;
+            .map_err(|e| EngineError::Internal(format!("bench task: {e}")))
+            .and_then(|r| r)
+            .map_err(|source| BenchError::Engine { index, source })?;
+        if t.tokens != u64::from(expected[index]) {
+            return Err(BenchError::TokenCount {
+                index,
+                expected: expected[index],
+                got: t.tokens,
+            });
+        }
+        timings.push(t);
     }
-    report.elapsed = start.elapsed();
-    report.ttft.sort();
-    report.latency.sort();
-    Ok(report)
+    let elapsed = start.elapsed();
+    let after = backend.stats();
+    Ok(summarize(
+        BenchMeta::new(&info),
+        *workload,
+        &timings,
+        elapsed,
+        before,
+        after,
+    ))
+}
+
+fn summarize(
+    meta: BenchMeta,
+    workload: Workload,
+    timings: &[RequestTiming],
+    elapsed: Duration,
+    before: engine::EngineStats,
+    after: engine::EngineStats,
+) -> BenchReport {
+    let secs = elapsed.as_secs_f64().max(f64::MIN_POSITIVE);
+    let prompt_tokens: u64 = timings.iter().map(|t| t.prompt_tokens).sum();
+    let output_tokens: u64 = timings.iter().map(|t| t.tokens).sum();
+    let requests = timings.len() as u64;
+    let tpot = timings
+        .iter()
+        .filter(|t| t.tokens >= 2)
+        .map(|t| {
+            let steps = u32::try_from(t.tokens - 1).unwrap_or(u32::MAX);
+            t.latency.saturating_sub(t.ttft) / steps
+        })
+        .collect();
+    let kv_blocks_peak = after.kv_blocks_used_peak as u64;
+    let prefix_hit_tokens = after
+        .prefix_hit_tokens
+        .saturating_sub(before.prefix_hit_tokens);
+    let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+    BenchReport {
+        kv_peak_usage: ratio(kv_blocks_peak, u64::from(meta.kv_blocks_total)),
+        meta,
+        workload,
+        requests,
+        prompt_tokens,
+        output_tokens,
+        elapsed_s: secs,
+        requests_per_s: requests as f64 / secs,
+        output_tokens_per_s: output_tokens as f64 / secs,
+        total_tokens_per_s: (prompt_tokens + output_tokens) as f64 / secs,
+        ttft: Percentiles::of(timings.iter().map(|t| t.ttft).collect()),
+        tpot: Percentiles::of(tpot),
+        itl: Percentiles::of(
+            timings
+                .iter()
+                .flat_map(|t| t.gaps.iter().copied())
+                .collect(),
+        ),
+        latency: Percentiles::of(timings.iter().map(|t| t.latency).collect()),
+        kv_blocks_peak,
+        running_peak: after.running_peak as u64,
+        preemptions: after.preemptions.saturating_sub(before.preemptions),
+        prefix_query_tokens: after
+            .prefix_query_tokens
+            .saturating_sub(before.prefix_query_tokens),
+        prefix_hit_tokens,
+        prefix_hit_rate: ratio(prefix_hit_tokens, prompt_tokens),
+    }
 }
 
 /// The `q`-quantile of sorted `values` (nearest rank).
@@ -129,93 +323,171 @@ fn percentile(sorted: &[Duration], q: f64) -> Duration {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-fn ms(d: Duration) -> String {
-    format!("{:.1} ms", d.as_secs_f64() * 1e3)
+/// Now, UTC, as RFC 3339 to the second.
+pub fn utc_now() -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    utc_from_unix(secs)
+}
+
+/// Seconds since the Unix epoch as an RFC 3339 UTC date (the civil-from-days algorithm of
+/// Howard Hinnant's date library, proleptic Gregorian).
+fn utc_from_unix(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn ms3(p: &Percentiles) -> String {
+    format!("{:.1} / {:.1} / {:.1} ms", p.p50_ms, p.p90_ms, p.p99_ms)
+}
+
+fn table(f: &mut fmt::Formatter<'_>, rows: &[(&str, String)]) -> fmt::Result {
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    writeln!(f, "| {:width$} | value |", "metric")?;
+    writeln!(f, "| {:-<width$} | ----- |", "")?;
+    for (key, value) in rows {
+        writeln!(f, "| {key:width$} | {value} |")?;
+    }
+    Ok(())
 }
 
 impl fmt::Display for BenchReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let secs = self.elapsed.as_secs_f64().max(f64::MIN_POSITIVE);
-        let w = &self.workload;
+        let per_request = |n: u64| n as f64 / self.requests.max(1) as f64;
         let rows = [
-            ("requests", w.num_requests.to_string()),
             (
-                "prompt / output tokens per request",
-                format!("{} / {}", w.input_len, w.output_len),
+                "workload",
+                format!("{} (seed {})", self.workload.kind, self.workload.seed),
             ),
-            ("wall time", format!("{secs:.2} s")),
+            ("requests", self.requests.to_string()),
             (
-                "requests/s",
-                format!("{:.2}", f64::from(w.num_requests) / secs),
+                "mean prompt / output tokens",
+                format!(
+                    "{:.1} / {:.1}",
+                    per_request(self.prompt_tokens),
+                    per_request(self.output_tokens)
+                ),
             ),
+            ("wall time", format!("{:.2} s", self.elapsed_s)),
+            ("requests/s", format!("{:.2}", self.requests_per_s)),
             (
                 "output tokens/s",
-                format!("{:.1}", self.output_tokens as f64 / secs),
+                format!("{:.1}", self.output_tokens_per_s),
             ),
+            ("total tokens/s", format!("{:.1}", self.total_tokens_per_s)),
+            ("TTFT p50 / p90 / p99", ms3(&self.ttft)),
+            ("TPOT p50 / p90 / p99", ms3(&self.tpot)),
+            ("ITL p50 / p90 / p99", ms3(&self.itl)),
+            ("latency p50 / p90 / p99", ms3(&self.latency)),
             (
-                "total tokens/s",
+                "peak KV blocks",
                 format!(
-                    "{:.1}",
-                    (self.prompt_tokens + self.output_tokens) as f64 / secs
+                    "{} / {} ({:.1}%)",
+                    self.kv_blocks_peak,
+                    self.meta.kv_blocks_total,
+                    100.0 * self.kv_peak_usage
                 ),
             ),
+            ("peak running sequences", self.running_peak.to_string()),
+            ("preemptions", self.preemptions.to_string()),
             (
-                "TTFT p50 / p90 / p99",
+                "prefix-cache hit rate",
                 format!(
-                    "{} / {} / {}",
-                    ms(percentile(&self.ttft, 0.5)),
-                    ms(percentile(&self.ttft, 0.9)),
-                    ms(percentile(&self.ttft, 0.99))
-                ),
-            ),
-            (
-                "latency p50 / p99",
-                format!(
-                    "{} / {}",
-                    ms(percentile(&self.latency, 0.5)),
-                    ms(percentile(&self.latency, 0.99))
+                    "{:.1}% ({} of {} prompt tokens)",
+                    100.0 * self.prefix_hit_rate,
+                    self.prefix_hit_tokens,
+                    self.prompt_tokens
                 ),
             ),
         ];
-        let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
-        writeln!(f, "| {:width$} | value |", "metric")?;
-        writeln!(f, "| {:-<width$} | ----- |", "")?;
-        for (key, value) in rows {
-            writeln!(f, "| {key:width$} | {value} |")?;
+        table(f, &rows)
+    }
+}
+
+/// One KV dtype of a sweep.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SweepEntry {
+    /// KV blocks the budget holds in this dtype.
+    pub kv_blocks: u32,
+    /// Sequences of the workload's mean length (prompt + output) the KV pool holds at once:
+    /// `kv_blocks × block_size / mean length` (before `--max-num-seqs`).
+    pub kv_capacity_seqs: u64,
+    /// The run.
+    pub report: BenchReport,
+}
+
+impl SweepEntry {
+    /// The entry of one run.
+    pub fn new(report: BenchReport) -> Self {
+        let tokens = report.prompt_tokens + report.output_tokens;
+        let mean_len = tokens.div_ceil(report.requests.max(1)).max(1);
+        let slots = u64::from(report.meta.kv_blocks_total) * u64::from(report.meta.block_size);
+        Self {
+            kv_blocks: report.meta.kv_blocks_total,
+            kv_capacity_seqs: slots / mean_len,
+            report,
+        }
+    }
+}
+
+/// A KV-dtype sweep: the same workload at one KV memory budget, one run per dtype.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SweepReport {
+    /// The KV memory budget, bytes.
+    pub kv_cache_memory: u64,
+    /// One entry per dtype, in the order asked.
+    pub entries: Vec<SweepEntry>,
+}
+
+impl fmt::Display for SweepReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "KV-dtype sweep at {:.1} MiB of KV cache",
+            self.kv_cache_memory as f64 / f64::from(1u32 << 20)
+        )?;
+        writeln!(
+            f,
+            "| KV dtype | KV blocks | seqs the KV holds | peak running | preemptions | req/s | output tok/s | TPOT p50 |"
+        )?;
+        writeln!(
+            f,
+            "| -------- | --------- | ----------------- | ------------ | ----------- | ----- | ------------ | -------- |"
+        )?;
+        for e in &self.entries {
+            let r = &e.report;
+            writeln!(
+                f,
+                "| {} | {} | {} | {} | {} | {:.2} | {:.1} | {:.1} ms |",
+                r.meta.kv_cache_dtype,
+                e.kv_blocks,
+                e.kv_capacity_seqs,
+                r.running_peak,
+                r.preemptions,
+                r.requests_per_s,
+                r.output_tokens_per_s,
+                r.tpot.p50_ms
+            )?;
         }
         Ok(())
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn prompts_are_reproducible_and_in_vocabulary() {
-        let w = Workload {
-            num_requests: 3,
-            input_len: 50,
-            output_len: 1,
-            seed: 7,
-        };
-        let a = prompts(&w, 100);
-        assert_eq!(a, prompts(&w, 100));
-        assert_eq!(a.len(), 3);
-        assert!(
-            a.iter()
-                .all(|p| p.len() == 50 && p.iter().all(|&t| t < 100))
-        );
-        assert_ne!(a[0], a[1]);
-        assert!(prompts(&w, 0).iter().flatten().all(|&t| t == 0));
-    }
-
-    #[test]
-    fn percentiles_by_nearest_rank() {
-        let v: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
-        assert_eq!(percentile(&v, 0.5), Duration::from_millis(50));
-        assert_eq!(percentile(&v, 0.99), Duration::from_millis(99));
-        assert_eq!(percentile(&v, 0.0), Duration::from_millis(1));
-        assert_eq!(percentile(&[], 0.5), Duration::ZERO);
-    }
-}
+mod tests;

@@ -13,6 +13,8 @@ use engine::{Device, EngineConfig, ModelSource, SpeculativeMode};
 use kv_quant::KvCacheDtype;
 use scheduler::PreemptionMode;
 
+use crate::bench::{Workload, WorkloadError, WorkloadKind};
+
 /// Errors in command-line values.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CliError {
@@ -38,6 +40,17 @@ pub enum CliError {
         /// Why it is refused.
         reason: String,
     },
+    /// A `kvserve bench` length flag that the chosen workload does not take.
+    #[error("--{flag} does not apply to --workload {workload}")]
+    WorkloadFlag {
+        /// The flag, without its dashes.
+        flag: &'static str,
+        /// The workload's name.
+        workload: String,
+    },
+    /// An unknown workload.
+    #[error(transparent)]
+    Workload(#[from] WorkloadError),
     /// A fraction outside `(0, 1]`.
     #[error("invalid fraction {input:?}: expected a number in (0, 1]")]
     Fraction {
@@ -339,18 +352,118 @@ pub struct BenchArgs {
     /// Engine settings.
     #[command(flatten)]
     pub engine: EngineArgs,
+    /// The workload: `fixed` (--input-len / --output-len, default 128 / 64), `sharegpt`
+    /// (lognormal lengths, mean 200 in / 180 out), `128/128`, `2048/128`, `128/2048`, or
+    /// `shared-prefix` (a common --prefix-len prompt, default 1024, and a distinct --suffix-len
+    /// one, default 32, per request; --output-len default 64).
+    #[arg(long, default_value = "fixed", value_parser = parse_workload, value_name = "NAME")]
+    pub workload: String,
     /// Requests, all submitted at once.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     pub num_requests: u32,
-    /// Prompt tokens per request (random token ids).
-    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..))]
-    pub input_len: u32,
-    /// Generated tokens per request (EOS ignored).
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
-    pub output_len: u32,
-    /// Seed of the synthetic prompts.
+    /// Prompt tokens per request (random token ids), `fixed` workload.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub input_len: Option<u32>,
+    /// Generated tokens per request (EOS ignored), `fixed` and `shared-prefix` workloads.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub output_len: Option<u32>,
+    /// Tokens of the common prompt prefix, `shared-prefix` workload.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub prefix_len: Option<u32>,
+    /// Tokens of each request's own prompt suffix, `shared-prefix` workload.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub suffix_len: Option<u32>,
+    /// Seed of the synthetic lengths and prompts.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Also write the report as JSON to this file (with the workload, model, KV dtype, device
+    /// and UTC date).
+    #[arg(long, value_name = "PATH")]
+    pub json: Option<PathBuf>,
+    /// Run the workload once per KV-cache dtype (comma-separated, e.g. fp16,int8,int4,fp8),
+    /// each on a fresh engine at the same --kv-cache-memory, and compare KV blocks, the
+    /// sequences they hold and throughput.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_parser = parse_sweep_dtype,
+        value_name = "DTYPES",
+        requires = "kv_cache_memory",
+        conflicts_with = "kv_cache_dtype"
+    )]
+    pub kv_sweep: Vec<KvCacheDtype>,
+}
+
+/// A workload name, checked and normalized.
+fn parse_workload(s: &str) -> Result<String, WorkloadError> {
+    s.parse::<WorkloadKind>()?;
+    Ok(s.trim().to_ascii_lowercase())
+}
+
+fn parse_sweep_dtype(s: &str) -> Result<KvCacheDtype, CliError> {
+    match parse_kv_cache_dtype(s)? {
+        KvDtypeArg(Some(d)) => Ok(d),
+        KvDtypeArg(None) => Err(CliError::KvCacheDtype {
+            input: s.to_owned(),
+            reason: "a sweep names each dtype (auto is not one)".to_owned(),
+        }),
+    }
+}
+
+impl BenchArgs {
+    /// The workload these flags describe.
+    ///
+    /// # Errors
+    /// [`CliError::WorkloadFlag`] for a length flag that the workload does not take,
+    /// [`CliError::Workload`] for an unknown workload.
+    pub fn workload(&self) -> Result<Workload, CliError> {
+        let name = &self.workload;
+        let preset: WorkloadKind = name.parse().map_err(CliError::Workload)?;
+        let refuse = |flag: &'static str, given: Option<u32>| match given {
+            Some(_) => Err(CliError::WorkloadFlag {
+                flag,
+                workload: name.clone(),
+            }),
+            None => Ok(()),
+        };
+        let kind = match preset {
+            WorkloadKind::Fixed {
+                input_len,
+                output_len,
+            } if name == "fixed" => {
+                refuse("prefix-len", self.prefix_len)?;
+                refuse("suffix-len", self.suffix_len)?;
+                WorkloadKind::Fixed {
+                    input_len: self.input_len.unwrap_or(input_len),
+                    output_len: self.output_len.unwrap_or(output_len),
+                }
+            }
+            WorkloadKind::SharedPrefix {
+                prefix_len,
+                suffix_len,
+                output_len,
+            } => {
+                refuse("input-len", self.input_len)?;
+                WorkloadKind::SharedPrefix {
+                    prefix_len: self.prefix_len.unwrap_or(prefix_len),
+                    suffix_len: self.suffix_len.unwrap_or(suffix_len),
+                    output_len: self.output_len.unwrap_or(output_len),
+                }
+            }
+            preset => {
+                refuse("input-len", self.input_len)?;
+                refuse("output-len", self.output_len)?;
+                refuse("prefix-len", self.prefix_len)?;
+                refuse("suffix-len", self.suffix_len)?;
+                preset
+            }
+        };
+        Ok(Workload {
+            kind,
+            num_requests: self.num_requests,
+            seed: self.seed,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -476,10 +589,143 @@ mod tests {
             &["serve", "--shutdown-timeout", "1e300"],
             &["generate"],
             &["bench", "--num-requests", "0"],
+            &["bench", "--input-len", "0"],
+            &["bench", "--output-len", "0"],
+            &["bench", "--prefix-len", "0"],
+            &["bench", "--workload", "nonsense"],
+            &[
+                "bench",
+                "--kv-sweep",
+                "fp16,int3",
+                "--kv-cache-memory",
+                "1GiB",
+            ],
+            &["bench", "--kv-sweep", "auto", "--kv-cache-memory", "1GiB"],
+            &["bench", "--kv-sweep", "fp16,int8"],
+            &[
+                "bench",
+                "--kv-sweep",
+                "fp16",
+                "--kv-cache-memory",
+                "1GiB",
+                "--kv-cache-dtype",
+                "int8",
+            ],
             &["nonsense"],
         ] {
             assert!(parse(bad).is_err(), "{bad:?} should be refused");
         }
+    }
+
+    fn bench_args(args: &[&str]) -> BenchArgs {
+        let mut all = vec!["bench"];
+        all.extend_from_slice(args);
+        match parse(&all).unwrap().command {
+            Command::Bench(a) => a,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn bench_workloads_and_their_length_flags() {
+        let fixed = |input_len, output_len| WorkloadKind::Fixed {
+            input_len,
+            output_len,
+        };
+        let w = bench_args(&[]).workload().unwrap();
+        assert_eq!((w.kind, w.num_requests, w.seed), (fixed(128, 64), 64, 0));
+        let w = bench_args(&["--input-len", "7", "--output-len", "3", "--seed", "9"])
+            .workload()
+            .unwrap();
+        assert_eq!((w.kind, w.seed), (fixed(7, 3), 9));
+        assert_eq!(
+            bench_args(&["--workload", "2048/128"])
+                .workload()
+                .unwrap()
+                .kind,
+            fixed(2048, 128)
+        );
+        assert_eq!(
+            bench_args(&["--workload", "ShareGPT"])
+                .workload()
+                .unwrap()
+                .kind,
+            WorkloadKind::SHAREGPT
+        );
+        let w = bench_args(&[
+            "--workload",
+            "shared-prefix",
+            "--prefix-len",
+            "512",
+            "--output-len",
+            "16",
+        ])
+        .workload()
+        .unwrap();
+        assert_eq!(
+            w.kind,
+            WorkloadKind::SharedPrefix {
+                prefix_len: 512,
+                suffix_len: 32,
+                output_len: 16
+            }
+        );
+        // A length flag the workload does not take is refused, naming both.
+        for (args, flag) in [
+            (
+                &["--workload", "128/128", "--input-len", "5"][..],
+                "input-len",
+            ),
+            (
+                &["--workload", "sharegpt", "--output-len", "5"],
+                "output-len",
+            ),
+            (
+                &["--workload", "shared-prefix", "--input-len", "5"],
+                "input-len",
+            ),
+            (&["--suffix-len", "5"], "suffix-len"),
+        ] {
+            let err = bench_args(args).workload().unwrap_err();
+            assert!(
+                matches!(&err, CliError::WorkloadFlag { flag: f, .. } if *f == flag),
+                "{args:?}: {err}"
+            );
+            assert!(err.to_string().contains("--workload"), "{err}");
+        }
+        // An unknown workload's error lists the known ones.
+        let err = parse(&["bench", "--workload", "sharegtp"]).unwrap_err();
+        assert!(err.to_string().contains("shared-prefix"), "{err}");
+    }
+
+    #[test]
+    fn bench_kv_sweep_and_json() {
+        let a = bench_args(&[
+            "--kv-sweep",
+            "fp16,int8,int4,fp8",
+            "--kv-cache-memory",
+            "64MiB",
+            "--json",
+            "/tmp/r.json",
+        ]);
+        let names: Vec<String> = a.kv_sweep.iter().map(ToString::to_string).collect();
+        assert_eq!(names, ["fp16", "int8", "int4", "fp8_e4m3"]);
+        assert_eq!(a.engine.kv_cache_memory, Some(64 << 20));
+        assert_eq!(a.json, Some(PathBuf::from("/tmp/r.json")));
+        let err = parse(&[
+            "bench",
+            "--kv-sweep",
+            "fp16,int3",
+            "--kv-cache-memory",
+            "1G",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("int3"), "{err}");
+        let err = parse(&["bench", "--kv-sweep", "fp16"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--kv-cache-memory"), "{err}");
     }
 
     #[test]

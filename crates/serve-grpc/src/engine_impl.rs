@@ -4,8 +4,8 @@ use std::future::Future;
 use std::time::Duration;
 
 use engine::{
-    EngineError, EngineHandle, GenerateRequest, Health, ModelInfo, Prompt, ResponseStream,
-    StreamDelta,
+    EngineError, EngineHandle, EngineStats, GenerateRequest, Health, ModelInfo, Prompt,
+    ResponseStream, StreamDelta,
 };
 
 use crate::backend::{DeltaStream, GenerationBackend};
@@ -35,6 +35,10 @@ impl GenerationBackend for EngineHandle {
 
     fn metrics_text(&self) -> String {
         EngineHandle::metrics_text(self)
+    }
+
+    fn stats(&self) -> EngineStats {
+        EngineHandle::stats(self)
     }
 
     fn shutdown(&self, timeout: Duration) {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::Parser;
 use engine::{Engine, EngineConfig, EngineHandle, GenerateRequest, Message, ModelSource, Prompt};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -230,33 +230,54 @@ fn generate(args: &GenerateArgs) -> Result<()> {
 }
 
 fn bench(args: &BenchArgs) -> Result<()> {
-    let engine = start_engine(&args.engine)?;
-    let workload = serve_grpc::bench::Workload {
-        num_requests: args.num_requests,
-        input_len: args.input_len,
-        output_len: args.output_len,
-        seed: args.seed,
-    };
-    let info = engine.model_info().clone();
-    if u64::from(workload.input_len) + u64::from(workload.output_len)
-        > u64::from(info.max_model_len)
-    {
-        bail!(
-            "--input-len + --output-len ({} + {}) exceeds the model's max_model_len ({})",
-            workload.input_len,
-            workload.output_len,
-            info.max_model_len
-        );
-    }
+    use serve_grpc::bench::{self, BenchReport, SweepEntry, SweepReport};
+    let workload = args.workload()?;
     let rt = runtime()?;
-    let report = rt.block_on(serve_grpc::bench::run(&engine, &workload))?;
-    let mut out = std::io::stdout().lock();
-    writeln!(
-        out,
-        "kvserve bench: {} on {}, KV {} ({} blocks of {})\n",
-        info.model, info.device, info.kv_cache_dtype, info.num_blocks, info.block_size
-    )?;
-    write!(out, "{report}")?;
-    engine.shutdown(Duration::from_secs(5));
+    let run_once = |engine_args: &EngineArgs| -> Result<BenchReport> {
+        let engine = start_engine(engine_args)?;
+        let info = engine.model_info().clone();
+        let result = rt.block_on(bench::run(&engine, &workload));
+        engine.shutdown(Duration::from_secs(5));
+        let report = result.with_context(|| {
+            format!(
+                "running the {} workload with KV {}",
+                workload.kind.name(),
+                info.kv_cache_dtype
+            )
+        })?;
+        let mut out = std::io::stdout().lock();
+        writeln!(
+            out,
+            "kvserve bench: {} on {}, KV {} ({} blocks of {}), {}\n",
+            info.model,
+            info.device,
+            info.kv_cache_dtype,
+            info.num_blocks,
+            info.block_size,
+            report.meta.date_utc
+        )?;
+        writeln!(out, "{report}")?;
+        Ok(report)
+    };
+    let json = if args.kv_sweep.is_empty() {
+        let report = run_once(&args.engine)?;
+        serde_json::to_string_pretty(&report)?
+    } else {
+        let mut sweep = SweepReport {
+            kv_cache_memory: args.engine.kv_cache_memory.unwrap_or_default(),
+            entries: Vec::new(),
+        };
+        for &dtype in &args.kv_sweep {
+            let mut engine_args = args.engine.clone();
+            engine_args.kv_cache_dtype = serve_grpc::cli::KvDtypeArg(Some(dtype));
+            sweep.entries.push(SweepEntry::new(run_once(&engine_args)?));
+        }
+        writeln!(std::io::stdout().lock(), "{sweep}")?;
+        serde_json::to_string_pretty(&sweep)?
+    };
+    if let Some(path) = &args.json {
+        std::fs::write(path, json + "\n")
+            .with_context(|| format!("writing the JSON report to {}", path.display()))?;
+    }
     Ok(())
 }
