@@ -13,6 +13,9 @@ pub(crate) struct Options {
     /// Skip `cargo clippy` (for local iteration).
     #[arg(long)]
     skip_clippy: bool,
+    /// Skip the CPU perf gate (`cargo xtask perf-gate`).
+    #[arg(long)]
+    skip_perf: bool,
 }
 
 /// What a step does.
@@ -25,6 +28,8 @@ enum Job {
     },
     /// `cargo xtask deps`, called in-process.
     Deps,
+    /// `cargo xtask perf-gate`, called in-process.
+    PerfGate,
 }
 
 #[derive(Debug)]
@@ -55,6 +60,7 @@ impl Step {
                 format!("{}cargo {}", env.collect::<String>(), args.join(" "))
             }
             Job::Deps => "cargo xtask deps (in-process)".to_owned(),
+            Job::PerfGate => "cargo xtask perf-gate (in-process)".to_owned(),
         }
     }
 
@@ -66,6 +72,7 @@ impl Step {
                 crate::run_cmd(cmd)
             }
             Job::Deps => crate::deps::run(),
+            Job::PerfGate => crate::perf::run(&crate::perf::Options::default()),
         }
     }
 }
@@ -119,6 +126,13 @@ fn steps(options: &Options) -> Vec<Step> {
                 env: vec![("RUSTDOCFLAGS", rustdocflags)],
             },
             skip: false,
+        },
+        // Last: it needs release builds of four bench targets (about 1 minute here when the
+        // test step has already built most of their dependencies) and about a minute of runs.
+        Step {
+            name: "perf",
+            job: Job::PerfGate,
+            skip: options.skip_perf,
         },
     ]
 }
