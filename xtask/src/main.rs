@@ -23,7 +23,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Run every CI check in order: fmt, clippy, test, deps, doc, perf (what `.ci/run` runs).
+    /// Run every CI check in order: fmt, clippy, test, deps, doc, and with `--perf` the perf gate
+    /// (what `.ci/run` runs).
     Ci(ci::Options),
     /// Check the dependency graph against the rules table in `xtask/src/deps.rs`.
     Deps,

@@ -198,3 +198,10 @@ fn a_deliberately_slowed_benchmark_fails_the_gate() {
     assert!(err.contains("codecs/encode/int8"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn remeasures_keep_the_best_ratio() {
+    let mut best = map(&[("a/x", 2.0), ("a/y", 1.0)]);
+    keep_better(&mut best, map(&[("a/x", 1.5), ("a/y", 3.0), ("a/z", 4.0)]));
+    assert_eq!(best, map(&[("a/x", 1.5), ("a/y", 1.0), ("a/z", 4.0)]));
+}
