@@ -13,6 +13,11 @@ pub(crate) struct Options {
     /// Skip `cargo clippy` (for local iteration).
     #[arg(long)]
     skip_clippy: bool,
+    /// Also run the CPU perf gate (`cargo xtask perf-gate`) as the last step. Opt-in: on a
+    /// shared 2-core machine its calibration still swings by up to 1.6× between processes
+    /// (neighbours' load), so it can fail without a regression (xtask/src/perf.rs).
+    #[arg(long)]
+    perf: bool,
 }
 
 /// What a step does.
@@ -25,6 +30,8 @@ enum Job {
     },
     /// `cargo xtask deps`, called in-process.
     Deps,
+    /// `cargo xtask perf-gate`, called in-process.
+    PerfGate,
 }
 
 #[derive(Debug)]
@@ -55,6 +62,7 @@ impl Step {
                 format!("{}cargo {}", env.collect::<String>(), args.join(" "))
             }
             Job::Deps => "cargo xtask deps (in-process)".to_owned(),
+            Job::PerfGate => "cargo xtask perf-gate (in-process)".to_owned(),
         }
     }
 
@@ -66,6 +74,7 @@ impl Step {
                 crate::run_cmd(cmd)
             }
             Job::Deps => crate::deps::run(),
+            Job::PerfGate => crate::perf::run(&crate::perf::Options::default()),
         }
     }
 }
@@ -119,6 +128,13 @@ fn steps(options: &Options) -> Vec<Step> {
                 env: vec![("RUSTDOCFLAGS", rustdocflags)],
             },
             skip: false,
+        },
+        // Last, opt-in (`--perf`): it builds four bench binaries in the dev profile (about 45 s
+        // once the test step has built their dependencies) and runs them (about 50 s).
+        Step {
+            name: "perf",
+            job: Job::PerfGate,
+            skip: !options.perf,
         },
     ]
 }

@@ -5,6 +5,7 @@
 
 mod ci;
 mod deps;
+mod perf;
 mod profile;
 
 use std::path::{Path, PathBuf};
@@ -22,7 +23,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Run every CI check in order: fmt, clippy, test, deps, doc (what `.ci/run` runs).
+    /// Run every CI check in order: fmt, clippy, test, deps, doc, and with `--perf` the perf gate
+    /// (what `.ci/run` runs).
     Ci(ci::Options),
     /// Check the dependency graph against the rules table in `xtask/src/deps.rs`.
     Deps,
@@ -35,6 +37,11 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// CI perf gate: the criterion CPU benchmarks (block manager, scheduler, KV-quant codecs,
+    /// CPU decode), each as a ratio to a calibration workload run in the same process, against
+    /// the committed baseline `benches/perf-baseline.json`; fails on a regression over 25%.
+    /// `--bless` rewrites the baseline.
+    PerfGate(perf::Options),
     /// Nsight Compute on the decode-attention kernels (needs a GPU and ncu): achieved
     /// bandwidth and occupancy per launch of `attention_bench --quick`.
     Profile(profile::Options),
@@ -61,6 +68,7 @@ fn main() -> Result<()> {
         Cmd::Ci(options) => ci::run(&options),
         Cmd::Deps => deps::run(),
         Cmd::Profile(options) => profile::run(&options),
+        Cmd::PerfGate(options) => perf::run(&options),
         Cmd::Bench { package, args } => bench(package.as_deref(), &args),
         Cmd::FetchModel { dir } => fetch_model(dir),
         Cmd::Serve { args } => serve(&args),

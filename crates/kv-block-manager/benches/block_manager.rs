@@ -190,9 +190,12 @@ fn allocate_free(c: &mut Criterion) {
     group.finish();
 }
 
+#[path = "../../../benches/calibration.rs"]
+mod calibration;
+
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(4)).warm_up_time(Duration::from_secs(1));
-    targets = decode_step, prefix_lookup, allocate_free
+    targets = calibration::bench, decode_step, prefix_lookup, allocate_free
 }
 criterion_main!(benches);

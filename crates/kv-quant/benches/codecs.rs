@@ -62,10 +62,14 @@ fn encode(c: &mut Criterion) {
     g.throughput(f32_bytes());
     for dtype in dtypes() {
         let (l, mut block, x) = setup(dtype);
+        // 1 unless the perf gate's end-to-end test slows this benchmark down on purpose.
+        let repeat = calibration::slowdown(&format!("encode/{dtype}"));
         g.bench_function(BenchmarkId::from_parameter(dtype), |b| {
             b.iter(|| {
-                for (slot, xs) in x.chunks_exact(l.values_per_token()).enumerate() {
-                    encode_token(&l, &mut block, slot, black_box(xs)).unwrap();
+                for _ in 0..repeat {
+                    for (slot, xs) in x.chunks_exact(l.values_per_token()).enumerate() {
+                        encode_token(&l, &mut block, slot, black_box(xs)).unwrap();
+                    }
                 }
                 black_box(&mut block);
             });
@@ -131,6 +135,9 @@ fn axpy(c: &mut Criterion) {
     g.finish();
 }
 
+#[path = "../../../benches/calibration.rs"]
+mod calibration;
+
 fn config() -> Criterion {
     Criterion::default()
         .warm_up_time(Duration::from_millis(500))
@@ -141,6 +148,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = encode, decode, dot, axpy
+    targets = calibration::bench, encode, decode, dot, axpy
 }
 criterion_main!(benches);

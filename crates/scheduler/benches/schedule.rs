@@ -155,5 +155,8 @@ fn decode_step(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, decode_step);
+#[path = "../../../benches/calibration.rs"]
+mod calibration;
+
+criterion_group!(benches, calibration::bench, decode_step);
 criterion_main!(benches);
