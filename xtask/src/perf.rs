@@ -143,7 +143,7 @@ pub(crate) struct Options {
     /// gate fail (tests the gate itself).
     #[arg(long, value_name = "ID")]
     slow: Option<String>,
-    /// Where the criterion results go [default: <target dir>/perf-gate].
+    /// Where the criterion results go (default: `<target dir>/perf-gate`).
     #[arg(long, value_name = "DIR")]
     work_dir: Option<PathBuf>,
 }
