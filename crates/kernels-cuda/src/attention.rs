@@ -408,17 +408,7 @@ impl PagedDecoder {
     ) -> Result<TensorMapArg> {
         // Event tracking is off for the crate's context (device.rs): the guard does nothing.
         let (address, _guard) = cache.device_ptr(gpu.stream());
-        let geometry = KvCacheGeometry {
-            dtype: layout.dtype(),
-            head_dim: layout.head_dim(),
-            block_size: layout.block_size(),
-            num_kv_heads: layout.num_kv_heads(),
-            row_bytes: layout.value_row_bytes(),
-            block_bytes: layout.kv_block_bytes(),
-            num_blocks,
-            cache_bytes: cache.len(),
-            address,
-        };
+        let geometry = KvCacheGeometry::of(layout, num_blocks, cache.len(), address);
         let Some(shape) = kv_tensor_map_shape(KERNEL, &geometry)? else {
             return Ok(TensorMapArg::UNUSED);
         };

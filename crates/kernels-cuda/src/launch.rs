@@ -245,6 +245,29 @@ pub(crate) struct KvCacheGeometry {
     pub(crate) address: u64,
 }
 
+impl KvCacheGeometry {
+    /// The geometry of a cache buffer of `cache_bytes` at `address` holding `num_blocks`
+    /// blocks of `layout`.
+    pub(crate) fn of(
+        layout: &kv_quant::BlockLayout,
+        num_blocks: usize,
+        cache_bytes: usize,
+        address: u64,
+    ) -> Self {
+        Self {
+            dtype: layout.dtype(),
+            head_dim: layout.head_dim(),
+            block_size: layout.block_size(),
+            num_kv_heads: layout.num_kv_heads(),
+            row_bytes: layout.value_row_bytes(),
+            block_bytes: layout.kv_block_bytes(),
+            num_blocks,
+            cache_bytes,
+            address,
+        }
+    }
+}
+
 /// What `cuTensorMapEncodeTiled` gets for a [`KvCacheGeometry`]: a 2-D tensor of `head_dim`
 /// elements (innermost) by every value row of the cache (row `block * num_kv_heads *
 /// block_size + head * block_size + slot`, `row_bytes` apart), boxes of [`TMA_BOX_COLS`]
@@ -385,17 +408,12 @@ mod tests {
 
     /// A cache of `num_blocks` blocks of `layout` at a 256-byte aligned address.
     fn geometry(layout: &BlockLayout, num_blocks: usize) -> KvCacheGeometry {
-        KvCacheGeometry {
-            dtype: layout.dtype(),
-            head_dim: layout.head_dim(),
-            block_size: layout.block_size(),
-            num_kv_heads: layout.num_kv_heads(),
-            row_bytes: layout.value_row_bytes(),
-            block_bytes: layout.kv_block_bytes(),
+        KvCacheGeometry::of(
+            layout,
             num_blocks,
-            cache_bytes: num_blocks * layout.kv_block_bytes(),
-            address: 0x7f00_0000_0100,
-        }
+            num_blocks * layout.kv_block_bytes(),
+            0x7f00_0000_0100,
+        )
     }
 
     fn refused(g: &KvCacheGeometry) {

@@ -10,7 +10,9 @@
 
 mod common;
 
-use common::{Act, MaxError, attention_ref, decode_batch, gpu, random_act, random_bf16, to_bf16};
+use common::{
+    Act, MaxError, PagedCache, attention_ref, decode_batch, gpu, random_act, random_bf16, to_bf16,
+};
 use half::bf16;
 use kernels_cuda::cudarc::driver::CudaSlice;
 use kernels_cuda::{
@@ -165,10 +167,23 @@ fn decode_error_on<T: Act>(
     c: &Case,
     dec: &mut PagedDecoder,
 ) -> (f64, DecodePlan) {
+    let (cache, meta) = decode_batch::<T>(gpu, rng, &c.layout, &c.contexts, c.window);
+    decode_error_over::<T>(gpu, rng, c, &cache, &meta, dec)
+}
+
+/// Random queries for `c`, run through `dec` over `cache` and `meta`: the relative error
+/// against the f64 reference, and the plan. Every output must be written and finite.
+fn decode_error_over<T: Act>(
+    gpu: &Gpu,
+    rng: &mut ChaCha8Rng,
+    c: &Case,
+    cache: &PagedCache,
+    meta: &DecodeMetadata,
+    dec: &mut PagedDecoder,
+) -> (f64, DecodePlan) {
     let stream = gpu.stream().clone();
     let l = &c.layout;
     let (kvh, d) = (l.num_kv_heads(), l.head_dim());
-    let (cache, meta) = decode_batch::<T>(gpu, rng, l, &c.contexts, c.window);
     let nh = c.num_heads;
     let group = nh / kvh;
     let q = random_act::<T>(rng, c.contexts.len() * nh * d, 1.0);
@@ -180,7 +195,7 @@ fn decode_error_on<T: Act>(
     let mut out: CudaSlice<T> = stream
         .clone_htod(&vec![T::NAN; c.contexts.len() * nh * d])
         .unwrap();
-    let plan = dec.run(gpu, &meta, l, nh, &qd, &kd, &vd, &mut out).unwrap();
+    let plan = dec.run(gpu, meta, l, nh, &qd, &kd, &vd, &mut out).unwrap();
     let out: Vec<f32> = stream
         .clone_dtoh(&out)
         .unwrap()
@@ -459,9 +474,8 @@ fn poisoned_decode_error<T: Act>(
     c: &Case,
     partition: Option<usize>,
 ) -> f64 {
-    let stream = gpu.stream().clone();
     let l = &c.layout;
-    let (kvh, d, bs) = (l.num_kv_heads(), l.head_dim(), l.block_size());
+    let (kvh, bs) = (l.num_kv_heads(), l.block_size());
     let (row_bytes, bb) = (l.value_row_bytes(), l.kv_block_bytes());
     let (mut cache, _) = decode_batch::<T>(gpu, rng, l, &c.contexts, c.window);
     let mb = cache.max_blocks;
@@ -496,49 +510,10 @@ fn poisoned_decode_error<T: Act>(
         c.window,
     )
     .unwrap();
-    let nh = c.num_heads;
-    let group = nh / kvh;
-    let q = random_act::<T>(rng, c.contexts.len() * nh * d, 1.0);
-    let q_t: Vec<T> = q.iter().map(|&x| T::of(x)).collect();
-    let qd = stream.clone_htod(&q_t).unwrap();
-    let kd = stream.clone_htod(&cache.k).unwrap();
-    let vd = stream.clone_htod(&cache.v).unwrap();
-    let mut out: CudaSlice<T> = stream
-        .clone_htod(&vec![T::NAN; c.contexts.len() * nh * d])
-        .unwrap();
     let mut dec = PagedDecoder::new();
     dec.set_kernel(DecodeKernel::TensorCore);
     dec.set_partition_size(partition).unwrap();
-    dec.run(gpu, &meta, l, nh, &qd, &kd, &vd, &mut out).unwrap();
-    let out: Vec<f32> = stream
-        .clone_dtoh(&out)
-        .unwrap()
-        .iter()
-        .map(|x| x.f32())
-        .collect();
-    let mut err = MaxError::default();
-    for (s, &ctx) in c.contexts.iter().enumerate() {
-        let first = c.window.map_or(0, |w| ctx.saturating_sub(w));
-        for h in 0..nh {
-            let qh = &q[(s * nh + h) * d..][..d];
-            let r = attention_ref(
-                qh,
-                &cache.k_dec[s],
-                &cache.v_dec[s],
-                kvh,
-                h / group,
-                first..ctx,
-            );
-            for (i, r) in r.into_iter().enumerate() {
-                let o = f64::from(out[(s * nh + h) * d + i]);
-                if !o.is_finite() {
-                    return f64::INFINITY;
-                }
-                err.add(o, r);
-            }
-        }
-    }
-    err.relative()
+    decode_error_over::<T>(gpu, rng, c, &cache, &meta, &mut dec).0
 }
 
 #[test]
