@@ -16,6 +16,12 @@ pub enum ModelSource {
     Default,
     /// A GGUF file or a Hugging Face directory (config.json + safetensors + tokenizer.json).
     Path(PathBuf),
+    /// Dummy weights of the shape in a Hugging Face `config.json` (this file, or a directory
+    /// holding one), like vLLM's `--load-format dummy`: for speed measurements of large shapes
+    /// without a checkpoint; the outputs mean nothing. The directory's `tokenizer.json` is
+    /// used when present, else [`model::Tokenizer::synthetic`] (token `i` is the word `t{i}`).
+    /// Generated on the GPU in bf16, or on the CPU in Q8_0.
+    Dummy(PathBuf),
 }
 
 /// The compute device.

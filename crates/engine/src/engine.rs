@@ -7,8 +7,8 @@ use std::sync::Arc;
 use kv_block_manager::{BlockManager, BlockManagerConfig, SUPPORTED_BLOCK_SIZES};
 use kv_quant::KvCacheDtype;
 use model::{
-    Backend, CpuBackend, CudaBackend, Gpu, KvCacheConfig, LoadedModel, ModelConfig, Shard,
-    Tokenizer,
+    Backend, CpuBackend, CudaBackend, DType, Gpu, KvCacheConfig, LoadedModel, ModelConfig, Shard,
+    Tokenizer, Weights,
 };
 use scheduler::spec::{
     DraftModelConfig, DraftModelProposer, MAX_K, NgramConfig, NgramProposer, Proposer,
@@ -88,6 +88,65 @@ pub fn kv_cache_config(
         dtype,
         num_cpu_blocks: num_cpu_blocks as usize,
     })
+}
+
+/// The seed of [`ModelSource::Dummy`]'s weights.
+const DUMMY_SEED: u64 = 0;
+
+/// A model's weights, or only its shape for dummy weights made where they will run (on the
+/// GPU, generated there).
+enum ModelWeights {
+    Loaded(Weights),
+    Dummy(ModelConfig),
+}
+
+impl ModelWeights {
+    fn config(&self) -> &ModelConfig {
+        match self {
+            Self::Loaded(w) => w.config(),
+            Self::Dummy(c) => c,
+        }
+    }
+}
+
+/// A loaded model's parts.
+fn loaded((model, name): (LoadedModel, String)) -> (ModelWeights, Tokenizer, String) {
+    (ModelWeights::Loaded(model.weights), model.tokenizer, name)
+}
+
+/// [`ModelSource::Dummy`]: the shape in `path` (a `config.json`, or a directory holding one),
+/// the directory's `tokenizer.json` (and `tokenizer_config.json`) when present, else a
+/// synthetic tokenizer. The name is the directory's.
+fn load_dummy(path: &Path) -> Result<(ModelWeights, Tokenizer, String), EngineError> {
+    let (dir, file) = if path.is_dir() {
+        (path.to_owned(), path.join("config.json"))
+    } else {
+        let dir = path.parent().map_or_else(|| ".".into(), Path::to_owned);
+        (dir, path.to_owned())
+    };
+    let what = || format!("dummy weights of {}", file.display());
+    let text = std::fs::read_to_string(&file).map_err(|e| startup(&what(), e))?;
+    let shape = ModelConfig::from_hf_json(&text).map_err(|e| startup(&what(), e))?;
+    shape.validate().map_err(|e| startup(&what(), e))?;
+    let tokenizer = if dir.join("tokenizer.json").is_file() {
+        let mut t =
+            Tokenizer::from_file(dir.join("tokenizer.json")).map_err(|e| startup(&what(), e))?;
+        if let Ok(c) = std::fs::read_to_string(dir.join("tokenizer_config.json")) {
+            t = t.with_hf_config(&c).map_err(|e| startup(&what(), e))?;
+        }
+        t
+    } else {
+        Tokenizer::synthetic(shape.vocab_size).map_err(|e| startup(&what(), e))?
+    };
+    let name = std::fs::canonicalize(&dir)
+        .ok()
+        .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "dummy".to_owned());
+    Ok((
+        ModelWeights::Dummy(shape),
+        tokenizer,
+        format!("{name} (dummy weights)"),
+    ))
 }
 
 /// Loads a GGUF file or an HF directory; the name is the file stem or the directory name.
@@ -246,22 +305,23 @@ impl Engine {
         check_config(&config)?;
         // Before loading anything: a missing GPU fails fast.
         let gpu = select_device(config.device)?;
-        let (loaded, name) = match &config.model {
+        let (weights, tokenizer, name) = match &config.model {
             ModelSource::Default => {
                 let path = model::ensure_default_model(&model::fetch::default_models_dir())
                     .map_err(|e| startup("fetching the default model", e))?;
-                load_path(&path)?
+                loaded(load_path(&path)?)
             }
-            ModelSource::Path(path) => load_path(path)?,
+            ModelSource::Path(path) => loaded(load_path(path)?),
+            ModelSource::Dummy(path) => load_dummy(path)?,
         };
+        let shape = weights.config().clone();
         let backend: Box<dyn Backend + Send> = match gpu {
             Some(gpu) => {
                 let mut sized = config.clone();
                 if sized.kv_cache_memory.is_none() {
-                    sized.kv_cache_memory =
-                        Some(gpu_kv_budget(&gpu, &config, loaded.weights.config())?);
+                    sized.kv_cache_memory = Some(gpu_kv_budget(&gpu, &config, &shape)?);
                 }
-                let kv = kv_cache_config(&sized, loaded.weights.config())?;
+                let kv = kv_cache_config(&sized, &shape)?;
                 tracing::info!(
                     "device: {} ({}), {} KV blocks of {} tokens ({})",
                     gpu.name(),
@@ -270,17 +330,23 @@ impl Engine {
                     kv.block_size,
                     kv.dtype
                 );
-                Box::new(
-                    CudaBackend::new(&loaded.weights, kv, gpu)
-                        .map_err(|e| startup("the CUDA backend", e))?,
-                )
+                let backend = match &weights {
+                    ModelWeights::Loaded(w) => CudaBackend::new(w, kv, gpu),
+                    ModelWeights::Dummy(c) => CudaBackend::dummy(c, kv, gpu, DUMMY_SEED),
+                };
+                Box::new(backend.map_err(|e| startup("the CUDA backend", e))?)
             }
             None => {
-                let kv = kv_cache_config(&config, loaded.weights.config())?;
-                Box::new(CpuBackend::new(loaded.weights, kv).map_err(|e| startup("KV cache", e))?)
+                let kv = kv_cache_config(&config, &shape)?;
+                let weights = match weights {
+                    ModelWeights::Loaded(w) => w,
+                    ModelWeights::Dummy(c) => Weights::dummy(&c, DType::Q8_0, DUMMY_SEED)
+                        .map_err(|e| startup("dummy weights", e))?,
+                };
+                Box::new(CpuBackend::new(weights, kv).map_err(|e| startup("KV cache", e))?)
             }
         };
-        Self::start_with_backend(config, backend, loaded.tokenizer, name)
+        Self::start_with_backend(config, backend, tokenizer, name)
     }
 
     /// Starts the step loop over a prebuilt backend and tokenizer (tests: tiny models, fault

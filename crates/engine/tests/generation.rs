@@ -451,6 +451,60 @@ fn engine_start_loads_an_hf_directory_and_a_draft_model() {
     plain.shutdown(std::time::Duration::from_secs(5));
 }
 
+#[test]
+fn engine_start_makes_dummy_weights_from_a_config() {
+    let start = |source: engine::ModelSource| {
+        engine::Engine::start(EngineConfig {
+            model: source,
+            device: engine::Device::Cpu,
+            kv_cache_memory: Some(1 << 20),
+            ..EngineConfig::default()
+        })
+    };
+    // A directory with a tokenizer.json: its tokenizer, the checkpoint's shape.
+    let dir = tiny_hf_dir();
+    let with_tok = start(engine::ModelSource::Dummy(dir.clone())).unwrap();
+    let info = with_tok.model_info().clone();
+    assert_eq!(info.model, "llama3 (dummy weights)");
+    assert_eq!(info.vocab_size, 300);
+    let out = run(&with_tok, greedy_req(vec![1, 2, 3], 12)).unwrap();
+    assert_eq!(out.completions[0].token_ids.len(), 12);
+    with_tok.shutdown(std::time::Duration::from_secs(5));
+
+    // A bare config.json: the synthetic tokenizer (token i is the word `t{i}`).
+    let tmp = std::env::temp_dir().join(format!("kvserve-dummy-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let file = tmp.join("config.json");
+    std::fs::copy(dir.join("config.json"), &file).unwrap();
+    let bare = start(engine::ModelSource::Dummy(file.clone())).unwrap();
+    assert_eq!(bare.model_info().vocab_size, 300);
+    let mut r = GenerateRequest::new(Prompt::Text("t5 t6 t7".into()));
+    r.max_tokens = Some(4);
+    r.ignore_eos = true;
+    let c = run(&bare, r).unwrap().completions.remove(0);
+    assert_eq!(c.token_ids.len(), 4);
+    let words: Vec<String> = c.token_ids.iter().map(|id| format!("t{id}")).collect();
+    assert_eq!(c.text.trim(), words.join(" "));
+    bare.shutdown(std::time::Duration::from_secs(5));
+
+    // Bad sources: a missing path, a config that is not JSON, a shape that is not valid.
+    std::fs::write(tmp.join("broken.json"), "{ not json").unwrap();
+    let mut bad_shape: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    bad_shape["num_key_value_heads"] = serde_json::json!(3);
+    std::fs::write(tmp.join("bad_shape.json"), bad_shape.to_string()).unwrap();
+    for name in ["missing.json", "broken.json", "bad_shape.json"] {
+        let path = tmp.join(name);
+        match start(engine::ModelSource::Dummy(path.clone())) {
+            Err(engine::EngineError::Startup(msg)) => {
+                assert!(msg.contains(&path.display().to_string()), "{name}: {msg}")
+            }
+            other => panic!("{name}: {:?}", other.map(|h| h.model_info().clone())),
+        }
+    }
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
 /// Greedy continuation of `ids` by the model crate's single-sequence driver.
 fn reference_greedy(ids: &[u32], n: usize) -> Vec<u32> {
     generate(

@@ -686,4 +686,11 @@ mod tests {
         let last = plain.len() - 1;
         assert!((scaled[last] - plain[last] / 8.0).abs() < 1e-12);
     }
+
+    #[test]
+    fn the_committed_llama31_8b_config_is_the_builtin_shape() {
+        let text = include_str!("../../../benches/models/llama-3.1-8b/config.json");
+        let c = ModelConfig::from_hf_json(text).unwrap();
+        assert_eq!(c, ModelConfig::llama31_8b());
+    }
 }

