@@ -11,7 +11,7 @@
 //!   [`engine::EngineError`] to `tonic::Status`;
 //! - [`serve`]: gRPC and `/metrics` listeners, health that follows the engine, graceful
 //!   shutdown;
-//! - [`bench`]: the offline benchmark over the engine and [`bench::serve`], the gRPC load
+//! - [`bench`](mod@bench): the offline benchmark over the engine and [`bench::serve`], the gRPC load
 //!   generator against a running server (Poisson arrivals, a concurrency limit, rate sweeps,
 //!   errors counted by code, JSON and a PNG plot);
 //! - [`cli`]: the `kvserve` command line.

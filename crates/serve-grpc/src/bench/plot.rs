@@ -203,6 +203,7 @@ fn panel(
                     String::new()
                 }
             })
+            .y_label_formatter(&|y| format!("{y:.0}"))
             .x_desc("request rate (req/s)")
             .y_desc(unit)
             .label_style((FAMILY, 14))
