@@ -415,15 +415,7 @@ impl Target {
             endpoint,
             channel,
             connect_timeout: timeout,
-            info: engine::ModelInfo {
-                model: info.model,
-                max_model_len: info.max_model_len,
-                vocab_size: info.vocab_size,
-                kv_cache_dtype: info.kv_cache_dtype,
-                block_size: info.block_size,
-                num_blocks: info.num_blocks,
-                device: info.device,
-            },
+            info: crate::convert::model_info_from_pb(info),
         })
     }
 

@@ -197,35 +197,37 @@ fn a_workload_that_does_not_fit_the_kv_pool_is_refused_before_running() {
     assert!(err.to_string().contains("kv_cache_memory"), "{err}");
 }
 
-#[test]
-fn summary_computes_tpot_and_counter_deltas() {
-    let ms = Duration::from_millis;
-    let timings = vec![
-        RequestTiming {
-            ttft: ms(10),
-            latency: ms(50),
-            gaps: vec![ms(20), ms(20)],
-            tokens: 3,
-            prompt_tokens: 8,
-        },
-        RequestTiming {
-            ttft: ms(30),
-            latency: ms(30),
-            gaps: vec![],
-            tokens: 1,
-            prompt_tokens: 8,
-        },
-    ];
-    let meta = BenchMeta {
+/// A made-up request of 8 prompt tokens: TTFT, latency and the gaps between its token deltas
+/// in milliseconds (one token per delta).
+pub(super) fn timing(ttft_ms: u64, latency_ms: u64, gaps_ms: &[u64]) -> RequestTiming {
+    RequestTiming {
+        ttft: Duration::from_millis(ttft_ms),
+        latency: Duration::from_millis(latency_ms),
+        gaps: gaps_ms.iter().map(|&g| Duration::from_millis(g)).collect(),
+        tokens: gaps_ms.len() as u64 + 1,
+        prompt_tokens: 8,
+    }
+}
+
+/// The metadata of a made-up run: model `m` on the CPU, 10 blocks of 16, `max_model_len` 64.
+pub(super) fn meta_fixture(kv_cache_dtype: &str) -> BenchMeta {
+    BenchMeta {
         model: "m".into(),
-        kv_cache_dtype: "int8".into(),
+        kv_cache_dtype: kv_cache_dtype.into(),
         device: "cpu".into(),
         block_size: 16,
         kv_blocks_total: 10,
         max_model_len: 64,
         date_utc: utc_from_unix(0),
         kvserve_version: "0".into(),
-    };
+    }
+}
+
+#[test]
+fn summary_computes_tpot_and_counter_deltas() {
+    let ms = Duration::from_millis;
+    let timings = vec![timing(10, 50, &[20, 20]), timing(30, 30, &[])];
+    let meta = meta_fixture("int8");
     let before = EngineStats {
         preemptions: 2,
         prefix_hit_tokens: 100,

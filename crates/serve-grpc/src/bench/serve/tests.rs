@@ -12,7 +12,7 @@ use tokio::sync::oneshot;
 use super::*;
 use crate::GenerationBackend;
 use crate::bench::WorkloadKind;
-use crate::bench::tests::tiny_engine;
+use crate::bench::tests::{meta_fixture, timing, tiny_engine};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -83,23 +83,7 @@ fn load(workload: Workload, rate: RequestRate, max_concurrency: Option<usize>) -
 
 /// A report of two made-up requests (for the plot and table tests).
 pub(crate) fn report_fixture() -> ServeReport {
-    let ms = Duration::from_millis;
-    let timings = [
-        RequestTiming {
-            ttft: ms(10),
-            latency: ms(50),
-            gaps: vec![ms(20), ms(20)],
-            tokens: 3,
-            prompt_tokens: 8,
-        },
-        RequestTiming {
-            ttft: ms(30),
-            latency: ms(70),
-            gaps: vec![ms(20), ms(20)],
-            tokens: 3,
-            prompt_tokens: 8,
-        },
-    ];
+    let timings = [timing(10, 50, &[20, 20]), timing(30, 70, &[20, 20])];
     let mut errors = ErrorSummary::default();
     errors.record(
         2,
@@ -107,23 +91,14 @@ pub(crate) fn report_fixture() -> ServeReport {
     );
     ServeReport {
         meta: ServeMeta {
-            server: BenchMeta {
-                model: "m".into(),
-                kv_cache_dtype: "fp16".into(),
-                device: "cpu".into(),
-                block_size: 16,
-                kv_blocks_total: 10,
-                max_model_len: 64,
-                date_utc: "2026-12-03T00:00:00Z".into(),
-                kvserve_version: "0".into(),
-            },
+            server: meta_fixture("fp16"),
             addr: "http://127.0.0.1:1".into(),
             request_rate: RequestRate::new(2.0).unwrap(),
             max_concurrency: Some(4),
         },
         workload: fixed(8, 3, 3),
         sent: 3,
-        stats: RequestStats::of(&timings, ms(100)),
+        stats: RequestStats::of(&timings, Duration::from_millis(100)),
         achieved_request_rate: Some(2.5),
         errors,
     }
