@@ -989,9 +989,9 @@ async fn a_request_that_can_never_fit_the_pool_is_refused_at_once() {
     let report = serve_grpc::bench::run(&server.engine, &workload(16, 4))
         .await
         .unwrap();
-    assert_eq!(report.output_tokens, 12);
-    assert_eq!(report.prompt_tokens, 48);
-    assert_eq!(report.ttft.count, 3);
+    assert_eq!(report.stats.output_tokens, 12);
+    assert_eq!(report.stats.prompt_tokens, 48);
+    assert_eq!(report.stats.ttft.count, 3);
     assert!(report.to_string().contains("| output tokens/s"));
 
     server.wait_idle().await;

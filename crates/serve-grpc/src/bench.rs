@@ -13,7 +13,14 @@
 //! of a request is `(latency - TTFT) / (output_len - 1)` (requests of one output token have
 //! none); ITL is the time between consecutive deltas that carry tokens, over every request;
 //! percentiles are nearest-rank.
+//!
+//! The measurement core ([`RequestStats`]: counts, throughput and latency percentiles, its table
+//! rows, and the per-request timing of a stream of deltas) is shared with [`serve`], the
+//! `kvserve bench-serve` load generator, which measures the same quantities client-side over
+//! gRPC against a running server.
 
+pub mod plot;
+pub mod serve;
 pub mod workload;
 
 use std::fmt;
@@ -123,22 +130,19 @@ impl Percentiles {
     }
 }
 
-/// What one run measured.
+/// Counts, throughput and latency percentiles of the requests of one run that completed:
+/// what `kvserve bench` and `kvserve bench-serve` both report.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct BenchReport {
-    /// Model, KV dtype, device, date.
-    pub meta: BenchMeta,
-    /// The workload.
-    pub workload: Workload,
+pub struct RequestStats {
     /// Requests completed.
     pub requests: u64,
-    /// Prompt tokens over all requests.
+    /// Prompt tokens over the completed requests.
     pub prompt_tokens: u64,
-    /// Generated tokens over all requests.
+    /// Generated tokens over the completed requests.
     pub output_tokens: u64,
     /// From the first submission to the last token, seconds.
     pub elapsed_s: f64,
-    /// Requests per second.
+    /// Completed requests per second.
     pub requests_per_s: f64,
     /// Generated tokens per second.
     pub output_tokens_per_s: f64,
@@ -152,6 +156,81 @@ pub struct BenchReport {
     pub itl: Percentiles,
     /// Submission to last token.
     pub latency: Percentiles,
+}
+
+impl RequestStats {
+    /// The statistics of `timings` (the completed requests) over a run of `elapsed`.
+    fn of(timings: &[RequestTiming], elapsed: Duration) -> Self {
+        let secs = elapsed.as_secs_f64().max(f64::MIN_POSITIVE);
+        let prompt_tokens: u64 = timings.iter().map(|t| t.prompt_tokens).sum();
+        let output_tokens: u64 = timings.iter().map(|t| t.tokens).sum();
+        let requests = timings.len() as u64;
+        let tpot = timings
+            .iter()
+            .filter(|t| t.tokens >= 2)
+            .map(|t| {
+                let steps = u32::try_from(t.tokens - 1).unwrap_or(u32::MAX);
+                t.latency.saturating_sub(t.ttft) / steps
+            })
+            .collect();
+        Self {
+            requests,
+            prompt_tokens,
+            output_tokens,
+            elapsed_s: secs,
+            requests_per_s: requests as f64 / secs,
+            output_tokens_per_s: output_tokens as f64 / secs,
+            total_tokens_per_s: (prompt_tokens + output_tokens) as f64 / secs,
+            ttft: Percentiles::of(timings.iter().map(|t| t.ttft).collect()),
+            tpot: Percentiles::of(tpot),
+            itl: Percentiles::of(
+                timings
+                    .iter()
+                    .flat_map(|t| t.gaps.iter().copied())
+                    .collect(),
+            ),
+            latency: Percentiles::of(timings.iter().map(|t| t.latency).collect()),
+        }
+    }
+
+    /// The table rows of these statistics (after a report's own leading rows).
+    fn rows(&self) -> Vec<(&'static str, String)> {
+        let per_request = |n: u64| n as f64 / self.requests.max(1) as f64;
+        vec![
+            ("requests completed", self.requests.to_string()),
+            (
+                "mean prompt / output tokens",
+                format!(
+                    "{:.1} / {:.1}",
+                    per_request(self.prompt_tokens),
+                    per_request(self.output_tokens)
+                ),
+            ),
+            ("wall time", format!("{:.2} s", self.elapsed_s)),
+            ("requests/s", format!("{:.2}", self.requests_per_s)),
+            (
+                "output tokens/s",
+                format!("{:.1}", self.output_tokens_per_s),
+            ),
+            ("total tokens/s", format!("{:.1}", self.total_tokens_per_s)),
+            ("TTFT p50 / p90 / p99", ms3(&self.ttft)),
+            ("TPOT p50 / p90 / p99", ms3(&self.tpot)),
+            ("ITL p50 / p90 / p99", ms3(&self.itl)),
+            ("latency p50 / p90 / p99", ms3(&self.latency)),
+        ]
+    }
+}
+
+/// What one run measured.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BenchReport {
+    /// Model, KV dtype, device, date.
+    pub meta: BenchMeta,
+    /// The workload.
+    pub workload: Workload,
+    /// Counts, throughput and latency percentiles (flattened into the report's JSON).
+    #[serde(flatten)]
+    pub stats: RequestStats,
     /// The most KV blocks in use at once (since the engine started).
     pub kv_blocks_peak: u64,
     /// `kv_blocks_peak / kv_blocks_total`.
@@ -178,6 +257,53 @@ struct RequestTiming {
     prompt_tokens: u64,
 }
 
+/// Times one request's stream of deltas, from its submission on.
+#[derive(Debug)]
+struct TimingRecorder {
+    submitted: Instant,
+    first: Option<Duration>,
+    last: Option<Duration>,
+    timing: RequestTiming,
+}
+
+impl TimingRecorder {
+    /// Starts timing now (call it right before submitting).
+    fn start() -> Self {
+        Self {
+            submitted: Instant::now(),
+            first: None,
+            last: None,
+            timing: RequestTiming::default(),
+        }
+    }
+
+    /// A delta of `tokens` new tokens arrived; `prompt_tokens` when it carries the usage.
+    fn delta(&mut self, tokens: usize, prompt_tokens: Option<u32>) {
+        if tokens > 0 {
+            let now = self.submitted.elapsed();
+            if self.first.is_none() {
+                self.first = Some(now);
+            }
+            if let Some(prev) = self.last {
+                self.timing.gaps.push(now.saturating_sub(prev));
+            }
+            self.last = Some(now);
+        }
+        self.timing.tokens += tokens as u64;
+        if let Some(n) = prompt_tokens {
+            self.timing.prompt_tokens = u64::from(n);
+        }
+    }
+
+    /// The stream ended: its timing (latency: to the last token).
+    fn finish(self) -> RequestTiming {
+        let mut t = self.timing;
+        t.latency = self.last.unwrap_or_else(|| self.submitted.elapsed());
+        t.ttft = self.first.unwrap_or(t.latency);
+        t
+    }
+}
+
 /// Runs `workload` on `backend` and measures it. A request the engine refuses or fails, or one
 /// that does not produce exactly its output length, is an error (the workload is meant to fit
 /// the configuration).
@@ -200,34 +326,16 @@ pub async fn run<B: GenerationBackend>(
         request.request_id = Some(format!("bench-{index}"));
         request.max_tokens = Some(r.output_len);
         request.ignore_eos = true;
-        let submitted = Instant::now();
+        let mut recorder = TimingRecorder::start();
         let mut stream = backend
             .generate(request)
             .map_err(|source| BenchError::Engine { index, source })?;
         tasks.push(tokio::spawn(async move {
-            let mut t = RequestTiming::default();
-            let mut first = None;
-            let mut last = None;
             while let Some(delta) = stream.next().await {
                 let delta = delta?;
-                if !delta.token_ids.is_empty() {
-                    let now = submitted.elapsed();
-                    if first.is_none() {
-                        first = Some(now);
-                    }
-                    if let Some(prev) = last {
-                        t.gaps.push(now.saturating_sub(prev));
-                    }
-                    last = Some(now);
-                }
-                t.tokens += delta.token_ids.len() as u64;
-                if let Some(usage) = delta.usage {
-                    t.prompt_tokens = u64::from(usage.prompt_tokens);
-                }
+                recorder.delta(delta.token_ids.len(), delta.usage.map(|u| u.prompt_tokens));
             }
-            t.latency = last.unwrap_or_else(|| submitted.elapsed());
-            t.ttft = first.unwrap_or(t.latency);
-            Ok::<_, EngineError>(t)
+            Ok::<_, EngineError>(recorder.finish())
         }));
     }
     let mut timings = Vec::with_capacity(tasks.len());
@@ -266,18 +374,7 @@ fn summarize(
     before: engine::EngineStats,
     after: engine::EngineStats,
 ) -> BenchReport {
-    let secs = elapsed.as_secs_f64().max(f64::MIN_POSITIVE);
-    let prompt_tokens: u64 = timings.iter().map(|t| t.prompt_tokens).sum();
-    let output_tokens: u64 = timings.iter().map(|t| t.tokens).sum();
-    let requests = timings.len() as u64;
-    let tpot = timings
-        .iter()
-        .filter(|t| t.tokens >= 2)
-        .map(|t| {
-            let steps = u32::try_from(t.tokens - 1).unwrap_or(u32::MAX);
-            t.latency.saturating_sub(t.ttft) / steps
-        })
-        .collect();
+    let stats = RequestStats::of(timings, elapsed);
     let kv_blocks_peak = after.kv_blocks_used_peak as u64;
     let prefix_hit_tokens = after
         .prefix_hit_tokens
@@ -285,24 +382,10 @@ fn summarize(
     let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
     BenchReport {
         kv_peak_usage: ratio(kv_blocks_peak, u64::from(meta.kv_blocks_total)),
+        prefix_hit_rate: ratio(prefix_hit_tokens, stats.prompt_tokens),
         meta,
         workload,
-        requests,
-        prompt_tokens,
-        output_tokens,
-        elapsed_s: secs,
-        requests_per_s: requests as f64 / secs,
-        output_tokens_per_s: output_tokens as f64 / secs,
-        total_tokens_per_s: (prompt_tokens + output_tokens) as f64 / secs,
-        ttft: Percentiles::of(timings.iter().map(|t| t.ttft).collect()),
-        tpot: Percentiles::of(tpot),
-        itl: Percentiles::of(
-            timings
-                .iter()
-                .flat_map(|t| t.gaps.iter().copied())
-                .collect(),
-        ),
-        latency: Percentiles::of(timings.iter().map(|t| t.latency).collect()),
+        stats,
         kv_blocks_peak,
         running_peak: after.running_peak as u64,
         preemptions: after.preemptions.saturating_sub(before.preemptions),
@@ -310,7 +393,6 @@ fn summarize(
             .prefix_query_tokens
             .saturating_sub(before.prefix_query_tokens),
         prefix_hit_tokens,
-        prefix_hit_rate: ratio(prefix_hit_tokens, prompt_tokens),
     }
 }
 
@@ -369,32 +451,12 @@ fn table(f: &mut fmt::Formatter<'_>, rows: &[(&str, String)]) -> fmt::Result {
 
 impl fmt::Display for BenchReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let per_request = |n: u64| n as f64 / self.requests.max(1) as f64;
-        let rows = [
-            (
-                "workload",
-                format!("{} (seed {})", self.workload.kind, self.workload.seed),
-            ),
-            ("requests", self.requests.to_string()),
-            (
-                "mean prompt / output tokens",
-                format!(
-                    "{:.1} / {:.1}",
-                    per_request(self.prompt_tokens),
-                    per_request(self.output_tokens)
-                ),
-            ),
-            ("wall time", format!("{:.2} s", self.elapsed_s)),
-            ("requests/s", format!("{:.2}", self.requests_per_s)),
-            (
-                "output tokens/s",
-                format!("{:.1}", self.output_tokens_per_s),
-            ),
-            ("total tokens/s", format!("{:.1}", self.total_tokens_per_s)),
-            ("TTFT p50 / p90 / p99", ms3(&self.ttft)),
-            ("TPOT p50 / p90 / p99", ms3(&self.tpot)),
-            ("ITL p50 / p90 / p99", ms3(&self.itl)),
-            ("latency p50 / p90 / p99", ms3(&self.latency)),
+        let mut rows = vec![(
+            "workload",
+            format!("{} (seed {})", self.workload.kind, self.workload.seed),
+        )];
+        rows.extend(self.stats.rows());
+        rows.extend([
             (
                 "peak KV blocks",
                 format!(
@@ -412,10 +474,10 @@ impl fmt::Display for BenchReport {
                     "{:.1}% ({} of {} prompt tokens)",
                     100.0 * self.prefix_hit_rate,
                     self.prefix_hit_tokens,
-                    self.prompt_tokens
+                    self.stats.prompt_tokens
                 ),
             ),
-        ];
+        ]);
         table(f, &rows)
     }
 }
@@ -435,8 +497,8 @@ pub struct SweepEntry {
 impl SweepEntry {
     /// The entry of one run.
     pub fn new(report: BenchReport) -> Self {
-        let tokens = report.prompt_tokens + report.output_tokens;
-        let mean_len = tokens.div_ceil(report.requests.max(1)).max(1);
+        let tokens = report.stats.prompt_tokens + report.stats.output_tokens;
+        let mean_len = tokens.div_ceil(report.stats.requests.max(1)).max(1);
         let slots = u64::from(report.meta.kv_blocks_total) * u64::from(report.meta.block_size);
         Self {
             kv_blocks: report.meta.kv_blocks_total,
@@ -480,9 +542,9 @@ impl fmt::Display for SweepReport {
                 e.kv_capacity_seqs,
                 r.running_peak,
                 r.preemptions,
-                r.requests_per_s,
-                r.output_tokens_per_s,
-                r.tpot.p50_ms
+                r.stats.requests_per_s,
+                r.stats.output_tokens_per_s,
+                r.stats.tpot.p50_ms
             )?;
         }
         Ok(())

@@ -1,9 +1,10 @@
-//! The `kvserve` command line: `serve`, `generate` and `bench`.
+//! The `kvserve` command line: `serve`, `generate`, `bench` and `bench-serve`.
 //!
-//! Engine flags are shared by the three commands and named as vLLM names them where it has
+//! Engine flags are shared by the first three commands and named as vLLM names them where it has
 //! the same setting (`--max-num-seqs`, `--kv-cache-dtype`, `--enable-prefix-caching`, ...).
 
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -13,6 +14,7 @@ use engine::{Device, EngineConfig, ModelSource, SpeculativeMode};
 use kv_quant::KvCacheDtype;
 use scheduler::PreemptionMode;
 
+use crate::bench::serve::RequestRate;
 use crate::bench::{Workload, WorkloadError, WorkloadKind};
 
 /// Errors in command-line values.
@@ -78,6 +80,9 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Measure offline throughput over a synthetic workload and print a table.
     Bench(BenchArgs),
+    /// Load a running server over gRPC with a synthetic workload at a request rate (Poisson)
+    /// and/or concurrency, and print a table (optionally a rate sweep, JSON and a PNG plot).
+    BenchServe(BenchServeArgs),
 }
 
 /// `--device`.
@@ -361,19 +366,16 @@ pub struct GenerateArgs {
     pub stop: Vec<String>,
 }
 
-/// `kvserve bench`.
+/// The workload flags shared by `kvserve bench` and `kvserve bench-serve`.
 #[derive(Debug, Clone, Args)]
-pub struct BenchArgs {
-    /// Engine settings.
-    #[command(flatten)]
-    pub engine: EngineArgs,
+pub struct WorkloadArgs {
     /// The workload: `fixed` (--input-len / --output-len, default 128 / 64), `sharegpt`
     /// (lognormal lengths, mean 200 in / 180 out), `128/128`, `2048/128`, `128/2048`, or
     /// `shared-prefix` (a common --prefix-len prompt, default 1024, and a distinct --suffix-len
     /// one, default 32, per request; --output-len default 64).
     #[arg(long, default_value = "fixed", value_parser = parse_workload, value_name = "NAME")]
     pub workload: String,
-    /// Requests, all submitted at once.
+    /// Requests in the workload.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     pub num_requests: u32,
     /// Prompt tokens per request (random token ids), `fixed` workload.
@@ -388,9 +390,20 @@ pub struct BenchArgs {
     /// Tokens of each request's own prompt suffix, `shared-prefix` workload.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub suffix_len: Option<u32>,
-    /// Seed of the synthetic lengths and prompts.
+    /// Seed of the synthetic lengths and prompts (and of `bench-serve`'s arrival times).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+}
+
+/// `kvserve bench`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Engine settings.
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// The workload (every request submitted at once).
+    #[command(flatten)]
+    pub workload: WorkloadArgs,
     /// Also write the report as JSON to this file (with the workload, model, KV dtype, device
     /// and UTC date).
     #[arg(long, value_name = "PATH")]
@@ -409,6 +422,57 @@ pub struct BenchArgs {
     pub kv_sweep: Vec<KvCacheDtype>,
 }
 
+/// `kvserve bench-serve`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchServeArgs {
+    /// The server's gRPC address.
+    #[arg(long, default_value = "http://127.0.0.1:50051", value_name = "URI")]
+    pub addr: String,
+    /// The workload.
+    #[command(flatten)]
+    pub workload: WorkloadArgs,
+    /// Requests per second, sent as a Poisson process (seeded by --seed); `inf`: all at once.
+    #[arg(
+        long,
+        default_value = "inf",
+        value_name = "RATE",
+        conflicts_with = "rate_sweep"
+    )]
+    pub request_rate: RequestRate,
+    /// Requests in flight at most (default: no limit); combines with --request-rate.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..).map(|v| v as usize), value_name = "N")]
+    pub max_concurrency: Option<usize>,
+    /// Run the workload once per request rate (comma-separated, e.g. 1,2,4,8,inf) and compare.
+    #[arg(long, value_delimiter = ',', num_args = 1.., value_name = "RATES")]
+    pub rate_sweep: Vec<RequestRate>,
+    /// How long to wait for the connection and for GetModelInfo (e.g. 10s, 500ms).
+    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    pub connect_timeout: Duration,
+    /// Also write the report (or the sweep's reports) as JSON to this file, with the server's
+    /// model, the address, rate, concurrency and UTC date.
+    #[arg(long, value_name = "PATH")]
+    pub json: Option<PathBuf>,
+    /// Write a PNG plot of output throughput and mean / p99 TTFT against the request rate.
+    #[arg(long, value_name = "PATH")]
+    pub plot: Option<PathBuf>,
+}
+
+impl BenchServeArgs {
+    /// The request rates to run: the sweep's, else the one --request-rate.
+    pub fn rates(&self) -> Vec<RequestRate> {
+        if self.rate_sweep.is_empty() {
+            vec![self.request_rate]
+        } else {
+            self.rate_sweep.clone()
+        }
+    }
+
+    /// --max-concurrency as a count.
+    pub fn max_concurrency(&self) -> Option<NonZeroUsize> {
+        self.max_concurrency.and_then(NonZeroUsize::new)
+    }
+}
+
 /// A workload name, checked and normalized.
 fn parse_workload(s: &str) -> Result<String, WorkloadError> {
     s.parse::<WorkloadKind>()?;
@@ -425,13 +489,13 @@ fn parse_sweep_dtype(s: &str) -> Result<KvCacheDtype, CliError> {
     }
 }
 
-impl BenchArgs {
+impl WorkloadArgs {
     /// The workload these flags describe.
     ///
     /// # Errors
     /// [`CliError::WorkloadFlag`] for a length flag that the workload does not take,
     /// [`CliError::Workload`] for an unknown workload.
-    pub fn workload(&self) -> Result<Workload, CliError> {
+    pub fn to_workload(&self) -> Result<Workload, CliError> {
         let name = &self.workload;
         let preset: WorkloadKind = name.parse().map_err(CliError::Workload)?;
         let refuse = |flag: &'static str, given: Option<u32>| match given {
@@ -633,6 +697,21 @@ mod tests {
                 "--kv-cache-dtype",
                 "int8",
             ],
+            &["bench-serve", "--request-rate", "0"],
+            &["bench-serve", "--request-rate", "-2"],
+            &["bench-serve", "--request-rate", "NaN"],
+            &["bench-serve", "--request-rate", ""],
+            &["bench-serve", "--max-concurrency", "0"],
+            &["bench-serve", "--max-concurrency", "-1"],
+            &["bench-serve", "--rate-sweep", ""],
+            &["bench-serve", "--rate-sweep", "1,,2"],
+            &["bench-serve", "--rate-sweep", "1,0"],
+            &["bench-serve", "--rate-sweep"],
+            &["bench-serve", "--rate-sweep", "1,2", "--request-rate", "4"],
+            &["bench-serve", "--connect-timeout", "soon"],
+            &["bench-serve", "--num-requests", "0"],
+            &["bench-serve", "--workload", "nonsense"],
+            &["bench-serve", "--kv-cache-dtype", "int8"],
             &["nonsense"],
         ] {
             assert!(parse(bad).is_err(), "{bad:?} should be refused");
@@ -648,33 +727,29 @@ mod tests {
         }
     }
 
+    fn workload_of(args: &[&str]) -> Result<Workload, CliError> {
+        bench_args(args).workload.to_workload()
+    }
+
     #[test]
     fn bench_workloads_and_their_length_flags() {
         let fixed = |input_len, output_len| WorkloadKind::Fixed {
             input_len,
             output_len,
         };
-        let w = bench_args(&[]).workload().unwrap();
+        let w = workload_of(&[]).unwrap();
         assert_eq!((w.kind, w.num_requests, w.seed), (fixed(128, 64), 64, 0));
-        let w = bench_args(&["--input-len", "7", "--output-len", "3", "--seed", "9"])
-            .workload()
-            .unwrap();
+        let w = workload_of(&["--input-len", "7", "--output-len", "3", "--seed", "9"]).unwrap();
         assert_eq!((w.kind, w.seed), (fixed(7, 3), 9));
         assert_eq!(
-            bench_args(&["--workload", "2048/128"])
-                .workload()
-                .unwrap()
-                .kind,
+            workload_of(&["--workload", "2048/128"]).unwrap().kind,
             fixed(2048, 128)
         );
         assert_eq!(
-            bench_args(&["--workload", "ShareGPT"])
-                .workload()
-                .unwrap()
-                .kind,
+            workload_of(&["--workload", "ShareGPT"]).unwrap().kind,
             WorkloadKind::SHAREGPT
         );
-        let w = bench_args(&[
+        let w = workload_of(&[
             "--workload",
             "shared-prefix",
             "--prefix-len",
@@ -682,7 +757,6 @@ mod tests {
             "--output-len",
             "16",
         ])
-        .workload()
         .unwrap();
         assert_eq!(
             w.kind,
@@ -708,7 +782,7 @@ mod tests {
             ),
             (&["--suffix-len", "5"], "suffix-len"),
         ] {
-            let err = bench_args(args).workload().unwrap_err();
+            let err = workload_of(args).unwrap_err();
             assert!(
                 matches!(&err, CliError::WorkloadFlag { flag: f, .. } if *f == flag),
                 "{args:?}: {err}"
@@ -748,6 +822,72 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("--kv-cache-memory"), "{err}");
+    }
+
+    fn bench_serve_args(args: &[&str]) -> BenchServeArgs {
+        let mut all = vec!["bench-serve"];
+        all.extend_from_slice(args);
+        match parse(&all).unwrap().command {
+            Command::BenchServe(a) => a,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn bench_serve_flags() {
+        let a = bench_serve_args(&[]);
+        assert_eq!(a.addr, "http://127.0.0.1:50051");
+        assert_eq!(a.rates(), [RequestRate::INFINITE]);
+        assert_eq!(a.max_concurrency(), None);
+        assert_eq!(a.connect_timeout, Duration::from_secs(10));
+        assert_eq!((a.json.clone(), a.plot.clone()), (None, None));
+        let a = bench_serve_args(&[
+            "--addr",
+            "127.0.0.1:7",
+            "--workload",
+            "128/128",
+            "--num-requests",
+            "32",
+            "--seed",
+            "3",
+            "--request-rate",
+            "2.5",
+            "--max-concurrency",
+            "4",
+            "--connect-timeout",
+            "500ms",
+            "--json",
+            "/tmp/s.json",
+            "--plot",
+            "/tmp/s.png",
+        ]);
+        assert_eq!(a.addr, "127.0.0.1:7");
+        let w = a.workload.to_workload().unwrap();
+        assert_eq!((w.num_requests, w.seed), (32, 3));
+        assert_eq!(
+            w.kind,
+            WorkloadKind::Fixed {
+                input_len: 128,
+                output_len: 128
+            }
+        );
+        assert_eq!(a.rates(), [RequestRate::new(2.5).unwrap()]);
+        assert_eq!(a.max_concurrency(), NonZeroUsize::new(4));
+        assert_eq!(a.connect_timeout, Duration::from_millis(500));
+        assert_eq!(a.plot, Some(PathBuf::from("/tmp/s.png")));
+        let a = bench_serve_args(&["--rate-sweep", "1,2,4,8,inf"]);
+        let rates: Vec<String> = a.rates().iter().map(ToString::to_string).collect();
+        assert_eq!(rates, ["1", "2", "4", "8", "inf"]);
+        // A bad rate names itself; a length flag the workload does not take is refused.
+        let err = parse(&["bench-serve", "--rate-sweep", "1,0"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("\"0\"") && err.contains("positive"), "{err}");
+        let err = bench_serve_args(&["--workload", "sharegpt", "--input-len", "5"])
+            .workload
+            .to_workload()
+            .unwrap_err();
+        assert!(matches!(err, CliError::WorkloadFlag { .. }), "{err}");
     }
 
     #[test]

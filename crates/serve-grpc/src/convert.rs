@@ -171,6 +171,19 @@ pub(crate) fn model_info(info: engine::ModelInfo) -> pb::ModelInfo {
     }
 }
 
+/// What a server said it serves, as the engine's type (the client side of `GetModelInfo`).
+pub(crate) fn model_info_from_pb(info: pb::ModelInfo) -> engine::ModelInfo {
+    engine::ModelInfo {
+        model: info.model,
+        max_model_len: info.max_model_len,
+        vocab_size: info.vocab_size,
+        kv_cache_dtype: info.kv_cache_dtype,
+        block_size: info.block_size,
+        num_blocks: info.num_blocks,
+        device: info.device,
+    }
+}
+
 /// One streamed message from one engine delta.
 pub(crate) fn stream_response(
     request_id: &str,
@@ -235,6 +248,20 @@ mod tests {
             EngineError::InvalidArgument { field, .. } => field,
             other => panic!("not an invalid argument: {other:?}"),
         }
+    }
+
+    #[test]
+    fn model_info_round_trips_through_the_proto() {
+        let info = engine::ModelInfo {
+            model: "m".into(),
+            max_model_len: 64,
+            vocab_size: 100,
+            kv_cache_dtype: "int8".into(),
+            block_size: 16,
+            num_blocks: 7,
+            device: "cuda:1".into(),
+        };
+        assert_eq!(model_info_from_pb(model_info(info.clone())), info);
     }
 
     fn text_request(text: &str) -> pb::GenerateRequest {

@@ -1,5 +1,6 @@
 //! The kvserve gRPC front end: the `kvserve.v1.Generation` service (tonic), health, server
-//! reflection, Prometheus `/metrics`, and the `kvserve` binary (`serve`, `generate`, `bench`).
+//! reflection, Prometheus `/metrics`, and the `kvserve` binary (`serve`, `generate`, `bench`,
+//! `bench-serve`).
 //!
 //! What it owns:
 //! - [`pb`]: the protobuf messages and tonic client/server generated from
@@ -10,6 +11,9 @@
 //!   [`engine::EngineError`] to `tonic::Status`;
 //! - [`serve`]: gRPC and `/metrics` listeners, health that follows the engine, graceful
 //!   shutdown;
+//! - [`bench`](mod@bench): the offline benchmark over the engine and [`bench::serve`], the gRPC load
+//!   generator against a running server (Poisson arrivals, a concurrency limit, rate sweeps,
+//!   errors counted by code, JSON and a PNG plot);
 //! - [`cli`]: the `kvserve` command line.
 //!
 //! The service runs over the [`GenerationBackend`] trait, which [`engine::EngineHandle`]

@@ -309,3 +309,44 @@ async fn bad_flags_and_models_fail_cleanly() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_serve_fails_cleanly_on_a_bad_address_or_output_path() {
+    // A port nothing listens on (just freed).
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = format!("http://{}", free.local_addr().unwrap());
+    drop(free);
+    let dir = tempfile::tempdir().unwrap();
+    let missing_dir = dir.path().join("missing/out.json");
+    let missing = missing_dir.display().to_string();
+    let cases: [(Vec<&str>, Option<i32>, &str); 4] = [
+        (
+            vec!["bench-serve", "--addr", &addr, "--connect-timeout", "2s"],
+            Some(1),
+            &addr,
+        ),
+        // The output path is checked before connecting.
+        (
+            vec!["bench-serve", "--addr", &addr, "--json", &missing],
+            Some(1),
+            &missing,
+        ),
+        (
+            vec!["bench-serve", "--addr", &addr, "--plot", &missing],
+            Some(1),
+            &missing,
+        ),
+        (
+            vec!["bench-serve", "--max-concurrency", "0"],
+            Some(2),
+            "--max-concurrency",
+        ),
+    ];
+    for (args, code, named) in cases {
+        let out = kvserve(&args).output().await.unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), code, "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert!(stderr.contains(named), "{args:?} names {named}: {stderr}");
+    }
+}

@@ -21,7 +21,10 @@ fn tokenizer() -> Tokenizer {
 }
 
 /// An engine over a tiny dummy Llama on the CPU backend, `num_blocks` KV blocks of 16 slots.
-fn tiny_engine(config: EngineConfig, num_blocks: usize) -> Result<EngineHandle, EngineError> {
+pub(super) fn tiny_engine(
+    config: EngineConfig,
+    num_blocks: usize,
+) -> Result<EngineHandle, EngineError> {
     let weights = Weights::dummy(&ModelConfig::tiny(VOCAB), DType::Q8_0, 7).unwrap();
     let cache = KvCacheConfig {
         num_blocks,
@@ -55,27 +58,30 @@ fn check_invariants(r: &BenchReport, workload: &Workload) {
         .unwrap();
     let prompt: usize = requests.iter().map(|q| q.prompt.len()).sum();
     let output: u64 = requests.iter().map(|q| u64::from(q.output_len)).sum();
-    assert_eq!(r.requests, u64::from(workload.num_requests));
-    assert_eq!(r.prompt_tokens, prompt as u64);
-    assert_eq!(r.output_tokens, output);
-    for p in [&r.ttft, &r.tpot, &r.itl, &r.latency] {
+    assert_eq!(r.stats.requests, u64::from(workload.num_requests));
+    assert_eq!(r.stats.prompt_tokens, prompt as u64);
+    assert_eq!(r.stats.output_tokens, output);
+    for p in [&r.stats.ttft, &r.stats.tpot, &r.stats.itl, &r.stats.latency] {
         assert!(p.p50_ms <= p.p90_ms && p.p90_ms <= p.p99_ms, "{p:?}");
         assert!(p.p50_ms >= 0.0);
     }
-    assert!(r.ttft.p99_ms <= r.latency.p99_ms);
-    assert_eq!(r.ttft.count, requests.len());
+    assert!(r.stats.ttft.p99_ms <= r.stats.latency.p99_ms);
+    assert_eq!(r.stats.ttft.count, requests.len());
     assert_eq!(
-        r.tpot.count,
+        r.stats.tpot.count,
         requests.iter().filter(|q| q.output_len >= 2).count()
     );
     assert_eq!(
-        r.itl.count as u64,
+        r.stats.itl.count as u64,
         output - requests.len() as u64,
         "one gap per token after the first (one token per delta without speculation)"
     );
-    assert!(r.output_tokens_per_s > 0.0 && r.total_tokens_per_s > r.output_tokens_per_s);
+    assert!(
+        r.stats.output_tokens_per_s > 0.0
+            && r.stats.total_tokens_per_s > r.stats.output_tokens_per_s
+    );
     assert!(r.kv_blocks_peak > 0 && r.kv_peak_usage > 0.0 && r.kv_peak_usage <= 1.0);
-    assert!(r.running_peak >= 1 && r.running_peak <= r.requests);
+    assert!(r.running_peak >= 1 && r.running_peak <= r.stats.requests);
     assert!((0.0..=1.0).contains(&r.prefix_hit_rate));
     assert_eq!(r.meta.model, "tiny");
     assert_eq!(r.meta.kv_cache_dtype, "fp16");
@@ -145,7 +151,7 @@ fn shared_prefix_hits_the_prefix_cache_and_not_without_it() {
     assert!(r.prefix_hit_rate > 0.0 && r.prefix_hit_rate < 1.0);
     // A second run reports its own hits, not the engine's total.
     let again = bench(&on, &workload).unwrap();
-    assert!(again.prefix_hit_tokens <= again.prompt_tokens);
+    assert!(again.prefix_hit_tokens <= again.stats.prompt_tokens);
     on.shutdown(Duration::from_secs(5));
     let off = tiny_engine(
         EngineConfig {
@@ -191,35 +197,37 @@ fn a_workload_that_does_not_fit_the_kv_pool_is_refused_before_running() {
     assert!(err.to_string().contains("kv_cache_memory"), "{err}");
 }
 
-#[test]
-fn summary_computes_tpot_and_counter_deltas() {
-    let ms = Duration::from_millis;
-    let timings = vec![
-        RequestTiming {
-            ttft: ms(10),
-            latency: ms(50),
-            gaps: vec![ms(20), ms(20)],
-            tokens: 3,
-            prompt_tokens: 8,
-        },
-        RequestTiming {
-            ttft: ms(30),
-            latency: ms(30),
-            gaps: vec![],
-            tokens: 1,
-            prompt_tokens: 8,
-        },
-    ];
-    let meta = BenchMeta {
+/// A made-up request of 8 prompt tokens: TTFT, latency and the gaps between its token deltas
+/// in milliseconds (one token per delta).
+pub(super) fn timing(ttft_ms: u64, latency_ms: u64, gaps_ms: &[u64]) -> RequestTiming {
+    RequestTiming {
+        ttft: Duration::from_millis(ttft_ms),
+        latency: Duration::from_millis(latency_ms),
+        gaps: gaps_ms.iter().map(|&g| Duration::from_millis(g)).collect(),
+        tokens: gaps_ms.len() as u64 + 1,
+        prompt_tokens: 8,
+    }
+}
+
+/// The metadata of a made-up run: model `m` on the CPU, 10 blocks of 16, `max_model_len` 64.
+pub(super) fn meta_fixture(kv_cache_dtype: &str) -> BenchMeta {
+    BenchMeta {
         model: "m".into(),
-        kv_cache_dtype: "int8".into(),
+        kv_cache_dtype: kv_cache_dtype.into(),
         device: "cpu".into(),
         block_size: 16,
         kv_blocks_total: 10,
         max_model_len: 64,
         date_utc: utc_from_unix(0),
         kvserve_version: "0".into(),
-    };
+    }
+}
+
+#[test]
+fn summary_computes_tpot_and_counter_deltas() {
+    let ms = Duration::from_millis;
+    let timings = vec![timing(10, 50, &[20, 20]), timing(30, 30, &[])];
+    let meta = meta_fixture("int8");
     let before = EngineStats {
         preemptions: 2,
         prefix_hit_tokens: 100,
@@ -243,15 +251,15 @@ fn summary_computes_tpot_and_counter_deltas() {
         seed: 0,
     };
     let r = summarize(meta, workload, &timings, ms(100), before, after);
-    assert_eq!((r.prompt_tokens, r.output_tokens), (16, 4));
-    assert!((r.requests_per_s - 20.0).abs() < 1e-9);
-    assert!((r.output_tokens_per_s - 40.0).abs() < 1e-9);
-    assert!((r.total_tokens_per_s - 200.0).abs() < 1e-9);
+    assert_eq!((r.stats.prompt_tokens, r.stats.output_tokens), (16, 4));
+    assert!((r.stats.requests_per_s - 20.0).abs() < 1e-9);
+    assert!((r.stats.output_tokens_per_s - 40.0).abs() < 1e-9);
+    assert!((r.stats.total_tokens_per_s - 200.0).abs() < 1e-9);
     // One request with more than one token: (50 - 10) / 2 = 20 ms.
-    assert_eq!(r.tpot.count, 1);
-    assert!((r.tpot.p50_ms - 20.0).abs() < 1e-9);
-    assert_eq!(r.itl.count, 2);
-    assert!((r.ttft.p50_ms - 10.0).abs() < 1e-9 && (r.ttft.p99_ms - 30.0).abs() < 1e-9);
+    assert_eq!(r.stats.tpot.count, 1);
+    assert!((r.stats.tpot.p50_ms - 20.0).abs() < 1e-9);
+    assert_eq!(r.stats.itl.count, 2);
+    assert!((r.stats.ttft.p50_ms - 10.0).abs() < 1e-9 && (r.stats.ttft.p99_ms - 30.0).abs() < 1e-9);
     assert_eq!((r.preemptions, r.prefix_hit_tokens), (1, 4));
     assert_eq!(r.prefix_query_tokens, 16);
     assert!((r.prefix_hit_rate - 0.25).abs() < 1e-9);

@@ -355,12 +355,13 @@ impl Workload {
     }
 }
 
-/// SplitMix64: a tiny, well-distributed generator for reproducible workloads.
+/// SplitMix64: a tiny, well-distributed generator for reproducible workloads (and the
+/// arrival times of `bench-serve`).
 #[derive(Debug, Clone)]
-struct SplitMix64(u64);
+pub(super) struct SplitMix64(pub(super) u64);
 
 impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
+    pub(super) fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -369,7 +370,7 @@ impl SplitMix64 {
     }
 
     /// Uniform in (0, 1): never 0, so its logarithm is finite.
-    fn open01(&mut self) -> f64 {
+    pub(super) fn open01(&mut self) -> f64 {
         ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
     }
 

@@ -1,4 +1,5 @@
-//! `kvserve`: serve a model over gRPC, generate one completion, or benchmark the engine.
+//! `kvserve`: serve a model over gRPC, generate one completion, benchmark the engine, or load
+//! a running server.
 //! `kvserve --help` lists the commands and flags.
 
 use std::io::{IsTerminal, Write};
@@ -11,7 +12,9 @@ use clap::Parser;
 use engine::{Engine, EngineConfig, EngineHandle, GenerateRequest, Message, ModelSource, Prompt};
 use indicatif::{ProgressBar, ProgressStyle};
 use serve_grpc::DeltaStream;
-use serve_grpc::cli::{BenchArgs, Cli, Command, EngineArgs, GenerateArgs, ServeArgs};
+use serve_grpc::cli::{
+    BenchArgs, BenchServeArgs, Cli, Command, EngineArgs, GenerateArgs, ServeArgs,
+};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -26,6 +29,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(&args),
         Command::Generate(args) => generate(&args),
         Command::Bench(args) => bench(&args),
+        Command::BenchServe(args) => bench_serve(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -231,7 +235,7 @@ fn generate(args: &GenerateArgs) -> Result<()> {
 
 fn bench(args: &BenchArgs) -> Result<()> {
     use serve_grpc::bench::{self, BenchReport, SweepEntry, SweepReport};
-    let workload = args.workload()?;
+    let workload = args.workload.to_workload()?;
     let rt = runtime()?;
     let run_once = |engine_args: &EngineArgs| -> Result<BenchReport> {
         let engine = start_engine(engine_args)?;
@@ -278,6 +282,74 @@ fn bench(args: &BenchArgs) -> Result<()> {
     if let Some(path) = &args.json {
         std::fs::write(path, json + "\n")
             .with_context(|| format!("writing the JSON report to {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn bench_serve(args: &BenchServeArgs) -> Result<()> {
+    use serve_grpc::bench::plot::{self, PlotText};
+    use serve_grpc::bench::serve::{self, Target};
+    let workload = args.workload.to_workload()?;
+    // Refuse an output path that cannot be written before a long run, not after.
+    for path in [&args.json, &args.plot].into_iter().flatten() {
+        serve::check_writable(path)?;
+    }
+    let rt = runtime()?;
+    let sweep = rt.block_on(async {
+        let target = Target::connect(&args.addr, args.connect_timeout).await?;
+        let info = target.model_info();
+        tracing::info!(
+            addr = target.addr(),
+            model = info.model,
+            device = info.device,
+            kv_cache_dtype = info.kv_cache_dtype,
+            max_model_len = info.max_model_len,
+            "connected"
+        );
+        target
+            .sweep(&workload, &args.rates(), args.max_concurrency())
+            .await
+    })?;
+    let mut out = std::io::stdout().lock();
+    for report in &sweep.runs {
+        let server = &report.meta.server;
+        writeln!(
+            out,
+            "kvserve bench-serve: {} at {}, request rate {}, max concurrency {}, {}\n",
+            server.model,
+            report.meta.addr,
+            report.meta.request_rate,
+            report
+                .meta
+                .max_concurrency
+                .map_or_else(|| "none".to_owned(), |n| n.to_string()),
+            server.date_utc
+        )?;
+        writeln!(out, "{report}")?;
+    }
+    if sweep.runs.len() > 1 {
+        writeln!(out, "{sweep}")?;
+    }
+    if let Some(path) = &args.json {
+        match sweep.runs.as_slice() {
+            [report] if args.rate_sweep.is_empty() => serve::write_json(path, report)?,
+            _ => serve::write_json(path, &sweep)?,
+        }
+    }
+    if let Some(path) = &args.plot {
+        match plot::write_png(path, &sweep.runs)? {
+            PlotText::Font(font) => {
+                tracing::info!(
+                    "plot written to {} (font {})",
+                    path.display(),
+                    font.display()
+                );
+            }
+            PlotText::None => tracing::warn!(
+                "plot written to {} without text: no font found (set KVSERVE_PLOT_FONT to a .ttf file)",
+                path.display()
+            ),
+        }
     }
     Ok(())
 }
