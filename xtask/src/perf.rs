@@ -40,10 +40,23 @@
 //! need one core, and the gate still sees every change to the work a step does; what it no
 //! longer sees is a change in how well that work splits across threads.
 //!
+//! # The CPU decode
+//!
+//! A SmolLM2-135M decode step streams about 80 MB of weights, more than the 4 MB L2 and most
+//! of the 105 MB L3 this VM shares with the host's other guests; the calibration lives in L1.
+//! How much of the weights stay in L3 depends on the neighbours, so the decode's ratio moves
+//! with them whatever the calibration does: on 2026-12-03 single measurements of the batch-1
+//! step ranged from 400 to 877 calibrations and of batch 8 from 1262 to 3620 (baseline 412
+//! and 1743), and a check with the 25% tolerance failed batch 8 in all four measurements
+//! without any change. The `cpu_decode` target therefore has its own tolerance,
+//! [`DECODE_TOLERANCE`] (100%): it catches a decode that got 2× slower (the slowed-benchmark
+//! test is 4×), not a 30% one; the other 42 benchmarks, which fit in L2, keep 25%.
+//!
 //! # Tolerance, and why the gate does not fail without a regression
 //!
-//! A benchmark regresses when its ratio grows by more than [`TOLERANCE`] (25%) over the
-//! baseline's: `current / baseline - 1 > 0.25`. Faster is never a failure (re-bless to lock in
+//! A benchmark regresses when its ratio grows by more than its target's tolerance
+//! ([`TOLERANCE`], 25%, for all but the CPU decode) over the baseline's:
+//! `current / baseline - 1 > 0.25`. Faster is never a failure (re-bless to lock in
 //! a gain). A red CI without a regression blocks everyone, so a benchmark fails the gate only
 //! when it is over the line in **every** one of 1 + [`REMEASURES`] (4) measurements, each with
 //! its own fresh calibration bracket: after the first pass, the benchmarks over the line are
@@ -100,8 +113,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
 
-/// Largest accepted growth of a benchmark's ratio over its baseline (0.25 = 25% slower).
+/// Largest accepted growth of a benchmark's ratio over its baseline (0.25 = 25% slower), for
+/// every target but the CPU decode.
 pub(crate) const TOLERANCE: f64 = 0.25;
+
+/// The CPU decode's tolerance (1.0 = 2× slower): see the module doc, "The CPU decode".
+pub(crate) const DECODE_TOLERANCE: f64 = 1.0;
 
 /// The committed baseline, relative to the workspace root.
 pub(crate) const DEFAULT_BASELINE: &str = "benches/perf-baseline.json";
@@ -155,10 +172,12 @@ pub(crate) const CRITERION_ARGS: &[&str] = &[
 ];
 
 /// A gated bench target: `cargo bench -p <package> --bench <bench>`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct Target {
     pub package: &'static str,
     pub bench: &'static str,
+    /// Largest accepted growth of its benchmarks' ratios.
+    pub tolerance: f64,
 }
 
 /// The gated bench targets: block manager step bookkeeping, scheduler step, KV-quant codecs,
@@ -167,18 +186,22 @@ pub(crate) const TARGETS: &[Target] = &[
     Target {
         package: "kv-block-manager",
         bench: "block_manager",
+        tolerance: TOLERANCE,
     },
     Target {
         package: "scheduler",
         bench: "schedule",
+        tolerance: TOLERANCE,
     },
     Target {
         package: "kv-quant",
         bench: "codecs",
+        tolerance: TOLERANCE,
     },
     Target {
         package: "model",
         bench: "cpu_decode",
+        tolerance: DECODE_TOLERANCE,
     },
 ];
 
@@ -301,10 +324,7 @@ pub(crate) fn run(options: &Options) -> Result<()> {
     let mut comparison = compare(&expected, &current);
     let mut last_round = Instant::now();
     for attempt in 1..=REMEASURES {
-        let regressed: Vec<String> = comparison
-            .regressions(TOLERANCE)
-            .map(|r| r.id.clone())
-            .collect();
+        let regressed: Vec<String> = comparison.regressions().map(|r| r.id.clone()).collect();
         if regressed.is_empty() {
             break;
         }
@@ -339,7 +359,7 @@ pub(crate) fn run(options: &Options) -> Result<()> {
         comparison = compare(&expected, &current);
         last_round = Instant::now();
     }
-    print!("{}", comparison.table(TOLERANCE));
+    print!("{}", comparison.table());
     println!(
         "perf-gate: baseline {} ({}, {}), {:.0}s",
         baseline_path.display(),
@@ -347,7 +367,7 @@ pub(crate) fn run(options: &Options) -> Result<()> {
         baseline.date,
         start.elapsed().as_secs_f64()
     );
-    comparison.verdict(TOLERANCE)
+    comparison.verdict()
 }
 
 /// The median of each list (the mean of the middle two for an even count); empty lists are
@@ -368,6 +388,14 @@ fn medians_of(lists: &BTreeMap<String, Vec<f64>>) -> BTreeMap<String, f64> {
             (id.clone(), median)
         })
         .collect()
+}
+
+/// The tolerance of the benchmark `id`: its target's ([`TOLERANCE`] for an unknown target).
+fn tolerance_of(id: &str) -> f64 {
+    TARGETS
+        .iter()
+        .find(|t| owns(t, id))
+        .map_or(TOLERANCE, |t| t.tolerance)
 }
 
 /// Merges `ratios` into `best`, keeping the smaller (better) ratio of each benchmark.
@@ -882,7 +910,7 @@ impl Baseline {
                      workload (benches/calibration.rs) measured right before and right after \
                      it; written by \
                      `cargo xtask perf-gate --bless`, compared by `cargo xtask perf-gate` \
-                     (xtask/src/perf.rs) with a 25% tolerance",
+                     (xtask/src/perf.rs) with a 25% tolerance (100% for cpu_decode)",
             "machine": self.machine,
             "date": self.date,
             "profile": PROFILE,
@@ -919,6 +947,8 @@ pub(crate) struct Row {
     pub id: String,
     pub baseline: f64,
     pub current: f64,
+    /// Largest accepted [`Row::change`] (its target's).
+    pub tolerance: f64,
 }
 
 impl Row {
@@ -927,8 +957,8 @@ impl Row {
         self.current / self.baseline - 1.0
     }
 
-    pub(crate) fn regressed(&self, tolerance: f64) -> bool {
-        self.change() > tolerance
+    pub(crate) fn regressed(&self) -> bool {
+        self.change() > self.tolerance
     }
 }
 
@@ -956,6 +986,7 @@ pub(crate) fn compare(
                 id: id.clone(),
                 baseline: b,
                 current: c,
+                tolerance: tolerance_of(id),
             })
         })
         .collect();
@@ -973,21 +1004,22 @@ pub(crate) fn compare(
 }
 
 impl Comparison {
-    pub(crate) fn regressions(&self, tolerance: f64) -> impl Iterator<Item = &Row> {
-        self.rows.iter().filter(move |r| r.regressed(tolerance))
+    pub(crate) fn regressions(&self) -> impl Iterator<Item = &Row> {
+        self.rows.iter().filter(|r| r.regressed())
     }
 
-    /// Ok when no benchmark regressed beyond `tolerance` and the benchmark sets match; else an
-    /// error listing every problem.
-    pub(crate) fn verdict(&self, tolerance: f64) -> Result<()> {
+    /// Ok when no benchmark regressed beyond its tolerance and the benchmark sets match; else
+    /// an error listing every problem.
+    pub(crate) fn verdict(&self) -> Result<()> {
         let mut problems = Vec::new();
         let regressions: Vec<String> = self
-            .regressions(tolerance)
+            .regressions()
             .map(|r| {
                 format!(
-                    "{} is {:+.1}% (ratio {:.4}, baseline {:.4})",
+                    "{} is {:+.1}%, over its {:.0}% tolerance (ratio {:.4}, baseline {:.4})",
                     r.id,
                     100.0 * r.change(),
+                    100.0 * r.tolerance,
                     r.current,
                     r.baseline
                 )
@@ -995,9 +1027,8 @@ impl Comparison {
             .collect();
         if !regressions.is_empty() {
             problems.push(format!(
-                "{} benchmark(s) regressed by more than {:.0}%:\n  {}",
+                "{} benchmark(s) regressed beyond their tolerance:\n  {}",
                 regressions.len(),
-                100.0 * tolerance,
                 regressions.join("\n  ")
             ));
         }
@@ -1024,17 +1055,13 @@ impl Comparison {
     }
 
     /// A table of every benchmark, for the log.
-    pub(crate) fn table(&self, tolerance: f64) -> String {
+    pub(crate) fn table(&self) -> String {
         let mut out = format!(
             "\n{:<52} {:>9} {:>9} {:>8}\n",
             "benchmark", "baseline", "now", "change"
         );
         for r in &self.rows {
-            let flag = if r.regressed(tolerance) {
-                "  REGRESSED"
-            } else {
-                ""
-            };
+            let flag = if r.regressed() { "  REGRESSED" } else { "" };
             let _ = writeln!(
                 out,
                 "{:<52} {:>9.4} {:>9.4} {:>+7.1}%{flag}",

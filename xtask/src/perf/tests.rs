@@ -15,8 +15,8 @@ fn within_tolerance_passes_and_faster_is_fine() {
     let c = compare(&base, &now);
     assert_eq!(c.rows.len(), 2);
     assert!(c.missing.is_empty() && c.new.is_empty());
-    assert_eq!(c.regressions(TOLERANCE).count(), 0);
-    c.verdict(TOLERANCE).unwrap();
+    assert_eq!(c.regressions().count(), 0);
+    c.verdict().unwrap();
 }
 
 #[test]
@@ -24,14 +24,43 @@ fn regression_beyond_tolerance_fails_and_names_the_benchmark() {
     let base = map(&[("codecs/encode/int8", 1.0), ("schedule/x", 2.0)]);
     let now = map(&[("codecs/encode/int8", 1.26), ("schedule/x", 2.0)]);
     let c = compare(&base, &now);
-    let regressed: Vec<_> = c.regressions(TOLERANCE).map(|r| r.id.as_str()).collect();
+    let regressed: Vec<_> = c.regressions().map(|r| r.id.as_str()).collect();
     assert_eq!(regressed, ["codecs/encode/int8"]);
-    let err = format!("{:#}", c.verdict(TOLERANCE).unwrap_err());
-    assert!(err.contains("codecs/encode/int8 is +26.0%"), "{err}");
-    assert!(err.contains("more than 25%"), "{err}");
-    assert!(c.table(TOLERANCE).contains("REGRESSED"));
+    let err = format!("{:#}", c.verdict().unwrap_err());
+    assert!(
+        err.contains("codecs/encode/int8 is +26.0%, over its 25% tolerance"),
+        "{err}"
+    );
+    assert!(c.table().contains("REGRESSED"));
     // The same run passes at a looser tolerance.
-    c.verdict(0.3).unwrap();
+    let mut loose = c.clone();
+    loose.rows.iter_mut().for_each(|r| r.tolerance = 0.3);
+    loose.verdict().unwrap();
+}
+
+#[test]
+fn the_cpu_decode_has_its_own_wider_tolerance() {
+    let base = map(&[
+        ("cpu_decode/cpu_decode/x/batch1", 400.0),
+        ("codecs/encode/int8", 1.0),
+    ]);
+    // Both +50%: over the line for the codec, within it for the decode.
+    let now = map(&[
+        ("cpu_decode/cpu_decode/x/batch1", 600.0),
+        ("codecs/encode/int8", 1.5),
+    ]);
+    let c = compare(&base, &now);
+    let regressed: Vec<_> = c.regressions().map(|r| r.id.as_str()).collect();
+    assert_eq!(regressed, ["codecs/encode/int8"]);
+    assert_eq!(
+        tolerance_of("cpu_decode/cpu_decode/x/batch1"),
+        DECODE_TOLERANCE
+    );
+    assert_eq!(tolerance_of("schedule/x"), TOLERANCE);
+    // A 4x slowdown of the decode still fails.
+    let c = compare(&base, &map(&[("cpu_decode/cpu_decode/x/batch1", 1600.0)]));
+    let err = format!("{:#}", c.verdict().unwrap_err());
+    assert!(err.contains("+300.0%, over its 100% tolerance"), "{err}");
 }
 
 #[test]
@@ -40,10 +69,15 @@ fn tolerance_boundary_is_exclusive() {
         id: "a/b".into(),
         baseline: 4.0,
         current: 5.0,
+        tolerance: 0.25,
     };
     assert!((row.change() - 0.25).abs() < 1e-12);
-    assert!(!row.regressed(0.25));
-    assert!(row.regressed(0.2499));
+    assert!(!row.regressed());
+    let tighter = Row {
+        tolerance: 0.2499,
+        ..row
+    };
+    assert!(tighter.regressed());
 }
 
 #[test]
@@ -53,7 +87,7 @@ fn missing_and_new_benchmarks_fail_with_a_clear_message() {
     let c = compare(&base, &now);
     assert_eq!(c.missing, ["codecs/gone"]);
     assert_eq!(c.new, ["codecs/added"]);
-    let err = format!("{:#}", c.verdict(TOLERANCE).unwrap_err());
+    let err = format!("{:#}", c.verdict().unwrap_err());
     assert!(err.contains("in the baseline did not run"), "{err}");
     assert!(err.contains("codecs/gone"), "{err}");
     assert!(err.contains("have no baseline"), "{err}");
@@ -198,7 +232,8 @@ fn a_deliberately_slowed_benchmark_fails_the_gate() {
         ..options
     };
     let err = format!("{:#}", run(&slowed).unwrap_err());
-    assert!(err.contains("regressed by more than 25%"), "{err}");
+    assert!(err.contains("regressed beyond their tolerance"), "{err}");
+    assert!(err.contains("over its 25% tolerance"), "{err}");
     assert!(err.contains("codecs/encode/int8"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
