@@ -14,7 +14,7 @@ pub(crate) struct Options {
     #[arg(long)]
     skip_clippy: bool,
     /// Skip the CPU perf gate (`cargo xtask perf-gate`), the last step (for local iteration:
-    /// it builds four bench binaries and runs for about 1.5 minutes).
+    /// it builds four bench binaries and runs for about 2 minutes).
     #[arg(long)]
     no_perf: bool,
 }
@@ -130,7 +130,7 @@ fn steps(options: &Options) -> Vec<Step> {
         },
         // Last (`--no-perf` skips it): it builds four bench binaries in the dev profile (about
         // 45 s once the test step has built their dependencies) and runs each benchmark next
-        // to its own calibration (about 1.5 minutes; xtask/src/perf.rs states the bounds).
+        // to its own calibrations (about 2 minutes; xtask/src/perf.rs states the bounds).
         Step {
             name: "perf",
             job: Job::PerfGate,

@@ -86,10 +86,11 @@
 //! A benchmark costs about 1.6 s (its calibration and itself, each 0.2 s of warm-up and 0.5 s
 //! of measurement, plus criterion's analysis); the CPU decode ones more (a one-thread batch-8
 //! step is about 0.25 s, and building the dummy SmolLM2 weights takes seconds). One pass over
-//! the 44 benchmarks takes TIME_PASS on this 2-core machine (BENCHMARKS.md has measured runs);
-//! a re-measurement round costs the same per benchmark, for the benchmarks over the line only,
-//! plus at most 15 s of waiting. The worst case (every benchmark over the line in every round:
-//! a failing run anyway) is 4 passes and 45 s, TIME_WORST. Building the four bench binaries in
+//! the 44 benchmarks takes about 100 s on this 2-core machine (BENCHMARKS.md has measured
+//! runs: 104–188 s in all, re-measurements included); a re-measurement round costs the same per
+//! benchmark, for the benchmarks over the line only, plus at most 15 s of waiting. The worst
+//! case (every benchmark over the line in every round: a failing run anyway) is 4 passes and
+//! 45 s, about 7.5 minutes. Building the four bench binaries in
 //! the dev profile after CI's test step takes about 45 s more; blessing is 3 passes.
 //!
 //! # Why criterion, read from its files
