@@ -1,10 +1,12 @@
 //! The perf gate's calibration workload (`cargo xtask perf-gate`, `xtask/src/perf.rs`).
 //!
 //! Every gated bench target includes this file (`#[path = "../../../benches/calibration.rs"]
-//! mod calibration;`) and registers [`bench`] beside its own benchmarks, so the calibration
-//! runs in the same process, built with the same profile, measured by criterion in the same
-//! way. The gate then compares each benchmark as a ratio `median(bench) / median(calibration)`,
-//! which cancels most of a machine's speed (clock, turbo, a busy neighbour) out of the figure.
+//! mod calibration;`) and registers [`bench`] first, before its own benchmarks, so the
+//! calibration is built with the same profile and measured by criterion in the same way. The
+//! gate runs the binary once per benchmark (calibration, then that benchmark) and once more for
+//! the calibration alone, and compares each benchmark as a ratio `median(bench) / mean of the
+//! calibration medians right before and after it`, which cancels most of a machine's speed
+//! (clock, turbo, a busy neighbour) out of the figure.
 //!
 //! The workload is fixed and deterministic, and mixes the three kinds of work the gated
 //! benchmarks do, so that a machine that is slower at one of them moves both sides of the

@@ -13,11 +13,10 @@ pub(crate) struct Options {
     /// Skip `cargo clippy` (for local iteration).
     #[arg(long)]
     skip_clippy: bool,
-    /// Also run the CPU perf gate (`cargo xtask perf-gate`) as the last step. Opt-in: on a
-    /// shared 2-core machine its calibration still swings by up to 1.6× between processes
-    /// (neighbours' load), so it can fail without a regression (xtask/src/perf.rs).
+    /// Skip the CPU perf gate (`cargo xtask perf-gate`), the last step (for local iteration:
+    /// it builds four bench binaries and runs for about 2 minutes).
     #[arg(long)]
-    perf: bool,
+    no_perf: bool,
 }
 
 /// What a step does.
@@ -129,12 +128,13 @@ fn steps(options: &Options) -> Vec<Step> {
             },
             skip: false,
         },
-        // Last, opt-in (`--perf`): it builds four bench binaries in the dev profile (about 45 s
-        // once the test step has built their dependencies) and runs them (about 50 s).
+        // Last (`--no-perf` skips it): it builds four bench binaries in the dev profile (about
+        // 45 s once the test step has built their dependencies) and runs each benchmark next
+        // to its own calibrations (about 2 minutes; xtask/src/perf.rs states the bounds).
         Step {
             name: "perf",
             job: Job::PerfGate,
-            skip: !options.perf,
+            skip: options.no_perf,
         },
     ]
 }
@@ -221,4 +221,39 @@ fn nvrtc_env() -> Vec<(&'static str, String)> {
         ("LD_LIBRARY_PATH", path),
         ("KVSERVE_CUDA_INCLUDE", include.display().to_string()),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The test step skipped: building its environment would install NVRTC with pip.
+    fn options(no_perf: bool) -> Options {
+        Options {
+            skip_tests: true,
+            skip_clippy: false,
+            no_perf,
+        }
+    }
+
+    fn skipped(steps: &[Step]) -> Vec<&str> {
+        steps.iter().filter(|s| s.skip).map(|s| s.name).collect()
+    }
+
+    #[test]
+    fn the_perf_gate_is_the_last_step_and_on_by_default() {
+        let steps = steps(&options(false));
+        let last = steps.last().map(|s| (s.name, &s.job, s.skip));
+        assert!(
+            matches!(last, Some(("perf", Job::PerfGate, false))),
+            "{last:?}"
+        );
+        assert_eq!(steps.iter().filter(|s| s.name == "perf").count(), 1);
+        assert_eq!(skipped(&steps), ["test"]);
+    }
+
+    #[test]
+    fn no_perf_skips_the_perf_gate() {
+        assert_eq!(skipped(&steps(&options(true))), ["test", "perf"]);
+    }
 }

@@ -1,38 +1,106 @@
-//! `cargo xtask perf-gate`: the CPU performance gate of CI.
+//! `cargo xtask perf-gate`: the CPU performance gate of CI (the last step of `cargo xtask ci`).
 //!
 //! Runs the criterion benchmarks of [`TARGETS`] with short settings ([`CRITERION_ARGS`]), turns
-//! each benchmark's median time into a ratio to the calibration workload measured in the same
-//! process, and compares those ratios with the committed baseline ([`DEFAULT_BASELINE`]).
+//! each benchmark's median time into a ratio to a calibration workload measured right before
+//! and right after it, and compares those ratios with the committed baseline
+//! ([`DEFAULT_BASELINE`]).
 //!
-//! # Calibration
+//! # Calibration, next to each benchmark
 //!
 //! Every gated bench target registers `benches/calibration.rs` (a fixed, deterministic CPU
-//! workload: a small f32 matrix multiply, a hashing pass and a sort, about 50 µs) as its
-//! benchmark `calibration`, so it runs in the same process, with the same build and criterion
-//! settings, seconds before the benchmarks it calibrates. The gate compares
-//! `ratio = median(benchmark) / median(calibration)`, never absolute times: a machine that is
-//! uniformly 2× slower leaves the ratios unchanged, and the baseline recorded on one machine
-//! stays meaningful on another of the same kind.
+//! workload: a small f32 matrix multiply, a hashing pass and a sort, about 50–100 µs) as its
+//! first benchmark, `calibration`. The gate compares `median(benchmark) / median(calibration)`,
+//! never absolute times: a machine that is uniformly 2× slower leaves the ratios unchanged.
 //!
-//! # Tolerance
+//! What matters is that the calibration sees the machine the benchmark saw. On a shared
+//! machine the speed drifts within seconds (another build starts, a neighbour finishes), so a
+//! single calibration per target, measured once before a minute of benchmarks, skews every
+//! ratio measured after the drift. The gate therefore runs the bench binary once per
+//! benchmark, with criterion's filter `^(calibration|<id>)$`, and then once more with
+//! `^calibration$` only; in time order a target's run is
 //!
-//! A benchmark regresses when its ratio grows by more than [`TOLERANCE`] (25%) over the
-//! baseline's: `current / baseline - 1 > 0.25`. Faster is never a failure (re-bless to lock in
-//! a gain). Because the measurements are short (about 0.7 s a benchmark), a benchmark over the
-//! line is measured again, with its calibration, up to [`REMEASURES`] times, and keeps its best
-//! ratio: a transient hiccup of the machine rarely hits every run, a real regression does. The
-//! baseline holds each benchmark's mean ratio over [`BLESS_PASSES`] full passes.
-//! A benchmark in the baseline that did not run, or one that ran but has no baseline, fails
-//! the gate too, with a message saying to re-bless.
+//! ```text
+//! cal₀ b₁ | cal₁ b₂ | … | calₙ₋₁ bₙ | calₙ        (| = a new process)
+//! ```
+//!
+//! and `ratio(bᵢ) = median(bᵢ) / mean(median(calᵢ₋₁), median(calᵢ))`: the mean of the
+//! calibrations measured immediately before and after it, each within about a second of it
+//! ([`bracketed_ratios`]). A drift that is linear over those two seconds cancels exactly.
+//! The calibration before is in the benchmark's process, the one after in the next process
+//! (same binary, same build): the bracket costs one calibration per benchmark, not two.
+//! The bench binaries are run directly (their paths come from cargo's build messages), so a
+//! process costs a few milliseconds more than the work it times.
+//!
+//! # One thread
+//!
+//! The bench processes run with `RAYON_NUM_THREADS=1`. The calibration is single-threaded;
+//! the CPU decode is not (rayon splits its matmuls), so with two threads its ratio measured
+//! how free the *second* core was: a batch-8 step swung between 800 and 1400 calibrations
+//! from one pass to the next on this 2-core machine. With one thread both sides of the ratio
+//! need one core, and the gate still sees every change to the work a step does; what it no
+//! longer sees is a change in how well that work splits across threads.
+//!
+//! # The CPU decode
+//!
+//! A SmolLM2-135M decode step streams about 80 MB of weights, more than the 4 MB L2 and most
+//! of the 105 MB L3 this VM shares with the host's other guests; the calibration lives in L1.
+//! How much of the weights stay in L3 depends on the neighbours, so the decode's ratio moves
+//! with them whatever the calibration does: on 2026-12-03 single measurements of the batch-1
+//! step ranged from 400 to 877 calibrations and of batch 8 from 1262 to 3620 (baseline 412
+//! and 1743), and a check with the 25% tolerance failed batch 8 in all four measurements
+//! without any change. The `cpu_decode` target therefore has its own tolerance,
+//! [`DECODE_TOLERANCE`] (100%): it catches a decode that got 2× slower (the slowed-benchmark
+//! test is 4×), not a 30% one; the other 42 benchmarks, which fit in L2, keep 25%.
+//!
+//! # Tolerance, and why the gate does not fail without a regression
+//!
+//! A benchmark regresses when its ratio grows by more than its target's tolerance
+//! ([`TOLERANCE`], 25%, for all but the CPU decode) over the baseline's:
+//! `current / baseline - 1 > 0.25`. Faster is never a failure (re-bless to lock in
+//! a gain). A red CI without a regression blocks everyone, so a benchmark fails the gate only
+//! when it is over the line in **every** one of 1 + [`REMEASURES`] (4) measurements, each with
+//! its own fresh calibration bracket: after the first pass, the benchmarks over the line are
+//! measured again (only those, in the same bracketed way), in up to [`REMEASURES`] rounds at
+//! least [`ROUND_GAP`] (15 s) apart, and each keeps its best ratio. The false-failure reasoning:
+//!
+//! - A disturbance that slows the machine uniformly slows the calibrations either side as much
+//!   as the benchmark, and cancels out of the ratio (drift over the bracket cancels too).
+//! - A disturbance that slows one benchmark more than its calibrations (a neighbour busy for a
+//!   second, or one that hurts a cache-bound benchmark more than the calibration: on this
+//!   machine a guest elsewhere on the host moved the calibration from 60 to 105 µs for ~15 s
+//!   at a local load average near 1, and moved single ratios by up to ±30%) must then hit the
+//!   same benchmark in four measurements spread over at least 45 s.
+//! - If one measurement is falsely over the line with probability p and the rounds were
+//!   independent, a benchmark would fail falsely with p⁴: 6·10⁻⁶ for p = 5%, about 3·10⁻⁴ for
+//!   the 44 benchmarks together. They are not fully independent (a disturbance can last
+//!   minutes), which is why there are four and why they are spread out.
+//!
+//! A real slowdown is over the line every time: the gate's own test slows one benchmark 4×
+//! (`KVSERVE_PERF_GATE_SLOW`) and must see it fail. The baseline holds each benchmark's median
+//! ratio over [`BLESS_PASSES`] (3) full passes (a typical measurement: neither a lucky one nor
+//! one a disturbed pass pulled off). A benchmark in the baseline that did not run, or one that
+//! ran but has no baseline, fails the gate too, with a message saying to re-bless.
+//!
+//! # Time
+//!
+//! A benchmark costs about 1.6 s (its calibration and itself, each 0.2 s of warm-up and 0.5 s
+//! of measurement, plus criterion's analysis); the CPU decode ones more (a one-thread batch-8
+//! step is about 0.25 s, and building the dummy SmolLM2 weights takes seconds). One pass over
+//! the 44 benchmarks takes about 100 s on this 2-core machine (BENCHMARKS.md has measured
+//! runs: 104–188 s in all, re-measurements included); a re-measurement round costs the same per
+//! benchmark, for the benchmarks over the line only, plus at most 15 s of waiting. The worst
+//! case (every benchmark over the line in every round: a failing run anyway) is 4 passes and
+//! 45 s, about 7.5 minutes. Building the four bench binaries in
+//! the dev profile after CI's test step takes about 45 s more; blessing is 3 passes.
 //!
 //! # Why criterion, read from its files
 //!
 //! The benches stay ordinary criterion benches (`cargo bench` keeps working as before); the
 //! gate only shortens them from the command line (criterion's flags override the config in
-//! `criterion_group!`) and reads each result from `new/benchmark.json` (the benchmark's full
-//! id) and `new/estimates.json` (the median) under a private `CRITERION_HOME` per target,
-//! wiped before each run, so no stale result from an earlier `cargo bench` is ever read and
-//! each target's calibration is its own.
+//! `criterion_group!`), lists them (`--list`), and reads each result from
+//! `new/benchmark.json` (the benchmark's full id) and `new/estimates.json` (the median) under a
+//! private `CRITERION_HOME` per target, wiped before each process, so no stale result from an
+//! earlier run is ever read.
 //!
 //! `cargo xtask perf-gate --bless` rewrites the baseline (ratios, machine and date) from a
 //! fresh run.
@@ -40,23 +108,32 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
 
-/// Largest accepted growth of a benchmark's ratio over its baseline (0.25 = 25% slower).
+/// Largest accepted growth of a benchmark's ratio over its baseline (0.25 = 25% slower), for
+/// every target but the CPU decode.
 pub(crate) const TOLERANCE: f64 = 0.25;
+
+/// The CPU decode's tolerance (1.0 = 2× slower): see the module doc, "The CPU decode".
+pub(crate) const DECODE_TOLERANCE: f64 = 1.0;
 
 /// The committed baseline, relative to the workspace root.
 pub(crate) const DEFAULT_BASELINE: &str = "benches/perf-baseline.json";
 
-/// How many times the gate measures again the benchmarks over the tolerance (each keeps its
-/// best ratio): on a shared 2-core machine a single 0.5 s measurement swings by ±30% or more.
+/// Re-measurement rounds for the benchmarks over the tolerance (each keeps its best ratio, so
+/// a benchmark fails only when all 1 + `REMEASURES` measurements are over the line).
 const REMEASURES: usize = 3;
 
-/// Full passes when blessing (the baseline holds each benchmark's mean ratio).
-const BLESS_PASSES: usize = 2;
+/// The least time from the end of one measurement round to the start of the next re-measurement
+/// round: a benchmark's measurements then span at least `REMEASURES` × this.
+const ROUND_GAP: Duration = Duration::from_secs(15);
+
+/// Full passes when blessing (the baseline holds each benchmark's median ratio).
+const BLESS_PASSES: usize = 3;
 
 /// The benchmark id of the calibration workload in every target (`benches/calibration.rs`).
 const CALIBRATION: &str = "calibration";
@@ -65,8 +142,9 @@ const CALIBRATION: &str = "calibration";
 /// (`benches/calibration.rs`, `slowdown`).
 const SLOW_ENV: &str = "KVSERVE_PERF_GATE_SLOW";
 
-/// Version of the baseline file's layout.
-const FORMAT: u64 = 1;
+/// Version of the baseline file's layout and of what its ratios mean (2: the calibration
+/// brackets each benchmark; 1 had one calibration per target).
+const FORMAT: u64 = 2;
 
 /// The cargo profile the gated benches are built in: `dev`, whose artifacts the CI test step
 /// (`cargo test --workspace`) has already built, so the gate compiles only the four bench
@@ -95,10 +173,12 @@ pub(crate) const CRITERION_ARGS: &[&str] = &[
 ];
 
 /// A gated bench target: `cargo bench -p <package> --bench <bench>`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct Target {
     pub package: &'static str,
     pub bench: &'static str,
+    /// Largest accepted growth of its benchmarks' ratios.
+    pub tolerance: f64,
 }
 
 /// The gated bench targets: block manager step bookkeeping, scheduler step, KV-quant codecs,
@@ -107,18 +187,22 @@ pub(crate) const TARGETS: &[Target] = &[
     Target {
         package: "kv-block-manager",
         bench: "block_manager",
+        tolerance: TOLERANCE,
     },
     Target {
         package: "scheduler",
         bench: "schedule",
+        tolerance: TOLERANCE,
     },
     Target {
         package: "kv-quant",
         bench: "codecs",
+        tolerance: TOLERANCE,
     },
     Target {
         package: "model",
         bench: "cpu_decode",
+        tolerance: DECODE_TOLERANCE,
     },
 ];
 
@@ -146,6 +230,10 @@ pub(crate) struct Options {
     /// Where the criterion results go (default: `<target dir>/perf-gate`).
     #[arg(long, value_name = "DIR")]
     work_dir: Option<PathBuf>,
+    /// The gap between re-measurement rounds (default [`ROUND_GAP`]; the gate's own tests
+    /// shorten it).
+    #[arg(skip)]
+    round_gap: Option<Duration>,
 }
 
 /// `cargo xtask perf-gate`.
@@ -173,26 +261,39 @@ pub(crate) fn run(options: &Options) -> Result<()> {
         None => target_dir()?.join("perf-gate"),
     };
 
-    build(&targets)?;
-    let mut current = BTreeMap::new();
-    let mut calibration_ns = BTreeMap::new();
-    // A baseline is the mean of two full passes (a typical measurement, not a lucky one: the
-    // gate compares its first pass with it); the gate makes one.
+    let binaries = build(&targets)?;
+    let mut plan = Vec::new();
+    for binary in &binaries {
+        let ids = binary.list(options.filter.as_deref())?;
+        plan.push((binary, ids));
+    }
+    let count: usize = plan.iter().map(|(_, ids)| ids.len()).sum();
+    ensure!(
+        count > 0,
+        "no benchmark matches the filter `{}`",
+        options.filter.as_deref().unwrap_or_default()
+    );
+
+    // A baseline is the median of three full passes (a typical measurement, neither a lucky
+    // one nor one a disturbed pass pulled off); the gate compares its first pass with it.
     let passes = if options.bless { BLESS_PASSES } else { 1 };
-    for _ in 0..passes {
-        for target in &targets {
-            let filter = options
-                .filter
-                .as_ref()
-                .map(|f| format!("^{CALIBRATION}$|{f}"));
-            let run = run_target(target, filter.as_deref(), options, &work_dir)?;
-            *calibration_ns.entry(target.bench.to_owned()).or_insert(0.0) +=
-                run.calibration_ns / passes as f64;
+    let mut ratio_passes: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    let mut calibration_passes: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for pass in 1..=passes {
+        println!("\nperf-gate: pass {pass}/{passes}, {count} benchmark(s)");
+        for (binary, ids) in &plan {
+            let run = binary.measure(ids, options, &work_dir)?;
+            calibration_passes
+                .entry(binary.target.bench.to_owned())
+                .or_default()
+                .push(run.calibration_ns);
             for (id, ratio) in run.ratios {
-                *current.entry(id).or_insert(0.0) += ratio / passes as f64;
+                ratio_passes.entry(id).or_default().push(ratio);
             }
         }
     }
+    let mut current = medians_of(&ratio_passes);
+    let calibration_ns = medians_of(&calibration_passes);
 
     let Some(baseline) = baseline else {
         let baseline = Baseline {
@@ -222,36 +323,44 @@ pub(crate) fn run(options: &Options) -> Result<()> {
         .map(|(id, r)| (id.clone(), *r))
         .collect();
     let mut comparison = compare(&expected, &current);
+    let mut last_round = Instant::now();
     for attempt in 1..=REMEASURES {
-        let regressed: Vec<String> = comparison
-            .regressions(TOLERANCE)
-            .map(|r| r.id.clone())
-            .collect();
+        let regressed: Vec<String> = comparison.regressions().map(|r| r.id.clone()).collect();
         if regressed.is_empty() {
             break;
         }
         println!(
-            "perf-gate: {} benchmark(s) over the tolerance, measuring them again \
+            "\nperf-gate: {} benchmark(s) over the tolerance, measuring them again \
              ({attempt}/{REMEASURES}): {}",
             regressed.len(),
             regressed.join(", ")
         );
-        for target in targets
-            .iter()
-            .filter(|t| regressed.iter().any(|id| owns(t, id)))
-        {
-            let ids = regressed
+        let gap = options.round_gap.unwrap_or(ROUND_GAP);
+        let wait = gap.saturating_sub(last_round.elapsed());
+        if !wait.is_zero() {
+            println!(
+                "perf-gate: waiting {:.0}s first (rounds are {:.0}s apart)",
+                wait.as_secs_f64(),
+                gap.as_secs_f64()
+            );
+            std::thread::sleep(wait);
+        }
+        for binary in &binaries {
+            let prefix = format!("{}/", binary.target.bench);
+            let ids: Vec<String> = regressed
                 .iter()
-                .filter_map(|id| id.strip_prefix(&format!("{}/", target.bench)))
-                .map(regex_escape)
-                .collect::<Vec<_>>();
-            let filter = format!("^({CALIBRATION}|{})$", ids.join("|"));
-            let again = run_target(target, Some(&filter), options, &work_dir)?;
-            keep_better(&mut current, again.ratios);
+                .filter_map(|id| id.strip_prefix(&prefix))
+                .map(str::to_owned)
+                .collect();
+            if !ids.is_empty() {
+                let again = binary.measure(&ids, options, &work_dir)?;
+                keep_better(&mut current, again.ratios);
+            }
         }
         comparison = compare(&expected, &current);
+        last_round = Instant::now();
     }
-    print!("{}", comparison.table(TOLERANCE));
+    print!("{}", comparison.table());
     println!(
         "perf-gate: baseline {} ({}, {}), {:.0}s",
         baseline_path.display(),
@@ -259,7 +368,35 @@ pub(crate) fn run(options: &Options) -> Result<()> {
         baseline.date,
         start.elapsed().as_secs_f64()
     );
-    comparison.verdict(TOLERANCE)
+    comparison.verdict()
+}
+
+/// The median of each list (the mean of the middle two for an even count); empty lists are
+/// left out.
+fn medians_of(lists: &BTreeMap<String, Vec<f64>>) -> BTreeMap<String, f64> {
+    lists
+        .iter()
+        .filter(|(_, xs)| !xs.is_empty())
+        .map(|(id, xs)| {
+            let mut xs = xs.clone();
+            xs.sort_by(f64::total_cmp);
+            let mid = xs.len() / 2;
+            let median = if xs.len() % 2 == 0 {
+                (xs[mid - 1] + xs[mid]) / 2.0
+            } else {
+                xs[mid]
+            };
+            (id.clone(), median)
+        })
+        .collect()
+}
+
+/// The tolerance of the benchmark `id`: its target's ([`TOLERANCE`] for an unknown target).
+fn tolerance_of(id: &str) -> f64 {
+    TARGETS
+        .iter()
+        .find(|t| owns(t, id))
+        .map_or(TOLERANCE, |t| t.tolerance)
 }
 
 /// Merges `ratios` into `best`, keeping the smaller (better) ratio of each benchmark.
@@ -308,78 +445,331 @@ fn target_dir() -> Result<PathBuf> {
     Ok(PathBuf::from(dir))
 }
 
-/// `cargo bench` in the gate's profile, with the workspace's feature set (as the test step).
-fn cargo_bench() -> std::process::Command {
+/// Builds every bench binary in one `cargo bench --no-run` (cargo compiles them in parallel),
+/// in the gate's profile with the workspace's feature set (as the test step), and returns
+/// where cargo put each.
+fn build(targets: &[Target]) -> Result<Vec<BenchBinary>> {
     let mut cmd = crate::cargo();
-    cmd.args(["bench", "--locked", "--workspace", "--profile", PROFILE]);
-    cmd
-}
-
-/// Builds every bench binary in one cargo call (cargo compiles them in parallel).
-fn build(targets: &[Target]) -> Result<()> {
-    let mut cmd = cargo_bench();
-    cmd.arg("--no-run");
+    cmd.args(["bench", "--locked", "--workspace", "--profile", PROFILE])
+        .args(["--no-run", "--message-format", "json-render-diagnostics"]);
     for t in targets {
         cmd.args(["--bench", t.bench]);
     }
-    crate::run_cmd(cmd)
+    let output = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("could not start {cmd:?}"))?;
+    ensure!(output.status.success(), "{cmd:?} failed: {}", output.status);
+    let messages = String::from_utf8_lossy(&output.stdout);
+    bench_binaries(&messages, targets)
 }
 
-/// What one bench process measured.
+/// The bench executables of `targets` in cargo's JSON build messages (`--message-format
+/// json`): one `compiler-artifact` line with an `executable` per bench target.
+fn bench_binaries(messages: &str, targets: &[Target]) -> Result<Vec<BenchBinary>> {
+    let mut found: BTreeMap<String, (PathBuf, PathBuf)> = BTreeMap::new();
+    for line in messages.lines().filter(|l| l.starts_with('{')) {
+        let Ok(msg) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        let is_bench = msg["target"]["kind"]
+            .as_array()
+            .is_some_and(|kinds| kinds.iter().any(|k| k == "bench"));
+        if msg["reason"] != "compiler-artifact" || !is_bench {
+            continue;
+        }
+        let (Some(name), Some(exe), Some(manifest)) = (
+            msg["target"]["name"].as_str(),
+            msg["executable"].as_str(),
+            msg["manifest_path"].as_str(),
+        ) else {
+            continue;
+        };
+        let dir = Path::new(manifest)
+            .parent()
+            .with_context(|| format!("bench `{name}`: manifest path {manifest} has no folder"))?;
+        found.insert(name.to_owned(), (PathBuf::from(exe), dir.to_owned()));
+    }
+    targets
+        .iter()
+        .map(|&target| {
+            let (executable, package_dir) = found.remove(target.bench).with_context(|| {
+                format!(
+                    "cargo built no executable for bench target `{}` (package {})",
+                    target.bench, target.package
+                )
+            })?;
+            Ok(BenchBinary {
+                target,
+                executable,
+                package_dir,
+            })
+        })
+        .collect()
+}
+
+/// A built bench target.
+#[derive(Debug, Clone, PartialEq)]
+struct BenchBinary {
+    target: Target,
+    executable: PathBuf,
+    /// Its package's folder: the working directory `cargo bench` would give it.
+    package_dir: PathBuf,
+}
+
+/// What one bracketed run of a target's benchmarks measured.
 #[derive(Debug)]
 struct TargetRun {
-    /// Median of the calibration workload, in ns.
+    /// Mean of every calibration median of the run, in ns.
     calibration_ns: f64,
-    /// `<bench>/<criterion id>` → median / calibration median.
+    /// `<bench>/<criterion id>` → median / mean of the calibrations either side.
     ratios: BTreeMap<String, f64>,
 }
 
-/// Runs one bench target with the gate's criterion settings and reads its results.
-fn run_target(
-    target: &Target,
-    filter: Option<&str>,
-    options: &Options,
-    work_dir: &Path,
-) -> Result<TargetRun> {
-    let home = work_dir.join(target.bench);
-    if home.exists() {
-        std::fs::remove_dir_all(&home)
-            .with_context(|| format!("could not clear {}", home.display()))?;
+impl BenchBinary {
+    /// The criterion ids of the benchmarks to gate (the calibration left out), from the
+    /// binary's `--list`, narrowed by `filter`.
+    fn list(&self, filter: Option<&str>) -> Result<Vec<String>> {
+        let mut cmd = self.command();
+        cmd.args(["--list", "--format", "terse"]);
+        if let Some(f) = filter {
+            cmd.arg(format!("^{CALIBRATION}$|{f}"));
+        }
+        let stdout = self.output(cmd)?;
+        parse_list(self.target.bench, &stdout)
     }
-    let mut cmd = cargo_bench();
-    cmd.args(["--bench", target.bench, "--"])
-        .args(CRITERION_ARGS)
-        .args(filter)
-        .env("CRITERION_HOME", &home);
-    match &options.slow {
-        Some(id) => cmd.env(SLOW_ENV, id),
-        None => cmd.env_remove(SLOW_ENV),
-    };
-    println!("\nperf-gate: {} ({})", target.bench, target.package);
-    crate::run_cmd(cmd)?;
 
-    let medians = read_medians(&home)?;
-    let calibration_ns = *medians.get(CALIBRATION).with_context(|| {
+    /// Measures `ids` one process each (calibration, then the benchmark), then the
+    /// calibration once more, and returns each benchmark's ratio to the mean of the
+    /// calibrations before and after it.
+    fn measure(&self, ids: &[String], options: &Options, work_dir: &Path) -> Result<TargetRun> {
+        let bench = self.target.bench;
+        println!(
+            "perf-gate: {bench} ({}), {} benchmark(s)",
+            self.target.package,
+            ids.len()
+        );
+        let home = work_dir.join(bench);
+        let mut samples = Vec::with_capacity(2 * ids.len() + 1);
+        for id in ids {
+            let medians = self.run_criterion(
+                &format!("^({CALIBRATION}|{})$", regex_escape(id)),
+                options,
+                &home,
+            )?;
+            let (calibration, median) = pair_medians(bench, &medians, Some(id))?;
+            samples.push(Sample::Calibration(calibration));
+            samples.push(Sample::Benchmark(id.clone(), median));
+        }
+        let medians = self.run_criterion(&format!("^{CALIBRATION}$"), options, &home)?;
+        samples.push(Sample::Calibration(pair_medians(bench, &medians, None)?.0));
+
+        let brackets =
+            bracketed_ratios(&samples).with_context(|| format!("bench target `{bench}`"))?;
+        // In the order they ran: a line's calibration after is the next line's before.
+        for (id, b) in ids.iter().filter_map(|id| Some((id, brackets.get(id)?))) {
+            println!(
+                "  {id:<60} ratio {:>9.4}  (calibration {:.1} → {:.1} µs)",
+                b.ratio,
+                b.before_ns.unwrap_or(f64::NAN) / 1e3,
+                b.after_ns.unwrap_or(f64::NAN) / 1e3,
+            );
+        }
+        let calibrations: Vec<f64> = samples
+            .iter()
+            .filter_map(|s| match s {
+                Sample::Calibration(ns) => Some(*ns),
+                Sample::Benchmark(..) => None,
+            })
+            .collect();
+        Ok(TargetRun {
+            calibration_ns: calibrations.iter().sum::<f64>() / calibrations.len() as f64,
+            ratios: brackets
+                .into_iter()
+                .map(|(id, b)| (format!("{bench}/{id}"), b.ratio))
+                .collect(),
+        })
+    }
+
+    /// Runs the binary once with the gate's criterion settings and `filter`, in a freshly
+    /// wiped `CRITERION_HOME`, and reads the medians it wrote.
+    fn run_criterion(
+        &self,
+        filter: &str,
+        options: &Options,
+        home: &Path,
+    ) -> Result<BTreeMap<String, f64>> {
+        if home.exists() {
+            std::fs::remove_dir_all(home)
+                .with_context(|| format!("could not clear {}", home.display()))?;
+        }
+        let mut cmd = self.command();
+        cmd.args(CRITERION_ARGS)
+            .arg(filter)
+            .env("CRITERION_HOME", home);
+        match &options.slow {
+            Some(id) => cmd.env(SLOW_ENV, id),
+            None => cmd.env_remove(SLOW_ENV),
+        };
+        self.output(cmd)?;
+        read_medians(home)
+    }
+
+    /// The binary in criterion's benchmark mode (`--bench`, as `cargo bench` passes it), in
+    /// its package's folder, with one rayon thread (see the module doc, "One thread").
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.executable);
+        cmd.current_dir(&self.package_dir)
+            .arg("--bench")
+            .env("RAYON_NUM_THREADS", "1");
+        cmd
+    }
+
+    /// Runs `cmd` to completion and returns its stdout; a failure shows its output.
+    fn output(&self, mut cmd: Command) -> Result<String> {
+        let output = cmd
+            .output()
+            .with_context(|| format!("could not start {cmd:?}"))?;
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        if !output.status.success() {
+            bail!(
+                "bench target `{}` failed ({}): {cmd:?}\n{stdout}{}",
+                self.target.bench,
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(stdout)
+    }
+}
+
+/// The benchmark ids in a bench binary's `--list --format terse` output (one `<id>:
+/// benchmark` line each), without the calibration, which must be there.
+fn parse_list(bench: &str, stdout: &str) -> Result<Vec<String>> {
+    let mut ids = Vec::new();
+    let mut calibration = false;
+    for line in stdout.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let id = line.strip_suffix(": benchmark").with_context(|| {
+            format!("bench target `{bench}`: unexpected line in its `--list` output: {line:?}")
+        })?;
+        // Criterion cuts titles over 100 characters and appends "...": such an id cannot be
+        // selected exactly.
+        ensure!(
+            !id.ends_with("..."),
+            "bench target `{bench}`: benchmark id {id:?} is cut short by criterion (over 100 \
+             characters): give it a shorter name"
+        );
+        if id == CALIBRATION {
+            calibration = true;
+        } else {
+            ids.push(id.to_owned());
+        }
+    }
+    ensure!(
+        calibration,
+        "bench target `{bench}` lists no `{CALIBRATION}` benchmark: it must register \
+         `calibration::bench` (benches/calibration.rs) first"
+    );
+    Ok(ids)
+}
+
+/// The calibration median of one process's results, and the median of benchmark `id` when
+/// one is expected; any other benchmark in the results is an error (the filter selects
+/// exactly these).
+fn pair_medians(
+    bench: &str,
+    medians: &BTreeMap<String, f64>,
+    id: Option<&str>,
+) -> Result<(f64, f64)> {
+    let calibration = *medians.get(CALIBRATION).with_context(|| {
         format!(
-            "bench target `{}` ran no `{CALIBRATION}` benchmark: it must register \
-             `calibration::bench` (benches/calibration.rs)",
-            target.bench
+            "bench target `{bench}` ran no `{CALIBRATION}` benchmark: it must register \
+             `calibration::bench` (benches/calibration.rs)"
         )
     })?;
-    ensure!(
-        calibration_ns > 0.0,
-        "bench target `{}`: calibration median is {calibration_ns} ns",
-        target.bench
-    );
-    let ratios = medians
-        .into_iter()
-        .filter(|(id, _)| id != CALIBRATION)
-        .map(|(id, ns)| (format!("{}/{id}", target.bench), ns / calibration_ns))
+    let median = match id {
+        Some(id) => *medians.get(id).with_context(|| {
+            format!("bench target `{bench}`: benchmark `{id}` did not run (no result for it)")
+        })?,
+        None => calibration,
+    };
+    let extra: Vec<&str> = medians
+        .keys()
+        .map(String::as_str)
+        .filter(|k| *k != CALIBRATION && Some(*k) != id)
         .collect();
-    Ok(TargetRun {
-        calibration_ns,
-        ratios,
-    })
+    ensure!(
+        extra.is_empty(),
+        "bench target `{bench}`: unexpected results for {} (the filter should select only \
+         `{CALIBRATION}` and {id:?})",
+        extra.join(", ")
+    );
+    Ok((calibration, median))
+}
+
+/// One median, in the order the gate measured them.
+#[derive(Debug, Clone, PartialEq)]
+enum Sample {
+    /// The calibration workload, ns.
+    Calibration(f64),
+    /// A benchmark (criterion id, without the target), ns.
+    Benchmark(String, f64),
+}
+
+/// A benchmark's ratio and the calibrations it was divided by.
+#[derive(Debug, Clone, PartialEq)]
+struct Bracket {
+    /// median / mean of the calibrations either side that exist.
+    ratio: f64,
+    /// The nearest calibration measured before it, ns.
+    before_ns: Option<f64>,
+    /// The nearest calibration measured after it, ns.
+    after_ns: Option<f64>,
+}
+
+/// Each benchmark's median divided by the mean of the nearest calibration before it and the
+/// nearest after it (only one of them when the other does not exist). A benchmark with no
+/// calibration on either side, a benchmark measured twice, or a median that is not a positive
+/// number is an error.
+fn bracketed_ratios(samples: &[Sample]) -> Result<BTreeMap<String, Bracket>> {
+    for s in samples {
+        let (what, ns) = match s {
+            Sample::Calibration(ns) => (CALIBRATION, *ns),
+            Sample::Benchmark(id, ns) => (id.as_str(), *ns),
+        };
+        ensure!(
+            ns.is_finite() && ns > 0.0,
+            "median of `{what}` is {ns} ns, not a positive time"
+        );
+    }
+    let calibration = |s: &Sample| match s {
+        Sample::Calibration(ns) => Some(*ns),
+        Sample::Benchmark(..) => None,
+    };
+    let mut out = BTreeMap::new();
+    for (i, s) in samples.iter().enumerate() {
+        let Sample::Benchmark(id, ns) = s else {
+            continue;
+        };
+        let before_ns = samples[..i].iter().rev().find_map(calibration);
+        let after_ns = samples[i + 1..].iter().find_map(calibration);
+        let sides: Vec<f64> = before_ns.into_iter().chain(after_ns).collect();
+        ensure!(
+            !sides.is_empty(),
+            "benchmark `{id}` has no calibration measured before or after it"
+        );
+        let mean = sides.iter().sum::<f64>() / sides.len() as f64;
+        let bracket = Bracket {
+            ratio: ns / mean,
+            before_ns,
+            after_ns,
+        };
+        ensure!(
+            out.insert(id.clone(), bracket).is_none(),
+            "benchmark `{id}` was measured twice in one run"
+        );
+    }
+    Ok(out)
 }
 
 /// Criterion's results under `home`: full benchmark id → median time per iteration (ns), from
@@ -397,7 +787,13 @@ fn read_medians(home: &Path) -> Result<BTreeMap<String, f64>> {
         let estimates = dir.join("estimates.json");
         let median = read_json(&estimates)?["median"]["point_estimate"]
             .as_f64()
-            .with_context(|| format!("{}: no `median.point_estimate`", estimates.display()))?;
+            .filter(|ns| ns.is_finite() && *ns > 0.0)
+            .with_context(|| {
+                format!(
+                    "{}: no positive `median.point_estimate`",
+                    estimates.display()
+                )
+            })?;
         medians.insert(id, median);
     }
     Ok(medians)
@@ -447,9 +843,9 @@ fn regex_escape(s: &str) -> String {
 pub(crate) struct Baseline {
     pub machine: String,
     pub date: String,
-    /// Calibration median per bench target, in ns (for information: not compared).
+    /// Mean calibration median per bench target, in ns (for information: not compared).
     pub calibration_ns: BTreeMap<String, f64>,
-    /// `<bench>/<criterion id>` → median / calibration median.
+    /// `<bench>/<criterion id>` → median / mean of the calibration medians either side.
     pub ratios: BTreeMap<String, f64>,
 }
 
@@ -511,10 +907,11 @@ impl Baseline {
     pub(crate) fn to_json(&self) -> String {
         let v = json!({
             "format": FORMAT,
-            "what": "median time of each benchmark / median time of the calibration workload \
-                     (benches/calibration.rs) in the same process; written by \
+            "what": "median time of each benchmark / mean of the medians of the calibration \
+                     workload (benches/calibration.rs) measured right before and right after \
+                     it; written by \
                      `cargo xtask perf-gate --bless`, compared by `cargo xtask perf-gate` \
-                     (xtask/src/perf.rs) with a 25% tolerance",
+                     (xtask/src/perf.rs) with a 25% tolerance (100% for cpu_decode)",
             "machine": self.machine,
             "date": self.date,
             "profile": PROFILE,
@@ -551,6 +948,8 @@ pub(crate) struct Row {
     pub id: String,
     pub baseline: f64,
     pub current: f64,
+    /// Largest accepted [`Row::change`] (its target's).
+    pub tolerance: f64,
 }
 
 impl Row {
@@ -559,8 +958,8 @@ impl Row {
         self.current / self.baseline - 1.0
     }
 
-    pub(crate) fn regressed(&self, tolerance: f64) -> bool {
-        self.change() > tolerance
+    pub(crate) fn regressed(&self) -> bool {
+        self.change() > self.tolerance
     }
 }
 
@@ -588,6 +987,7 @@ pub(crate) fn compare(
                 id: id.clone(),
                 baseline: b,
                 current: c,
+                tolerance: tolerance_of(id),
             })
         })
         .collect();
@@ -605,21 +1005,22 @@ pub(crate) fn compare(
 }
 
 impl Comparison {
-    pub(crate) fn regressions(&self, tolerance: f64) -> impl Iterator<Item = &Row> {
-        self.rows.iter().filter(move |r| r.regressed(tolerance))
+    pub(crate) fn regressions(&self) -> impl Iterator<Item = &Row> {
+        self.rows.iter().filter(|r| r.regressed())
     }
 
-    /// Ok when no benchmark regressed beyond `tolerance` and the benchmark sets match; else an
-    /// error listing every problem.
-    pub(crate) fn verdict(&self, tolerance: f64) -> Result<()> {
+    /// Ok when no benchmark regressed beyond its tolerance and the benchmark sets match; else
+    /// an error listing every problem.
+    pub(crate) fn verdict(&self) -> Result<()> {
         let mut problems = Vec::new();
         let regressions: Vec<String> = self
-            .regressions(tolerance)
+            .regressions()
             .map(|r| {
                 format!(
-                    "{} is {:+.1}% (ratio {:.4}, baseline {:.4})",
+                    "{} is {:+.1}%, over its {:.0}% tolerance (ratio {:.4}, baseline {:.4})",
                     r.id,
                     100.0 * r.change(),
+                    100.0 * r.tolerance,
                     r.current,
                     r.baseline
                 )
@@ -627,9 +1028,8 @@ impl Comparison {
             .collect();
         if !regressions.is_empty() {
             problems.push(format!(
-                "{} benchmark(s) regressed by more than {:.0}%:\n  {}",
+                "{} benchmark(s) regressed beyond their tolerance:\n  {}",
                 regressions.len(),
-                100.0 * tolerance,
                 regressions.join("\n  ")
             ));
         }
@@ -656,17 +1056,13 @@ impl Comparison {
     }
 
     /// A table of every benchmark, for the log.
-    pub(crate) fn table(&self, tolerance: f64) -> String {
+    pub(crate) fn table(&self) -> String {
         let mut out = format!(
             "\n{:<52} {:>9} {:>9} {:>8}\n",
             "benchmark", "baseline", "now", "change"
         );
         for r in &self.rows {
-            let flag = if r.regressed(tolerance) {
-                "  REGRESSED"
-            } else {
-                ""
-            };
+            let flag = if r.regressed() { "  REGRESSED" } else { "" };
             let _ = writeln!(
                 out,
                 "{:<52} {:>9.4} {:>9.4} {:>+7.1}%{flag}",
