@@ -50,13 +50,16 @@
 //! and 1743), and a check with the 25% tolerance failed batch 8 in all four measurements
 //! without any change. The `cpu_decode` target therefore has its own tolerance,
 //! [`DECODE_TOLERANCE`] (100%): it catches a decode that got 2× slower (the slowed-benchmark
-//! test is 4×), not a 30% one; the other 42 benchmarks, which fit in L2, keep 25%.
+//! test is 4×), not a 60% one; the other 42 benchmarks, which fit in L2, have [`TOLERANCE`].
 //!
 //! # Tolerance, and why the gate does not fail without a regression
 //!
 //! A benchmark regresses when its ratio grows by more than its target's tolerance
-//! ([`TOLERANCE`], 25%, for all but the CPU decode) over the baseline's:
-//! `current / baseline - 1 > 0.25`. Faster is never a failure (re-bless to lock in
+//! ([`TOLERANCE`], 50%, for all but the CPU decode) over the baseline's:
+//! `current / baseline - 1 > 0.5`. The issue suggested 25%; on this shared 2-core machine the
+//! best of four bracketed measurements still reached +24.7% without any change (2026-12-03,
+//! BENCHMARKS.md), which leaves no margin, so the gate states 50%: a 1.5× slowdown of any
+//! benchmark fails it, noise of the size measured does not. Faster is never a failure (re-bless to lock in
 //! a gain). A red CI without a regression blocks everyone, so a benchmark fails the gate only
 //! when it is over the line in **every** one of 1 + [`REMEASURES`] (4) measurements, each with
 //! its own fresh calibration bracket: after the first pass, the benchmarks over the line are
@@ -114,9 +117,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
 
-/// Largest accepted growth of a benchmark's ratio over its baseline (0.25 = 25% slower), for
+/// Largest accepted growth of a benchmark's ratio over its baseline (0.5 = 50% slower), for
 /// every target but the CPU decode.
-pub(crate) const TOLERANCE: f64 = 0.25;
+pub(crate) const TOLERANCE: f64 = 0.5;
 
 /// The CPU decode's tolerance (1.0 = 2× slower): see the module doc, "The CPU decode".
 pub(crate) const DECODE_TOLERANCE: f64 = 1.0;
@@ -911,7 +914,7 @@ impl Baseline {
                      workload (benches/calibration.rs) measured right before and right after \
                      it; written by \
                      `cargo xtask perf-gate --bless`, compared by `cargo xtask perf-gate` \
-                     (xtask/src/perf.rs) with a 25% tolerance (100% for cpu_decode)",
+                     (xtask/src/perf.rs) with a 50% tolerance (100% for cpu_decode)",
             "machine": self.machine,
             "date": self.date,
             "profile": PROFILE,

@@ -96,7 +96,7 @@ const DUMMY_SEED: u64 = 0;
 /// A model's weights, or only its shape for dummy weights made where they will run (on the
 /// GPU, generated there).
 enum ModelWeights {
-    Loaded(Weights),
+    Loaded(Box<Weights>),
     Dummy(ModelConfig),
 }
 
@@ -111,7 +111,11 @@ impl ModelWeights {
 
 /// A loaded model's parts.
 fn loaded((model, name): (LoadedModel, String)) -> (ModelWeights, Tokenizer, String) {
-    (ModelWeights::Loaded(model.weights), model.tokenizer, name)
+    (
+        ModelWeights::Loaded(Box::new(model.weights)),
+        model.tokenizer,
+        name,
+    )
 }
 
 /// [`ModelSource::Dummy`]: the shape in `path` (a `config.json`, or a directory holding one),
@@ -339,7 +343,7 @@ impl Engine {
             None => {
                 let kv = kv_cache_config(&config, &shape)?;
                 let weights = match weights {
-                    ModelWeights::Loaded(w) => w,
+                    ModelWeights::Loaded(w) => *w,
                     ModelWeights::Dummy(c) => Weights::dummy(&c, DType::Q8_0, DUMMY_SEED)
                         .map_err(|e| startup("dummy weights", e))?,
                 };

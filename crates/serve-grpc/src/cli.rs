@@ -408,6 +408,11 @@ pub struct BenchArgs {
     /// and UTC date).
     #[arg(long, value_name = "PATH")]
     pub json: Option<PathBuf>,
+    /// Also write the workload's requests (prompt token ids and output length of each, as
+    /// this engine's vocabulary and length limit make them) as JSON to this file, for other
+    /// engines to run the very same requests (scripts/hf_bench.py).
+    #[arg(long, value_name = "PATH")]
+    pub save_requests: Option<PathBuf>,
     /// Run the workload once per KV-cache dtype (comma-separated, e.g. fp16,int8,int4,fp8),
     /// each on a fresh engine at the same --kv-cache-memory, and compare KV blocks, the
     /// sequences they hold and throughput.

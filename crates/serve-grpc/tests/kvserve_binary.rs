@@ -246,6 +246,74 @@ async fn generate_and_bench_print_their_output() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_runs_dummy_weights_and_saves_its_requests() {
+    let config = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../model/tests/data/tiny_hf/llama3/config.json");
+    let dir = std::env::temp_dir().join(format!("kvserve-dummy-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (requests, report) = (dir.join("requests.json"), dir.join("report.json"));
+    let out = kvserve(&[
+        "bench",
+        "--load-format",
+        "dummy",
+        "--model",
+        config.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--input-len",
+        "24",
+        "--output-len",
+        "6",
+        "--num-requests",
+        "3",
+        "--save-requests",
+        requests.to_str().unwrap(),
+        "--json",
+        report.to_str().unwrap(),
+    ])
+    .output()
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(report["meta"]["model"], "llama3 (dummy weights)");
+    let saved: Vec<serve_grpc::bench::BenchRequest> =
+        serde_json::from_str(&std::fs::read_to_string(&requests).unwrap()).unwrap();
+    assert_eq!(saved.len(), 3);
+    let outputs: u64 = saved.iter().map(|r| u64::from(r.output_len)).sum();
+    assert_eq!(outputs, 18);
+    assert_eq!(report["output_tokens"].as_u64(), Some(outputs));
+    assert!(saved.iter().all(|r| r.prompt.iter().all(|&t| t < 300)));
+
+    // --load-format dummy needs --model; a missing config is a clear error.
+    let out = kvserve(&["bench", "--load-format", "dummy"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let missing = dir.join("missing.json");
+    let out = kvserve(&[
+        "bench",
+        "--load-format",
+        "dummy",
+        "--model",
+        missing.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ])
+    .output()
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("missing.json"), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_flags_and_models_fail_cleanly() {
     let dir = std::env::temp_dir().join(format!("kvserve-bad-model-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

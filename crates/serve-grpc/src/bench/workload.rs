@@ -252,7 +252,7 @@ pub struct Workload {
 }
 
 /// One request of a workload.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BenchRequest {
     /// Prompt token ids.
     pub prompt: Vec<u32>,

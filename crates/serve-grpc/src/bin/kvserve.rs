@@ -76,7 +76,9 @@ fn resolve_model(args: &EngineArgs) -> Result<PathBuf> {
 fn start_engine(args: &EngineArgs) -> Result<EngineHandle> {
     let mut config: EngineConfig = args.to_config();
     let path = resolve_model(args)?;
-    config.model = ModelSource::Path(path.clone());
+    if !matches!(config.model, ModelSource::Dummy(_)) {
+        config.model = ModelSource::Path(path.clone());
+    }
     let bar = spinner(format!("loading {}", path.display()));
     let started = Instant::now();
     let engine = Engine::start(config);
@@ -240,6 +242,11 @@ fn bench(args: &BenchArgs) -> Result<()> {
     let run_once = |engine_args: &EngineArgs| -> Result<BenchReport> {
         let engine = start_engine(engine_args)?;
         let info = engine.model_info().clone();
+        if let Some(path) = &args.save_requests {
+            let requests = workload.requests(info.vocab_size, info.max_model_len)?;
+            std::fs::write(path, serde_json::to_string(&requests)? + "\n")
+                .with_context(|| format!("writing the requests to {}", path.display()))?;
+        }
         let result = rt.block_on(bench::run(&engine, &workload));
         engine.shutdown(Duration::from_secs(5));
         let report = result.with_context(|| {
