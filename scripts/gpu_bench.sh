@@ -10,6 +10,8 @@
 # 2. scripts/hf_bench.py on the same requests and model shape: transformers' generate() (static
 #    batches of 64; the first KVS_HF_GENERATE_REQUESTS requests, default 128, since it is slow)
 #    and its continuous batching (all requests).
+#    Optional: KVS_SWEEP=bf16,int8,int4,fp8 (KVS_SWEEP_MEMORY, default 8GiB) adds a KV-dtype
+#    sweep at that KV budget; KVS_SKIP_HF=1 skips transformers.
 # 3. The ratios, in OUT_DIR/gpu_bench.json and OUT_DIR/gpu_bench.md; `cargo xtask bench --gpu
 #    --record OUT_DIR` appends the latter to BENCHMARKS.md on the build machine.
 set -uo pipefail
@@ -42,7 +44,15 @@ if [[ -n "$KV_EXTRA" ]]; then
     --json "$OUT_DIR/kvserve-$KV_EXTRA.json" 2>&1 | tee -a "$OUT_DIR/log.txt"
 fi
 
-if [[ -f "$OUT_DIR/requests.json" ]]; then
+if [[ -n "${KVS_SWEEP:-}" ]]; then
+  # KV-dtype sweep at a fixed KV budget: blocks, the sequences they hold, throughput.
+  log "kvserve bench --kv-sweep $KVS_SWEEP at ${KVS_SWEEP_MEMORY:-8GiB}"
+  timeout "${KVS_SWEEP_TIMEOUT:-300}" "$KVSERVE" bench "${engine_flags[@]}" "${workload[@]}" \
+    --kv-sweep "$KVS_SWEEP" --kv-cache-memory "${KVS_SWEEP_MEMORY:-8GiB}" \
+    --json "$OUT_DIR/sweep.json" 2>&1 | tee -a "$OUT_DIR/log.txt"
+fi
+
+if [[ -f "$OUT_DIR/requests.json" && -z "${KVS_SKIP_HF:-}" ]]; then
   log "transformers on the same requests"
   timeout 420 python3 scripts/hf_bench.py --requests "$OUT_DIR/requests.json" --config "$MODEL" \
     --generate-requests "$HF_GEN" --json "$OUT_DIR/hf.json" 2>&1 | tail -n 40 | tee -a "$OUT_DIR/log.txt"
@@ -86,6 +96,17 @@ for k, v in res["kvserve"].items():
 for m in ("generate", "generate_batch"):
     r = hf["modes"].get(m)
     if r: lines.append(f"| HF {m} | {r['requests']} | {r['output_tok_s']:,.0f} | | |")
+sweep = load(os.path.join(out, "sweep.json"))
+if sweep:
+    res["sweep"] = {"kv_cache_memory": sweep["kv_cache_memory"], "entries": [
+        {"kv_cache_dtype": e["report"]["meta"]["kv_cache_dtype"], "kv_blocks": e["kv_blocks"],
+         "kv_capacity_seqs": e["kv_capacity_seqs"], "running_peak": e["report"].get("running_peak"),
+         "preemptions": e["report"].get("preemptions"), "output_tok_s": round(tok_s(e["report"]), 1)}
+        for e in sweep["entries"]]}
+    lines += ["", f"KV sweep at {sweep['kv_cache_memory'] / 2**30:.1f} GiB:", "",
+              "| KV | blocks | seqs held | peak running | preemptions | output tok/s |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for e in res["sweep"]["entries"]:
+        lines.append(f"| {e['kv_cache_dtype']} | {e['kv_blocks']} | {e['kv_capacity_seqs']} | {e['running_peak']} | {e['preemptions']} | {e['output_tok_s']:,.0f} |")
 with open(os.path.join(out, "gpu_bench.json"), "w") as f: json.dump(res, f, indent=2)
 with open(os.path.join(out, "gpu_bench.md"), "w") as f: f.write("\n".join(lines) + "\n")
 print("\n".join(lines))

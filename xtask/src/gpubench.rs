@@ -126,6 +126,32 @@ pub(crate) fn render(json: &str) -> Result<String> {
             v["hf"]["torch"].as_str().unwrap_or("?")
         )?;
     }
+    if let Some(entries) = v["sweep"]["entries"].as_array() {
+        let gib = v["sweep"]["kv_cache_memory"].as_f64().unwrap_or(0.0) / f64::from(1u32 << 30);
+        writeln!(
+            s,
+            "\nKV-dtype sweep at a {gib:.1} GiB KV budget (`KVS_SWEEP`), same workload:\n\n\
+             | KV | blocks | sequences held | peak running | preemptions | output tok/s |\n\
+             | --- | ---: | ---: | ---: | ---: | ---: |"
+        )?;
+        for e in entries {
+            let cell = |k: &str| match &e[k] {
+                Value::Null => "-".to_owned(),
+                Value::String(t) => t.clone(),
+                other => other.to_string(),
+            };
+            writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {:.0} |",
+                cell("kv_cache_dtype"),
+                cell("kv_blocks"),
+                cell("kv_capacity_seqs"),
+                cell("running_peak"),
+                cell("preemptions"),
+                e["output_tok_s"].as_f64().unwrap_or(f64::NAN)
+            )?;
+        }
+    }
     if hf.as_object().is_none_or(|m| m.is_empty()) {
         bail!("no Hugging Face figures (hf.modes is empty): the ratios are the point of the run");
     }
@@ -142,7 +168,10 @@ mod tests {
                            "ttft_p50_ms": 1500.0, "tpot_p50_ms": 20.0}},
       "hf": {"transformers": "5.17.0", "torch": "2.11",
              "modes": {"generate": {"requests": 128, "output_tok_s": 300.0},
-                       "generate_batch": {"requests": 512, "output_tok_s": 1000.0}}}
+                       "generate_batch": {"requests": 512, "output_tok_s": 1000.0}}},
+      "sweep": {"kv_cache_memory": 8589934592, "entries": [
+        {"kv_cache_dtype": "int8", "kv_blocks": 4000, "kv_capacity_seqs": 160,
+         "running_peak": 150, "preemptions": 3, "output_tok_s": 5000.4}]}
     }"#;
 
     #[test]
@@ -155,6 +184,8 @@ mod tests {
         );
         assert!(s.contains("| HF generate | 128 | 300 |"), "{s}");
         assert!(s.contains("transformers 5.17.0"), "{s}");
+        assert!(s.contains("at a 8.0 GiB KV budget"), "{s}");
+        assert!(s.contains("| int8 | 4000 | 160 | 150 | 3 | 5000 |"), "{s}");
     }
 
     #[test]

@@ -44,10 +44,10 @@ fn the_cpu_decode_has_its_own_wider_tolerance() {
         ("cpu_decode/cpu_decode/x/batch1", 400.0),
         ("codecs/encode/int8", 1.0),
     ]);
-    // Both +50%: over the line for the codec, within it for the decode.
+    // Both +75%: over the line for the codec, within it for the decode.
     let now = map(&[
-        ("cpu_decode/cpu_decode/x/batch1", 600.0),
-        ("codecs/encode/int8", 1.5),
+        ("cpu_decode/cpu_decode/x/batch1", 700.0),
+        ("codecs/encode/int8", 1.75),
     ]);
     let c = compare(&base, &now);
     let regressed: Vec<_> = c.regressions().map(|r| r.id.as_str()).collect();
