@@ -6,7 +6,8 @@
 #
 # 1. kvserve bench: Llama-3.1-8B shape with dummy bf16 weights, the ShareGPT-like workload
 #    (KVS_REQUESTS requests, default 512, seed 0), saving the very requests it ran;
-#    then the same with int8 KV (KVS_KV_EXTRA, default int8; empty to skip).
+#    then the same with int8 KV (KVS_KV_EXTRA, default int8; empty to skip). Engine:
+#    --max-num-seqs KVS_MAX_NUM_SEQS (512), --max-num-batched-tokens KVS_MAX_BATCHED_TOKENS (16384).
 # 2. scripts/hf_bench.py on the same requests and model shape: transformers' generate() (static
 #    batches of 64; the first KVS_HF_GENERATE_REQUESTS requests, default 128, since it is slow)
 #    and its continuous batching (all requests).
@@ -31,13 +32,20 @@ if [[ -f "$KVSERVE.gz" && ! -x "$KVSERVE" ]]; then gunzip -k "$KVSERVE.gz" && ch
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$OUT_DIR/gpu.txt" 2>&1
 log "GPU: $(cat "$OUT_DIR/gpu.txt")"
 
-engine_flags=(--load-format dummy --model "$MODEL" --device cuda --max-num-seqs 256
-  --max-num-batched-tokens 8192 --max-queued-requests 4096 --gpu-memory-utilization 0.9)
+engine_flags=(--load-format dummy --model "$MODEL" --device cuda
+  --max-num-seqs "${KVS_MAX_NUM_SEQS:-512}" --max-num-batched-tokens "${KVS_MAX_BATCHED_TOKENS:-16384}"
+  --max-queued-requests 4096 --gpu-memory-utilization 0.9)
 workload=(--workload sharegpt --num-requests "$REQUESTS" --seed 0)
 
 log "kvserve bench (KV auto)"
 timeout 300 "$KVSERVE" bench "${engine_flags[@]}" "${workload[@]}" \
   --save-requests "$OUT_DIR/requests.json" --json "$OUT_DIR/kvserve.json" 2>&1 | tee -a "$OUT_DIR/log.txt"
+if [[ ! -s "$OUT_DIR/kvserve.json" ]]; then
+  log "kvserve bench failed: once more at --max-num-seqs 256 --max-num-batched-tokens 8192"
+  engine_flags+=(--max-num-seqs 256 --max-num-batched-tokens 8192)
+  timeout 300 "$KVSERVE" bench "${engine_flags[@]}" "${workload[@]}" \
+    --save-requests "$OUT_DIR/requests.json" --json "$OUT_DIR/kvserve.json" 2>&1 | tee -a "$OUT_DIR/log.txt"
+fi
 if [[ -n "$KV_EXTRA" ]]; then
   log "kvserve bench (KV $KV_EXTRA)"
   timeout 240 "$KVSERVE" bench "${engine_flags[@]}" "${workload[@]}" --kv-cache-dtype "$KV_EXTRA" \

@@ -439,6 +439,13 @@ pub struct EngineStats {
     pub spec_proposed_tokens: u64,
     /// Draft tokens accepted.
     pub spec_accepted_tokens: u64,
+    /// Time in steps that ran a batch, microseconds (scheduling, forward pass, sampling,
+    /// outputs).
+    pub step_micros: u64,
+    /// The scheduler's part of `step_micros`.
+    pub schedule_micros: u64,
+    /// The backend's forward passes (with on-device sampling) within `step_micros`.
+    pub forward_micros: u64,
 }
 
 /// How long [`crate::EngineHandle::shutdown`] waits for running requests by default.

@@ -132,6 +132,18 @@ pub(crate) struct Worker {
     logits: Vec<f32>,
     draining: Option<Instant>,
     seen: Seen,
+    timing: StepTiming,
+}
+
+/// Where the step loop's time went (steps that ran a batch), for [`EngineStats`].
+#[derive(Debug, Clone, Copy, Default)]
+struct StepTiming {
+    /// Whole steps: scheduling, the forward pass, sampling and the outputs.
+    step: Duration,
+    /// The scheduler's part.
+    schedule: Duration,
+    /// The backend's forward pass (with on-device sampling).
+    forward: Duration,
 }
 
 impl Worker {
@@ -158,6 +170,7 @@ impl Worker {
             logits: Vec::new(),
             draining: None,
             seen: Seen::default(),
+            timing: StepTiming::default(),
         }
     }
 
@@ -334,7 +347,18 @@ impl Worker {
 
     /// Runs one step. Returns whether anything happened (a batch ran or requests ended).
     fn step(&mut self) -> Result<bool, Fatal> {
-        let out = match self.sched.schedule(Instant::now()) {
+        let started = Instant::now();
+        let ran = self.step_timed()?;
+        if ran {
+            self.timing.step += started.elapsed();
+        }
+        Ok(ran)
+    }
+
+    fn step_timed(&mut self) -> Result<bool, Fatal> {
+        let scheduling = Instant::now();
+        let scheduled = self.sched.schedule(scheduling);
+        let out = match scheduled {
             Ok(out) => out,
             Err(SchedulerError::Proposer(msg)) => {
                 tracing::error!(error = %msg, "speculative proposer failed; speculation turned off");
@@ -352,6 +376,9 @@ impl Worker {
             }
         }
         let ran = !out.is_empty();
+        if ran {
+            self.timing.schedule += scheduling.elapsed();
+        }
         let mut failures = Vec::new();
         let results = if ran {
             let copied = self
@@ -377,15 +404,15 @@ impl Worker {
             } else {
                 None
             };
+            let forward = Instant::now();
             if let Some(rows) = device {
                 let sampling: Vec<RowSampling<'_>> = rows.iter().map(DeviceRow::view).collect();
                 let mut tokens = Vec::new();
-                match self.backend.forward_sampled(
-                    &batch,
-                    &sampling,
-                    self.vocab.sample,
-                    &mut tokens,
-                ) {
+                let r =
+                    self.backend
+                        .forward_sampled(&batch, &sampling, self.vocab.sample, &mut tokens);
+                self.timing.forward += forward.elapsed();
+                match r {
                     Ok(()) if tokens.len() == sampling.len() => Ok(out
                         .seqs
                         .iter()
@@ -399,7 +426,9 @@ impl Worker {
                     Err(e) => Err(format!("forward pass failed: {e}")),
                 }
             } else {
-                match self.backend.forward(&batch, &mut self.logits) {
+                let r = self.backend.forward(&batch, &mut self.logits);
+                self.timing.forward += forward.elapsed();
+                match r {
                     Ok(()) if self.logits.len() == out.logits_indices.len() * self.vocab.row => {
                         Ok(out
                             .seqs
@@ -651,6 +680,9 @@ impl Worker {
             prefix_hit_tokens: b.prefix_hit_tokens,
             spec_proposed_tokens: s.spec_proposed,
             spec_accepted_tokens: s.spec_accepted,
+            step_micros: micros(self.timing.step),
+            schedule_micros: micros(self.timing.schedule),
+            forward_micros: micros(self.timing.forward),
         };
         *lock(&self.shared.stats) = stats;
         let m = &self.shared.metrics;
@@ -681,6 +713,10 @@ impl Worker {
         bump(&m.spec_proposed, &mut seen.spec_proposed, s.spec_proposed);
         bump(&m.spec_accepted, &mut seen.spec_accepted, s.spec_accepted);
     }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 fn far_future() -> Instant {

@@ -469,6 +469,15 @@ fn engine_start_makes_dummy_weights_from_a_config() {
     assert_eq!(info.vocab_size, 300);
     let out = run(&with_tok, greedy_req(vec![1, 2, 3], 12)).unwrap();
     assert_eq!(out.completions[0].token_ids.len(), 12);
+    // The step loop accounts for its time: forward passes within steps.
+    wait_idle(&with_tok);
+    let s = with_tok.stats();
+    assert!(s.steps >= 12, "{s:?}");
+    assert!(
+        s.forward_micros > 0 && s.forward_micros <= s.step_micros,
+        "{s:?}"
+    );
+    assert!(s.schedule_micros <= s.step_micros, "{s:?}");
     with_tok.shutdown(std::time::Duration::from_secs(5));
 
     // A bare config.json: the synthetic tokenizer (token i is the word `t{i}`).

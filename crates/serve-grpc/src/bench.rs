@@ -245,6 +245,41 @@ pub struct BenchReport {
     pub prefix_hit_tokens: u64,
     /// `prefix_hit_tokens / prompt_tokens`.
     pub prefix_hit_rate: f64,
+    /// Where the engine's step loop spent the run (absent in reports from before it existed).
+    #[serde(default)]
+    pub steps: StepBreakdown,
+}
+
+/// The engine's steps during a run: how many, and where their time went.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct StepBreakdown {
+    /// Steps run.
+    pub count: u64,
+    /// Mean wall time of a step, milliseconds.
+    pub mean_ms: f64,
+    /// Mean time of a step's forward pass (with on-device sampling), milliseconds.
+    pub forward_mean_ms: f64,
+    /// Mean time of a step's scheduling, milliseconds.
+    pub schedule_mean_ms: f64,
+}
+
+impl StepBreakdown {
+    fn between(before: &engine::EngineStats, after: &engine::EngineStats) -> Self {
+        let count = after.steps.saturating_sub(before.steps);
+        let mean = |a: u64, b: u64| {
+            if count == 0 {
+                0.0
+            } else {
+                a.saturating_sub(b) as f64 / 1e3 / count as f64
+            }
+        };
+        Self {
+            count,
+            mean_ms: mean(after.step_micros, before.step_micros),
+            forward_mean_ms: mean(after.forward_micros, before.forward_micros),
+            schedule_mean_ms: mean(after.schedule_micros, before.schedule_micros),
+        }
+    }
 }
 
 /// What one request measured.
@@ -393,6 +428,7 @@ fn summarize(
             .prefix_query_tokens
             .saturating_sub(before.prefix_query_tokens),
         prefix_hit_tokens,
+        steps: StepBreakdown::between(&before, &after),
     }
 }
 
@@ -468,6 +504,16 @@ impl fmt::Display for BenchReport {
             ),
             ("peak running sequences", self.running_peak.to_string()),
             ("preemptions", self.preemptions.to_string()),
+            (
+                "engine steps (mean: all / forward / schedule)",
+                format!(
+                    "{} ({:.2} / {:.2} / {:.2} ms)",
+                    self.steps.count,
+                    self.steps.mean_ms,
+                    self.steps.forward_mean_ms,
+                    self.steps.schedule_mean_ms
+                ),
+            ),
             (
                 "prefix-cache hit rate",
                 format!(

@@ -82,6 +82,7 @@ fn check_invariants(r: &BenchReport, workload: &Workload) {
     );
     assert!(r.kv_blocks_peak > 0 && r.kv_peak_usage > 0.0 && r.kv_peak_usage <= 1.0);
     assert!(r.running_peak >= 1 && r.running_peak <= r.stats.requests);
+    assert!(r.steps.count > 0 && r.steps.forward_mean_ms <= r.steps.mean_ms);
     assert!((0.0..=1.0).contains(&r.prefix_hit_rate));
     assert_eq!(r.meta.model, "tiny");
     assert_eq!(r.meta.kv_cache_dtype, "fp16");
@@ -232,12 +233,20 @@ fn summary_computes_tpot_and_counter_deltas() {
         preemptions: 2,
         prefix_hit_tokens: 100,
         prefix_query_tokens: 200,
+        steps: 10,
+        step_micros: 5_000,
+        forward_micros: 4_000,
+        schedule_micros: 100,
         ..EngineStats::default()
     };
     let after = EngineStats {
         preemptions: 3,
         prefix_hit_tokens: 104,
         prefix_query_tokens: 216,
+        steps: 14,
+        step_micros: 13_000,
+        forward_micros: 10_000,
+        schedule_micros: 500,
         kv_blocks_used_peak: 4,
         running_peak: 2,
         ..EngineStats::default()
@@ -264,6 +273,12 @@ fn summary_computes_tpot_and_counter_deltas() {
     assert_eq!(r.prefix_query_tokens, 16);
     assert!((r.prefix_hit_rate - 0.25).abs() < 1e-9);
     assert!((r.kv_peak_usage - 0.4).abs() < 1e-9);
+    // 4 steps in the run: 8 ms, 6 ms of forward passes and 0.4 ms of scheduling.
+    assert_eq!(r.steps.count, 4);
+    assert!((r.steps.mean_ms - 2.0).abs() < 1e-9);
+    assert!((r.steps.forward_mean_ms - 1.5).abs() < 1e-9);
+    assert!((r.steps.schedule_mean_ms - 0.1).abs() < 1e-9);
+    assert!(r.to_string().contains("| 4 (2.00 / 1.50 / 0.10 ms)"), "{r}");
     let entry = SweepEntry::new(r);
     // 160 slots / ceil(20 tokens / 2 requests) = 16 sequences.
     assert_eq!((entry.kv_blocks, entry.kv_capacity_seqs), (10, 16));
