@@ -32,9 +32,11 @@ if [[ -f "$KVSERVE.gz" && ! -x "$KVSERVE" ]]; then gunzip -k "$KVSERVE.gz" && ch
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$OUT_DIR/gpu.txt" 2>&1
 log "GPU: $(cat "$OUT_DIR/gpu.txt")"
 
-engine_flags=(--load-format dummy --model "$MODEL" --device cuda
-  --max-num-seqs "${KVS_MAX_NUM_SEQS:-512}" --max-num-batched-tokens "${KVS_MAX_BATCHED_TOKENS:-16384}"
-  --max-queued-requests 4096 --gpu-memory-utilization 0.9)
+flags_for() {  # max-num-seqs, max-num-batched-tokens
+  engine_flags=(--load-format dummy --model "$MODEL" --device cuda --max-num-seqs "$1"
+    --max-num-batched-tokens "$2" --max-queued-requests 4096 --gpu-memory-utilization 0.9)
+}
+flags_for "${KVS_MAX_NUM_SEQS:-512}" "${KVS_MAX_BATCHED_TOKENS:-16384}"
 workload=(--workload sharegpt --num-requests "$REQUESTS" --seed 0)
 
 log "kvserve bench (KV auto)"
@@ -42,7 +44,7 @@ timeout 300 "$KVSERVE" bench "${engine_flags[@]}" "${workload[@]}" \
   --save-requests "$OUT_DIR/requests.json" --json "$OUT_DIR/kvserve.json" 2>&1 | tee -a "$OUT_DIR/log.txt"
 if [[ ! -s "$OUT_DIR/kvserve.json" ]]; then
   log "kvserve bench failed: once more at --max-num-seqs 256 --max-num-batched-tokens 8192"
-  engine_flags+=(--max-num-seqs 256 --max-num-batched-tokens 8192)
+  flags_for 256 8192
   timeout 300 "$KVSERVE" bench "${engine_flags[@]}" "${workload[@]}" \
     --save-requests "$OUT_DIR/requests.json" --json "$OUT_DIR/kvserve.json" 2>&1 | tee -a "$OUT_DIR/log.txt"
 fi
