@@ -69,6 +69,7 @@ if [[ -f "$OUT_DIR/requests.json" && -z "${KVS_SKIP_HF:-}" ]]; then
 fi
 
 log "ratios"
+KVS_FLAGS="${engine_flags[*]} ${workload[*]}" KVS_HF_GEN="$HF_GEN" \
 python3 - "$OUT_DIR" <<'EOF' 2>&1 | tee -a "$OUT_DIR/log.txt"
 import glob, json, os, sys, datetime
 out = sys.argv[1]
@@ -93,7 +94,7 @@ res = {"gpu": gpu, "date_utc": datetime.datetime.now(datetime.timezone.utc).strf
                        "tpot_p50_ms": round(v.get("stats", v)["tpot"]["p50_ms"], 2),
                        "preemptions": v.get("preemptions"), "kv_blocks_total": v["meta"]["kv_blocks_total"]}
                    for k, v in runs.items()},
-       "hf": hf, "ratios": {}}
+       "hf": hf, "ratios": {}, "kvserve_flags": os.environ.get("KVS_FLAGS", "")}
 lines = [f"GPU: {gpu}; {res['date_utc']}", "",
          "| engine | requests | output tok/s | vs HF generate() | vs HF generate_batch |",
          "| --- | ---: | ---: | ---: | ---: |"]

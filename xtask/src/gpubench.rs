@@ -119,6 +119,9 @@ pub(crate) fn render(json: &str) -> Result<String> {
             writeln!(s, "| HF {mode} | {n} | {tok_s:.0} | | | | |")?;
         }
     }
+    if let Some(flags) = v["kvserve_flags"].as_str().filter(|f| !f.is_empty()) {
+        writeln!(s, "\nkvserve flags: `{flags}`.")?;
+    }
     if let Some(version) = v["hf"]["transformers"].as_str() {
         writeln!(
             s,
@@ -163,7 +166,7 @@ mod tests {
     use super::*;
 
     const SAMPLE: &str = r#"{
-      "gpu": "NVIDIA H200", "date_utc": "2026-12-03T05:00:00Z",
+      "gpu": "NVIDIA H200", "date_utc": "2026-12-03T05:00:00Z", "kvserve_flags": "--max-num-seqs 512",
       "kvserve": {"bf16": {"output_tok_s": 9000.0, "requests": 512, "elapsed_s": 10.0,
                            "ttft_p50_ms": 1500.0, "tpot_p50_ms": 20.0}},
       "hf": {"transformers": "5.17.0", "torch": "2.11",
@@ -184,6 +187,7 @@ mod tests {
         );
         assert!(s.contains("| HF generate | 128 | 300 |"), "{s}");
         assert!(s.contains("transformers 5.17.0"), "{s}");
+        assert!(s.contains("kvserve flags: `--max-num-seqs 512`."), "{s}");
         assert!(s.contains("at a 8.0 GiB KV budget"), "{s}");
         assert!(s.contains("| int8 | 4000 | 160 | 150 | 3 | 5000 |"), "{s}");
     }
