@@ -88,7 +88,7 @@ pub struct EngineConfig {
     pub model: ModelSource,
     /// The device.
     pub device: Device,
-    /// KV-cache format (`None`: auto, fp16 on the CPU).
+    /// KV-cache format (`None`: auto: fp16 on the CPU, bf16 on a GPU).
     pub kv_cache_dtype: Option<KvCacheDtype>,
     /// Token slots per KV block.
     pub block_size: usize,

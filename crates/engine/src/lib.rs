@@ -53,7 +53,8 @@ pub use api::{
     Prompt, SamplingParams, SpeculativeMode, StreamDelta, TokenLogprob, Usage,
 };
 pub use engine::{
-    DEFAULT_CPU_KV_CACHE_DTYPE, DEFAULT_CPU_KV_CACHE_MEMORY, Engine, kv_cache_config,
+    DEFAULT_CPU_KV_CACHE_DTYPE, DEFAULT_CPU_KV_CACHE_MEMORY, DEFAULT_GPU_KV_CACHE_DTYPE, Engine,
+    kv_cache_config,
 };
 pub use handle::{EngineHandle, ResponseStream};
 /// The KV-cache formats ([`EngineConfig::kv_cache_dtype`]), from `kv-quant`.

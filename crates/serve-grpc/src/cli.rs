@@ -129,7 +129,7 @@ pub struct EngineArgs {
     /// Compute device.
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     pub device: DeviceArg,
-    /// KV-cache format: auto, fp16, bf16, int8, int4 (int4-g32/64/128, int4-head), fp8
+    /// KV-cache format: auto (fp16 on the CPU, bf16 on a GPU), fp16, bf16, int8, int4 (int4-g32/64/128, int4-head), fp8
     /// (fp8-e4m3, fp8-e5m2).
     #[arg(long, default_value = "auto", value_parser = parse_kv_cache_dtype, value_name = "DTYPE")]
     pub kv_cache_dtype: KvDtypeArg,
