@@ -167,7 +167,10 @@ fn a_dead_step_loop_turns_health_not_serving_and_fails_requests() {
         Err(EngineError::Unavailable(msg)) => assert!(msg.contains("died"), "{msg}"),
         other => panic!("{other:?}"),
     }
-    assert_eq!(engine.stats().requests_in_flight, 0);
+    // The dead loop's requests are released as it unwinds, maybe just after the streams end.
+    wait_until("no request in flight", || {
+        engine.stats().requests_in_flight == 0
+    });
     assert!(!engine.metrics_text().is_empty());
     engine.shutdown(Duration::from_secs(1));
 }
