@@ -339,6 +339,69 @@ impl TimingRecorder {
     }
 }
 
+/// Generated tokens per warm-up request at most ([`warm_up`]).
+pub const WARMUP_OUTPUT_TOKENS: u32 = 16;
+
+/// Added to the workload's seed for the warm-up's requests, so that they share no prompt (and
+/// no prefix-cache block) with the measured ones.
+const WARMUP_SEED_OFFSET: u64 = 0x5741_524D;
+
+/// Runs up to `requests` requests shaped like `workload`'s (another seed, at most
+/// [`WARMUP_OUTPUT_TOKENS`] tokens each) and waits for them, untimed: a first run pays
+/// one-time costs (a GPU backend compiles its kernels, or loads them from the disk cache, and
+/// captures CUDA graphs) that a measurement must not include.
+///
+/// # Errors
+/// As [`run`].
+pub async fn warm_up<B: GenerationBackend>(
+    backend: &B,
+    workload: &Workload,
+    requests: u32,
+) -> Result<(), BenchError> {
+    let warm = Workload {
+        num_requests: requests.min(workload.num_requests),
+        seed: workload.seed.wrapping_add(WARMUP_SEED_OFFSET),
+        ..workload.clone()
+    };
+    if warm.num_requests == 0 {
+        return Ok(());
+    }
+    let info = backend.model_info();
+    let mut tasks = Vec::new();
+    for (index, r) in warm
+        .requests(info.vocab_size, info.max_model_len)?
+        .into_iter()
+        .enumerate()
+    {
+        let mut request = GenerateRequest::new(Prompt::TokenIds(r.prompt));
+        request.request_id = Some(format!("bench-warmup-{index}"));
+        request.max_tokens = Some(r.output_len.min(WARMUP_OUTPUT_TOKENS));
+        request.ignore_eos = true;
+        let mut stream = backend
+            .generate(request)
+            .map_err(|source| BenchError::Engine { index, source })?;
+        tasks.push(tokio::spawn(async move {
+            while let Some(delta) = stream.next().await {
+                delta?;
+            }
+            Ok::<_, EngineError>(())
+        }));
+    }
+    for (index, task) in tasks.into_iter().enumerate() {
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(source)) => return Err(BenchError::Engine { index, source }),
+            Err(e) => {
+                return Err(BenchError::Engine {
+                    index,
+                    source: EngineError::Internal(format!("warm-up task: {e}")),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Runs `workload` on `backend` and measures it. A request the engine refuses or fails, or one
 /// that does not produce exactly its output length, is an error (the workload is meant to fit
 /// the configuration).

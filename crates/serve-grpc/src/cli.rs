@@ -413,6 +413,11 @@ pub struct BenchArgs {
     /// engines to run the very same requests (scripts/hf_bench.py).
     #[arg(long, value_name = "PATH")]
     pub save_requests: Option<PathBuf>,
+    /// Requests of a warm-up run before the measured one (same shapes, another seed, at most
+    /// 16 output tokens each; untimed): first steps compile or load kernels and capture CUDA
+    /// graphs. 0 skips it.
+    #[arg(long, default_value_t = 32)]
+    pub warmup_requests: u32,
     /// Run the workload once per KV-cache dtype (comma-separated, e.g. fp16,int8,int4,fp8),
     /// each on a fresh engine at the same --kv-cache-memory, and compare KV blocks, the
     /// sequences they hold and throughput.

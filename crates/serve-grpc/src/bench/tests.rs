@@ -308,3 +308,43 @@ fn utc_dates() {
     assert_eq!(utc_from_unix(1_796_247_753), "2026-12-02T21:42:33Z");
     assert_eq!(utc_from_unix(4_102_444_799), "2099-12-31T23:59:59Z");
 }
+
+#[test]
+fn warm_up_runs_short_requests_of_another_seed_untimed() {
+    let engine = tiny_engine(EngineConfig::default(), 512).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let workload = Workload {
+        kind: WorkloadKind::Fixed {
+            input_len: 48,
+            output_len: 40,
+        },
+        num_requests: 4,
+        seed: 3,
+    };
+    // None asked: nothing runs.
+    rt.block_on(warm_up(&engine, &workload, 0)).unwrap();
+    assert_eq!(engine.stats().steps, 0);
+    // More than the workload has: its count; at most WARMUP_OUTPUT_TOKENS tokens each.
+    rt.block_on(warm_up(&engine, &workload, 100)).unwrap();
+    let warm = engine.stats();
+    assert!(warm.steps > 0);
+    assert!(warm.steps < u64::from(WARMUP_OUTPUT_TOKENS) * 4, "{warm:?}");
+    // The measured run shares no prompt block with the warm-up (another seed).
+    let r = rt.block_on(run(&engine, &workload)).unwrap();
+    assert_eq!(r.prefix_hit_tokens, 0);
+    assert_eq!(r.stats.output_tokens, 4 * 40);
+    // A workload longer than the engine allows is the workload's error, before anything runs.
+    let long = Workload {
+        kind: WorkloadKind::Fixed {
+            input_len: 100_000,
+            output_len: 4,
+        },
+        ..workload
+    };
+    let err = rt.block_on(warm_up(&engine, &long, 2)).unwrap_err();
+    assert!(matches!(err, BenchError::Workload(_)), "{err}");
+    engine.shutdown(std::time::Duration::from_secs(5));
+}

@@ -247,7 +247,10 @@ fn bench(args: &BenchArgs) -> Result<()> {
             std::fs::write(path, serde_json::to_string(&requests)? + "\n")
                 .with_context(|| format!("writing the requests to {}", path.display()))?;
         }
-        let result = rt.block_on(bench::run(&engine, &workload));
+        let result = rt.block_on(async {
+            bench::warm_up(&engine, &workload, args.warmup_requests).await?;
+            bench::run(&engine, &workload).await
+        });
         engine.shutdown(Duration::from_secs(5));
         let report = result.with_context(|| {
             format!(
