@@ -361,7 +361,7 @@ pub async fn warm_up<B: GenerationBackend>(
     let warm = Workload {
         num_requests: requests.min(workload.num_requests),
         seed: workload.seed.wrapping_add(WARMUP_SEED_OFFSET),
-        ..workload.clone()
+        ..*workload
     };
     if warm.num_requests == 0 {
         return Ok(());
