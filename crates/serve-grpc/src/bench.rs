@@ -339,6 +339,15 @@ impl TimingRecorder {
     }
 }
 
+/// A bench request: `prompt`'s token ids, exactly `output_len` tokens (EOS ignored).
+fn engine_request(prompt: Vec<u32>, output_len: u32, id: String) -> GenerateRequest {
+    let mut request = GenerateRequest::new(Prompt::TokenIds(prompt));
+    request.request_id = Some(id);
+    request.max_tokens = Some(output_len);
+    request.ignore_eos = true;
+    request
+}
+
 /// Generated tokens per warm-up request at most ([`warm_up`]).
 pub const WARMUP_OUTPUT_TOKENS: u32 = 16;
 
@@ -373,10 +382,8 @@ pub async fn warm_up<B: GenerationBackend>(
         .into_iter()
         .enumerate()
     {
-        let mut request = GenerateRequest::new(Prompt::TokenIds(r.prompt));
-        request.request_id = Some(format!("bench-warmup-{index}"));
-        request.max_tokens = Some(r.output_len.min(WARMUP_OUTPUT_TOKENS));
-        request.ignore_eos = true;
+        let output_len = r.output_len.min(WARMUP_OUTPUT_TOKENS);
+        let request = engine_request(r.prompt, output_len, format!("bench-warmup-{index}"));
         let mut stream = backend
             .generate(request)
             .map_err(|source| BenchError::Engine { index, source })?;
@@ -420,10 +427,7 @@ pub async fn run<B: GenerationBackend>(
     let start = Instant::now();
     let mut tasks = Vec::with_capacity(requests.len());
     for (index, r) in requests.into_iter().enumerate() {
-        let mut request = GenerateRequest::new(Prompt::TokenIds(r.prompt));
-        request.request_id = Some(format!("bench-{index}"));
-        request.max_tokens = Some(r.output_len);
-        request.ignore_eos = true;
+        let request = engine_request(r.prompt, r.output_len, format!("bench-{index}"));
         let mut recorder = TimingRecorder::start();
         let mut stream = backend
             .generate(request)
