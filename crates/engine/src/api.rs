@@ -446,6 +446,70 @@ pub struct EngineStats {
     pub schedule_micros: u64,
     /// The backend's forward passes (with on-device sampling) within `step_micros`.
     pub forward_micros: u64,
+    /// The forward passes by kind of step and batch size.
+    pub step_shapes: StepShapes,
+}
+
+/// Upper bounds of the batch-size classes of [`StepShapes`]: steps of 1 sequence, 2–4, 5–16,
+/// 17–64, 65–256, and the last class for more.
+pub const STEP_CLASS_LIMITS: [usize; 5] = [1, 4, 16, 64, 256];
+
+/// Steps of one kind and batch-size class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StepClass {
+    /// Steps run.
+    pub steps: u64,
+    /// Tokens those steps computed (prompt and decode tokens).
+    pub tokens: u64,
+    /// Their forward passes (with on-device sampling), microseconds.
+    pub forward_micros: u64,
+}
+
+/// Forward-pass time split by kind of step (decode-only, or with a prompt chunk) and by the
+/// number of sequences in the step ([`STEP_CLASS_LIMITS`]): where a run's time goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StepShapes {
+    /// Steps where every sequence decodes one token (or verifies draft tokens).
+    pub decode: [StepClass; STEP_CLASS_LIMITS.len() + 1],
+    /// Steps with at least one prompt chunk.
+    pub prefill: [StepClass; STEP_CLASS_LIMITS.len() + 1],
+}
+
+impl StepShapes {
+    /// The class of a step of `num_seqs` sequences (an index into `decode` and `prefill`).
+    pub fn class_of(num_seqs: usize) -> usize {
+        STEP_CLASS_LIMITS
+            .iter()
+            .position(|&limit| num_seqs <= limit)
+            .unwrap_or(STEP_CLASS_LIMITS.len())
+    }
+
+    /// Counts one step.
+    pub(crate) fn record(&mut self, prefill: bool, num_seqs: usize, tokens: usize, forward: u64) {
+        let classes = if prefill {
+            &mut self.prefill
+        } else {
+            &mut self.decode
+        };
+        let c = &mut classes[Self::class_of(num_seqs)];
+        c.steps += 1;
+        c.tokens += tokens as u64;
+        c.forward_micros += forward;
+    }
+
+    /// A label for class `i`, e.g. `"2-4"` or `">256"`.
+    pub fn class_label(i: usize) -> String {
+        let lo = if i == 0 {
+            1
+        } else {
+            STEP_CLASS_LIMITS[i - 1] + 1
+        };
+        match STEP_CLASS_LIMITS.get(i) {
+            Some(&hi) if hi == lo => format!("{hi}"),
+            Some(&hi) => format!("{lo}-{hi}"),
+            None => format!(">{}", lo - 1),
+        }
+    }
 }
 
 /// How long [`crate::EngineHandle::shutdown`] waits for running requests by default.
@@ -456,6 +520,39 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    #[test]
+    fn step_classes_cover_every_batch_size() {
+        let labels: Vec<String> = (0..=STEP_CLASS_LIMITS.len())
+            .map(StepShapes::class_label)
+            .collect();
+        assert_eq!(labels, ["1", "2-4", "5-16", "17-64", "65-256", ">256"]);
+        let classes: Vec<usize> = [0, 1, 2, 4, 5, 16, 17, 64, 65, 256, 257, usize::MAX]
+            .into_iter()
+            .map(StepShapes::class_of)
+            .collect();
+        assert_eq!(classes, [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]);
+        let mut s = StepShapes::default();
+        s.record(true, 3, 700, 9);
+        s.record(false, 300, 300, 5);
+        s.record(false, 400, 400, 7);
+        assert_eq!(
+            s.prefill[1],
+            StepClass {
+                steps: 1,
+                tokens: 700,
+                forward_micros: 9
+            }
+        );
+        assert_eq!(
+            s.decode[5],
+            StepClass {
+                steps: 2,
+                tokens: 700,
+                forward_micros: 12
+            }
+        );
+    }
 
     #[test]
     fn flags_parse_and_bad_ones_name_their_field() {

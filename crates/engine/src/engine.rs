@@ -345,7 +345,15 @@ impl Engine {
                     ModelWeights::Loaded(w) => CudaBackend::new(w, kv, gpu),
                     ModelWeights::Dummy(c) => CudaBackend::dummy(c, kv, gpu, DUMMY_SEED),
                 };
-                Box::new(backend.map_err(|e| startup("the CUDA backend", e))?)
+                let backend = backend.map_err(|e| startup("the CUDA backend", e))?;
+                let (kernels, took) = backend.preloaded();
+                tracing::info!(
+                    "CUDA kernels ready in {:.1} s ({} modules compiled, {} from the disk cache)",
+                    took.as_secs_f64(),
+                    kernels.compiled,
+                    kernels.cached
+                );
+                Box::new(backend)
             }
             None => {
                 let kv = kv_cache_config(&config, &shape)?;

@@ -50,7 +50,8 @@ mod worker;
 pub use api::{
     Completion, DEFAULT_SHUTDOWN_TIMEOUT, Device, EngineConfig, EngineError, EngineStats,
     FinishReason, GenerateOutput, GenerateRequest, Health, Limits, Message, ModelInfo, ModelSource,
-    Prompt, SamplingParams, SpeculativeMode, StreamDelta, TokenLogprob, Usage,
+    Prompt, STEP_CLASS_LIMITS, SamplingParams, SpeculativeMode, StepClass, StepShapes, StreamDelta,
+    TokenLogprob, Usage,
 };
 pub use engine::{
     DEFAULT_CPU_KV_CACHE_DTYPE, DEFAULT_CPU_KV_CACHE_MEMORY, DEFAULT_GPU_KV_CACHE_DTYPE, Engine,

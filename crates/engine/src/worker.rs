@@ -19,12 +19,13 @@ use model::{Backend, ForwardBatch, RowSampling, Tokenizer};
 use scheduler::spec::{verify_greedy, verify_stochastic};
 use scheduler::{
     FinishReason as SchedFinish, RejectReason, RequestId, SampleOutput, ScheduledSeq, Scheduler,
-    SchedulerError, SeqResult,
+    SchedulerError, SchedulerOutput, SeqResult,
 };
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::api::{
-    EngineError, EngineStats, FinishReason, SamplingParams, StreamDelta, TokenLogprob, Usage,
+    EngineError, EngineStats, FinishReason, SamplingParams, StepShapes, StreamDelta, TokenLogprob,
+    Usage,
 };
 use crate::handle::{Command, NewRequest, Shared, StreamItem, lock, state};
 use crate::metrics::outcome;
@@ -144,6 +145,18 @@ struct StepTiming {
     schedule: Duration,
     /// The backend's forward pass (with on-device sampling).
     forward: Duration,
+    /// The forward passes by kind and batch size.
+    shapes: StepShapes,
+}
+
+impl StepTiming {
+    /// Counts a step's forward pass.
+    fn forward_done(&mut self, out: &SchedulerOutput, took: Duration) {
+        self.forward += took;
+        let prefill = out.seqs.iter().any(|s| s.is_prefill);
+        self.shapes
+            .record(prefill, out.seqs.len(), out.token_ids.len(), micros(took));
+    }
 }
 
 impl Worker {
@@ -411,7 +424,7 @@ impl Worker {
                 let r =
                     self.backend
                         .forward_sampled(&batch, &sampling, self.vocab.sample, &mut tokens);
-                self.timing.forward += forward.elapsed();
+                self.timing.forward_done(out, forward.elapsed());
                 match r {
                     Ok(()) if tokens.len() == sampling.len() => Ok(out
                         .seqs
@@ -427,7 +440,7 @@ impl Worker {
                 }
             } else {
                 let r = self.backend.forward(&batch, &mut self.logits);
-                self.timing.forward += forward.elapsed();
+                self.timing.forward_done(out, forward.elapsed());
                 match r {
                     Ok(()) if self.logits.len() == out.logits_indices.len() * self.vocab.row => {
                         Ok(out
@@ -683,6 +696,7 @@ impl Worker {
             step_micros: micros(self.timing.step),
             schedule_micros: micros(self.timing.schedule),
             forward_micros: micros(self.timing.forward),
+            step_shapes: self.timing.shapes,
         };
         *lock(&self.shared.stats) = stats;
         let m = &self.shared.metrics;

@@ -478,6 +478,27 @@ fn engine_start_makes_dummy_weights_from_a_config() {
         "{s:?}"
     );
     assert!(s.schedule_micros <= s.step_micros, "{s:?}");
+    // ...split by kind of step and batch size: the one-sequence request's prompt step, then
+    // its decode steps, all in the first class; together they are every step and its time.
+    let sh = s.step_shapes;
+    let steps: u64 = sh.decode.iter().chain(&sh.prefill).map(|c| c.steps).sum();
+    let fwd: u64 = sh
+        .decode
+        .iter()
+        .chain(&sh.prefill)
+        .map(|c| c.forward_micros)
+        .sum();
+    assert_eq!(steps, s.steps, "{sh:?}");
+    // Each class sums whole microseconds: up to one lost per step.
+    assert!(
+        fwd <= s.forward_micros && fwd + steps >= s.forward_micros,
+        "{sh:?}"
+    );
+    assert!(
+        sh.prefill[0].steps >= 1 && sh.decode[0].steps >= 11,
+        "{sh:?}"
+    );
+    assert_eq!(sh.decode[0].tokens, sh.decode[0].steps, "{sh:?}");
     with_tok.shutdown(std::time::Duration::from_secs(5));
 
     // A bare config.json: the synthetic tokenizer (token i is the word `t{i}`).

@@ -219,6 +219,41 @@ impl Variant {
         d
     }
 
+    /// Every variant a model with these activations, KV dtype, head_dim and GQA group (query
+    /// heads per KV head on one device) can launch: what [`crate::Gpu::preload`] compiles
+    /// before the first step.
+    pub fn for_model(
+        scalar: Scalar,
+        dtype: KvCacheDtype,
+        head_dim: usize,
+        gqa_group: usize,
+    ) -> Vec<Variant> {
+        let attention = |program| Variant {
+            program,
+            scalar,
+            dtype,
+            head_dim,
+            gqa_group,
+        };
+        let mut v = vec![
+            Variant::elementwise(scalar),
+            Variant::sampling(scalar),
+            Variant::gemv(scalar),
+            Variant {
+                gqa_group: 0,
+                ..attention(Program::Cache)
+            },
+            attention(Program::PagedAttention),
+        ];
+        if Self::tensor_core_decode(scalar, dtype) {
+            v.push(attention(Program::PagedAttentionTc));
+        }
+        if Self::tensor_core_prefill(scalar, dtype) {
+            v.push(attention(Program::PagedPrefillTc));
+        }
+        v
+    }
+
     /// Every variant the crate can launch (what CI compiles).
     pub fn all() -> Vec<Variant> {
         let mut v = Vec::new();
@@ -556,6 +591,44 @@ mod tests {
             Scalar::Bf16,
             KvCacheDtype::Fp16
         ));
+    }
+
+    #[test]
+    fn a_model_preloads_only_variants_ci_compiles() {
+        let all = Variant::all();
+        let programs = |v: &[Variant]| v.iter().map(|v| v.program).collect::<Vec<_>>();
+        // Llama-3.1-8B on one device, bf16 KV: every program, the tensor-core ones too.
+        let bf16 = Variant::for_model(Scalar::Bf16, KvCacheDtype::Bf16, 128, 4);
+        assert_eq!(
+            programs(&bf16),
+            [
+                Program::Elementwise,
+                Program::Sampling,
+                Program::Gemv,
+                Program::Cache,
+                Program::PagedAttention,
+                Program::PagedAttentionTc,
+                Program::PagedPrefillTc
+            ]
+        );
+        // int4 has no prefill kernel; 16-bit KV of the other type has neither tensor-core one.
+        let int4 = KvCacheDtype::Int4 {
+            group_size: kv_quant::Int4GroupSize::G32,
+        };
+        assert!(
+            !programs(&Variant::for_model(Scalar::Bf16, int4, 128, 3))
+                .contains(&Program::PagedPrefillTc)
+        );
+        let fp16 = programs(&Variant::for_model(Scalar::Bf16, KvCacheDtype::Fp16, 64, 3));
+        assert!(!fp16.contains(&Program::PagedAttentionTc) && fp16.len() == 5);
+        for dtype in KvCacheDtype::ALL {
+            for v in Variant::for_model(Scalar::Bf16, dtype, 128, 3) {
+                assert!(
+                    all.contains(&v),
+                    "{v} is not among the variants CI compiles"
+                );
+            }
+        }
     }
 
     #[test]

@@ -7,7 +7,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, PinnedHo
 use cudarc::nvrtc::Ptx;
 use rustc_hash::FxHashMap;
 
-use crate::compile::{Variant, compile_variant};
+use crate::compile::{CompiledVariant, Variant, compile_variant};
 use crate::error::{KernelError, Result};
 use crate::ffi;
 
@@ -66,6 +66,15 @@ pub(crate) struct LaunchShape {
     /// Whether the kernel takes TMA tensor maps after its other parameters (an optional fourth
     /// word, nonzero: the decode kernel built with `-DKVS_TC_TMA=1` for sm_90).
     pub tensor_maps: bool,
+}
+
+/// What [`Gpu::preload`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Preloaded {
+    /// Modules compiled by NVRTC.
+    pub compiled: usize,
+    /// Modules found in the disk cache.
+    pub cached: usize,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -273,6 +282,58 @@ impl Gpu {
         let entry = functions.entry(key).or_insert_with(|| (f.clone(), 0));
         entry.1 = entry.1.max(bytes32);
         Ok(f)
+    }
+
+    /// Compiles (or loads from the disk cache) and loads the modules of `variants` that are
+    /// not loaded yet, compiling in parallel (NVRTC compiles on several threads at once), so
+    /// that no later step stops to compile: a first compile of a module takes seconds, and a
+    /// step that needs it waits for it. Returns how many modules were compiled and how many
+    /// came from the disk cache.
+    ///
+    /// # Errors
+    /// The first compile or driver error (modules compiled before it stay loaded).
+    pub fn preload(&self, variants: &[Variant]) -> Result<Preloaded> {
+        let missing: Vec<Variant> = {
+            let modules = lock(&self.modules);
+            let mut v: Vec<Variant> = Vec::new();
+            for x in variants {
+                if !modules.contains_key(x) && !v.contains(x) {
+                    v.push(*x);
+                }
+            }
+            v
+        };
+        let arch = self.arch.as_str();
+        let compiled: Vec<Result<CompiledVariant>> = std::thread::scope(|s| {
+            let handles: Vec<_> = missing
+                .iter()
+                .map(|v| (v, s.spawn(move || compile_variant(v, arch))))
+                .collect();
+            handles
+                .into_iter()
+                .map(|(v, h)| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(KernelError::Compile {
+                            kernel: v.to_string(),
+                            options: String::new(),
+                            log: "the compiling thread panicked".into(),
+                        })
+                    })
+                })
+                .collect()
+        });
+        let mut done = Preloaded::default();
+        for (variant, c) in missing.iter().zip(compiled) {
+            let c = c?;
+            if c.cached {
+                done.cached += 1;
+            } else {
+                done.compiled += 1;
+            }
+            let m = self.ctx.load_module(Ptx::from_binary(c.cubin))?;
+            lock(&self.modules).entry(*variant).or_insert(m);
+        }
+        Ok(done)
     }
 
     /// Looks `name` up in `variant`'s module, compiling (or loading from the disk cache) the

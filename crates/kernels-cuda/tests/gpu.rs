@@ -1341,3 +1341,24 @@ fn step_staging_refuses_bad_input_and_keeps_what_it_holds() {
         "begin() empties the area"
     );
 }
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn preload_loads_each_module_once() {
+    let gpu = gpu();
+    let variants =
+        kernels_cuda::Variant::for_model(kernels_cuda::Scalar::Bf16, KvCacheDtype::Bf16, 128, 4);
+    let first = gpu.preload(&variants).unwrap();
+    // This process may have compiled none of them (the disk cache), but it loads each once.
+    assert_eq!(first.compiled + first.cached, variants.len(), "{first:?}");
+    // Twice over the same list, or a duplicate: nothing more to load.
+    let twice: Vec<_> = variants.iter().chain(&variants).copied().collect();
+    assert_eq!(
+        gpu.preload(&twice).unwrap(),
+        kernels_cuda::Preloaded::default()
+    );
+    assert_eq!(
+        gpu.preload(&[]).unwrap(),
+        kernels_cuda::Preloaded::default()
+    );
+}

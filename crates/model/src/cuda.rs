@@ -31,14 +31,15 @@
 //! tables) runs uncaptured, allocating, then is captured.
 
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use half::bf16;
 use kernels_cuda::cudarc::driver::{CudaSlice, PinnedHostSlice};
 use kernels_cuda::graph::StepGraph;
 use kernels_cuda::{
     Blas, DecodeKernel, DecodeMetadata, GemvEpilogue, GemvInput, GemvOut, Gpu, Indices, NewTokens,
-    NormInput, NormPartials, PagedDecoder, PrefillBatch, PrefillMetadata, RopeShape, Scalar,
-    StepStaging,
+    NormInput, NormPartials, PagedDecoder, PrefillBatch, PrefillMetadata, Preloaded, RopeShape,
+    Scalar, StepStaging, Variant,
 };
 use kv_block_manager::CopyOp;
 use kv_quant::BlockLayout;
@@ -123,6 +124,8 @@ struct GraphStep {
 /// The model on a CUDA device, with its paged KV cache.
 pub struct CudaBackend {
     gpu: Gpu,
+    /// The kernel modules compiled or loaded before the first step, and how long that took.
+    preloaded: (Preloaded, Duration),
     blas: Blas,
     /// `None` only while a step runs (taken out so the step can borrow the rest).
     decoder: Option<PagedDecoder>,
@@ -504,6 +507,13 @@ impl CudaBackend {
         layout: BlockLayout,
         dw: DeviceWeights,
     ) -> Result<Self, ModelError> {
+        // Every kernel module the steps can use, before the first step: a module compiled on
+        // first use stops that step for seconds (a first step of a batch size the warm-up
+        // did not run, minutes into serving).
+        let started = Instant::now();
+        let group = local.num_heads / local.num_kv_heads.max(1);
+        let variants = Variant::for_model(Scalar::Bf16, layout.dtype(), c.head_dim, group);
+        let preloaded = (gpu.preload(&variants)?, started.elapsed());
         let blas = Blas::new(&gpu)?;
         let s = gpu.stream().clone();
         let bytes = layout.kv_block_bytes() * cache.num_blocks;
@@ -544,6 +554,7 @@ impl CudaBackend {
             fold_rope: std::env::var("KVSERVE_FOLD_ROPE").as_deref() == Ok("1"),
             blas,
             gpu,
+            preloaded,
             config: c,
             local,
             cache_config: cache,
@@ -1017,6 +1028,12 @@ impl CudaBackend {
     /// of the prefill kernel (for comparisons; `KVSERVE_PREFILL_KERNEL=0` at construction).
     pub fn set_prefill_kernel(&mut self, on: bool) {
         self.prefill = on;
+    }
+
+    /// The kernel modules compiled (or found in the disk cache) at construction, and how
+    /// long that took.
+    pub fn preloaded(&self) -> (Preloaded, Duration) {
+        self.preloaded
     }
 
     /// The device.

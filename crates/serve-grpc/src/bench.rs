@@ -251,7 +251,7 @@ pub struct BenchReport {
 }
 
 /// The engine's steps during a run: how many, and where their time went.
-#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct StepBreakdown {
     /// Steps run.
     pub count: u64,
@@ -261,6 +261,67 @@ pub struct StepBreakdown {
     pub forward_mean_ms: f64,
     /// Mean time of a step's scheduling, milliseconds.
     pub schedule_mean_ms: f64,
+    /// The forward passes by kind of step and batch size (classes with steps only).
+    #[serde(default)]
+    pub shapes: Vec<StepShapeRow>,
+}
+
+/// The steps of one kind and batch-size class during a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepShapeRow {
+    /// `decode` (one token per sequence, or draft verification) or `prefill` (with a prompt
+    /// chunk).
+    pub kind: String,
+    /// Sequences per step, e.g. `"2-4"` or `">256"`.
+    pub seqs: String,
+    /// Steps run.
+    pub steps: u64,
+    /// Mean tokens per step.
+    pub mean_tokens: f64,
+    /// Mean forward pass, milliseconds.
+    pub forward_mean_ms: f64,
+    /// Share of all forward time in the run.
+    pub forward_share: f64,
+}
+
+impl StepShapeRow {
+    fn rows(before: &engine::StepShapes, after: &engine::StepShapes) -> Vec<Self> {
+        let kinds = [
+            ("decode", &before.decode, &after.decode),
+            ("prefill", &before.prefill, &after.prefill),
+        ];
+        let diff = |b: &engine::StepClass, a: &engine::StepClass| engine::StepClass {
+            steps: a.steps.saturating_sub(b.steps),
+            tokens: a.tokens.saturating_sub(b.tokens),
+            forward_micros: a.forward_micros.saturating_sub(b.forward_micros),
+        };
+        let classes: Vec<(&str, usize, engine::StepClass)> = kinds
+            .iter()
+            .flat_map(|(kind, b, a)| {
+                b.iter()
+                    .zip(a.iter())
+                    .enumerate()
+                    .map(move |(i, (b, a))| (*kind, i, diff(b, a)))
+            })
+            .filter(|(_, _, c)| c.steps > 0)
+            .collect();
+        let total: u64 = classes.iter().map(|(_, _, c)| c.forward_micros).sum();
+        classes
+            .into_iter()
+            .map(|(kind, i, c)| Self {
+                kind: kind.to_owned(),
+                seqs: engine::StepShapes::class_label(i),
+                steps: c.steps,
+                mean_tokens: c.tokens as f64 / c.steps as f64,
+                forward_mean_ms: c.forward_micros as f64 / 1e3 / c.steps as f64,
+                forward_share: if total == 0 {
+                    0.0
+                } else {
+                    c.forward_micros as f64 / total as f64
+                },
+            })
+            .collect()
+    }
 }
 
 impl StepBreakdown {
@@ -278,6 +339,7 @@ impl StepBreakdown {
             mean_ms: mean(after.step_micros, before.step_micros),
             forward_mean_ms: mean(after.forward_micros, before.forward_micros),
             schedule_mean_ms: mean(after.schedule_micros, before.schedule_micros),
+            shapes: StepShapeRow::rows(&before.step_shapes, &after.step_shapes),
         }
     }
 }
@@ -591,7 +653,28 @@ impl fmt::Display for BenchReport {
                 ),
             ),
         ]);
-        table(f, &rows)
+        table(f, &rows)?;
+        if !self.steps.shapes.is_empty() {
+            writeln!(f)?;
+            writeln!(
+                f,
+                "| step kind | sequences | steps | mean tokens | mean forward | share of forward |"
+            )?;
+            writeln!(f, "| --- | --- | ---: | ---: | ---: | ---: |")?;
+            for r in &self.steps.shapes {
+                writeln!(
+                    f,
+                    "| {} | {} | {} | {:.1} | {:.2} ms | {:.1}% |",
+                    r.kind,
+                    r.seqs,
+                    r.steps,
+                    r.mean_tokens,
+                    r.forward_mean_ms,
+                    100.0 * r.forward_share
+                )?;
+            }
+        }
+        Ok(())
     }
 }
 

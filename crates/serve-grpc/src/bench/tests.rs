@@ -224,6 +224,23 @@ pub(super) fn meta_fixture(kv_cache_dtype: &str) -> BenchMeta {
     }
 }
 
+/// Step shapes with class 0 of decode and prefill set to (steps, tokens, forward µs).
+fn shapes(decode: &[(u64, u64, u64)], prefill: &[(u64, u64, u64)]) -> engine::StepShapes {
+    let mut s = engine::StepShapes::default();
+    let class = |&(steps, tokens, forward_micros): &(u64, u64, u64)| engine::StepClass {
+        steps,
+        tokens,
+        forward_micros,
+    };
+    for (i, c) in decode.iter().enumerate() {
+        s.decode[i] = class(c);
+    }
+    for (i, c) in prefill.iter().enumerate() {
+        s.prefill[i] = class(c);
+    }
+    s
+}
+
 #[test]
 fn summary_computes_tpot_and_counter_deltas() {
     let ms = Duration::from_millis;
@@ -237,6 +254,7 @@ fn summary_computes_tpot_and_counter_deltas() {
         step_micros: 5_000,
         forward_micros: 4_000,
         schedule_micros: 100,
+        step_shapes: shapes(&[(1, 10, 1_000)], &[(1, 100, 3_000)]),
         ..EngineStats::default()
     };
     let after = EngineStats {
@@ -249,6 +267,8 @@ fn summary_computes_tpot_and_counter_deltas() {
         schedule_micros: 500,
         kv_blocks_used_peak: 4,
         running_peak: 2,
+        // +3 decode steps of one sequence (1.5 ms), +1 prefill step of 16 tokens (4.5 ms).
+        step_shapes: shapes(&[(4, 13, 2_500)], &[(2, 116, 7_500)]),
         ..EngineStats::default()
     };
     let workload = Workload {
@@ -279,6 +299,23 @@ fn summary_computes_tpot_and_counter_deltas() {
     assert!((r.steps.forward_mean_ms - 1.5).abs() < 1e-9);
     assert!((r.steps.schedule_mean_ms - 0.1).abs() < 1e-9);
     assert!(r.to_string().contains("| 4 (2.00 / 1.50 / 0.10 ms)"), "{r}");
+    assert_eq!(r.steps.shapes.len(), 2, "{:?}", r.steps.shapes);
+    let (d, p) = (&r.steps.shapes[0], &r.steps.shapes[1]);
+    assert_eq!(
+        (d.kind.as_str(), d.seqs.as_str(), d.steps),
+        ("decode", "1", 3)
+    );
+    assert!((d.forward_mean_ms - 0.5).abs() < 1e-9 && (d.forward_share - 0.25).abs() < 1e-9);
+    assert_eq!(
+        (p.kind.as_str(), p.seqs.as_str(), p.steps),
+        ("prefill", "1", 1)
+    );
+    assert!((p.mean_tokens - 16.0).abs() < 1e-9 && (p.forward_mean_ms - 4.5).abs() < 1e-9);
+    assert!(
+        r.to_string()
+            .contains("| prefill | 1 | 1 | 16.0 | 4.50 ms | 75.0% |"),
+        "{r}"
+    );
     let entry = SweepEntry::new(r);
     // 160 slots / ceil(20 tokens / 2 requests) = 16 sequences.
     assert_eq!((entry.kv_blocks, entry.kv_capacity_seqs), (10, 16));
