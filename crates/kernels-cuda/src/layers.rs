@@ -15,6 +15,9 @@ const THREADS: u32 = 256;
 /// The most threads of an RMSNorm CTA (`kNormThreads` in elementwise.cu).
 const NORM_THREADS: usize = 1024;
 
+/// Values per thread of the vector `silu_mul` (16 bytes of a 16-bit type).
+const SILU_VEC: usize = 8;
+
 fn rows(tokens: usize) -> Result<LaunchConfig> {
     if tokens == 0 || tokens > i32::MAX as usize {
         return Err(bad("elementwise", format!("{tokens} tokens")));
@@ -263,12 +266,27 @@ pub fn silu_mul<T: ActScalar>(
             ),
         ));
     }
-    let cfg = rows(out.len() / inter)?;
-    let f = gpu.function(&Variant::elementwise(T::SCALAR), K)?;
+    // Whole 16-byte vectors of 8 values per thread where the rows allow (every row then
+    // starts 16-byte aligned, the buffers themselves being allocations); one value otherwise.
+    let (name, per_thread) = if inter.is_multiple_of(SILU_VEC) {
+        (K, SILU_VEC)
+    } else {
+        ("silu_mul_scalar", 1)
+    };
+    let mut cfg = rows(out.len() / inter)?;
+    let chunks = inter.div_ceil(THREADS as usize * per_thread);
+    cfg.grid_dim.1 = u32::try_from(chunks)
+        .ok()
+        .filter(|&c| c <= 65_535)
+        .ok_or_else(|| bad(K, format!("intermediate size {inter}: too wide")))?;
+    let f = gpu.function(&Variant::elementwise(T::SCALAR), name)?;
     let mut launch = Launch::new(gpu, &f);
     launch.arg(&mut *out).arg(gate_up).arg(&i);
-    // SAFETY: matches `silu_mul`; gate_up holds tokens x 2 x inter values and out tokens x
-    // inter (checked).
+    // SAFETY: matches `silu_mul` / `silu_mul_scalar` (kernels/elementwise.cu); gate_up holds
+    // tokens x 2 x inter values and out tokens x inter (checked); the grid is (tokens,
+    // ceil(inter / (256 x per-thread values))), and the vector entry gets an inter that is a
+    // multiple of its 8 values, so its 16-byte accesses stay inside each row and aligned
+    // (both buffers are whole allocations).
     // The kernel calls kvs_wait_prior() before touching any buffer (PDL).
     unsafe { launch.dependent().launch(cfg) }?;
     Ok(())

@@ -780,28 +780,31 @@ fn per_token_layers_match_the_reference() {
         "{bad:?}"
     );
 
-    // SiLU(gate) * up.
-    let inter = 1536;
-    let gu = random_bf16(&mut rng, tokens * 2 * inter, 4.0);
-    let gu_d = s.clone_htod(&to_bf16(&gu)).unwrap();
-    let mut out = s.alloc_zeros::<bf16>(tokens * inter).unwrap();
-    kernels_cuda::silu_mul(&gpu, &gu_d, inter, &mut out).unwrap();
-    let mut want = vec![0f64; tokens * inter];
-    for t in 0..tokens {
-        for i in 0..inter {
-            let g = f64::from(gu[t * 2 * inter + i]);
-            want[t * inter + i] = g / (1.0 + (-g).exp()) * f64::from(gu[t * 2 * inter + inter + i]);
+    // SiLU(gate) * up: 16-byte vectors (widths of a multiple of 8), one value per thread
+    // otherwise, and a width of several CTAs per token (Llama-3.1-8B's).
+    for inter in [1536, 1001, 14336] {
+        let gu = random_bf16(&mut rng, tokens * 2 * inter, 4.0);
+        let gu_d = s.clone_htod(&to_bf16(&gu)).unwrap();
+        let mut out = s.alloc_zeros::<bf16>(tokens * inter).unwrap();
+        kernels_cuda::silu_mul(&gpu, &gu_d, inter, &mut out).unwrap();
+        let mut want = vec![0f64; tokens * inter];
+        for t in 0..tokens {
+            for i in 0..inter {
+                let g = f64::from(gu[t * 2 * inter + i]);
+                want[t * inter + i] =
+                    g / (1.0 + (-g).exp()) * f64::from(gu[t * 2 * inter + inter + i]);
+            }
         }
+        let got: Vec<f32> = s
+            .clone_dtoh(&out)
+            .unwrap()
+            .iter()
+            .map(|x| x.to_f32())
+            .collect();
+        let e = rel_err(&got, &want);
+        eprintln!("silu_mul (inter {inter}): err {e:.2e}");
+        assert!(e < 1e-2, "silu_mul (inter {inter}): {e}");
     }
-    let got: Vec<f32> = s
-        .clone_dtoh(&out)
-        .unwrap()
-        .iter()
-        .map(|x| x.to_f32())
-        .collect();
-    let e = rel_err(&got, &want);
-    eprintln!("silu_mul: err {e:.2e}");
-    assert!(e < 1e-2, "silu_mul: {e}");
 
     // Bad input is refused before launching.
     let is_bad = |r: Result<(), KernelError>| matches!(r, Err(KernelError::BadArgument { .. }));
@@ -852,6 +855,9 @@ fn per_token_layers_match_the_reference() {
         &mut q1,
         &mut k1
     )));
+    let inter = 1536;
+    let gu_d = s.alloc_zeros::<bf16>(tokens * 2 * inter).unwrap();
+    let mut out = s.alloc_zeros::<bf16>(tokens * inter).unwrap();
     assert!(is_bad(kernels_cuda::silu_mul(
         &gpu,
         &gu_d,
