@@ -53,7 +53,8 @@ fn check_nvls_value(value: Option<&OsStr>) -> Result<(), DistError> {
 fn nccl_ready() -> Result<(), DistError> {
     if !nccl_available() {
         return Err(DistError::NcclUnavailable(format!(
-            "none of {:?} can be loaded: install NCCL 2 and put its folder on LD_LIBRARY_PATH",
+            "none of {:?} can be loaded: install NCCL 2 and put its folder on \
+             LD_LIBRARY_PATH (a pip wheel's libnccl.so.2 needs a libnccl.so link beside it)",
             cudarc::get_lib_name_candidates("nccl")
                 .iter()
                 .take(2)
