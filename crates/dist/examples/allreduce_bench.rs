@@ -159,7 +159,7 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
     }
     let barrier = Barrier::new(gpus);
     let ranks = NcclCommunicator::run_on_local_gpus(gpus, |gpu, comm| {
-        run_rank(gpu, comm, &args, &sizes, &barrier)
+        run_rank(&gpu, &comm, &args, &sizes, &barrier)
             .map(|medians| (gpu.name().to_string(), medians))
     })?;
     let ranks: Vec<(String, Vec<Duration>)> = ranks

@@ -192,13 +192,14 @@ impl NcclCommunicator {
 
     /// Runs this node's ranks of `config` (validated first), one thread per local GPU: the
     /// thread of local GPU `i` opens it, joins the group `id` as world rank
-    /// `config.world_rank(i)` and calls `f` with its GPU and communicator. Returns each
-    /// rank's result, in local GPU order, once all are done.
+    /// `config.world_rank(i)` and hands `f` the GPU and the communicator (both owned: a
+    /// rank's model backend can keep them for the rank's lifetime). Returns each rank's
+    /// result, in local GPU order, once all are done.
     ///
-    /// All GPUs are opened before NCCL is started, so a missing device fails every rank
-    /// cleanly instead of leaving the others waiting in `ncclCommInitRank`. Once the ranks run
-    /// `f`, a rank that stops calling collectives (a panic in `f`) leaves the others waiting
-    /// inside NCCL.
+    /// All local GPUs are opened before NCCL is started, so a missing device fails every
+    /// local rank cleanly instead of leaving the others waiting in `ncclCommInitRank` (ranks
+    /// of other nodes still wait until their own timeout). Once the ranks run `f`, a rank that
+    /// stops calling collectives (a panic in `f`) leaves the others waiting inside NCCL.
     ///
     /// # Errors
     /// [`DistConfig::validate`]'s; those of [`unique_id`](Self::unique_id) when NCCL cannot
@@ -211,7 +212,7 @@ impl NcclCommunicator {
     ) -> Result<Vec<T>, DistError>
     where
         T: Send,
-        F: Fn(&Gpu, &NcclCommunicator) -> T + Sync,
+        F: Fn(Gpu, NcclCommunicator) -> T + Sync,
     {
         config.validate()?;
         nccl_ready()?;
@@ -229,10 +230,10 @@ impl NcclCommunicator {
         let (opened, failed, f) = (&opened, &failed, &f);
         std::thread::scope(|scope| {
             let ranks: Vec<_> = (0..local)
-                .map(|gpu_index| {
-                    let rank = config.world_rank(gpu_index);
+                .zip(config.local_ranks())
+                .map(|(gpu_index, rank)| {
+                    // Nothing may return before the barrier: the other ranks wait there.
                     scope.spawn(move || -> Result<T, DistError> {
-                        let rank = rank?;
                         let gpu = Gpu::new(gpu_index).map_err(|e| DistError::Rank {
                             rank,
                             message: format!("opening GPU {gpu_index}: {e}"),
@@ -254,7 +255,7 @@ impl NcclCommunicator {
                                 message: e.to_string(),
                             }
                         })?;
-                        Ok(f(&gpu, &comm))
+                        Ok(f(gpu, comm))
                     })
                 })
                 .collect();
@@ -283,7 +284,7 @@ impl NcclCommunicator {
     pub fn run_on_local_gpus<T, F>(gpus: usize, f: F) -> Result<Vec<T>, DistError>
     where
         T: Send,
-        F: Fn(&Gpu, &NcclCommunicator) -> T + Sync,
+        F: Fn(Gpu, NcclCommunicator) -> T + Sync,
     {
         let config = DistConfig::single_node(gpus);
         config.validate()?;

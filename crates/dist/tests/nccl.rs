@@ -16,7 +16,7 @@ const GPUS: usize = 2;
 
 /// Runs `f` on ranks 0 and 1 (GPUs 0 and 1) and returns their results, failing the test
 /// with the reason when the ranks could not start.
-fn on_two_gpus<T: Send>(f: impl Fn(&Gpu, &NcclCommunicator) -> Result<T, String> + Sync) -> Vec<T> {
+fn on_two_gpus<T: Send>(f: impl Fn(Gpu, NcclCommunicator) -> Result<T, String> + Sync) -> Vec<T> {
     let visible = dist::local_gpu_count().expect("a CUDA driver");
     assert!(visible >= GPUS, "needs {GPUS} GPUs, {visible} visible");
     NcclCommunicator::run_on_local_gpus(GPUS, f)
