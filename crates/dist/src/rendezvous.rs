@@ -108,10 +108,17 @@ impl Rendezvous {
                 ),
             ));
         }
+        self.deadline().map(|_| ())
+    }
+
+    /// When the timeout, counted from now, runs out.
+    fn deadline(&self) -> Result<Instant, DistError> {
         if self.timeout.is_zero() {
             return Err(DistError::config("timeout", "must be above zero"));
         }
-        Ok(())
+        Instant::now()
+            .checked_add(self.timeout)
+            .ok_or_else(|| DistError::config("timeout", format!("{:?} is too long", self.timeout)))
     }
 
     /// Binds node 0's listener (port 0 picks a free port: see
@@ -178,7 +185,7 @@ impl Rendezvous {
                 ),
             ));
         }
-        let deadline = Instant::now() + self.timeout;
+        let deadline = self.deadline()?;
         let timeout = |during: String| DistError::Timeout {
             addr: addr.to_string(),
             waited: self.timeout,
@@ -304,7 +311,7 @@ impl RendezvousHost {
     /// [`DistError::Io`] when accepting fails or a node cannot be sent the id.
     pub fn serve(self, id: &UniqueId) -> Result<(), DistError> {
         let params = self.params;
-        let deadline = Instant::now() + params.timeout;
+        let deadline = params.deadline()?;
         let mut joined: Vec<Option<Peer>> = (0..params.nnodes).map(|_| None).collect();
         let mut missing = params.nnodes - 1;
         let mut last_refusal: Option<String> = None;

@@ -329,6 +329,7 @@ fn bad_rendezvous_settings_are_refused() {
         (params(0, 2, SHORT), "nnodes"),
         (params(2, 0, SHORT), "tensor_parallel_size"),
         (params(2, 2, Duration::ZERO), "timeout"),
+        (params(2, 2, Duration::MAX), "timeout"),
     ] {
         let err = rendezvous.bind("127.0.0.1:0").unwrap_err();
         assert!(
@@ -336,6 +337,18 @@ fn bad_rendezvous_settings_are_refused() {
             "{err}"
         );
     }
+    let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let err = params(2, 2, Duration::MAX).join(addr, 1).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            DistError::Config {
+                field: "timeout",
+                ..
+            }
+        ),
+        "{err}"
+    );
     let err = params(2, 2, SHORT).bind("not an address").unwrap_err();
     assert!(
         matches!(
