@@ -375,8 +375,14 @@ impl CudaBackend {
     ///
     /// # Errors
     /// [`ModelError::Unsupported`] for what the CUDA backend does not run yet (biases, a
-    /// head_dim or GQA group without kernels), device errors (out of memory, ...).
+    /// head_dim or GQA group without kernels, a tensor-parallel shard: it runs the whole model
+    /// only), device errors (out of memory, ...).
     pub fn new(weights: &Weights, cache: KvCacheConfig, gpu: Gpu) -> Result<Self, ModelError> {
+        if weights.shard().world_size != 1 {
+            return Err(ModelError::Unsupported(
+                "a tensor-parallel shard on the CUDA backend (it runs the whole model)".into(),
+            ));
+        }
         let c = weights.config().clone();
         let local = weights.local_shape();
         let layout = check_shape(&c, &local, &cache)?;
@@ -428,6 +434,8 @@ impl CudaBackend {
             num_heads: c.num_heads,
             num_kv_heads: c.num_kv_heads,
             intermediate_size: c.intermediate_size,
+            vocab_start: 0,
+            vocab_size: c.vocab_size,
         };
         let layout = check_shape(&c, &local, &cache)?;
         let mut next_seed = seed;

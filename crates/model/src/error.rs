@@ -31,6 +31,26 @@ pub enum ModelError {
         /// What is wrong.
         reason: String,
     },
+    /// Tensor-parallel parts that do not fit together: a shard and its collective, or ranks
+    /// whose configurations differ.
+    #[error("tensor-parallel mismatch: {what}: expected {expected}, got {got}")]
+    ShardMismatch {
+        /// What was compared.
+        what: String,
+        /// The value this rank expected.
+        expected: String,
+        /// The value found.
+        got: String,
+    },
+    /// A collective operation of a tensor-parallel group failed (a transport error, a peer
+    /// that died, mismatched lengths across ranks).
+    #[error("collective `{operation}` failed: {reason}")]
+    Collective {
+        /// The operation (`all_reduce_sum`, `all_gather`).
+        operation: &'static str,
+        /// What went wrong.
+        reason: String,
+    },
     /// A setting the backend does not support.
     #[error("unsupported: {0}")]
     Unsupported(String),

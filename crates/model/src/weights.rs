@@ -2,6 +2,13 @@
 //! generated (dummy weights for benchmarks of large shapes), optionally as one tensor-parallel
 //! shard.
 //!
+//! Sharding is Megatron-style: Q/K/V and gate/up are column-parallel (each rank holds its
+//! query heads, KV heads and MLP channels), the output and down projections row-parallel (each
+//! rank holds the matching input columns; their bias, if any, stays on rank 0), and the
+//! embedding and LM head vocab-parallel (each rank holds a contiguous range of token rows, see
+//! [`Shard::vocab_range`]). When the model has fewer KV heads than ranks, each rank holds the
+//! one KV head its query heads read (replicated over the ranks that share it).
+//!
 //! Tensor names are llama.cpp's GGUF names (`blk.{i}.attn_q.weight`, ...); other sources map
 //! their names onto these.
 
@@ -48,6 +55,24 @@ impl Shard {
         rank: 0,
         world_size: 1,
     };
+
+    /// This rank's rows of a vocabulary of `vocab_size` tokens in the vocab-parallel embedding
+    /// and LM head: `rank * vocab_size / world_size` up to `(rank + 1) * vocab_size /
+    /// world_size`. A vocabulary that does not divide evenly is fine: ranks differ by at most
+    /// one row (loading refuses a vocabulary smaller than the world, which would leave a rank
+    /// none). A rank outside the world gets an empty range at the end.
+    pub fn vocab_range(&self, vocab_size: usize) -> std::ops::Range<usize> {
+        let w = self.world_size.max(1);
+        // In u128: `rank * vocab_size` must not overflow; the result is at most `vocab_size`.
+        let at = |r: usize| (r.min(w) as u128 * vocab_size as u128 / w as u128) as usize;
+        at(self.rank)..at(self.rank.saturating_add(1))
+    }
+
+    /// The most vocabulary rows any rank holds, `ceil(vocab_size / world_size)`: the length
+    /// every rank pads its slice of a logits row to for the all-gather.
+    pub fn vocab_rows_per_rank(&self, vocab_size: usize) -> usize {
+        vocab_size.div_ceil(self.world_size.max(1))
+    }
 }
 
 /// The per-rank shape of a (possibly sharded) model.
@@ -59,6 +84,10 @@ pub struct LocalShape {
     pub num_kv_heads: usize,
     /// MLP width on this rank.
     pub intermediate_size: usize,
+    /// First token id of this rank's vocabulary rows (embedding and LM head).
+    pub vocab_start: usize,
+    /// Vocabulary rows on this rank ([`Shard::vocab_range`]).
+    pub vocab_size: usize,
 }
 
 /// One transformer block.
@@ -144,9 +173,11 @@ fn matrix(
 }
 
 impl Weights {
-    /// Loads every weight of `config` from `src`, keeping only `shard`'s part of each layer
-    /// (column-parallel Q/K/V/gate/up, row-parallel output and down projections). The
-    /// embedding and the LM head are kept whole.
+    /// Loads every weight of `config` from `src`, keeping only `shard`'s part (column-parallel
+    /// Q/K/V/gate/up, row-parallel output and down projections, vocab-parallel embedding and
+    /// LM head; see the module docs). A model whose heads, KV heads, MLP width or vocabulary
+    /// cannot be split over `shard.world_size` ranks is refused with
+    /// [`ModelError::Unsupported`].
     pub fn load(
         config: &ModelConfig,
         src: &dyn TensorSource,
@@ -160,9 +191,28 @@ impl Weights {
             config.kv_size(),
             config.intermediate_size,
         );
-        let embedding = matrix(src, "token_embd.weight", h, config.vocab_size, None)?;
+        let vocab_rows = |l: Linear| {
+            if shard.world_size == 1 {
+                l
+            } else {
+                l.slice_rows(shard.vocab_range(config.vocab_size))
+            }
+        };
+        let embedding = vocab_rows(matrix(
+            src,
+            "token_embd.weight",
+            h,
+            config.vocab_size,
+            None,
+        )?);
         let lm_head = match src.tensor("output.weight")? {
-            Some(_) => Some(matrix(src, "output.weight", h, config.vocab_size, None)?),
+            Some(_) => Some(vocab_rows(matrix(
+                src,
+                "output.weight",
+                h,
+                config.vocab_size,
+                None,
+            )?)),
             None => None,
         };
         let mut config = config.clone();
@@ -332,6 +382,21 @@ fn local_shape(config: &ModelConfig, shard: Shard) -> Result<LocalShape, ModelEr
     if config.num_kv_heads >= w && !config.num_kv_heads.is_multiple_of(w) {
         return unsupported(format!("{} KV heads over {w} ranks", config.num_kv_heads));
     }
+    // Replicated KV heads: each rank's query heads must all read one KV head, which holds
+    // when the ranks are a multiple of the KV heads.
+    if config.num_kv_heads < w && !w.is_multiple_of(config.num_kv_heads) {
+        return unsupported(format!(
+            "{} KV heads replicated over {w} ranks (the ranks must be a multiple of the KV \
+             heads, so that each rank's query heads share one)",
+            config.num_kv_heads
+        ));
+    }
+    if config.vocab_size < w {
+        return unsupported(format!(
+            "a vocabulary of {} tokens over {w} ranks (each rank needs at least one)",
+            config.vocab_size
+        ));
+    }
     if !config.intermediate_size.is_multiple_of(w) {
         return unsupported(format!(
             "MLP width {} over {w} ranks",
@@ -342,6 +407,8 @@ fn local_shape(config: &ModelConfig, shard: Shard) -> Result<LocalShape, ModelEr
         num_heads: config.num_heads / w,
         num_kv_heads: (config.num_kv_heads / w).max(1),
         intermediate_size: config.intermediate_size / w,
+        vocab_start: shard.vocab_range(config.vocab_size).start,
+        vocab_size: shard.vocab_range(config.vocab_size).len(),
     };
     // Row-parallel slices (of the output and down projections) must fall on whole blocks of
     // the quantized formats (32 values).
@@ -393,7 +460,8 @@ fn shard_layer(
     }
 }
 
-fn fxhash(s: &str) -> u64 {
+/// FNV-1a of `s`: stable across processes and builds (seeds, configuration fingerprints).
+pub(crate) fn fxhash(s: &str) -> u64 {
     s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     })

@@ -5,11 +5,20 @@
 //! activations (AVX2 when available), split over threads by output rows. Attention reads K/V
 //! through the block tables with kv-quant's fused `dot_k` / `axpy_v`, so quantized KV is
 //! dequantized on the fly as the CUDA kernels will.
+//!
+//! It also runs one rank of a tensor-parallel group ([`CpuBackend::new_sharded`]): attention
+//! over the rank's query heads with a KV cache of its own KV heads, the output and down
+//! projections' partial sums all-reduced before the residual add, a vocab-parallel embedding
+//! (each rank looks up its vocabulary rows, zeros elsewhere, all-reduced) and LM head (each
+//! rank computes its slice of every logits row, all-gathered into full rows). The calls into
+//! the [`HostCollective`] follow the invariant of [`crate::collective`].
 
 mod attention;
 mod linear;
 mod quant;
 mod simd;
+
+use std::sync::Arc;
 
 use kv_block_manager::CopyOp;
 use kv_quant::BlockLayout;
@@ -20,9 +29,10 @@ pub(crate) use quant::dequantize_row;
 
 use crate::ModelConfig;
 use crate::backend::{Backend, ForwardBatch, KvCacheConfig};
+use crate::collective::{HostCollective, SingleRank};
 use crate::config::RopeStyle;
 use crate::error::ModelError;
-use crate::weights::Weights;
+use crate::weights::{Shard, Weights};
 
 /// K and V blocks of every layer, in kv-quant's layout.
 #[derive(Debug)]
@@ -69,10 +79,14 @@ struct Scratch {
     gate: Vec<f32>,
     up: Activations,
     tmp: Vec<f32>,
+    /// This rank's slice of the logits rows, padded for the all-gather, and the gathered rows.
+    local_logits: Vec<f32>,
+    padded_logits: Vec<f32>,
+    gathered_logits: Vec<f32>,
 }
 
-/// The model on the CPU, with its paged KV cache.
-#[derive(Debug)]
+/// The model on the CPU, with its paged KV cache: the whole model, or one rank of a
+/// tensor-parallel group.
 pub struct CpuBackend {
     weights: Weights,
     cache_config: KvCacheConfig,
@@ -80,14 +94,52 @@ pub struct CpuBackend {
     host: KvPools,
     inv_freqs: Vec<f32>,
     scratch: Scratch,
+    collective: Arc<dyn HostCollective>,
+}
+
+impl std::fmt::Debug for CpuBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CpuBackend")
+            .field("weights", &self.weights)
+            .field("cache_config", &self.cache_config)
+            .field("shard", &self.collective.shard())
+            .finish_non_exhaustive()
+    }
 }
 
 impl CpuBackend {
-    /// A backend for `weights` with a KV cache of `cache` blocks.
+    /// A backend for the whole model `weights` with a KV cache of `cache` blocks. Weights of
+    /// a tensor-parallel shard are refused ([`ModelError::ShardMismatch`]): they need
+    /// [`CpuBackend::new_sharded`].
     pub fn new(weights: Weights, cache: KvCacheConfig) -> Result<Self, ModelError> {
+        Self::new_sharded(weights, cache, Arc::new(SingleRank))
+    }
+
+    /// One rank of a tensor-parallel group: `weights` is the rank's shard, `cache` its own KV
+    /// cache (blocks of the rank's local KV heads, [`Weights::local_shape`]), and `collective`
+    /// its member of the group. Every rank of the group must call this at the same time: it
+    /// ends with a handshake (one `all_gather`) that checks the ranks are `0..world_size` in
+    /// order and that every rank has the same model and KV-cache configuration, so that their
+    /// forward passes call the collectives alike (see [`crate::collective`]).
+    ///
+    /// # Errors
+    /// [`ModelError::ShardMismatch`] when `weights` is another shard than `collective`'s, or
+    /// the ranks disagree (every rank gets an error); [`ModelError::Collective`] from the
+    /// handshake; the errors of [`CpuBackend::new`] for a bad cache.
+    pub fn new_sharded(
+        weights: Weights,
+        cache: KvCacheConfig,
+        collective: Arc<dyn HostCollective>,
+    ) -> Result<Self, ModelError> {
         let c = weights.config();
         let local = weights.local_shape();
-        let layout = crate::backend::cache_layout(c, &local, &cache)?;
+        // Every rank enters the handshake, even one whose own checks failed, so that none is
+        // left waiting for it.
+        let checked = check_shard(weights.shard(), collective.shard())
+            .and_then(|()| crate::backend::cache_layout(c, &local, &cache));
+        let agreed = handshake(&*collective, c, &cache, checked.is_ok());
+        let layout = checked?;
+        agreed?;
         Ok(Self {
             inv_freqs: c.rope_inv_freqs(),
             device: KvPools::new(layout, c.num_layers, cache.num_blocks)?,
@@ -95,6 +147,7 @@ impl CpuBackend {
             cache_config: cache,
             weights,
             scratch: Scratch::default(),
+            collective,
         })
     }
 
@@ -102,6 +155,133 @@ impl CpuBackend {
     pub fn weights(&self) -> &Weights {
         &self.weights
     }
+}
+
+fn describe(s: Shard) -> String {
+    format!("rank {} of {}", s.rank, s.world_size)
+}
+
+/// The weights must be the shard the collective says this rank is.
+fn check_shard(weights: Shard, group: Shard) -> Result<(), ModelError> {
+    if weights == group {
+        return Ok(());
+    }
+    Err(ModelError::ShardMismatch {
+        what: "the weights' shard against the collective's rank".into(),
+        expected: describe(group),
+        got: describe(weights),
+    })
+}
+
+/// Values per rank in the construction handshake: rank, world size, whether the rank's own
+/// checks passed, and a 64-bit fingerprint of its configuration in four exact 16-bit parts.
+const HANDSHAKE_VALUES: usize = 7;
+
+/// Checks, with one all-gather, that the ranks are `0..world_size` in order, that every rank
+/// passed its own checks (`ok`) and that all have the same model and KV-cache configuration.
+/// Returns `Ok` when this rank's own checks failed (`!ok`): its caller reports its own error.
+fn handshake(
+    collective: &dyn HostCollective,
+    config: &ModelConfig,
+    cache: &KvCacheConfig,
+    ok: bool,
+) -> Result<(), ModelError> {
+    let me = collective.shard();
+    let fingerprint = crate::weights::fxhash(&format!("{config:?} {cache:?} {}", me.world_size));
+    let mut mine = vec![
+        me.rank as f32,
+        me.world_size as f32,
+        f32::from(u8::from(ok)),
+    ];
+    mine.extend((0..4).map(|i| ((fingerprint >> (16 * i)) & 0xffff) as f32));
+    let mut all = Vec::new();
+    collective.all_gather(&mine, &mut all)?;
+    if all.len() != HANDSHAKE_VALUES * me.world_size {
+        return Err(ModelError::Collective {
+            operation: "all_gather",
+            reason: format!(
+                "returned {} values for {} ranks of {HANDSHAKE_VALUES}",
+                all.len(),
+                me.world_size
+            ),
+        });
+    }
+    if !ok {
+        return Ok(());
+    }
+    let mismatch = |what: String, expected: String, got: String| {
+        Err(ModelError::ShardMismatch {
+            what,
+            expected,
+            got,
+        })
+    };
+    for (r, theirs) in all.chunks_exact(HANDSHAKE_VALUES).enumerate() {
+        let (rank, world) = (theirs[0] as usize, theirs[1] as usize);
+        if (rank, world) != (r, me.world_size) {
+            return mismatch(
+                format!("the member at position {r} of the group"),
+                format!("rank {r} of {}", me.world_size),
+                format!("rank {rank} of {world}"),
+            );
+        }
+        if theirs[2] == 0.0 {
+            return mismatch(
+                format!("rank {r}'s own checks (its error says why)"),
+                "passed".into(),
+                "failed".into(),
+            );
+        }
+        if theirs[3..] != mine[3..] {
+            let theirs = theirs[3..]
+                .iter()
+                .rev()
+                .fold(0u64, |acc, &v| acc << 16 | v as u64);
+            return mismatch(
+                format!("rank {r}'s model and KV-cache configuration"),
+                format!("fingerprint {fingerprint:016x} (this rank's)"),
+                format!("{theirs:016x}"),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Scatters the all-gathered, padded slices of the vocab-parallel LM head (`[world, rows,
+/// per_rank]`) into full logits rows (`[rows, vocab]`).
+fn unpad_logits(
+    gathered: &[f32],
+    world_size: usize,
+    vocab: usize,
+    rows: usize,
+    logits: &mut Vec<f32>,
+) -> Result<(), ModelError> {
+    let per_rank = Shard {
+        rank: 0,
+        world_size,
+    }
+    .vocab_rows_per_rank(vocab);
+    if gathered.len() != world_size * rows * per_rank {
+        return Err(ModelError::Collective {
+            operation: "all_gather",
+            reason: format!(
+                "returned {} values for {world_size} ranks of {rows} x {per_rank}",
+                gathered.len()
+            ),
+        });
+    }
+    logits.resize(rows * vocab, 0.0);
+    for rank in 0..world_size {
+        let range = Shard { rank, world_size }.vocab_range(vocab);
+        let part = &gathered[rank * rows * per_rank..(rank + 1) * rows * per_rank];
+        for (row, src) in logits
+            .chunks_exact_mut(vocab)
+            .zip(part.chunks_exact(per_rank))
+        {
+            row[range.clone()].copy_from_slice(&src[..range.len()]);
+        }
+    }
+    Ok(())
 }
 
 fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
@@ -156,6 +336,7 @@ impl Backend for CpuBackend {
             self.cache_config.block_size,
         )?;
         let w = &self.weights;
+        let collective = &*self.collective;
         let c = w.config();
         let local = w.local_shape();
         let (h, d) = (c.hidden_size, c.head_dim);
@@ -170,10 +351,18 @@ impl Backend for CpuBackend {
             let n = (b.seq_starts[s + 1] - b.seq_starts[s]) as usize;
             sc.seq_of.extend(std::iter::repeat_n(s, n));
         }
+        // Vocab-parallel embedding: this rank's rows, zeros for the others' tokens, summed.
         sc.x.resize(t * h, 0.0);
+        let vocab = local.vocab_start..local.vocab_start + local.vocab_size;
         for (row, &id) in sc.x.chunks_exact_mut(h).zip(b.token_ids) {
-            w.embedding.dequantize_row_into(id as usize, row);
+            if vocab.contains(&(id as usize)) {
+                w.embedding
+                    .dequantize_row_into(id as usize - local.vocab_start, row);
+            } else {
+                row.fill(0.0);
+            }
         }
+        collective.all_reduce_sum(&mut sc.x)?;
         for (layer, lw) in w.layers.iter().enumerate() {
             sc.normed.resize(t, h);
             rms_norm(&sc.x, &lw.attn_norm, c.rms_norm_eps, &mut sc.normed.f32);
@@ -228,6 +417,7 @@ impl Backend for CpuBackend {
             )?;
             sc.attn.prepare();
             lw.wo.forward(&sc.attn, &mut sc.proj, &mut sc.tmp);
+            collective.all_reduce_sum(&mut sc.proj)?;
             for (x, p) in sc.x.iter_mut().zip(&sc.proj) {
                 *x += p;
             }
@@ -245,6 +435,7 @@ impl Backend for CpuBackend {
             }
             sc.up.prepare();
             lw.w_down.forward(&sc.up, &mut sc.proj, &mut sc.tmp);
+            collective.all_reduce_sum(&mut sc.proj)?;
             for (x, p) in sc.x.iter_mut().zip(&sc.proj) {
                 *x += p;
             }
@@ -263,11 +454,36 @@ impl Backend for CpuBackend {
             );
         }
         sc.normed.prepare();
-        w.lm_head
-            .as_ref()
-            .unwrap_or(&w.embedding)
-            .forward(&sc.normed, logits, &mut sc.tmp);
-        Ok(())
+        let head = w.lm_head.as_ref().unwrap_or(&w.embedding);
+        let shard = w.shard();
+        if shard.world_size == 1 {
+            // A group of one skips the gather, which would be a copy of the logits.
+            head.forward(&sc.normed, logits, &mut sc.tmp);
+            return Ok(());
+        }
+        // Vocab-parallel LM head: this rank's slice of every row, padded to the same length
+        // on every rank, gathered, and put in place.
+        head.forward(&sc.normed, &mut sc.local_logits, &mut sc.tmp);
+        let per_rank = shard.vocab_rows_per_rank(c.vocab_size);
+        let local_rows = if local.vocab_size == per_rank {
+            &sc.local_logits
+        } else {
+            sc.padded_logits.clear();
+            for row in sc.local_logits.chunks_exact(local.vocab_size) {
+                sc.padded_logits.extend_from_slice(row);
+                sc.padded_logits
+                    .extend(std::iter::repeat_n(0.0, per_rank - local.vocab_size));
+            }
+            &sc.padded_logits
+        };
+        collective.all_gather(local_rows, &mut sc.gathered_logits)?;
+        unpad_logits(
+            &sc.gathered_logits,
+            shard.world_size,
+            c.vocab_size,
+            n,
+            logits,
+        )
     }
 
     fn copy_blocks(&mut self, copies: &[CopyOp]) -> Result<(), ModelError> {

@@ -7,6 +7,8 @@ use super::*;
 use crate::DType;
 use crate::generate::SequenceRunner;
 
+mod tensor_parallel;
+
 fn tiny_config() -> ModelConfig {
     ModelConfig::tiny(96)
 }
