@@ -19,11 +19,7 @@ pub const NVLS_ENV: &str = "NCCL_NVLS_ENABLE";
 
 /// Whether one of the names cudarc tries for libnccl can be loaded. cudarc panics on the first
 /// NCCL call when none can; this opens (and closes) the library first.
-pub fn nccl_available() -> bool {
-    cudarc::get_lib_name_candidates("nccl")
-        .iter()
-        .any(|name| dlopen2::raw::Library::open(name).is_ok())
-}
+pub use kernels_cuda::nccl_available;
 
 /// Checks that NVLink multicast is off for this process: `NCCL_NVLS_ENABLE` must be `0` in
 /// the environment before NCCL starts (a safety rule of the multi-GPU machines). `dist` does

@@ -106,6 +106,11 @@ pub fn driver_available() -> bool {
     ffi::library_present("cuda")
 }
 
+/// Whether NCCL can be loaded (cudarc panics on the first NCCL call when it cannot).
+pub fn nccl_available() -> bool {
+    ffi::library_present("nccl")
+}
+
 impl Gpu {
     /// Opens device `ordinal`. Never panics on a machine without CUDA: the driver library is
     /// probed before cudarc touches it.

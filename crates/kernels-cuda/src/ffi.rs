@@ -10,7 +10,7 @@ use cudarc::nvrtc::{result, sys};
 /// Whether one of the names cudarc tries for `lib` (e.g. "cuda", "nvrtc") can be loaded.
 pub(crate) fn library_present(lib: &str) -> bool {
     cudarc::get_lib_name_candidates(lib).iter().any(|name| {
-        // SAFETY: loading the CUDA driver or NVRTC runs only their own initializers, which
+        // SAFETY: loading the CUDA driver, NVRTC or NCCL runs only their own initializers, which
         // have no preconditions; the handle is dropped (unloaded) right away, and cudarc
         // loads the library again by the same name when it is first used.
         unsafe { libloading::Library::new(name) }.is_ok()

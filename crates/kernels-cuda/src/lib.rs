@@ -40,7 +40,7 @@ pub use attention::{
 };
 pub use cache::{BlockCopies, LayerCache, Rotary, copy_blocks, reshape_and_cache, rope_and_cache};
 pub use compile::{Program, Scalar, Variant};
-pub use device::{Gpu, Preloaded, driver_available};
+pub use device::{Gpu, Preloaded, driver_available, nccl_available};
 pub use error::{KernelError, Result};
 pub use gemm::Blas;
 pub use gemv::{
