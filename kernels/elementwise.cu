@@ -160,6 +160,40 @@ extern "C" __global__ void __launch_bounds__(kThreads)
   *reinterpret_cast<uint4*>(out + t * inter + i) = ov;
 }
 
+// Splits the fused Q/K/V product of a step: q[t] = qkv[t][0, nq), k[t] = qkv[t][nq, nq + nkv),
+// v[t] = qkv[t][nq + nkv, nq + 2 nkv), each plus its part of `bias` (the same stacked layout)
+// when `bias` is not null. grid (num_tokens, ceil((nq + 2 nkv) / (kThreads * kSiluVec))), block
+// kThreads: kSiluVec values per thread through 16-byte accesses (nq and nkv are multiples of
+// kSiluVec: the launcher checks, so no vector straddles two outputs).
+extern "C" __global__ void __launch_bounds__(kThreads)
+    split_qkv(scalar_t* __restrict__ q, scalar_t* __restrict__ k, scalar_t* __restrict__ v,
+              const scalar_t* __restrict__ qkv, const scalar_t* __restrict__ bias, int nq,
+              int nkv) {
+  kvs_wait_prior();  // PDL (scalar.cuh)
+  kvs_launch_dependents();
+  const long long t = blockIdx.x;
+  const int width = nq + 2 * nkv;
+  const int i = (blockIdx.y * kThreads + threadIdx.x) * kSiluVec;
+  if (i >= width) return;
+  uint4 x = *reinterpret_cast<const uint4*>(qkv + t * width + i);
+  if (bias != nullptr) {
+    const uint4 b = *reinterpret_cast<const uint4*>(bias + i);
+    scalar_t* xs = reinterpret_cast<scalar_t*>(&x);
+    const scalar_t* bs = reinterpret_cast<const scalar_t*>(&b);
+#pragma unroll
+    for (int j = 0; j < kSiluVec; ++j) xs[j] = from_float(to_float(xs[j]) + to_float(bs[j]));
+  }
+  scalar_t* dst;
+  if (i < nq) {
+    dst = q + t * nq + i;
+  } else if (i < nq + nkv) {
+    dst = k + t * nkv + (i - nq);
+  } else {
+    dst = v + t * nkv + (i - nq - nkv);
+  }
+  *reinterpret_cast<uint4*>(dst) = x;
+}
+
 // As silu_mul, one value per thread (any inter). grid (num_tokens, ceil(inter / kThreads)).
 extern "C" __global__ void __launch_bounds__(kThreads)
     silu_mul_scalar(scalar_t* __restrict__ out, const scalar_t* __restrict__ gate_up, int inter) {

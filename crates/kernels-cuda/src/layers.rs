@@ -382,6 +382,79 @@ pub fn fill_uniform<T: ActScalar>(
     Ok(())
 }
 
+/// Splits the output of one Q/K/V product over the stacked weight (`qkv`, `[tokens][nq + 2 *
+/// nkv]`) into `q` (`[tokens][nq]`), `k` and `v` (`[tokens][nkv]`), adding `bias` (stacked the
+/// same way) when given: one product and one launch instead of three products.
+///
+/// # Errors
+/// [`crate::KernelError::BadArgument`] for widths that are not positive multiples of 8 or
+/// buffers that are not whole rows of them.
+#[allow(clippy::too_many_arguments)]
+pub fn split_qkv<T: ActScalar>(
+    gpu: &Gpu,
+    qkv: &CudaSlice<T>,
+    bias: Option<&CudaSlice<T>>,
+    nq: usize,
+    nkv: usize,
+    q: &mut CudaSlice<T>,
+    k: &mut CudaSlice<T>,
+    v: &mut CudaSlice<T>,
+) -> Result<()> {
+    const K: &str = "split_qkv";
+    let (nq32, nkv32) = (dim(K, "q width", nq)?, dim(K, "k/v width", nkv)?);
+    if !nq.is_multiple_of(SILU_VEC) || !nkv.is_multiple_of(SILU_VEC) {
+        return Err(bad(
+            K,
+            format!("widths {nq} and {nkv}: not multiples of {SILU_VEC}"),
+        ));
+    }
+    let width = nq + 2 * nkv;
+    let tokens = q.len() / nq;
+    if qkv.len() != tokens * width
+        || q.len() != tokens * nq
+        || k.len() != tokens * nkv
+        || v.len() != tokens * nkv
+        || bias.is_some_and(|b| b.len() != width)
+    {
+        return Err(bad(
+            K,
+            format!(
+                "qkv {}, q {}, k {}, v {} and bias {:?} values for widths {nq} and {nkv}",
+                qkv.len(),
+                q.len(),
+                k.len(),
+                v.len(),
+                bias.map(CudaSlice::len)
+            ),
+        ));
+    }
+    if tokens == 0 {
+        return Ok(());
+    }
+    let mut cfg = rows(tokens)?;
+    cfg.grid_dim.1 = u32::try_from(width.div_ceil(THREADS as usize * SILU_VEC))
+        .ok()
+        .filter(|&c| c <= 65_535)
+        .ok_or_else(|| bad(K, format!("width {width}: too wide")))?;
+    let f = gpu.function(&Variant::elementwise(T::SCALAR), K)?;
+    // No bias: a null pointer the kernel never reads through.
+    let null = 0u64;
+    let mut launch = Launch::new(gpu, &f);
+    launch.arg(&mut *q).arg(&mut *k).arg(&mut *v).arg(qkv);
+    match bias {
+        Some(b) => launch.arg(b),
+        None => launch.arg(&null),
+    };
+    launch.arg(&nq32).arg(&nkv32);
+    // SAFETY: matches `split_qkv` in kernels/elementwise.cu (a null bias pointer when there is
+    // none); qkv holds tokens x (nq + 2 nkv) values, q tokens x nq, k and v tokens x nkv, bias
+    // nq + 2 nkv (checked); widths are multiples of 8, so the 16-byte accesses stay inside
+    // their rows and aligned (every buffer is a whole allocation), grid (tokens, chunks).
+    // The kernel calls kvs_wait_prior() before touching any buffer (PDL).
+    unsafe { launch.dependent().launch(cfg) }?;
+    Ok(())
+}
+
 /// `x[t] += bias` for every row `t` of `x` (`[tokens][bias.len()]`): the biases of Qwen2's
 /// Q/K/V projections (`bias` may be part of a stacked bias: `slice(..)`, or `as_view()`).
 ///

@@ -806,8 +806,66 @@ fn per_token_layers_match_the_reference() {
         assert!(e < 1e-2, "silu_mul (inter {inter}): {e}");
     }
 
-    // Bad input is refused before launching.
     let is_bad = |r: Result<(), KernelError>| matches!(r, Err(KernelError::BadArgument { .. }));
+    // The fused Q/K/V product split into q, k and v, with and without the stacked bias:
+    // exact without (a copy), the bias added in f32 and rounded once with it.
+    let (nq, nkv) = (576, 192);
+    let width = nq + 2 * nkv;
+    let qkv = random_bf16(&mut rng, tokens * width, 2.0);
+    let bias = random_bf16(&mut rng, width, 1.0);
+    let qkv_d = s.clone_htod(&to_bf16(&qkv)).unwrap();
+    let bias_d = s.clone_htod(&to_bf16(&bias)).unwrap();
+    for with_bias in [false, true] {
+        let mut q = s.alloc_zeros::<bf16>(tokens * nq).unwrap();
+        let mut k = s.alloc_zeros::<bf16>(tokens * nkv).unwrap();
+        let mut v = s.alloc_zeros::<bf16>(tokens * nkv).unwrap();
+        let b = with_bias.then_some(&bias_d);
+        kernels_cuda::split_qkv(&gpu, &qkv_d, b, nq, nkv, &mut q, &mut k, &mut v).unwrap();
+        let (q, k, v) = (
+            s.clone_dtoh(&q).unwrap(),
+            s.clone_dtoh(&k).unwrap(),
+            s.clone_dtoh(&v).unwrap(),
+        );
+        for t in 0..tokens {
+            for i in 0..width {
+                let x = qkv[t * width + i] + if with_bias { bias[i] } else { 0.0 };
+                let want = bf16::from_f32(x);
+                let got = if i < nq {
+                    q[t * nq + i]
+                } else if i < nq + nkv {
+                    k[t * nkv + i - nq]
+                } else {
+                    v[t * nkv + i - nq - nkv]
+                };
+                assert_eq!(got, want, "token {t}, column {i}, bias {with_bias}");
+            }
+        }
+    }
+    {
+        let mut q = s.alloc_zeros::<bf16>(tokens * nq).unwrap();
+        let mut k = s.alloc_zeros::<bf16>(tokens * nkv).unwrap();
+        let mut v = s.alloc_zeros::<bf16>(tokens * nkv).unwrap();
+        // Widths not a multiple of 8, a short qkv, a bias of the wrong length.
+        let odd =
+            kernels_cuda::split_qkv(&gpu, &qkv_d, None, nq - 4, nkv + 2, &mut q, &mut k, &mut v);
+        assert!(is_bad(odd));
+        let short = s.alloc_zeros::<bf16>(tokens * width - 8).unwrap();
+        assert!(is_bad(kernels_cuda::split_qkv(
+            &gpu, &short, None, nq, nkv, &mut q, &mut k, &mut v
+        )));
+        assert!(is_bad(kernels_cuda::split_qkv(
+            &gpu,
+            &qkv_d,
+            Some(&qkv_d),
+            nq,
+            nkv,
+            &mut q,
+            &mut k,
+            &mut v
+        )));
+    }
+
+    // Bad input is refused before launching.
     assert!(is_bad(kernels_cuda::embedding_gather(
         &gpu,
         &table_d,

@@ -74,6 +74,8 @@ struct Buffers {
     q: Option<CudaSlice<bf16>>,
     k: Option<CudaSlice<bf16>>,
     v: Option<CudaSlice<bf16>>,
+    /// The fused Q/K/V product before [`kernels_cuda::split_qkv`] (cuBLAS path).
+    qkv: Option<CudaSlice<bf16>>,
     attn: Option<CudaSlice<bf16>>,
     proj: Option<CudaSlice<bf16>>,
     gate_up: Option<CudaSlice<bf16>>,
@@ -145,6 +147,9 @@ pub struct CudaBackend {
     /// Steps with prompt chunks attend through the prefill kernel
     /// (`KVSERVE_PREFILL_KERNEL=0`: through the decode kernel, one row per token).
     prefill: bool,
+    /// Steps above the GEMV path run one Q/K/V product over the stacked weight and split it
+    /// (`KVSERVE_FUSED_QKV=0`: three products over views of it, for comparisons).
+    fused_qkv: bool,
     /// Decode steps (at most one token per sequence) fold RoPE and the cache write into the
     /// attention launch (`PagedDecoder::run_with_rope`: one launch fewer per layer, the same
     /// bits). Off unless `KVSERVE_FOLD_ROPE=1`: on an H200 it saved no GPU time on the 8B
@@ -559,6 +564,7 @@ impl CudaBackend {
             gemv: std::env::var("KVSERVE_GEMV").as_deref() != Ok("0"),
             fused_norm: FusedNorm::from_env(),
             prefill: std::env::var("KVSERVE_PREFILL_KERNEL").as_deref() != Ok("0"),
+            fused_qkv: std::env::var("KVSERVE_FUSED_QKV").as_deref() != Ok("0"),
             fold_rope: std::env::var("KVSERVE_FOLD_ROPE").as_deref() == Ok("1"),
             blas,
             gpu,
@@ -694,6 +700,11 @@ impl CudaBackend {
                 let bias = lw.qkv_bias.as_ref();
                 let outs = GemvEpilogue::Store(&mut outs);
                 kernels_cuda::gemv_with(gpu, input, &lw.w_qkv, h, bias, outs)?;
+            } else if self.fused_qkv && nq.is_multiple_of(8) && nkv.is_multiple_of(8) {
+                // One product over the stacked weight, split (and biased) by one launch.
+                let qkv = buffer(&mut bf.qkv, gpu, t * (nq + 2 * nkv))?;
+                self.blas.linear(normed, &lw.w_qkv, nq + 2 * nkv, h, qkv)?;
+                kernels_cuda::split_qkv(gpu, qkv, lw.qkv_bias.as_ref(), nq, nkv, q, k, v)?;
             } else {
                 let w = &lw.w_qkv;
                 let (q_end, k_end) = (nq * h, (nq + nkv) * h);
