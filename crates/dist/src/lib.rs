@@ -43,6 +43,8 @@ mod config;
 mod error;
 mod nccl;
 mod rendezvous;
+mod tensor_parallel;
+mod thread_group;
 
 pub use comm::{Communicator, LocalCommunicator};
 pub use config::{DistConfig, MAX_WORLD_SIZE};
@@ -52,3 +54,5 @@ pub use rendezvous::{
     MAGIC, MAX_FRAME, PROTOCOL_VERSION, Rendezvous, RendezvousHost, UNIQUE_ID_LEN, UniqueId,
     bootstrap_unique_id,
 };
+pub use tensor_parallel::{GroupAbort, TensorParallelBackend};
+pub use thread_group::ThreadGroup;

@@ -65,6 +65,29 @@ impl TensorSource for SafetensorsDir {
     }
 }
 
+/// The weights of `shard` alone (no tokenizer) from a GGUF file or, for a directory, an HF
+/// checkpoint: what each rank of a tensor-parallel group loads for itself.
+pub fn load_weights(path: &Path, shard: Shard) -> Result<Weights, ModelError> {
+    if path.is_dir() {
+        hf_weights(&SafetensorsDir::open(path)?, shard)
+    } else {
+        let file = GgufFile::open(path)?;
+        let config = ModelConfig::from_gguf(|k| file.get(k))?;
+        Weights::load(&config, &file, shard)
+    }
+}
+
+/// The weights of `shard` of an opened HF checkpoint, configured by its `config.json`.
+fn hf_weights(files: &SafetensorsDir, shard: Shard) -> Result<Weights, ModelError> {
+    let text = files
+        .config_json()
+        .ok_or_else(|| ModelError::MissingTensor {
+            name: "config.json".into(),
+        })?;
+    let config = ModelConfig::from_hf_json(text)?;
+    Weights::load(&config, files, shard)
+}
+
 /// Loads a GGUF model file: configuration from its metadata, weights (as `shard`), and the
 /// tokenizer built from its vocabulary.
 pub fn load_gguf(path: &Path, shard: Shard) -> Result<LoadedModel, ModelError> {
@@ -78,13 +101,7 @@ pub fn load_gguf(path: &Path, shard: Shard) -> Result<LoadedModel, ModelError> {
 /// Loads an HF model directory: `config.json`, `*.safetensors` and `tokenizer.json`.
 pub fn load_hf_dir(dir: &Path, shard: Shard) -> Result<LoadedModel, ModelError> {
     let files = SafetensorsDir::open(dir)?;
-    let text = files
-        .config_json()
-        .ok_or_else(|| ModelError::MissingTensor {
-            name: "config.json".into(),
-        })?;
-    let config = ModelConfig::from_hf_json(text)?;
-    let weights = Weights::load(&config, &files, shard)?;
+    let weights = hf_weights(&files, shard)?;
     let tokenizer_path = files
         .tokenizer_json_path()
         .ok_or_else(|| ModelError::MissingTensor {
