@@ -152,10 +152,17 @@ fn two_ranks_give_the_logits_of_one() {
         assert!(diff < 1e-3, "max |logit difference| {diff}");
     }
     // Block copies reach every rank (nothing to compare, but they must succeed).
-    let op = CopyOp { src: BlockId(0), dst: BlockId(1) };
+    let op = CopyOp {
+        src: BlockId(0),
+        dst: BlockId(1),
+    };
     tp.copy_blocks(&[op]).unwrap();
     tp.swap_out(&[op]).unwrap();
-    tp.swap_in(&[CopyOp { src: BlockId(1), dst: BlockId(2) }]).unwrap();
+    tp.swap_in(&[CopyOp {
+        src: BlockId(1),
+        dst: BlockId(2),
+    }])
+    .unwrap();
 }
 
 #[test]
@@ -166,7 +173,13 @@ fn a_bad_batch_fails_the_step_alike_and_the_group_goes_on() {
     let mut logits = Vec::new();
     let err = tp.forward(&bad.batch(), &mut logits).unwrap_err();
     assert!(
-        matches!(err, ModelError::InvalidBatch { field: "token_ids", .. }),
+        matches!(
+            err,
+            ModelError::InvalidBatch {
+                field: "token_ids",
+                ..
+            }
+        ),
         "{err}"
     );
     assert!(tp.dead_reason().is_none());
@@ -181,15 +194,26 @@ fn assert_dies(fault: Fault, words: &str) {
     let err = tp.forward(&prompt().batch(), &mut logits).unwrap_err();
     let message = err.to_string();
     assert!(matches!(err, ModelError::Unrecoverable(_)), "{message}");
-    assert!(message.contains("rank 1") && message.contains(words), "{message}");
+    assert!(
+        message.contains("rank 1") && message.contains(words),
+        "{message}"
+    );
     // Every later call fails at once with the same reason.
     for _ in 0..2 {
         let again = tp.forward(&prompt().batch(), &mut logits).unwrap_err();
         assert_eq!(again.to_string(), message);
     }
-    let copy = tp.copy_blocks(&[CopyOp { src: BlockId(0), dst: BlockId(1) }]).unwrap_err();
+    let copy = tp
+        .copy_blocks(&[CopyOp {
+            src: BlockId(0),
+            dst: BlockId(1),
+        }])
+        .unwrap_err();
     assert!(matches!(copy, ModelError::Unrecoverable(_)), "{copy}");
-    assert_eq!(tp.dead_reason().map(str::to_owned), Some(message.replace("the backend cannot run any more: ", "")));
+    assert_eq!(
+        tp.dead_reason().map(str::to_owned),
+        Some(message.replace("the backend cannot run any more: ", ""))
+    );
     drop(tp); // joins every rank thread
 }
 
