@@ -636,6 +636,47 @@ mod tests {
     }
 
     #[test]
+    fn bad_distributed_flags_are_refused_by_name() {
+        let err = |args: &[&str]| serve_args(args).engine.to_config().unwrap_err();
+        let zero = err(&["--tensor-parallel-size", "0"]);
+        assert!(
+            matches!(&zero, CliError::Dist(m) if m.contains("tensor_parallel_size")),
+            "{zero}"
+        );
+        let rank = err(&["--nnodes", "1", "--node-rank", "1"]);
+        assert!(
+            matches!(&rank, CliError::Dist(m) if m.contains("node_rank")),
+            "{rank}"
+        );
+        let addr = err(&["--dist-init-addr", "nowhere"]);
+        assert!(
+            matches!(&addr, CliError::Dist(m) if m.contains("dist_init_addr")),
+            "{addr}"
+        );
+        let no_addr = err(&["--tensor-parallel-size", "2", "--nnodes", "2"]);
+        assert!(
+            matches!(&no_addr, CliError::Dist(m) if m.contains("dist_init_addr")),
+            "{no_addr}"
+        );
+        let multi = err(&[
+            "--tensor-parallel-size",
+            "2",
+            "--nnodes",
+            "2",
+            "--dist-init-addr",
+            "node0:29500",
+        ]);
+        assert_eq!(multi, CliError::MultiNode { nnodes: 2 });
+        assert!(multi.to_string().contains("not supported yet"), "{multi}");
+        // The flags are shared: bench takes them too.
+        let bench = parse(&["bench", "--tensor-parallel-size", "3"]).unwrap();
+        match bench.command {
+            Command::Bench(b) => assert_eq!(b.engine.to_config().unwrap().tensor_parallel_size, 3),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn serve_defaults_match_the_engine_defaults() {
         let a = serve_args(&[]);
         assert_eq!(a.addresses().0, "127.0.0.1:50051");
@@ -675,6 +716,14 @@ mod tests {
             "3",
             "--max-queued-requests",
             "7",
+            "--tensor-parallel-size",
+            "3",
+            "--nnodes",
+            "1",
+            "--node-rank",
+            "0",
+            "--dist-init-addr",
+            "127.0.0.1:29500",
             "--host",
             "::1",
             "--port",
@@ -698,6 +747,7 @@ mod tests {
         assert_eq!(c.preemption_mode, PreemptionMode::Swap);
         assert_eq!(c.swap_space, 1 << 30);
         assert_eq!(c.speculative, Some(SpeculativeMode::Ngram));
+        assert_eq!(c.tensor_parallel_size, 3);
         assert_eq!(c.num_speculative_tokens, 3);
         assert_eq!(c.max_queued_requests, 7);
         assert_eq!(a.addresses(), ("[::1]:0".into(), "[::1]:0".into()));
