@@ -368,7 +368,7 @@ enum RankWeights {
     /// ranks load theirs from the file.
     File {
         path: PathBuf,
-        first: Mutex<Option<Weights>>,
+        first: Mutex<Option<Box<Weights>>>,
     },
     /// Generated (the dummy model), each rank its own shard.
     Dummy(ModelConfig),
@@ -383,7 +383,7 @@ impl RankWeights {
                 } else {
                     None
                 };
-                preloaded.map_or_else(|| model::load_weights(path, shard), Ok)
+                preloaded.map_or_else(|| model::load_weights(path, shard), |w| Ok(*w))
             }
             Self::Dummy(c) => Weights::dummy_shard(c, DType::Q8_0, DUMMY_SEED, shard),
         }
@@ -422,7 +422,7 @@ fn tensor_parallel_cpu(
             let (loaded, name) = load_shard(&path, shard0)?;
             let source = RankWeights::File {
                 path,
-                first: Mutex::new(Some(loaded.weights)),
+                first: Mutex::new(Some(Box::new(loaded.weights))),
             };
             (source, loaded.tokenizer, name)
         }
