@@ -427,6 +427,11 @@ impl TensorParallelBackend {
         for (r, rank) in self.ranks.iter().enumerate() {
             sent.push(rank.jobs.send(job(r)).is_ok());
         }
+        if let Some(gone) = sent.iter().position(|ok| !ok) {
+            // Its peers would wait for it in their first collective.
+            self.group
+                .abort(&format!("tensor-parallel rank {gone} is gone"));
+        }
         let mut replies = Vec::with_capacity(self.ranks.len());
         for (rank, ok) in self.ranks.iter().zip(sent) {
             // A rank whose thread is gone never answers: its channel is closed.

@@ -462,7 +462,10 @@ impl Engine {
     /// Loads the model ([`ModelSource::Default`]: the default model, fetched if missing; a
     /// path: a GGUF file or an HF directory), sizes the KV pool from the memory budget
     /// ([`kv_cache_config`]; on a GPU, what `gpu_memory_utilization` leaves after the weights),
-    /// builds the backend `device` asks for and starts the step loop.
+    /// builds the backend `device` asks for and starts the step loop. With
+    /// `tensor_parallel_size > 1` (CPU only for now) the backend is a
+    /// [`dist::TensorParallelBackend`] of sharded CPU backends, one thread per rank, each
+    /// loading its own shard and holding its own KV cache.
     ///
     /// # Errors
     /// [`EngineError::Startup`] naming what failed (config field, model file, fetch).
