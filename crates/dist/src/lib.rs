@@ -12,6 +12,12 @@
 //!   checked before NCCL is called. [`NcclCommunicator`] is one NCCL rank;
 //!   [`LocalCommunicator`] the world of one. [`NcclCommunicator::run_local_ranks`] starts one
 //!   thread per local GPU, each with its communicator.
+//! * [`ThreadGroup`]: the `model::HostCollective` for ranks that are threads of one process
+//!   (sums in rank order, bit-identical on every rank; abort, reset and an optional timeout).
+//! * [`TensorParallelBackend`]: one `model::Backend` over N rank threads, each building and
+//!   owning its sharded backend; one scheduler sends every step to all ranks and gets rank
+//!   0's result; a rank that fails out of lockstep makes the backend dead
+//!   (`ModelError::Unrecoverable`) instead of hanging it.
 //!
 //! **Never panics without NCCL or a GPU.** cudarc loads libnccl and libcuda at run time and
 //! panics on the first call when one is missing; every NCCL entry point here first checks
@@ -43,6 +49,8 @@ mod config;
 mod error;
 mod nccl;
 mod rendezvous;
+mod tensor_parallel;
+mod thread_group;
 
 pub use comm::{Communicator, LocalCommunicator};
 pub use config::{DistConfig, MAX_WORLD_SIZE};
@@ -52,3 +60,5 @@ pub use rendezvous::{
     MAGIC, MAX_FRAME, PROTOCOL_VERSION, Rendezvous, RendezvousHost, UNIQUE_ID_LEN, UniqueId,
     bootstrap_unique_id,
 };
+pub use tensor_parallel::{GroupAbort, TensorParallelBackend};
+pub use thread_group::ThreadGroup;

@@ -118,6 +118,11 @@ pub struct EngineConfig {
     pub max_queued_requests: usize,
     /// Limits on request fields.
     pub limits: Limits,
+    /// Ranks of tensor parallelism (1: none). Above 1 the model's query heads, KV heads and
+    /// MLP width must divide evenly over the ranks; each rank is a thread with its own shard
+    /// and its own KV cache of `kv_cache_memory` bytes (sized with its local KV heads). CPU
+    /// only for now.
+    pub tensor_parallel_size: usize,
 }
 
 impl Default for EngineConfig {
@@ -139,6 +144,7 @@ impl Default for EngineConfig {
             num_speculative_tokens: 4,
             max_queued_requests: 1024,
             limits: Limits::default(),
+            tensor_parallel_size: 1,
         }
     }
 }

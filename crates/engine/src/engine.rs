@@ -1,14 +1,17 @@
 //! Starting an engine: loading the model, sizing the KV pool, building the scheduler (and
 //! speculative decoding), spawning the step loop.
 
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use dist::{DistConfig, GroupAbort, TensorParallelBackend, ThreadGroup};
+use model::HostCollective as _;
 
 use kv_block_manager::{BlockManager, BlockManagerConfig, SUPPORTED_BLOCK_SIZES};
 use kv_quant::KvCacheDtype;
 use model::{
-    Backend, CpuBackend, CudaBackend, DType, Gpu, KvCacheConfig, LoadedModel, ModelConfig, Shard,
-    Tokenizer, Weights,
+    Backend, CpuBackend, CudaBackend, DType, Gpu, KvCacheConfig, LoadedModel, LocalShape,
+    ModelConfig, ModelError, Shard, Tokenizer, Weights,
 };
 use scheduler::spec::{
     DraftModelConfig, DraftModelProposer, MAX_K, NgramConfig, NgramProposer, Proposer,
@@ -49,11 +52,12 @@ fn bad_config(field: &str, reason: impl std::fmt::Display) -> EngineError {
 /// The KV cache a model gets under `config`: `kv_cache_memory` (or
 /// [`DEFAULT_CPU_KV_CACHE_MEMORY`]) divided by the bytes of one block over every layer
 /// (`kv_quant::bytes_per_block × num_layers`), and `swap_space` divided the same way for the
-/// CPU swap pool.
+/// CPU swap pool. Under tensor parallelism this is one rank's cache: a block holds the rank's
+/// local KV heads, and each rank gets the whole budget.
 ///
 /// # Errors
-/// [`EngineError::Startup`] naming the field when the block layout is invalid or the budget
-/// holds no block.
+/// [`EngineError::Startup`] naming the field when the block layout is invalid, the budget
+/// holds no block, or the model does not shard over `tensor_parallel_size` ranks.
 pub fn kv_cache_config(
     config: &EngineConfig,
     model: &ModelConfig,
@@ -68,9 +72,9 @@ pub fn kv_cache_config(
         ));
     }
     let dtype = config.kv_cache_dtype.unwrap_or(DEFAULT_CPU_KV_CACHE_DTYPE);
-    let per_layer =
-        kv_quant::bytes_per_block(dtype, config.block_size, model.num_kv_heads, model.head_dim)
-            .map_err(|e| bad_config("block_size / kv_cache_dtype", e))?;
+    let kv_heads = rank_shape(config, model, 0)?.num_kv_heads;
+    let per_layer = kv_quant::bytes_per_block(dtype, config.block_size, kv_heads, model.head_dim)
+        .map_err(|e| bad_config("block_size / kv_cache_dtype", e))?;
     let per_block = (per_layer as u64)
         .checked_mul(model.num_layers as u64)
         .filter(|&b| b > 0)
@@ -93,6 +97,27 @@ pub fn kv_cache_config(
         block_size: config.block_size,
         dtype,
         num_cpu_blocks: num_cpu_blocks as usize,
+    })
+}
+
+/// The part of `model` that tensor-parallel rank `rank` holds (the whole model at size 1).
+fn rank_shape(
+    config: &EngineConfig,
+    model: &ModelConfig,
+    rank: usize,
+) -> Result<LocalShape, EngineError> {
+    let shard = Shard {
+        rank,
+        world_size: config.tensor_parallel_size,
+    };
+    LocalShape::new(model, shard).map_err(|e| {
+        bad_config(
+            "tensor_parallel_size",
+            format!(
+                "the model does not shard over {} ranks: {e}",
+                shard.world_size
+            ),
+        )
     })
 }
 
@@ -161,12 +186,29 @@ fn load_dummy(path: &Path) -> Result<(ModelWeights, Tokenizer, String), EngineEr
 
 /// Loads a GGUF file or an HF directory; the name is the file stem or the directory name.
 fn load_path(path: &Path) -> Result<(LoadedModel, String), EngineError> {
+    load_shard(path, Shard::FULL)
+}
+
+/// [`load_path`], keeping `shard`'s weights.
+fn load_shard(path: &Path, shard: Shard) -> Result<(LoadedModel, String), EngineError> {
     let loaded = if path.is_dir() {
-        model::load_hf_dir(path, Shard::FULL)
+        model::load_hf_dir(path, shard)
     } else {
-        model::load_gguf(path, Shard::FULL)
+        model::load_gguf(path, shard)
     }
-    .map_err(|e| startup(&format!("loading {}", path.display()), e))?;
+    .map_err(|e| {
+        let what = if shard.world_size > 1 {
+            format!(
+                "loading {} as rank {} of {} (tensor_parallel_size)",
+                path.display(),
+                shard.rank,
+                shard.world_size
+            )
+        } else {
+            format!("loading {}", path.display())
+        };
+        startup(&what, e)
+    })?;
     let name = if path.is_dir() {
         path.file_name()
     } else {
@@ -207,7 +249,24 @@ fn check_config(c: &EngineConfig) -> Result<(), EngineError> {
     if c.limits.max_n == 0 {
         return Err(bad_config("limits.max_n", "must be at least 1"));
     }
+    DistConfig::single_node(c.tensor_parallel_size)
+        .validate()
+        .map_err(|e| bad_config("tensor_parallel_size", e))?;
+    if c.tensor_parallel_size > 1 && c.device == Device::Cuda {
+        return Err(not_on_gpu(c.tensor_parallel_size));
+    }
     Ok(())
+}
+
+/// Tensor parallelism on a GPU: not yet.
+fn not_on_gpu(tp: usize) -> EngineError {
+    bad_config(
+        "tensor_parallel_size",
+        format!(
+            "{tp} ranks on a GPU are not supported yet (tensor parallelism runs on the CPU \
+             for now: use --device cpu)"
+        ),
+    )
 }
 
 /// The GPU `device` asks for: none for the CPU; for `auto`, device 0 if it opens (else the
@@ -303,11 +362,110 @@ fn speculation(
     Ok(Speculation::new(proposer, controller))
 }
 
+/// Where each rank of a tensor-parallel group gets its weights.
+enum RankWeights {
+    /// Rank 0's shard, loaded while reading the tokenizer, until rank 0 takes it; the other
+    /// ranks load theirs from the file.
+    File {
+        path: PathBuf,
+        first: Mutex<Option<Box<Weights>>>,
+    },
+    /// Generated (the dummy model), each rank its own shard.
+    Dummy(ModelConfig),
+}
+
+impl RankWeights {
+    fn load(&self, shard: Shard) -> Result<Weights, ModelError> {
+        match self {
+            Self::File { path, first } => {
+                let preloaded = if shard.rank == 0 {
+                    first.lock().ok().and_then(|mut w| w.take())
+                } else {
+                    None
+                };
+                preloaded.map_or_else(|| model::load_weights(path, shard), |w| Ok(*w))
+            }
+            Self::Dummy(c) => Weights::dummy_shard(c, DType::Q8_0, DUMMY_SEED, shard),
+        }
+    }
+}
+
+/// The CPU backend over `tensor_parallel_size` ranks: a [`TensorParallelBackend`] whose rank
+/// threads each load their shard and build a sharded [`CpuBackend`] over one
+/// [`ThreadGroup`], each with its own KV cache of its local KV heads.
+fn tensor_parallel_cpu(
+    config: &EngineConfig,
+) -> Result<(Box<dyn Backend + Send>, Tokenizer, String), EngineError> {
+    let tp = config.tensor_parallel_size;
+    let shard0 = Shard {
+        rank: 0,
+        world_size: tp,
+    };
+    let path = match &config.model {
+        ModelSource::Default => Some(
+            model::ensure_default_model(&model::fetch::default_models_dir())
+                .map_err(|e| startup("fetching the default model", e))?,
+        ),
+        ModelSource::Path(path) => Some(path.clone()),
+        ModelSource::Dummy(_) => None,
+    };
+    let (source, tokenizer, name) = match (&config.model, path) {
+        (ModelSource::Dummy(dir), _) => match load_dummy(dir)? {
+            (ModelWeights::Dummy(c), tokenizer, name) => (RankWeights::Dummy(c), tokenizer, name),
+            (ModelWeights::Loaded(_), ..) => {
+                return Err(startup("dummy weights", "loaded real weights"));
+            }
+        },
+        (_, Some(path)) => {
+            // Loading checks first that the model shards evenly (the error names what does
+            // not divide), before reading any weight.
+            let (loaded, name) = load_shard(&path, shard0)?;
+            let source = RankWeights::File {
+                path,
+                first: Mutex::new(Some(Box::new(loaded.weights))),
+            };
+            (source, loaded.tokenizer, name)
+        }
+        (_, None) => return Err(startup("loading the model", "no path")),
+    };
+    let shape = match &source {
+        RankWeights::Dummy(c) => c.clone(),
+        RankWeights::File { first, .. } => first
+            .lock()
+            .ok()
+            .and_then(|w| w.as_ref().map(|w| w.config().clone()))
+            .ok_or_else(|| startup("loading the model", "rank 0's weights are gone"))?,
+    };
+    let kv = kv_cache_config(config, &shape)?;
+    tracing::info!(
+        ranks = tp,
+        "tensor parallelism on the CPU: {} KV blocks of {} tokens ({}) per rank",
+        kv.num_blocks,
+        kv.block_size,
+        kv.dtype
+    );
+    let members = ThreadGroup::new(tp).map_err(|e| bad_config("tensor_parallel_size", e))?;
+    let group: Arc<dyn GroupAbort> = Arc::new(members[0].clone());
+    let backend = TensorParallelBackend::spawn(tp, group, move |rank| {
+        let member = members
+            .get(rank)
+            .cloned()
+            .ok_or_else(|| ModelError::Unsupported(format!("rank {rank} of a group of {tp}")))?;
+        let weights = source.load(member.shard())?;
+        CpuBackend::new_sharded(weights, kv, Arc::new(member))
+    })
+    .map_err(|e| startup("tensor-parallel ranks", e))?;
+    Ok((Box::new(backend), tokenizer, name))
+}
+
 impl Engine {
     /// Loads the model ([`ModelSource::Default`]: the default model, fetched if missing; a
     /// path: a GGUF file or an HF directory), sizes the KV pool from the memory budget
     /// ([`kv_cache_config`]; on a GPU, what `gpu_memory_utilization` leaves after the weights),
-    /// builds the backend `device` asks for and starts the step loop.
+    /// builds the backend `device` asks for and starts the step loop. With
+    /// `tensor_parallel_size > 1` (CPU only for now) the backend is a
+    /// [`dist::TensorParallelBackend`] of sharded CPU backends, one thread per rank, each
+    /// loading its own shard and holding its own KV cache.
     ///
     /// # Errors
     /// [`EngineError::Startup`] naming what failed (config field, model file, fetch).
@@ -315,6 +473,13 @@ impl Engine {
         check_config(&config)?;
         // Before loading anything: a missing GPU fails fast.
         let gpu = select_device(config.device)?;
+        if config.tensor_parallel_size > 1 {
+            if gpu.is_some() {
+                return Err(not_on_gpu(config.tensor_parallel_size));
+            }
+            let (backend, tokenizer, name) = tensor_parallel_cpu(&config)?;
+            return Self::start_with_backend(config, backend, tokenizer, name);
+        }
         let (weights, tokenizer, name) = match &config.model {
             ModelSource::Default => {
                 let path = model::ensure_default_model(&model::fetch::default_models_dir())

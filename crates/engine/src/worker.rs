@@ -4,8 +4,9 @@
 //! step: `schedule` → swap-out, swap-in and copy-on-write copies → `forward` → sampling (and
 //! speculative verification) → `update` → detokenization, stop strings and the stream deltas.
 //! With nothing to do it blocks on the command channel. A failed forward fails that batch's
-//! requests (`fail_step`) and the loop goes on; a failed block copy (the KV contents can no
-//! longer be trusted) or a panic kills the loop: health turns `NotServing` and every request
+//! requests (`fail_step`) and the loop goes on; a backend that cannot run any more
+//! (`ModelError::Unrecoverable`: a dead tensor-parallel group), a failed block copy (the KV
+//! contents can no longer be trusted) or a panic kills the loop: health turns `NotServing` and every request
 //! fails.
 
 use std::collections::HashMap;
@@ -15,7 +16,7 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
-use model::{Backend, ForwardBatch, RowSampling, Tokenizer};
+use model::{Backend, ForwardBatch, ModelError, RowSampling, Tokenizer};
 use scheduler::spec::{verify_greedy, verify_stochastic};
 use scheduler::{
     FinishReason as SchedFinish, RejectReason, RequestId, SampleOutput, ScheduledSeq, Scheduler,
@@ -34,6 +35,16 @@ use crate::sampling::{
     top_logprobs,
 };
 use crate::text::TextStream;
+
+/// A failed forward's message for the requests of its step, or [`Fatal`] when the backend
+/// cannot run any more (a dead tensor-parallel group): retrying every step would fail each
+/// batch forever, so the loop dies and health turns `NotServing`.
+fn forward_failed(e: ModelError) -> Result<String, Fatal> {
+    match e {
+        ModelError::Unrecoverable(_) => Err(Fatal(format!("forward pass failed: {e}"))),
+        e => Ok(format!("forward pass failed: {e}")),
+    }
+}
 
 /// An error after which the loop cannot go on.
 #[derive(Debug)]
@@ -436,7 +447,7 @@ impl Worker {
                         tokens.len(),
                         sampling.len()
                     )),
-                    Err(e) => Err(format!("forward pass failed: {e}")),
+                    Err(e) => Err(forward_failed(e)?),
                 }
             } else {
                 let r = self.backend.forward(&batch, &mut self.logits);
@@ -463,7 +474,7 @@ impl Worker {
                         out.logits_indices.len(),
                         self.vocab.row
                     )),
-                    Err(e) => Err(format!("forward pass failed: {e}")),
+                    Err(e) => Err(forward_failed(e)?),
                 }
             }
         } else {

@@ -1,6 +1,6 @@
 //! The collective operations a tensor-parallel forward pass needs, as a trait the model runs
-//! over without knowing the transport: the `dist` crate implements it over NCCL, and
-//! [`SingleRank`] is the group of one.
+//! over without knowing the transport: the `dist` crate implements it (`dist::ThreadGroup`, for
+//! ranks that are threads of one process), and [`SingleRank`] is the group of one.
 //!
 //! # The invariant
 //!

@@ -51,6 +51,11 @@ pub enum ModelError {
         /// What went wrong.
         reason: String,
     },
+    /// The backend cannot run any step any more (a tensor-parallel rank died or the ranks
+    /// fell out of lockstep); every later call fails the same way. The engine treats it as
+    /// fatal, unlike a failed step.
+    #[error("the backend cannot run any more: {0}")]
+    Unrecoverable(String),
     /// A setting the backend does not support.
     #[error("unsupported: {0}")]
     Unsupported(String),

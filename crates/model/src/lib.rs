@@ -58,7 +58,7 @@ pub use fetch::{FetchError, default_model_path, ensure_default_model};
 pub use gguf::{GgufError, GgufFile, GgufValue, TensorView};
 /// The CUDA device handle the CUDA backend runs on (from kernels-cuda).
 pub use kernels_cuda::Gpu;
-pub use load::{LoadedModel, load_gguf, load_hf_dir};
+pub use load::{LoadedModel, load_gguf, load_hf_dir, load_weights};
 pub use safetensors::{SafetensorsDir, SafetensorsError};
 pub use tensor::DType;
 pub use tokenizer::{ChatMessage, IncrementalDetokenizer, Tokenizer, TokenizerError};

@@ -65,6 +65,29 @@ impl TensorSource for SafetensorsDir {
     }
 }
 
+/// The weights of `shard` alone (no tokenizer) from a GGUF file or, for a directory, an HF
+/// checkpoint: what each rank of a tensor-parallel group loads for itself.
+pub fn load_weights(path: &Path, shard: Shard) -> Result<Weights, ModelError> {
+    if path.is_dir() {
+        hf_weights(&SafetensorsDir::open(path)?, shard)
+    } else {
+        let file = GgufFile::open(path)?;
+        let config = ModelConfig::from_gguf(|k| file.get(k))?;
+        Weights::load(&config, &file, shard)
+    }
+}
+
+/// The weights of `shard` of an opened HF checkpoint, configured by its `config.json`.
+fn hf_weights(files: &SafetensorsDir, shard: Shard) -> Result<Weights, ModelError> {
+    let text = files
+        .config_json()
+        .ok_or_else(|| ModelError::MissingTensor {
+            name: "config.json".into(),
+        })?;
+    let config = ModelConfig::from_hf_json(text)?;
+    Weights::load(&config, files, shard)
+}
+
 /// Loads a GGUF model file: configuration from its metadata, weights (as `shard`), and the
 /// tokenizer built from its vocabulary.
 pub fn load_gguf(path: &Path, shard: Shard) -> Result<LoadedModel, ModelError> {
@@ -78,13 +101,7 @@ pub fn load_gguf(path: &Path, shard: Shard) -> Result<LoadedModel, ModelError> {
 /// Loads an HF model directory: `config.json`, `*.safetensors` and `tokenizer.json`.
 pub fn load_hf_dir(dir: &Path, shard: Shard) -> Result<LoadedModel, ModelError> {
     let files = SafetensorsDir::open(dir)?;
-    let text = files
-        .config_json()
-        .ok_or_else(|| ModelError::MissingTensor {
-            name: "config.json".into(),
-        })?;
-    let config = ModelConfig::from_hf_json(text)?;
-    let weights = Weights::load(&config, &files, shard)?;
+    let weights = hf_weights(&files, shard)?;
     let tokenizer_path = files
         .tokenizer_json_path()
         .ok_or_else(|| ModelError::MissingTensor {
@@ -114,5 +131,73 @@ mod tests {
         assert_eq!(hf_name("output.weight").as_deref(), Some("lm_head.weight"));
         assert_eq!(hf_name("blk.1.unknown.weight"), None);
         assert_eq!(hf_name("rope_freqs.weight"), None);
+    }
+
+    #[test]
+    fn load_weights_refuses_missing_and_junk_inputs() {
+        use super::load_weights;
+        use crate::weights::Shard;
+        let dir = std::env::temp_dir().join(format!("kvserve-load-weights-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let shard = Shard {
+            rank: 1,
+            world_size: 2,
+        };
+        assert!(load_weights(&dir.join("missing.gguf"), shard).is_err());
+        let junk = dir.join("junk.gguf");
+        std::fs::write(&junk, b"GGUF\x03\x00\x00\x00 not a model").unwrap();
+        assert!(load_weights(&junk, shard).is_err());
+        // A directory without config.json or safetensors.
+        assert!(load_weights(&dir, shard).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn local_shape_names_what_does_not_divide() {
+        use crate::config::ModelConfig;
+        use crate::weights::{LocalShape, Shard};
+        let c = ModelConfig::tiny(100);
+        let shape = LocalShape::new(
+            &c,
+            Shard {
+                rank: 1,
+                world_size: 2,
+            },
+        )
+        .unwrap();
+        assert_eq!((shape.num_heads, shape.num_kv_heads), (2, 1));
+        assert_eq!((shape.vocab_start, shape.vocab_size), (50, 50));
+        let err = LocalShape::new(
+            &c,
+            Shard {
+                rank: 0,
+                world_size: 3,
+            },
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("4 query heads over 3 ranks"),
+            "{err}"
+        );
+        assert!(
+            LocalShape::new(
+                &c,
+                Shard {
+                    rank: 2,
+                    world_size: 2
+                }
+            )
+            .is_err()
+        );
+        assert!(
+            LocalShape::new(
+                &c,
+                Shard {
+                    rank: 0,
+                    world_size: 0
+                }
+            )
+            .is_err()
+        );
     }
 }

@@ -366,6 +366,17 @@ impl Weights {
     }
 }
 
+impl LocalShape {
+    /// The part of `config` that `shard` holds.
+    ///
+    /// # Errors
+    /// [`ModelError::Unsupported`] naming what does not divide evenly over the ranks (query
+    /// heads, KV heads, MLP width, vocabulary, quantization blocks), as loading does.
+    pub fn new(config: &ModelConfig, shard: Shard) -> Result<Self, ModelError> {
+        local_shape(config, shard)
+    }
+}
+
 /// Heads and MLP width held by `shard`, checking that the model divides evenly.
 fn local_shape(config: &ModelConfig, shard: Shard) -> Result<LocalShape, ModelError> {
     let Shard {

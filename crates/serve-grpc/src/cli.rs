@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use clap::builder::TypedValueParser as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use dist::DistConfig;
 use engine::{Device, EngineConfig, ModelSource, SpeculativeMode};
 use kv_quant::KvCacheDtype;
 use scheduler::PreemptionMode;
@@ -53,6 +54,20 @@ pub enum CliError {
     /// An unknown workload.
     #[error(transparent)]
     Workload(#[from] WorkloadError),
+    /// Distributed flags that do not fit together (`--tensor-parallel-size`, `--nnodes`,
+    /// `--node-rank`, `--dist-init-addr`), as `dist::DistConfig::validate` names them.
+    #[error("invalid distributed flags: {0}")]
+    Dist(String),
+    /// Tensor parallelism over several hosts: the rendezvous exists, the rank transport does
+    /// not yet.
+    #[error(
+        "--nnodes {nnodes}: multi-node tensor parallelism is not supported yet (run every rank \
+         on this host: --nnodes 1)"
+    )]
+    MultiNode {
+        /// The number of nodes asked for.
+        nnodes: usize,
+    },
     /// A fraction outside `(0, 1]`.
     #[error("invalid fraction {input:?}: expected a number in (0, 1]")]
     Fraction {
@@ -174,6 +189,20 @@ pub struct EngineArgs {
     /// Requests accepted but not finished, at most; more are refused at once (UNAVAILABLE).
     #[arg(long, default_value_t = EngineConfig::default().max_queued_requests)]
     pub max_queued_requests: usize,
+    /// Tensor-parallel ranks (one thread each, with its shard of the weights and its own KV
+    /// cache of --kv-cache-memory bytes); the model's heads and MLP width must divide by it.
+    /// CPU only for now.
+    #[arg(long, default_value_t = EngineConfig::default().tensor_parallel_size)]
+    pub tensor_parallel_size: usize,
+    /// Nodes (hosts) the tensor-parallel group spans (only 1 for now).
+    #[arg(long, default_value_t = 1)]
+    pub nnodes: usize,
+    /// This host's node index, below --nnodes.
+    #[arg(long, default_value_t = 0)]
+    pub node_rank: usize,
+    /// host:port of node 0's rendezvous (needed with several nodes).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub dist_init_addr: Option<String>,
 }
 
 /// `--kv-cache-dtype`: `None` is auto.
@@ -260,11 +289,38 @@ fn parse_fraction(s: &str) -> Result<f64, CliError> {
 }
 
 impl EngineArgs {
+    /// The distributed settings these flags describe, validated.
+    ///
+    /// # Errors
+    /// [`CliError::Dist`] naming the bad field; [`CliError::MultiNode`] for more than one
+    /// node (not supported yet).
+    pub fn dist_config(&self) -> Result<DistConfig, CliError> {
+        let config = DistConfig {
+            tensor_parallel_size: self.tensor_parallel_size,
+            nnodes: self.nnodes,
+            node_rank: self.node_rank,
+            dist_init_addr: self.dist_init_addr.clone(),
+        };
+        config
+            .validate()
+            .map_err(|e| CliError::Dist(e.to_string()))?;
+        if config.nnodes > 1 {
+            return Err(CliError::MultiNode {
+                nnodes: config.nnodes,
+            });
+        }
+        Ok(config)
+    }
+
     /// The engine configuration these flags describe (no `--model`: the default model, which
     /// the engine fetches if it is missing).
-    pub fn to_config(&self) -> EngineConfig {
+    ///
+    /// # Errors
+    /// The errors of [`EngineArgs::dist_config`].
+    pub fn to_config(&self) -> Result<EngineConfig, CliError> {
         let defaults = EngineConfig::default();
-        EngineConfig {
+        let dist = self.dist_config()?;
+        Ok(EngineConfig {
             model: match (&self.model, self.load_format) {
                 (Some(path), LoadFormat::Dummy) => ModelSource::Dummy(path.clone()),
                 (Some(path), LoadFormat::Auto) => ModelSource::Path(path.clone()),
@@ -298,7 +354,8 @@ impl EngineArgs {
             num_speculative_tokens: self.num_speculative_tokens,
             max_queued_requests: self.max_queued_requests,
             limits: defaults.limits,
-        }
+            tensor_parallel_size: dist.tensor_parallel_size,
+        })
     }
 }
 
@@ -579,11 +636,52 @@ mod tests {
     }
 
     #[test]
+    fn bad_distributed_flags_are_refused_by_name() {
+        let err = |args: &[&str]| serve_args(args).engine.to_config().unwrap_err();
+        let zero = err(&["--tensor-parallel-size", "0"]);
+        assert!(
+            matches!(&zero, CliError::Dist(m) if m.contains("tensor_parallel_size")),
+            "{zero}"
+        );
+        let rank = err(&["--nnodes", "1", "--node-rank", "1"]);
+        assert!(
+            matches!(&rank, CliError::Dist(m) if m.contains("node_rank")),
+            "{rank}"
+        );
+        let addr = err(&["--dist-init-addr", "nowhere"]);
+        assert!(
+            matches!(&addr, CliError::Dist(m) if m.contains("dist_init_addr")),
+            "{addr}"
+        );
+        let no_addr = err(&["--tensor-parallel-size", "2", "--nnodes", "2"]);
+        assert!(
+            matches!(&no_addr, CliError::Dist(m) if m.contains("dist_init_addr")),
+            "{no_addr}"
+        );
+        let multi = err(&[
+            "--tensor-parallel-size",
+            "2",
+            "--nnodes",
+            "2",
+            "--dist-init-addr",
+            "node0:29500",
+        ]);
+        assert_eq!(multi, CliError::MultiNode { nnodes: 2 });
+        assert!(multi.to_string().contains("not supported yet"), "{multi}");
+        // The flags are shared: bench takes them too.
+        let bench = parse(&["bench", "--tensor-parallel-size", "3"]).unwrap();
+        match bench.command {
+            Command::Bench(b) => assert_eq!(b.engine.to_config().unwrap().tensor_parallel_size, 3),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn serve_defaults_match_the_engine_defaults() {
         let a = serve_args(&[]);
         assert_eq!(a.addresses().0, "127.0.0.1:50051");
         assert_eq!(a.shutdown_timeout, Duration::from_secs(30));
-        assert_eq!(a.engine.to_config(), EngineConfig::default());
+        assert_eq!(a.engine.to_config().unwrap(), EngineConfig::default());
     }
 
     #[test]
@@ -618,6 +716,14 @@ mod tests {
             "3",
             "--max-queued-requests",
             "7",
+            "--tensor-parallel-size",
+            "3",
+            "--nnodes",
+            "1",
+            "--node-rank",
+            "0",
+            "--dist-init-addr",
+            "127.0.0.1:29500",
             "--host",
             "::1",
             "--port",
@@ -627,7 +733,7 @@ mod tests {
             "--shutdown-timeout",
             "500ms",
         ]);
-        let c = a.engine.to_config();
+        let c = a.engine.to_config().unwrap();
         assert_eq!(c.model, ModelSource::Path("/m.gguf".into()));
         assert_eq!(c.device, Device::Cpu);
         assert_eq!(c.kv_cache_dtype, Some("int8".parse().unwrap()));
@@ -641,13 +747,14 @@ mod tests {
         assert_eq!(c.preemption_mode, PreemptionMode::Swap);
         assert_eq!(c.swap_space, 1 << 30);
         assert_eq!(c.speculative, Some(SpeculativeMode::Ngram));
+        assert_eq!(c.tensor_parallel_size, 3);
         assert_eq!(c.num_speculative_tokens, 3);
         assert_eq!(c.max_queued_requests, 7);
         assert_eq!(a.addresses(), ("[::1]:0".into(), "[::1]:0".into()));
         assert_eq!(a.shutdown_timeout, Duration::from_millis(500));
 
         let draft = serve_args(&["--speculative", "/draft.gguf", "--kv-cache-dtype", "auto"]);
-        let c = draft.engine.to_config();
+        let c = draft.engine.to_config().unwrap();
         assert_eq!(
             c.speculative,
             Some(SpeculativeMode::Draft("/draft.gguf".into()))
@@ -655,12 +762,12 @@ mod tests {
         assert_eq!(c.kv_cache_dtype, None);
         let dummy = serve_args(&["--load-format", "dummy", "--model", "/8b/config.json"]);
         assert_eq!(
-            dummy.engine.to_config().model,
+            dummy.engine.to_config().unwrap().model,
             ModelSource::Dummy("/8b/config.json".into())
         );
         // The last of the two prefix-caching flags wins.
         let on = serve_args(&["--no-enable-prefix-caching", "--enable-prefix-caching"]);
-        assert!(on.engine.to_config().enable_prefix_caching);
+        assert!(on.engine.to_config().unwrap().enable_prefix_caching);
     }
 
     #[test]

@@ -167,6 +167,65 @@ async fn sigterm_drains_refuses_new_requests_and_exits_zero() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_with_tensor_parallel_size_3() {
+    let model = model_path();
+    let mut child = kvserve(&[
+        "serve",
+        "--model",
+        model.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--tensor-parallel-size",
+        "3",
+        "--port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--kv-cache-memory",
+        "8MiB",
+    ])
+    .spawn()
+    .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = wait_for_log(&mut lines, "listening on").await;
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = GenerationClient::new(channel.clone());
+    let info = client
+        .get_model_info(pb::GetModelInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(info.device.contains("x 3"), "{}", info.device);
+    let reply = client
+        .generate(pb::GenerateRequest {
+            text: Some("The capital of France is".into()),
+            max_tokens: Some(8),
+            ignore_eos: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.completions[0].token_ids.len(), 8);
+    let status = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status();
+    assert_eq!(status, ServingStatus::Serving);
+    child.start_kill().unwrap();
+    wait_exit(&mut child).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctrl_c_on_an_idle_server_exits_zero() {
     let model = model_path();
     let mut child = kvserve(&[
@@ -363,6 +422,30 @@ async fn bad_flags_and_models_fail_cleanly() {
                 "cpu".into(),
                 "--host".into(),
                 "not a host".into(),
+            ],
+            Some(1),
+        ),
+        (
+            vec![
+                "serve".into(),
+                "--nnodes".into(),
+                "2".into(),
+                "--tensor-parallel-size".into(),
+                "2".into(),
+                "--dist-init-addr".into(),
+                "node0:29500".into(),
+            ],
+            Some(1),
+        ),
+        (
+            vec![
+                "serve".into(),
+                "--model".into(),
+                model_path().display().to_string(),
+                "--device".into(),
+                "cpu".into(),
+                "--tensor-parallel-size".into(),
+                "2".into(),
             ],
             Some(1),
         ),

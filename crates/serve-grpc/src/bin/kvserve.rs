@@ -74,7 +74,7 @@ fn resolve_model(args: &EngineArgs) -> Result<PathBuf> {
 
 /// Loads the model (a progress spinner while the weights load) and starts the engine.
 fn start_engine(args: &EngineArgs) -> Result<EngineHandle> {
-    let mut config: EngineConfig = args.to_config();
+    let mut config: EngineConfig = args.to_config()?;
     let path = resolve_model(args)?;
     if !matches!(config.model, ModelSource::Dummy(_)) {
         config.model = ModelSource::Path(path.clone());

@@ -1,0 +1,274 @@
+//! `TensorParallelBackend` over `ThreadGroup` and sharded CPU backends of a tiny dummy Llama:
+//! the same logits as one rank, failures that end in errors (never a hang), construction
+//! errors, and a bad batch that leaves the group usable.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use dist::{DistError, GroupAbort, TensorParallelBackend, ThreadGroup};
+use kv_block_manager::{BlockId, CopyOp};
+use model::{
+    Backend, CpuBackend, DType, ForwardBatch, HostCollective, KvCacheConfig, ModelConfig,
+    ModelError, Shard, Weights,
+};
+
+const VOCAB: usize = 300;
+
+fn cache() -> KvCacheConfig {
+    KvCacheConfig {
+        num_blocks: 8,
+        block_size: 16,
+        dtype: "fp16".parse().unwrap(),
+        num_cpu_blocks: 2,
+    }
+}
+
+fn weights(shard: Shard) -> Weights {
+    Weights::dummy_shard(&ModelConfig::tiny(VOCAB), DType::Q8_0, 3, shard).unwrap()
+}
+
+/// What a rank does on its `n`th forward (counting from 1).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Fault {
+    None,
+    Fail(usize),
+    Panic(usize),
+}
+
+/// A backend that fails or panics on its `n`th forward.
+#[derive(Debug)]
+struct Faulty {
+    inner: CpuBackend,
+    fault: Fault,
+    forwards: usize,
+}
+
+impl Backend for Faulty {
+    fn config(&self) -> &ModelConfig {
+        self.inner.config()
+    }
+    fn kv_cache_config(&self) -> KvCacheConfig {
+        self.inner.kv_cache_config()
+    }
+    fn forward(&mut self, b: &ForwardBatch<'_>, logits: &mut Vec<f32>) -> Result<(), ModelError> {
+        self.forwards += 1;
+        match self.fault {
+            Fault::Fail(n) if n == self.forwards => {
+                return Err(ModelError::Unsupported("injected failure".into()));
+            }
+            Fault::Panic(n) if n == self.forwards => panic!("injected panic"),
+            _ => {}
+        }
+        self.inner.forward(b, logits)
+    }
+    fn copy_blocks(&mut self, c: &[CopyOp]) -> Result<(), ModelError> {
+        self.inner.copy_blocks(c)
+    }
+    fn swap_out(&mut self, c: &[CopyOp]) -> Result<(), ModelError> {
+        self.inner.swap_out(c)
+    }
+    fn swap_in(&mut self, c: &[CopyOp]) -> Result<(), ModelError> {
+        self.inner.swap_in(c)
+    }
+}
+
+/// `world` ranks of the tiny model; rank `faulty` gets `fault`.
+fn spawn(world: usize, faulty: usize, fault: Fault) -> Result<TensorParallelBackend, DistError> {
+    let members = ThreadGroup::new(world)?;
+    let group: Arc<dyn GroupAbort> = Arc::new(members[0].clone());
+    TensorParallelBackend::spawn(world, group, move |rank| {
+        let member = members[rank].clone();
+        let inner = CpuBackend::new_sharded(weights(member.shard()), cache(), Arc::new(member))?;
+        Ok(Faulty {
+            inner,
+            fault: if rank == faulty { fault } else { Fault::None },
+            forwards: 0,
+        })
+    })
+}
+
+/// A prompt of `n` tokens in block 0 (prefill) of one sequence.
+struct Prompt {
+    tokens: Vec<u32>,
+    positions: Vec<u32>,
+    slots: Vec<i64>,
+    starts: Vec<u32>,
+    table: Vec<i32>,
+    lens: Vec<i32>,
+    wanted: Vec<u32>,
+}
+
+impl Prompt {
+    fn new(tokens: Vec<u32>) -> Self {
+        let n = tokens.len();
+        Self {
+            positions: (0..n as u32).collect(),
+            slots: (0..n as i64).collect(),
+            starts: vec![0, n as u32],
+            table: vec![0],
+            lens: vec![n as i32],
+            wanted: vec![n as u32 - 1],
+            tokens,
+        }
+    }
+    fn batch(&self) -> ForwardBatch<'_> {
+        ForwardBatch {
+            token_ids: &self.tokens,
+            positions: &self.positions,
+            slot_mapping: &self.slots,
+            seq_starts: &self.starts,
+            block_tables: &self.table,
+            max_blocks: 1,
+            context_lens: &self.lens,
+            logits_indices: &self.wanted,
+        }
+    }
+}
+
+fn prompt() -> Prompt {
+    Prompt::new(vec![5, 17, 42, 99, 7, 250, 3])
+}
+
+#[test]
+fn two_ranks_give_the_logits_of_one() {
+    let mut one = CpuBackend::new(weights(Shard::FULL), cache()).unwrap();
+    let mut want = Vec::new();
+    one.forward(&prompt().batch(), &mut want).unwrap();
+    let mut tp = spawn(2, 0, Fault::None).unwrap();
+    assert_eq!(tp.world_size(), 2);
+    assert_eq!(tp.kv_cache_config(), cache());
+    assert_eq!(tp.config().vocab_size, VOCAB);
+    assert!(tp.device().contains("x 2"), "{}", tp.device());
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        tp.forward(&prompt().batch(), &mut got).unwrap();
+        assert_eq!(got.len(), VOCAB);
+        let diff = want
+            .iter()
+            .zip(&got)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(diff < 1e-3, "max |logit difference| {diff}");
+    }
+    // Block copies reach every rank (nothing to compare, but they must succeed).
+    let op = CopyOp {
+        src: BlockId(0),
+        dst: BlockId(1),
+    };
+    tp.copy_blocks(&[op]).unwrap();
+    tp.swap_out(&[op]).unwrap();
+    tp.swap_in(&[CopyOp {
+        src: BlockId(1),
+        dst: BlockId(2),
+    }])
+    .unwrap();
+}
+
+#[test]
+fn a_bad_batch_fails_the_step_alike_and_the_group_goes_on() {
+    let mut tp = spawn(2, 0, Fault::None).unwrap();
+    let mut bad = prompt();
+    bad.tokens[0] = VOCAB as u32; // outside the vocabulary: every rank refuses it
+    let mut logits = Vec::new();
+    let err = tp.forward(&bad.batch(), &mut logits).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ModelError::InvalidBatch {
+                field: "token_ids",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(tp.dead_reason().is_none());
+    tp.forward(&prompt().batch(), &mut logits).unwrap();
+    assert_eq!(logits.len(), VOCAB);
+}
+
+fn assert_dies(fault: Fault, words: &str) {
+    let mut tp = spawn(2, 1, fault).unwrap_or_else(|e| panic!("{e}"));
+    let mut logits = Vec::new();
+    tp.forward(&prompt().batch(), &mut logits).unwrap();
+    let err = tp.forward(&prompt().batch(), &mut logits).unwrap_err();
+    let message = err.to_string();
+    assert!(matches!(err, ModelError::Unrecoverable(_)), "{message}");
+    assert!(
+        message.contains("rank 1") && message.contains(words),
+        "{message}"
+    );
+    // Every later call fails at once with the same reason.
+    for _ in 0..2 {
+        let again = tp.forward(&prompt().batch(), &mut logits).unwrap_err();
+        assert_eq!(again.to_string(), message);
+    }
+    let copy = tp
+        .copy_blocks(&[CopyOp {
+            src: BlockId(0),
+            dst: BlockId(1),
+        }])
+        .unwrap_err();
+    assert!(matches!(copy, ModelError::Unrecoverable(_)), "{copy}");
+    assert_eq!(
+        tp.dead_reason().map(str::to_owned),
+        Some(message.replace("the backend cannot run any more: ", ""))
+    );
+    drop(tp); // joins every rank thread
+}
+
+#[test]
+fn a_failing_rank_kills_the_group_with_an_error_not_a_hang() {
+    assert_dies(Fault::Fail(2), "injected failure");
+}
+
+#[test]
+fn a_panicking_rank_kills_the_group_with_an_error_not_a_hang() {
+    assert_dies(Fault::Panic(2), "injected panic");
+}
+
+#[test]
+fn construction_errors_name_the_rank() {
+    assert!(matches!(
+        spawn(0, 0, Fault::None),
+        Err(DistError::Config {
+            field: "tensor_parallel_size",
+            ..
+        })
+    ));
+    // Rank 1 fails to build; rank 0, waiting in the handshake, is released.
+    let members = ThreadGroup::new(2).unwrap();
+    let group: Arc<dyn GroupAbort> = Arc::new(members[0].clone());
+    let built = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&built);
+    let result = TensorParallelBackend::spawn(2, group, move |rank| {
+        if rank == 1 {
+            return Err(ModelError::Unsupported("no weights for rank 1".into()));
+        }
+        let member = members[rank].clone();
+        let b = CpuBackend::new_sharded(weights(member.shard()), cache(), Arc::new(member));
+        counter.fetch_add(1, Ordering::Relaxed);
+        b
+    });
+    match result {
+        Err(DistError::Rank { rank: 1, message }) => {
+            assert!(message.contains("no weights for rank 1"), "{message}");
+        }
+        other => panic!("expected rank 1's error, got {other:?}"),
+    }
+    assert_eq!(built.load(Ordering::Relaxed), 1);
+    // A build that panics is an error too.
+    let members = ThreadGroup::new(2).unwrap();
+    let group: Arc<dyn GroupAbort> = Arc::new(members[0].clone());
+    let result = TensorParallelBackend::spawn(2, group, move |rank| {
+        assert!(rank == 0, "rank {rank} cannot start");
+        let member = members[rank].clone();
+        CpuBackend::new_sharded(weights(member.shard()), cache(), Arc::new(member))
+    });
+    match result {
+        Err(DistError::Rank { rank: 1, message }) => {
+            assert!(message.contains("rank 1 cannot start"), "{message}");
+        }
+        other => panic!("expected rank 1's panic, got {other:?}"),
+    }
+}
