@@ -148,7 +148,9 @@ pub struct CudaBackend {
     /// (`KVSERVE_PREFILL_KERNEL=0`: through the decode kernel, one row per token).
     prefill: bool,
     /// Steps above the GEMV path run one Q/K/V product over the stacked weight and split it
-    /// (`KVSERVE_FUSED_QKV=0`: three products over views of it, for comparisons).
+    /// (`KVSERVE_FUSED_QKV=1`), instead of three products over views of it (the default until
+    /// the fused path has been measured and checked on a GPU: its kernel test is written, not
+    /// yet run).
     fused_qkv: bool,
     /// Decode steps (at most one token per sequence) fold RoPE and the cache write into the
     /// attention launch (`PagedDecoder::run_with_rope`: one launch fewer per layer, the same
@@ -564,7 +566,7 @@ impl CudaBackend {
             gemv: std::env::var("KVSERVE_GEMV").as_deref() != Ok("0"),
             fused_norm: FusedNorm::from_env(),
             prefill: std::env::var("KVSERVE_PREFILL_KERNEL").as_deref() != Ok("0"),
-            fused_qkv: std::env::var("KVSERVE_FUSED_QKV").as_deref() != Ok("0"),
+            fused_qkv: std::env::var("KVSERVE_FUSED_QKV").as_deref() == Ok("1"),
             fold_rope: std::env::var("KVSERVE_FOLD_ROPE").as_deref() == Ok("1"),
             blas,
             gpu,
