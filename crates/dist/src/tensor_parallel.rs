@@ -309,7 +309,10 @@ fn rank_main<B: Backend>(
     }
 }
 
-/// A [`Backend`] over the ranks of a tensor-parallel group; see the [module docs](self).
+/// A [`Backend`] over the ranks of a tensor-parallel group: one thread per rank, each owning
+/// its sharded backend; every call goes to every rank and rank 0's result comes back. A rank
+/// that fails or panics aborts the group ([`GroupAbort`]), so no rank is left waiting, and the
+/// backend is dead from then on unless every rank refused the same step.
 #[derive(Debug)]
 pub struct TensorParallelBackend {
     ranks: Vec<Rank>,
