@@ -29,6 +29,22 @@ fn rows(tokens: usize) -> Result<LaunchConfig> {
     })
 }
 
+/// Grid (tokens, chunks) of [`THREADS`]-thread CTAs, each thread `per_thread` values of a
+/// `width`-value row (`silu_mul`, `split_qkv`).
+fn chunked_rows(
+    kernel: &'static str,
+    tokens: usize,
+    width: usize,
+    per_thread: usize,
+) -> Result<LaunchConfig> {
+    let mut cfg = rows(tokens)?;
+    cfg.grid_dim.1 = u32::try_from(width.div_ceil(THREADS as usize * per_thread))
+        .ok()
+        .filter(|&c| c <= 65_535)
+        .ok_or_else(|| bad(kernel, format!("rows of {width} values: too wide")))?;
+    Ok(cfg)
+}
+
 fn dim(kernel: &'static str, what: &str, n: usize) -> Result<i32> {
     if n == 0 || n > i32::MAX as usize {
         return Err(bad(kernel, format!("{what} = {n}")));
@@ -273,12 +289,7 @@ pub fn silu_mul<T: ActScalar>(
     } else {
         ("silu_mul_scalar", 1)
     };
-    let mut cfg = rows(out.len() / inter)?;
-    let chunks = inter.div_ceil(THREADS as usize * per_thread);
-    cfg.grid_dim.1 = u32::try_from(chunks)
-        .ok()
-        .filter(|&c| c <= 65_535)
-        .ok_or_else(|| bad(K, format!("intermediate size {inter}: too wide")))?;
+    let cfg = chunked_rows(K, out.len() / inter, inter, per_thread)?;
     let f = gpu.function(&Variant::elementwise(T::SCALAR), name)?;
     let mut launch = Launch::new(gpu, &f);
     launch.arg(&mut *out).arg(gate_up).arg(&i);
@@ -431,11 +442,7 @@ pub fn split_qkv<T: ActScalar>(
     if tokens == 0 {
         return Ok(());
     }
-    let mut cfg = rows(tokens)?;
-    cfg.grid_dim.1 = u32::try_from(width.div_ceil(THREADS as usize * SILU_VEC))
-        .ok()
-        .filter(|&c| c <= 65_535)
-        .ok_or_else(|| bad(K, format!("width {width}: too wide")))?;
+    let cfg = chunked_rows(K, tokens, width, SILU_VEC)?;
     let f = gpu.function(&Variant::elementwise(T::SCALAR), K)?;
     // No bias: a null pointer the kernel never reads through.
     let null = 0u64;
@@ -485,4 +492,20 @@ pub fn add_bias<T: ActScalar>(
     // The kernel calls kvs_wait_prior() before touching any buffer (PDL).
     unsafe { launch.dependent().launch(cfg) }?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunked_rows_cover_the_row_and_refuse_what_the_grid_cannot_hold() {
+        // Llama-3.1-8B's MLP width at 8 values a thread: 7 CTAs of 2,048 values per token.
+        let cfg = chunked_rows("silu_mul", 32, 14_336, 8).unwrap();
+        assert_eq!((cfg.grid_dim, cfg.block_dim), ((32, 7, 1), (THREADS, 1, 1)));
+        // A width that does not divide: one partial CTA; one value a thread.
+        assert_eq!(chunked_rows("k", 1, 1_001, 1).unwrap().grid_dim, (1, 4, 1));
+        assert!(chunked_rows("k", 0, 8, 8).is_err());
+        assert!(chunked_rows("k", 1, 65_536 * 256 + 1, 1).is_err());
+    }
 }
