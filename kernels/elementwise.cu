@@ -29,15 +29,40 @@ __device__ __forceinline__ float block_sum(float v) {
   return total;
 }
 
-// residual[t] = table[ids[t]] (f32). grid (num_tokens), block kThreads.
+// residual[t] = table[ids[t] - start] (f32) when start <= ids[t] < start + rows, else 0: the
+// table holds token ids start..start + rows (the whole vocabulary, or a tensor-parallel rank's
+// rows of it; the ranks' zeros and rows then sum to the embedding). grid (num_tokens), block
+// kThreads.
 extern "C" __global__ void __launch_bounds__(kThreads)
     embedding_gather(float* __restrict__ residual, const scalar_t* __restrict__ table,
-                     const int* __restrict__ ids, int hidden) {
+                     const int* __restrict__ ids, int hidden, int start, int rows) {
   kvs_wait_prior();  // PDL (scalar.cuh)
   kvs_launch_dependents();
   const long long t = blockIdx.x;
-  const scalar_t* row = table + static_cast<long long>(ids[t]) * hidden;
-  for (int i = threadIdx.x; i < hidden; i += kThreads) residual[t * hidden + i] = to_float(row[i]);
+  const int r = ids[t] - start;
+  float* out = residual + t * hidden;
+  if (r < 0 || r >= rows) {
+    for (int i = threadIdx.x; i < hidden; i += kThreads) out[i] = 0.f;
+    return;
+  }
+  const scalar_t* row = table + static_cast<long long>(r) * hidden;
+  for (int i = threadIdx.x; i < hidden; i += kThreads) out[i] = to_float(row[i]);
+}
+
+// The vocab-parallel LM head's all-gathered logits, src [world][n][per_rank] (rank-major, each
+// rank's rows padded to per_rank), into out [n][vocab]: rank r's first len_r values of row j
+// land at out[j][start_r..], with start_r = r * vocab / world (Shard::vocab_range).
+// grid (n, world), block kThreads.
+extern "C" __global__ void __launch_bounds__(kThreads)
+    unshard_vocab(scalar_t* __restrict__ out, const scalar_t* __restrict__ src, int n,
+                  int per_rank, int vocab) {
+  kvs_wait_prior();  // PDL (scalar.cuh)
+  kvs_launch_dependents();
+  const long long j = blockIdx.x, r = blockIdx.y, world = gridDim.y;
+  const long long start = r * vocab / world, end = (r + 1) * vocab / world;
+  const scalar_t* from = src + (r * n + j) * per_rank;
+  scalar_t* to = out + j * vocab + start;
+  for (long long i = threadIdx.x; i < end - start; i += kThreads) to[i] = from[i];
 }
 
 // residual[t] += delta[t] (when delta is not null), then

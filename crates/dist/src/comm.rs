@@ -15,9 +15,10 @@ use crate::DistError;
 /// anything is enqueued, so a bad call returns an error on every rank instead of corrupting
 /// memory.
 ///
-/// Not `Send`: cudarc's NCCL communicator holds a raw handle and is bound to the thread that
-/// created it, so each rank builds its communicator on its own thread
-/// ([`NcclCommunicator::run_local_ranks`](crate::NcclCommunicator::run_local_ranks) does).
+/// Not required to be `Sync`: one thread calls a rank's communicator at a time (NCCL
+/// communicators are not thread-safe). Each rank builds its communicator on its own thread
+/// ([`NcclCommunicator::run_local_ranks`](crate::NcclCommunicator::run_local_ranks) does):
+/// `ncclCommInitRank` blocks until every rank has joined.
 pub trait Communicator {
     /// This rank, in `0..world_size()`.
     fn rank(&self) -> usize;
@@ -30,6 +31,12 @@ pub trait Communicator {
     /// # Errors
     /// [`DistError::Nccl`] or [`DistError::Cuda`] when the collective cannot be enqueued.
     fn all_reduce_sum(&self, buf: &mut CudaSlice<bf16>) -> Result<(), DistError>;
+
+    /// As [`all_reduce_sum`](Self::all_reduce_sum), on f32 values.
+    ///
+    /// # Errors
+    /// As [`all_reduce_sum`](Self::all_reduce_sum).
+    fn all_reduce_sum_f32(&self, buf: &mut CudaSlice<f32>) -> Result<(), DistError>;
 
     /// Gathers every rank's `send` into `recv`, rank-major: rank `r`'s `send` lands at
     /// `recv[r * send.len()..(r + 1) * send.len()]`.
@@ -115,6 +122,10 @@ impl Communicator for LocalCommunicator {
     }
 
     fn all_reduce_sum(&self, _buf: &mut CudaSlice<bf16>) -> Result<(), DistError> {
+        Ok(())
+    }
+
+    fn all_reduce_sum_f32(&self, _buf: &mut CudaSlice<f32>) -> Result<(), DistError> {
         Ok(())
     }
 

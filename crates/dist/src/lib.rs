@@ -46,6 +46,7 @@
 
 mod comm;
 mod config;
+mod device;
 mod error;
 mod nccl;
 mod rendezvous;
@@ -54,8 +55,11 @@ mod thread_group;
 
 pub use comm::{Communicator, LocalCommunicator};
 pub use config::{DistConfig, MAX_WORLD_SIZE};
+pub use device::{CommCollective, StagedCollective};
 pub use error::DistError;
-pub use nccl::{NVLS_ENV, NcclCommunicator, check_nvls_disabled, local_gpu_count, nccl_available};
+pub use nccl::{
+    NVLS_ENV, NcclCommunicator, NcclGroup, check_nvls_disabled, local_gpu_count, nccl_available,
+};
 pub use rendezvous::{
     MAGIC, MAX_FRAME, PROTOCOL_VERSION, Rendezvous, RendezvousHost, UNIQUE_ID_LEN, UniqueId,
     bootstrap_unique_id,

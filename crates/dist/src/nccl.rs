@@ -1,5 +1,6 @@
 //! The NCCL communicator (cudarc's safe NCCL API) and the probes that keep a machine without
 //! NCCL or a GPU from panicking.
+#![allow(unsafe_code)] // one `unsafe impl Send` (see its SAFETY line)
 
 use std::ffi::{OsStr, c_char};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -103,12 +104,20 @@ fn rank_i32(
 
 /// One rank of an NCCL group, enqueueing its collectives on one CUDA stream.
 ///
-/// Bound to the thread that built it (cudarc's `Comm` is not `Send`). Buffers passed to it must
-/// be used on its stream (or synchronized with it by the caller).
+/// `Send` but not `Sync`: it may move to another thread (a rank's backend is built on the
+/// rank's thread and may be handed on), but one thread at a time calls it. Buffers passed to
+/// it must be used on its stream (or synchronized with it by the caller).
 #[derive(Debug)]
 pub struct NcclCommunicator {
     comm: Comm,
 }
+
+// SAFETY: cudarc's `Comm` is `!Send` only because it holds NCCL's raw `ncclComm_t`. NCCL
+// does not bind a communicator to the thread that created it: its calls may come from any
+// thread as long as no two run at once on the same communicator (NCCL's thread-safety rule),
+// and each call makes the communicator's device current itself. Without `Sync`, owning the
+// value (moved whole, never shared) is what keeps calls from two threads from overlapping.
+unsafe impl Send for NcclCommunicator {}
 
 impl NcclCommunicator {
     /// A fresh NCCL unique id, for rank 0 to share with the others (over
@@ -305,6 +314,13 @@ impl Communicator for NcclCommunicator {
         Ok(())
     }
 
+    fn all_reduce_sum_f32(&self, buf: &mut CudaSlice<f32>) -> Result<(), DistError> {
+        self.comm
+            .all_reduce_in_place(buf, &ReduceOp::Sum)
+            .map_err(nccl_error("ncclAllReduce"))?;
+        Ok(())
+    }
+
     fn all_gather(
         &self,
         send: &CudaSlice<bf16>,
@@ -324,6 +340,47 @@ impl Communicator for NcclCommunicator {
             .broadcast_in_place(buf, root)
             .map_err(nccl_error("ncclBroadcast"))?;
         Ok(())
+    }
+}
+
+/// The [`GroupAbort`](crate::GroupAbort) of ranks whose collectives run on NCCL.
+///
+/// NCCL's collectives run on the GPU: a rank waiting for a peer that never joins spins in a
+/// kernel, and nothing on the host can interrupt it safely here (cudarc owns the raw
+/// communicator). So `abort` only records why (and logs it), and
+/// [`TensorParallelBackend`](crate::TensorParallelBackend) bounds its wait for ranks that do
+/// not answer after a failure. `reset` succeeds: it is called only when every rank refused a
+/// step alike before any collective, which leaves the ranks in lockstep.
+#[derive(Debug, Default)]
+pub struct NcclGroup {
+    aborted: std::sync::Mutex<Option<String>>,
+}
+
+impl NcclGroup {
+    /// A group that has not aborted.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The reason of the last abort, if any.
+    pub fn aborted(&self) -> Option<String> {
+        self.aborted.lock().ok().and_then(|a| a.clone())
+    }
+}
+
+impl crate::GroupAbort for NcclGroup {
+    fn abort(&self, reason: &str) {
+        tracing::error!(reason, "tensor-parallel NCCL group aborted");
+        if let Ok(mut a) = self.aborted.lock() {
+            *a = Some(reason.to_owned());
+        }
+    }
+
+    fn reset(&self) -> bool {
+        if let Ok(mut a) = self.aborted.lock() {
+            *a = None;
+        }
+        true
     }
 }
 

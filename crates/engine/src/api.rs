@@ -120,8 +120,9 @@ pub struct EngineConfig {
     pub limits: Limits,
     /// Ranks of tensor parallelism (1: none). Above 1 the model's query heads, KV heads and
     /// MLP width must divide evenly over the ranks; each rank is a thread with its own shard
-    /// and its own KV cache of `kv_cache_memory` bytes (sized with its local KV heads). CPU
-    /// only for now.
+    /// and its own KV cache of `kv_cache_memory` bytes (sized with its local KV heads). On
+    /// the CPU the ranks sum over a thread group; on CUDA rank `r` runs on GPU `r` of this
+    /// host over NCCL (`NCCL_NVLS_ENABLE=0` must be set: `kvserve` sets it).
     pub tensor_parallel_size: usize,
 }
 

@@ -2,9 +2,12 @@
 //! speculative decoding), spawning the step loop.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
 
-use dist::{DistConfig, GroupAbort, TensorParallelBackend, ThreadGroup};
+use dist::{
+    CommCollective, DistConfig, GroupAbort, NcclCommunicator, TensorParallelBackend, ThreadGroup,
+};
 use model::HostCollective as _;
 
 use kv_block_manager::{BlockManager, BlockManagerConfig, SUPPORTED_BLOCK_SIZES};
@@ -252,21 +255,7 @@ fn check_config(c: &EngineConfig) -> Result<(), EngineError> {
     DistConfig::single_node(c.tensor_parallel_size)
         .validate()
         .map_err(|e| bad_config("tensor_parallel_size", e))?;
-    if c.tensor_parallel_size > 1 && c.device == Device::Cuda {
-        return Err(not_on_gpu(c.tensor_parallel_size));
-    }
     Ok(())
-}
-
-/// Tensor parallelism on a GPU: not yet.
-fn not_on_gpu(tp: usize) -> EngineError {
-    bad_config(
-        "tensor_parallel_size",
-        format!(
-            "{tp} ranks on a GPU are not supported yet (tensor parallelism runs on the CPU \
-             for now: use --device cpu)"
-        ),
-    )
 }
 
 /// The GPU `device` asks for: none for the CPU; for `auto`, device 0 if it opens (else the
@@ -287,32 +276,32 @@ fn select_device(device: Device) -> Result<Option<Gpu>, EngineError> {
     }
 }
 
-/// Bytes of the model's weights on the GPU (bf16).
-fn gpu_weight_bytes(m: &ModelConfig) -> u64 {
+/// Bytes of one rank's weights on its GPU (bf16; the whole model at `tensor_parallel_size` 1).
+fn gpu_weight_bytes(config: &EngineConfig, m: &ModelConfig) -> Result<u64, EngineError> {
+    let local = rank_shape(config, m, 0)?;
     let (h, d) = (m.hidden_size as u64, m.head_dim as u64);
-    let attn = h * d * (2 * m.num_heads as u64 + 2 * m.num_kv_heads as u64);
-    let mlp = 3 * h * m.intermediate_size as u64;
-    let embed = m.vocab_size as u64 * h * if m.tie_word_embeddings { 1 } else { 2 };
-    2 * (m.num_layers as u64 * (attn + mlp + 2 * h) + embed + h)
+    let attn = h * d * (2 * local.num_heads as u64 + 2 * local.num_kv_heads as u64);
+    let mlp = 3 * h * local.intermediate_size as u64;
+    let vocab = m.vocab_size.div_ceil(config.tensor_parallel_size.max(1)) as u64;
+    let embed = vocab * h * if m.tie_word_embeddings { 1 } else { 2 };
+    Ok(2 * (m.num_layers as u64 * (attn + mlp + 2 * h) + embed + h))
 }
 
-/// The KV budget on a GPU when none is set: `gpu_memory_utilization` of the device's memory,
-/// less the weights and 1 GiB for activations and workspaces.
+/// The KV budget on a GPU (each rank's GPU) when none is set: `gpu_memory_utilization` of the
+/// device's memory, less the (rank's) weights and 1 GiB for activations and workspaces.
 fn gpu_kv_budget(gpu: &Gpu, config: &EngineConfig, m: &ModelConfig) -> Result<u64, EngineError> {
     let total = gpu
         .context()
         .total_mem()
         .map_err(|e| startup("reading the GPU's memory size", e))? as u64;
     let usable = (total as f64 * config.gpu_memory_utilization) as u64;
-    let budget = usable
-        .saturating_sub(gpu_weight_bytes(m))
-        .saturating_sub(1 << 30);
+    let weights = gpu_weight_bytes(config, m)?;
+    let budget = usable.saturating_sub(weights).saturating_sub(1 << 30);
     if budget == 0 {
         return Err(bad_config(
             "gpu_memory_utilization",
             format!(
-                "{usable} bytes of the GPU leave nothing for the KV cache after {} bytes of weights",
-                gpu_weight_bytes(m)
+                "{usable} bytes of the GPU leave nothing for the KV cache after {weights} bytes of weights",
             ),
         ));
     }
@@ -390,16 +379,13 @@ impl RankWeights {
     }
 }
 
-/// The CPU backend over `tensor_parallel_size` ranks: a [`TensorParallelBackend`] whose rank
-/// threads each load their shard and build a sharded [`CpuBackend`] over one
-/// [`ThreadGroup`], each with its own KV cache of its local KV heads.
-fn tensor_parallel_cpu(
+/// Where each rank's weights come from, with the tokenizer, the model's name and its shape.
+fn rank_sources(
     config: &EngineConfig,
-) -> Result<(Box<dyn Backend + Send>, Tokenizer, String), EngineError> {
-    let tp = config.tensor_parallel_size;
+) -> Result<(RankWeights, Tokenizer, String, ModelConfig), EngineError> {
     let shard0 = Shard {
         rank: 0,
-        world_size: tp,
+        world_size: config.tensor_parallel_size,
     };
     let path = match &config.model {
         ModelSource::Default => Some(
@@ -436,6 +422,19 @@ fn tensor_parallel_cpu(
             .and_then(|w| w.as_ref().map(|w| w.config().clone()))
             .ok_or_else(|| startup("loading the model", "rank 0's weights are gone"))?,
     };
+    // A shape that does not shard fails here, naming what does not divide.
+    rank_shape(config, &shape, 0)?;
+    Ok((source, tokenizer, name, shape))
+}
+
+/// The CPU backend over `tensor_parallel_size` ranks: a [`TensorParallelBackend`] whose rank
+/// threads each load their shard and build a sharded [`CpuBackend`] over one
+/// [`ThreadGroup`], each with its own KV cache of its local KV heads.
+fn tensor_parallel_cpu(
+    config: &EngineConfig,
+) -> Result<(Box<dyn Backend + Send>, Tokenizer, String), EngineError> {
+    let tp = config.tensor_parallel_size;
+    let (source, tokenizer, name, shape) = rank_sources(config)?;
     let kv = kv_cache_config(config, &shape)?;
     tracing::info!(
         ranks = tp,
@@ -458,6 +457,95 @@ fn tensor_parallel_cpu(
     Ok((Box::new(backend), tokenizer, name))
 }
 
+/// The KV cache of one GPU (of each rank's GPU): the configured dtype or the GPU default,
+/// the configured budget or what `gpu_memory_utilization` leaves after the (rank's) weights.
+fn gpu_kv_config(
+    gpu: &Gpu,
+    config: &EngineConfig,
+    shape: &ModelConfig,
+) -> Result<KvCacheConfig, EngineError> {
+    let mut sized = config.clone();
+    sized.kv_cache_dtype = sized.kv_cache_dtype.or(Some(DEFAULT_GPU_KV_CACHE_DTYPE));
+    if sized.kv_cache_memory.is_none() {
+        sized.kv_cache_memory = Some(gpu_kv_budget(gpu, config, shape)?);
+    }
+    kv_cache_config(&sized, shape)
+}
+
+/// The CUDA backend over `tensor_parallel_size` GPUs of this host: a [`TensorParallelBackend`]
+/// whose rank `r` thread opens GPU `r`, loads its shard (or generates dummy weights there),
+/// joins the NCCL group and builds a sharded [`CudaBackend`] with its own KV cache. No rank
+/// starts NCCL until every rank has its GPU and weights (one that failed would leave the
+/// others waiting in `ncclCommInitRank`).
+fn tensor_parallel_cuda(
+    config: &EngineConfig,
+    gpu0: Gpu,
+) -> Result<(Box<dyn Backend + Send>, Tokenizer, String), EngineError> {
+    let tp = config.tensor_parallel_size;
+    let visible = dist::local_gpu_count().map_err(|e| bad_config("device", e))?;
+    if visible < tp {
+        return Err(bad_config(
+            "tensor_parallel_size",
+            format!("{tp} ranks need {tp} GPUs (one per rank), {visible} visible"),
+        ));
+    }
+    let (source, tokenizer, name, shape) = rank_sources(config)?;
+    let kv = gpu_kv_config(&gpu0, config, &shape)?;
+    tracing::info!(
+        ranks = tp,
+        "tensor parallelism over {tp} GPUs ({}): {} KV blocks of {} tokens ({}) per rank",
+        gpu0.name(),
+        kv.num_blocks,
+        kv.block_size,
+        kv.dtype
+    );
+    drop(gpu0); // rank 0 opens it again on its thread
+    let id = NcclCommunicator::unique_id().map_err(|e| startup("NCCL", e))?;
+    let gate = Arc::new((Barrier::new(tp), AtomicBool::new(false)));
+    let group: Arc<dyn GroupAbort> = Arc::new(dist::NcclGroup::new());
+    let backend = TensorParallelBackend::spawn(tp, group, move |rank| {
+        let shard = Shard {
+            rank,
+            world_size: tp,
+        };
+        // Nothing may return before the gate: the other ranks wait there.
+        let ready = Gpu::new(rank).map_err(ModelError::from).and_then(|gpu| {
+            let weights = match &source {
+                RankWeights::Dummy(_) => None,
+                file => Some(file.load(shard)?),
+            };
+            Ok((gpu, weights))
+        });
+        let (barrier, failed) = &*gate;
+        if ready.is_err() {
+            failed.store(true, Ordering::SeqCst);
+        }
+        barrier.wait();
+        let (gpu, weights) = ready?;
+        if failed.load(Ordering::SeqCst) {
+            return Err(ModelError::Unsupported(
+                "not started: another rank could not open its GPU or load its weights".into(),
+            ));
+        }
+        let comm = NcclCommunicator::from_gpu(&gpu, rank, tp, &id).map_err(|e| {
+            ModelError::Collective {
+                operation: "ncclCommInitRank",
+                reason: e.to_string(),
+            }
+        })?;
+        let collective = Box::new(CommCollective::new(comm));
+        match (&source, weights) {
+            (RankWeights::Dummy(c), _) => {
+                CudaBackend::dummy_sharded(c, kv, gpu, DUMMY_SEED, collective)
+            }
+            (_, Some(w)) => CudaBackend::new_sharded(&w, kv, gpu, collective),
+            (_, None) => Err(ModelError::Unsupported("a rank without weights".into())),
+        }
+    })
+    .map_err(|e| startup("tensor-parallel ranks", e))?;
+    Ok((Box::new(backend), tokenizer, name))
+}
+
 impl Engine {
     /// Loads the model ([`ModelSource::Default`]: the default model, fetched if missing; a
     /// path: a GGUF file or an HF directory), sizes the KV pool from the memory budget
@@ -474,10 +562,10 @@ impl Engine {
         // Before loading anything: a missing GPU fails fast.
         let gpu = select_device(config.device)?;
         if config.tensor_parallel_size > 1 {
-            if gpu.is_some() {
-                return Err(not_on_gpu(config.tensor_parallel_size));
-            }
-            let (backend, tokenizer, name) = tensor_parallel_cpu(&config)?;
+            let (backend, tokenizer, name) = match gpu {
+                Some(gpu) => tensor_parallel_cuda(&config, gpu)?,
+                None => tensor_parallel_cpu(&config)?,
+            };
             return Self::start_with_backend(config, backend, tokenizer, name);
         }
         let (weights, tokenizer, name) = match &config.model {
@@ -492,12 +580,7 @@ impl Engine {
         let shape = weights.config().clone();
         let backend: Box<dyn Backend + Send> = match gpu {
             Some(gpu) => {
-                let mut sized = config.clone();
-                sized.kv_cache_dtype = sized.kv_cache_dtype.or(Some(DEFAULT_GPU_KV_CACHE_DTYPE));
-                if sized.kv_cache_memory.is_none() {
-                    sized.kv_cache_memory = Some(gpu_kv_budget(&gpu, &config, &shape)?);
-                }
-                let kv = kv_cache_config(&sized, &shape)?;
+                let kv = gpu_kv_config(&gpu, &config, &shape)?;
                 tracing::info!(
                     "device: {} ({}), {} KV blocks of {} tokens ({})",
                     gpu.name(),

@@ -64,15 +64,65 @@ pub fn embedding_gather<T: ActScalar>(
     ids: &Indices<i32>,
     residual: &mut CudaSlice<f32>,
 ) -> Result<()> {
-    const K: &str = "embedding_gather";
     if vocab == 0 || !table.len().is_multiple_of(vocab) {
         return Err(bad(
-            K,
+            "embedding_gather",
             format!("table of {} values for vocab {vocab}", table.len()),
         ));
     }
-    let hidden = table.len() / vocab;
+    let shard = VocabRows {
+        start: 0,
+        len: vocab,
+        vocab,
+    };
+    embedding_gather_rows(gpu, table, table.len() / vocab, shard, ids, residual)
+}
+
+/// The rows of a vocabulary one table holds: token ids `start..start + len` of `vocab` (a
+/// tensor-parallel rank's slice of the embedding or LM head; the whole vocabulary on one rank).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VocabRows {
+    /// The token id of the table's first row.
+    pub start: usize,
+    /// The rows that are real tokens (a table may be longer: padding).
+    pub len: usize,
+    /// The whole vocabulary.
+    pub vocab: usize,
+}
+
+/// The vocab-parallel embedding: `residual[t] = table[ids[t] - rows.start]` (as f32) for ids
+/// in `rows`, zeros for the others (held by other ranks: the sum over ranks is the
+/// embedding). `table` is `[at least rows.len][hidden]`, `residual` `[ids.len()][hidden]`.
+///
+/// # Errors
+/// [`crate::KernelError::BadArgument`] for a token id outside `0..rows.vocab`, rows outside
+/// the vocabulary or the table, or mismatched sizes.
+pub fn embedding_gather_rows<T: ActScalar>(
+    gpu: &Gpu,
+    table: &CudaSlice<T>,
+    hidden: usize,
+    rows_of: VocabRows,
+    ids: &Indices<i32>,
+    residual: &mut CudaSlice<f32>,
+) -> Result<()> {
+    const K: &str = "embedding_gather";
     let h = dim(K, "hidden", hidden)?;
+    let VocabRows { start, len, vocab } = rows_of;
+    if vocab == 0
+        || start.checked_add(len).is_none_or(|end| end > vocab)
+        || table.len() < len.saturating_mul(hidden)
+        || vocab > i32::MAX as usize
+    {
+        return Err(bad(
+            K,
+            format!(
+                "rows {start}..{} of a vocabulary of {vocab} in a table of {} values of \
+                 hidden size {hidden}",
+                start.saturating_add(len),
+                table.len()
+            ),
+        ));
+    }
     if !ids.is_empty() && (ids.min() < 0 || ids.max() >= vocab as i64) {
         return Err(bad(
             K,
@@ -95,15 +145,74 @@ pub fn embedding_gather<T: ActScalar>(
     }
     let cfg = rows(ids.len())?;
     let f = gpu.function(&Variant::elementwise(T::SCALAR), K)?;
+    let (start, len) = (start as i32, len as i32);
     let mut launch = Launch::new(gpu, &f);
     launch
         .arg(&mut *residual)
         .arg(table)
         .arg(ids.device())
-        .arg(&h);
-    // SAFETY: matches `embedding_gather` in kernels/elementwise.cu; every id is below vocab
-    // (checked), so each row read is inside `table`, and `residual` holds one row per id.
-    // The kernel calls kvs_wait_prior() before touching any buffer (PDL).
+        .arg(&h)
+        .arg(&start)
+        .arg(&len);
+    // SAFETY: matches `embedding_gather` in kernels/elementwise.cu; the kernel reads row
+    // `id - start` only when it is in `0..len`, and `table` holds `len` rows of `hidden`
+    // (checked); `residual` holds one row per id. The kernel calls kvs_wait_prior() before
+    // touching any buffer (PDL).
+    unsafe { launch.dependent().launch(cfg) }?;
+    Ok(())
+}
+
+/// The vocab-parallel LM head's gathered logits back in token order: `src` is
+/// `[world][n][per_rank]` (every rank's `[n][per_rank]` block, as an all-gather leaves them;
+/// rank `r` holds token ids `r * vocab / world` up to `(r + 1) * vocab / world`, its rows
+/// padded to `per_rank`), `out` is `[n][vocab]`.
+///
+/// # Errors
+/// [`crate::KernelError::BadArgument`] for mismatched sizes, or a `per_rank` below a rank's
+/// share of the vocabulary.
+pub fn unshard_vocab<T: ActScalar>(
+    gpu: &Gpu,
+    src: &CudaSlice<T>,
+    world: usize,
+    per_rank: usize,
+    vocab: usize,
+    out: &mut CudaSlice<T>,
+) -> Result<()> {
+    const K: &str = "unshard_vocab";
+    let w = u32::try_from(world)
+        .ok()
+        .filter(|&w| (1..=65_535).contains(&w))
+        .ok_or_else(|| bad(K, format!("{world} ranks")))?;
+    let v = dim(K, "vocab", vocab)?;
+    let p = dim(K, "per_rank", per_rank)?;
+    if per_rank < vocab.div_ceil(world) || !out.len().is_multiple_of(vocab) {
+        return Err(bad(
+            K,
+            format!("{per_rank} values per rank for {world} ranks of a vocabulary of {vocab}"),
+        ));
+    }
+    let n = out.len() / vocab;
+    if src.len() != world * n * per_rank {
+        return Err(bad(
+            K,
+            format!(
+                "src of {} values, expected {world} ranks x {n} rows x {per_rank}",
+                src.len()
+            ),
+        ));
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let mut cfg = rows(n)?;
+    cfg.grid_dim.1 = w;
+    let n = n as i32;
+    let f = gpu.function(&Variant::elementwise(T::SCALAR), K)?;
+    let mut launch = Launch::new(gpu, &f);
+    launch.arg(&mut *out).arg(src).arg(&n).arg(&p).arg(&v);
+    // SAFETY: matches `unshard_vocab` in kernels/elementwise.cu; CTA (j, r) reads rank r's
+    // row j, `len_r <= ceil(vocab / world) <= per_rank` values inside `src` (sizes checked),
+    // and writes them inside row j of `out`. The kernel calls kvs_wait_prior() first (PDL).
     unsafe { launch.dependent().launch(cfg) }?;
     Ok(())
 }

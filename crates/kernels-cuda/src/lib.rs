@@ -49,8 +49,8 @@ pub use gemv::{
 };
 pub use indices::{Index, Indices};
 pub use layers::{
-    RopeShape, add_bias, embedding_gather, fill_uniform, gather_rows, rms_norm, rope, silu_mul,
-    split_qkv,
+    RopeShape, VocabRows, add_bias, embedding_gather, embedding_gather_rows, fill_uniform,
+    gather_rows, rms_norm, rope, silu_mul, split_qkv, unshard_vocab,
 };
 pub use prefill::{PrefillBatch, PrefillMetadata, paged_prefill};
 pub use sampling::{MAX_SAMPLING_VOCAB, RowSampling, sample_rows};

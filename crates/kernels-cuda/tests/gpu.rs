@@ -625,6 +625,7 @@ fn per_token_layers_match_the_reference() {
     let gpu = gpu();
     let s = gpu.stream().clone();
     let mut rng = ChaCha8Rng::seed_from_u64(13);
+    let is_bad = |r: Result<(), KernelError>| matches!(r, Err(KernelError::BadArgument { .. }));
     let (vocab, hidden, tokens) = (1000, 576, 37);
 
     // Embedding gather: exact.
@@ -643,6 +644,112 @@ fn per_token_layers_match_the_reference() {
             &table[id as usize * hidden..(id as usize + 1) * hidden]
         );
     }
+
+    // The vocab-parallel embedding: over 3 ranks (uneven: 333/333/334 rows, each table
+    // padded to 334 rows), every rank's rows or zeros, summing to the embedding exactly.
+    let world = 3;
+    let per_rank = vocab.div_ceil(world);
+    let mut sum = vec![0f32; tokens * hidden];
+    for r in 0..world {
+        let (start, end) = (r * vocab / world, (r + 1) * vocab / world);
+        let mut part = table[start * hidden..end * hidden].to_vec();
+        part.resize(per_rank * hidden, 7.0); // padding rows are never read
+        let part_d = s.clone_htod(&to_bf16(&part)).unwrap();
+        let rows = kernels_cuda::VocabRows {
+            start,
+            len: end - start,
+            vocab,
+        };
+        kernels_cuda::embedding_gather_rows(&gpu, &part_d, hidden, rows, &ids_d, &mut residual)
+            .unwrap();
+        let got = s.clone_dtoh(&residual).unwrap();
+        for (t, &id) in ids.iter().enumerate() {
+            let row = &got[t * hidden..(t + 1) * hidden];
+            if (start..end).contains(&(id as usize)) {
+                let want = &table[id as usize * hidden..(id as usize + 1) * hidden];
+                assert_eq!(row, want, "rank {r}, token {t}");
+            } else {
+                assert!(
+                    row.iter().all(|&x| x == 0.0),
+                    "rank {r}, token {t}: not zeros"
+                );
+            }
+        }
+        for (acc, x) in sum.iter_mut().zip(got) {
+            *acc += x;
+        }
+    }
+    for (t, &id) in ids.iter().enumerate() {
+        let want = &table[id as usize * hidden..(id as usize + 1) * hidden];
+        assert_eq!(
+            &sum[t * hidden..(t + 1) * hidden],
+            want,
+            "token {t} over the ranks"
+        );
+    }
+    // A table shorter than its rows, and rows past the vocabulary, are refused.
+    let short_table = s.clone_htod(&to_bf16(&table[..10 * hidden])).unwrap();
+    for rows in [
+        kernels_cuda::VocabRows {
+            start: 0,
+            len: 11,
+            vocab,
+        },
+        kernels_cuda::VocabRows {
+            start: vocab - 5,
+            len: 6,
+            vocab,
+        },
+    ] {
+        assert!(is_bad(kernels_cuda::embedding_gather_rows(
+            &gpu,
+            &short_table,
+            hidden,
+            rows,
+            &ids_d,
+            &mut residual
+        )));
+    }
+
+    // Unsharding the vocab-parallel LM head's gathered logits: exact, uneven ranks.
+    let n = 5;
+    let logits = random_bf16(&mut rng, n * vocab, 1.0);
+    let mut gathered = vec![0f32; world * n * per_rank];
+    for r in 0..world {
+        let (start, end) = (r * vocab / world, (r + 1) * vocab / world);
+        for j in 0..n {
+            let at = (r * n + j) * per_rank;
+            gathered[at..at + end - start]
+                .copy_from_slice(&logits[j * vocab + start..j * vocab + end]);
+            gathered[at + end - start..at + per_rank].fill(-9.0); // padding
+        }
+    }
+    let gathered_d = s.clone_htod(&to_bf16(&gathered)).unwrap();
+    let mut out = s.alloc_zeros::<bf16>(n * vocab).unwrap();
+    kernels_cuda::unshard_vocab(&gpu, &gathered_d, world, per_rank, vocab, &mut out).unwrap();
+    let got: Vec<f32> = s
+        .clone_dtoh(&out)
+        .unwrap()
+        .iter()
+        .map(|x| x.to_f32())
+        .collect();
+    assert_eq!(got, logits, "unsharded logits");
+    assert!(is_bad(kernels_cuda::unshard_vocab(
+        &gpu,
+        &gathered_d,
+        world,
+        per_rank - 1,
+        vocab,
+        &mut out
+    )));
+    assert!(is_bad(kernels_cuda::unshard_vocab(
+        &gpu,
+        &gathered_d,
+        2,
+        per_rank,
+        vocab,
+        &mut out
+    )));
 
     // Row gather: exact, rows repeated and out of order.
     let picks: Vec<u32> = vec![5, 0, 5, tokens as u32 - 1];
@@ -806,7 +913,6 @@ fn per_token_layers_match_the_reference() {
         assert!(e < 1e-2, "silu_mul (inter {inter}): {e}");
     }
 
-    let is_bad = |r: Result<(), KernelError>| matches!(r, Err(KernelError::BadArgument { .. }));
     // The fused Q/K/V product split into q, k and v, with and without the stacked bias:
     // exact without (a copy), the bias added in f32 and rounded once with it.
     let (nq, nkv) = (576, 192);

@@ -23,6 +23,9 @@
 //! implementation must abort the group so that waiting ranks return an error instead of
 //! hanging).
 
+use half::bf16;
+use kernels_cuda::cudarc::driver::CudaSlice;
+
 use crate::error::ModelError;
 use crate::weights::Shard;
 
@@ -61,6 +64,49 @@ impl HostCollective for SingleRank {
         out.extend_from_slice(local);
         Ok(())
     }
+}
+
+/// Sum and gather over the ranks of a tensor-parallel group, on device buffers: what the
+/// sharded [`CudaBackend`](crate::CudaBackend) calls. `dist` implements it over NCCL (one GPU
+/// per rank) and over any [`HostCollective`] (ranks sharing a GPU, by host copies).
+///
+/// Calls are enqueued on the stream of the backend's GPU (or complete before returning): work
+/// enqueued after a call on that stream sees its result. The order invariant is that of the
+/// host collectives (the module's documentation), for the CUDA forward pass: one
+/// `all_reduce_sum_f32` of `t * hidden_size` values (the embedding), per layer two
+/// `all_reduce_sum` of `t * hidden_size` bf16 values (after the O and the down products), and
+/// one `all_gather` of `n * ceil(vocab_size / world_size)` values (the LM head) when a step
+/// wants logits.
+///
+/// `Send` (a backend moves to the thread that runs it) but not required to be `Sync`: one
+/// thread calls it at a time.
+pub trait DeviceCollective: Send {
+    /// Which rank this member is, and the group's size.
+    fn shard(&self) -> Shard;
+
+    /// Replaces `x`, on every rank, by the element-wise sum of every rank's `x` (bf16: the
+    /// partial outputs of row-parallel products).
+    ///
+    /// # Errors
+    /// [`ModelError::Collective`] when the transport fails.
+    fn all_reduce_sum(&self, x: &mut CudaSlice<bf16>) -> Result<(), ModelError>;
+
+    /// As [`all_reduce_sum`](Self::all_reduce_sum), on f32 values (the residual stream).
+    ///
+    /// # Errors
+    /// [`ModelError::Collective`] when the transport fails.
+    fn all_reduce_sum_f32(&self, x: &mut CudaSlice<f32>) -> Result<(), ModelError>;
+
+    /// Sets `out` to every rank's `local`, concatenated in rank order: `out.len()` must be
+    /// `world_size * local.len()`.
+    ///
+    /// # Errors
+    /// [`ModelError::Collective`] for mismatched lengths or when the transport fails.
+    fn all_gather(
+        &self,
+        local: &CudaSlice<bf16>,
+        out: &mut CudaSlice<bf16>,
+    ) -> Result<(), ModelError>;
 }
 
 #[cfg(test)]

@@ -46,10 +46,11 @@ use kv_quant::BlockLayout;
 
 use crate::ModelConfig;
 use crate::backend::{Backend, ForwardBatch, KvCacheConfig, RowSampling, validate_batch};
+use crate::collective::DeviceCollective;
 use crate::config::RopeStyle;
 use crate::cpu::Linear;
 use crate::error::ModelError;
-use crate::weights::{LocalShape, Weights};
+use crate::weights::{LocalShape, Shard, Weights};
 
 /// One transformer block's weights on the device (bf16, `[out][in]` row-major).
 struct Layer {
@@ -83,6 +84,10 @@ struct Buffers {
     /// Hidden states of the tokens whose logits are wanted.
     picked: Option<CudaSlice<bf16>>,
     logits: Option<CudaSlice<bf16>>,
+    /// Tensor parallel: this rank's slice of the logits rows (`[rows][per_rank]`), and every
+    /// rank's, all-gathered (`[world][rows][per_rank]`), before [`kernels_cuda::unshard_vocab`].
+    local_logits: Option<CudaSlice<bf16>>,
+    gathered_logits: Option<CudaSlice<bf16>>,
     /// The sums of squares the O and down products leave for the next normalized products
     /// (fused norms).
     norm_partials: NormPartials,
@@ -159,8 +164,14 @@ pub struct CudaBackend {
     fold_rope: bool,
     config: ModelConfig,
     local: LocalShape,
+    /// This rank of a tensor-parallel group, and the group's collectives (`None`: the whole
+    /// model on one GPU).
+    shard: Shard,
+    collective: Option<Box<dyn DeviceCollective>>,
     cache_config: KvCacheConfig,
     layout: BlockLayout,
+    /// `[rows][hidden]`: the whole vocabulary, or (tensor parallel) this rank's rows of it
+    /// padded to `ceil(vocab / world)` rows (zeros), as the LM head when tied.
     embedding: CudaSlice<bf16>,
     layers: Vec<Layer>,
     final_norm: CudaSlice<bf16>,
@@ -179,6 +190,7 @@ impl std::fmt::Debug for CudaBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CudaBackend")
             .field("gpu", &self.gpu)
+            .field("shard", &self.shard)
             .field("cache_config", &self.cache_config)
             .finish_non_exhaustive()
     }
@@ -376,22 +388,107 @@ fn check_shape(
     Ok(layout)
 }
 
+/// `rows` bf16 rows of `width` values padded with zero rows to `padded` rows.
+fn pad_rows(mut rows: Vec<bf16>, width: usize, padded: usize) -> Vec<bf16> {
+    rows.resize(padded.max(rows.len() / width.max(1)) * width, bf16::ZERO);
+    rows
+}
+
+/// The rows of the vocabulary each rank's embedding and LM head tables hold (padded to the
+/// same count on every rank for the all-gather): the whole vocabulary on one rank.
+fn vocab_rows_per_rank(c: &ModelConfig, shard: Shard) -> usize {
+    if shard.world_size == 1 {
+        c.vocab_size
+    } else {
+        shard.vocab_rows_per_rank(c.vocab_size)
+    }
+}
+
+/// The construction handshake of a tensor-parallel rank (`crate::cpu`'s checks), gathered
+/// over the device collective: each rank writes its values into its own slot of a zeroed
+/// buffer and one f32 all-reduce sums the slots (exact: every other rank adds zeros).
+fn device_handshake(
+    collective: &dyn DeviceCollective,
+    gpu: &Gpu,
+    config: &ModelConfig,
+    cache: &KvCacheConfig,
+    ok: bool,
+) -> Result<(), ModelError> {
+    let me = collective.shard();
+    crate::cpu::check_ranks(me, config, cache, ok, |mine, all| {
+        let n = mine.len();
+        let mut slots = vec![0f32; n * me.world_size];
+        slots
+            .get_mut(me.rank * n..(me.rank + 1) * n)
+            .ok_or_else(|| ModelError::ShardMismatch {
+                what: "the collective's rank".into(),
+                expected: format!("below {}", me.world_size),
+                got: me.rank.to_string(),
+            })?
+            .copy_from_slice(mine);
+        let s = gpu.stream();
+        let mut d = s
+            .clone_htod(&slots)
+            .map_err(kernels_cuda::KernelError::from)?;
+        collective.all_reduce_sum_f32(&mut d)?;
+        *all = s.clone_dtoh(&d).map_err(kernels_cuda::KernelError::from)?;
+        Ok(())
+    })
+}
+
 impl CudaBackend {
     /// Uploads `weights` (dequantized to bf16) to `gpu` and allocates a KV cache of `cache`
     /// blocks per layer.
     ///
     /// # Errors
-    /// [`ModelError::Unsupported`] for what the CUDA backend does not run yet (biases, a
-    /// head_dim or GQA group without kernels, a tensor-parallel shard: it runs the whole model
-    /// only), device errors (out of memory, ...).
+    /// [`ModelError::Unsupported`] for what the CUDA backend does not run yet (a head_dim or
+    /// GQA group without kernels, biases but on Q, K and V), [`ModelError::ShardMismatch`]
+    /// for a tensor-parallel shard (it needs [`CudaBackend::new_sharded`]), device errors
+    /// (out of memory, ...).
     pub fn new(weights: &Weights, cache: KvCacheConfig, gpu: Gpu) -> Result<Self, ModelError> {
-        if weights.shard().world_size != 1 {
-            return Err(ModelError::Unsupported(
-                "a tensor-parallel shard on the CUDA backend (it runs the whole model)".into(),
-            ));
-        }
+        crate::cpu::check_shard(weights.shard(), Shard::FULL)?;
+        Self::upload(weights, cache, gpu, None)
+    }
+
+    /// One rank of a tensor-parallel group on its GPU: `weights` is the rank's shard
+    /// (column-parallel Q/K/V and gate/up, row-parallel O and down, vocab-parallel embedding
+    /// and LM head), `cache` its own KV cache (blocks of its local KV heads), `collective` its
+    /// member of the group. A step sums the embedding and the O and down products over the
+    /// ranks and gathers the logits rows, so every rank ends a step with the same full logits.
+    /// Every rank of the group must call this at the same time: it ends with a handshake that
+    /// checks the ranks are `0..world_size` in order with the same model and cache
+    /// configuration (as [`CpuBackend::new_sharded`](crate::CpuBackend::new_sharded)).
+    ///
+    /// # Errors
+    /// [`ModelError::ShardMismatch`] when `weights` is another shard than `collective`'s, or
+    /// the ranks disagree; [`ModelError::Collective`] from the handshake; the errors of
+    /// [`CudaBackend::new`].
+    pub fn new_sharded(
+        weights: &Weights,
+        cache: KvCacheConfig,
+        gpu: Gpu,
+        collective: Box<dyn DeviceCollective>,
+    ) -> Result<Self, ModelError> {
+        let c = weights.config();
+        // Every rank enters the handshake, even one whose own checks failed, so that none is
+        // left waiting for it.
+        let checked = crate::cpu::check_shard(weights.shard(), collective.shard())
+            .and_then(|()| check_shape(c, &weights.local_shape(), &cache));
+        let agreed = device_handshake(&*collective, &gpu, c, &cache, checked.is_ok());
+        checked?;
+        agreed?;
+        Self::upload(weights, cache, gpu, Some(collective))
+    }
+
+    fn upload(
+        weights: &Weights,
+        cache: KvCacheConfig,
+        gpu: Gpu,
+        collective: Option<Box<dyn DeviceCollective>>,
+    ) -> Result<Self, ModelError> {
         let c = weights.config().clone();
         let local = weights.local_shape();
+        let shard = weights.shard();
         let layout = check_shape(&c, &local, &cache)?;
         let s = gpu.stream().clone();
         let up = |x: &[bf16]| s.clone_htod(x).map_err(kernels_cuda::KernelError::from);
@@ -411,16 +508,17 @@ impl CudaBackend {
                 w_down: up(&rows_bf16(&[&lw.w_down], false)?)?,
             });
         }
+        let (h, per_rank) = (c.hidden_size, vocab_rows_per_rank(&c, shard));
+        let vocab_table = |l: &Linear| -> Result<CudaSlice<bf16>, ModelError> {
+            Ok(up(&pad_rows(rows_bf16(&[l], false)?, h, per_rank))?)
+        };
         let dw = DeviceWeights {
-            embedding: up(&rows_bf16(&[&weights.embedding], false)?)?,
-            lm_head: match &weights.lm_head {
-                Some(l) => Some(up(&rows_bf16(&[l], false)?)?),
-                None => None,
-            },
+            embedding: vocab_table(&weights.embedding)?,
+            lm_head: weights.lm_head.as_ref().map(vocab_table).transpose()?,
             final_norm: up(&to_bf16(&weights.final_norm))?,
             layers,
         };
-        Self::assemble(gpu, c, local, cache, layout, dw)
+        Self::assemble(gpu, c, local, (shard, collective), cache, layout, dw)
     }
 
     /// A model of `config`'s shape with dummy bf16 weights generated on the device (uniform
@@ -436,14 +534,47 @@ impl CudaBackend {
         seed: u64,
     ) -> Result<Self, ModelError> {
         config.validate()?;
+        Self::generate(config, cache, gpu, seed, None)
+    }
+
+    /// One tensor-parallel rank of [`CudaBackend::dummy`]'s model: the rank's shard shapes,
+    /// weights generated on its GPU (each rank from its own seed: the shards of no one model,
+    /// which speed measurements do not need). Every rank calls it at the same time, as
+    /// [`CudaBackend::new_sharded`].
+    ///
+    /// # Errors
+    /// As [`CudaBackend::new_sharded`]; [`ModelError::Unsupported`] when `config` does not
+    /// shard over the group.
+    pub fn dummy_sharded(
+        config: &ModelConfig,
+        cache: KvCacheConfig,
+        gpu: Gpu,
+        seed: u64,
+        collective: Box<dyn DeviceCollective>,
+    ) -> Result<Self, ModelError> {
+        let shard = collective.shard();
+        let checked = config
+            .validate()
+            .map_err(ModelError::from)
+            .and_then(|()| LocalShape::new(config, shard))
+            .and_then(|local| check_shape(config, &local, &cache));
+        let agreed = device_handshake(&*collective, &gpu, config, &cache, checked.is_ok());
+        checked?;
+        agreed?;
+        let seed = seed ^ (shard.rank as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+        Self::generate(config, cache, gpu, seed, Some(collective))
+    }
+
+    fn generate(
+        config: &ModelConfig,
+        cache: KvCacheConfig,
+        gpu: Gpu,
+        seed: u64,
+        collective: Option<Box<dyn DeviceCollective>>,
+    ) -> Result<Self, ModelError> {
         let c = config.clone();
-        let local = LocalShape {
-            num_heads: c.num_heads,
-            num_kv_heads: c.num_kv_heads,
-            intermediate_size: c.intermediate_size,
-            vocab_start: 0,
-            vocab_size: c.vocab_size,
-        };
+        let shard = collective.as_ref().map_or(Shard::FULL, |g| g.shard());
+        let local = LocalShape::new(&c, shard)?;
         let layout = check_shape(&c, &local, &cache)?;
         let mut next_seed = seed;
         let mut fill = |n: usize, lo: f32, hi: f32| -> Result<CudaSlice<bf16>, ModelError> {
@@ -455,10 +586,11 @@ impl CudaBackend {
             kernels_cuda::fill_uniform(&gpu, &mut t, next_seed, lo, hi)?;
             Ok(t)
         };
-        let (h, d, inter) = (c.hidden_size, c.head_dim, c.intermediate_size);
+        let (h, d) = (c.hidden_size, c.head_dim);
+        let (qh, kvh, inter) = (local.num_heads, local.num_kv_heads, local.intermediate_size);
         let w = 0.02;
         let mut layers = Vec::with_capacity(c.num_layers);
-        let qkv_rows = (c.num_heads + 2 * c.num_kv_heads) * d;
+        let qkv_rows = (qh + 2 * kvh) * d;
         for _ in 0..c.num_layers {
             let qkv_bias = if c.qkv_bias {
                 Some(fill(qkv_rows, -w, w)?)
@@ -469,23 +601,24 @@ impl CudaBackend {
                 attn_norm: fill(h, 1.0, 1.0)?,
                 w_qkv: fill(qkv_rows * h, -w, w)?,
                 qkv_bias,
-                wo: fill(h * c.num_heads * d, -w, w)?,
+                wo: fill(h * qh * d, -w, w)?,
                 ffn_norm: fill(h, 1.0, 1.0)?,
                 w_gate_up: fill(2 * inter * h, -w, w)?,
                 w_down: fill(h * inter, -w, w)?,
             });
         }
+        let rows = vocab_rows_per_rank(&c, shard);
         let dw = DeviceWeights {
-            embedding: fill(c.vocab_size * h, -w, w)?,
+            embedding: fill(rows * h, -w, w)?,
             lm_head: if c.tie_word_embeddings {
                 None
             } else {
-                Some(fill(c.vocab_size * h, -w, w)?)
+                Some(fill(rows * h, -w, w)?)
             },
             final_norm: fill(h, 1.0, 1.0)?,
             layers,
         };
-        Self::assemble(gpu, c, local, cache, layout, dw)
+        Self::assemble(gpu, c, local, (shard, collective), cache, layout, dw)
     }
 
     /// Bytes of weights one decode step streams (every layer, the final norm and the LM head;
@@ -518,6 +651,7 @@ impl CudaBackend {
         gpu: Gpu,
         c: ModelConfig,
         local: LocalShape,
+        (shard, collective): (Shard, Option<Box<dyn DeviceCollective>>),
         cache: KvCacheConfig,
         layout: BlockLayout,
         dw: DeviceWeights,
@@ -573,6 +707,8 @@ impl CudaBackend {
             preloaded,
             config: c,
             local,
+            shard,
+            collective,
             cache_config: cache,
             layout,
             buffers: Buffers::default(),
@@ -646,7 +782,18 @@ impl CudaBackend {
         let (ids, positions, slots) = (&inputs.ids, &inputs.positions, &inputs.slots);
         bf.tokens = t;
         let residual = buffer(&mut bf.residual, gpu, t * h)?;
-        kernels_cuda::embedding_gather(gpu, &self.embedding, c.vocab_size, ids, residual)?;
+        // Tensor parallel: the ranks' partial sums (the embedding rows, the row-parallel O
+        // and down products) are summed over the group before the residual stream takes them.
+        let collective = self.collective.as_deref();
+        let vocab_rows = kernels_cuda::VocabRows {
+            start: self.local.vocab_start,
+            len: self.local.vocab_size,
+            vocab: c.vocab_size,
+        };
+        kernels_cuda::embedding_gather_rows(gpu, &self.embedding, h, vocab_rows, ids, residual)?;
+        if let Some(group) = collective {
+            group.all_reduce_sum_f32(residual)?;
+        }
         let shape = RopeShape {
             num_q_heads: qh,
             num_kv_heads: kvh,
@@ -666,7 +813,8 @@ impl CudaBackend {
         // Fused norms: no norm launch but layer 0's attention norm and the final one. The O
         // and down products add into the residual stream (leaving its sums of squares in
         // `norm_partials`), the Q/K/V and gate/up products normalize it as they read it.
-        let fused = small && self.fused_norm.folds(t, h);
+        // (Not with a group: the products' partial sums must be summed first.)
+        let fused = small && self.fused_norm.folds(t, h) && collective.is_none();
         // Decode steps write each token's K and V in its attention launch.
         let fold_rope = self.fold_rope && inputs.one_token_per_seq;
         let products = Products {
@@ -769,7 +917,11 @@ impl CudaBackend {
                 let residual = bf.residual.as_mut().ok_or_else(missing)?;
                 add_to_residual(gpu, attn, &lw.wo, qh * d, residual, &mut bf.norm_partials)?;
             } else {
-                products.linear(attn, &lw.wo, h, qh * d, buffer(&mut bf.proj, gpu, t * h)?)?;
+                let proj = buffer(&mut bf.proj, gpu, t * h)?;
+                products.linear(attn, &lw.wo, h, qh * d, proj)?;
+                if let Some(group) = collective {
+                    group.all_reduce_sum(proj)?;
+                }
                 let normed = bf.normed.as_mut().ok_or_else(missing)?;
                 let residual = bf.residual.as_mut().ok_or_else(missing)?;
                 kernels_cuda::rms_norm(gpu, residual, bf.proj.as_ref(), &lw.ffn_norm, eps, normed)?;
@@ -795,7 +947,11 @@ impl CudaBackend {
                 let residual = bf.residual.as_mut().ok_or_else(missing)?;
                 add_to_residual(gpu, act, &lw.w_down, inter, residual, &mut bf.norm_partials)?;
             } else {
-                products.linear(act, &lw.w_down, h, inter, buffer(&mut bf.proj, gpu, t * h)?)?;
+                let proj = buffer(&mut bf.proj, gpu, t * h)?;
+                products.linear(act, &lw.w_down, h, inter, proj)?;
+                if let Some(group) = collective {
+                    group.all_reduce_sum(proj)?;
+                }
             }
         }
         // Final norm over every token (adding the last MLP output unless the down product
@@ -819,7 +975,13 @@ impl CudaBackend {
             picked,
         )?;
         let vocab = c.vocab_size;
-        let out = buffer(&mut bf.logits, gpu, n * vocab)?;
+        // This rank's rows of the LM head (all of them on one rank).
+        let per_rank = vocab_rows_per_rank(c, self.shard);
+        let out = if collective.is_some() {
+            buffer(&mut bf.local_logits, gpu, n * per_rank)?
+        } else {
+            buffer(&mut bf.logits, gpu, n * vocab)?
+        };
         let head = self.lm_head.as_ref().unwrap_or(&self.embedding);
         let picked = bf.picked.as_ref().ok_or_else(missing)?;
         let small_head = self.gemv
@@ -836,10 +998,22 @@ impl CudaBackend {
                 head,
                 h,
                 None,
-                &mut [GemvOut { out, width: vocab }],
+                &mut [GemvOut {
+                    out,
+                    width: per_rank,
+                }],
             )?;
         } else {
-            self.blas.linear(picked, head, vocab, h, out)?;
+            self.blas.linear(picked, head, per_rank, h, out)?;
+        }
+        if let Some(group) = collective {
+            let world = self.shard.world_size;
+            let local = bf.local_logits.as_ref().ok_or_else(missing)?;
+            let gathered = buffer(&mut bf.gathered_logits, gpu, world * n * per_rank)?;
+            group.all_gather(local, gathered)?;
+            let out = buffer(&mut bf.logits, gpu, n * vocab)?;
+            let gathered = bf.gathered_logits.as_ref().ok_or_else(missing)?;
+            kernels_cuda::unshard_vocab(gpu, gathered, world, per_rank, vocab, out)?;
         }
         Ok(())
     }
@@ -883,7 +1057,12 @@ impl CudaBackend {
     /// decode kernel (partitions sized on the device).
     fn graph_bucket(&self, b: &ForwardBatch<'_>) -> Option<usize> {
         let t = b.token_ids.len();
-        if !self.cuda_graphs || t != b.num_seqs() || b.logits_indices.is_empty() {
+        // Not with a tensor-parallel group: its collectives are not captured (yet).
+        if !self.cuda_graphs
+            || self.collective.is_some()
+            || t != b.num_seqs()
+            || b.logits_indices.is_empty()
+        {
             return None;
         }
         let c = &self.config;

@@ -49,7 +49,7 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use backend::{Backend, ForwardBatch, KvCacheConfig, RowSampling};
-pub use collective::{HostCollective, SingleRank};
+pub use collective::{DeviceCollective, HostCollective, SingleRank};
 pub use config::{Architecture, ConfigError, ModelConfig, RopeScaling, RopeStyle};
 pub use cpu::CpuBackend;
 pub use cuda::{CudaBackend, FusedNorm};

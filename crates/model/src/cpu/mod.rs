@@ -162,7 +162,7 @@ fn describe(s: Shard) -> String {
 }
 
 /// The weights must be the shard the collective says this rank is.
-fn check_shard(weights: Shard, group: Shard) -> Result<(), ModelError> {
+pub(crate) fn check_shard(weights: Shard, group: Shard) -> Result<(), ModelError> {
     if weights == group {
         return Ok(());
     }
@@ -175,7 +175,7 @@ fn check_shard(weights: Shard, group: Shard) -> Result<(), ModelError> {
 
 /// Values per rank in the construction handshake: rank, world size, whether the rank's own
 /// checks passed, and a 64-bit fingerprint of its configuration in four exact 16-bit parts.
-const HANDSHAKE_VALUES: usize = 7;
+pub(crate) const HANDSHAKE_VALUES: usize = 7;
 
 /// Checks, with one all-gather, that the ranks are `0..world_size` in order, that every rank
 /// passed its own checks (`ok`) and that all have the same model and KV-cache configuration.
@@ -186,7 +186,21 @@ fn handshake(
     cache: &KvCacheConfig,
     ok: bool,
 ) -> Result<(), ModelError> {
-    let me = collective.shard();
+    check_ranks(collective.shard(), config, cache, ok, |mine, all| {
+        collective.all_gather(mine, all)
+    })
+}
+
+/// The construction handshake of a sharded backend over any transport: `gather` sets its
+/// second argument to every rank's [`HANDSHAKE_VALUES`] values (the first argument on this
+/// rank), in rank order; then the checks of [`handshake`].
+pub(crate) fn check_ranks(
+    me: Shard,
+    config: &ModelConfig,
+    cache: &KvCacheConfig,
+    ok: bool,
+    gather: impl FnOnce(&[f32], &mut Vec<f32>) -> Result<(), ModelError>,
+) -> Result<(), ModelError> {
     let fingerprint = crate::weights::fxhash(&format!("{config:?} {cache:?} {}", me.world_size));
     let mut mine = vec![
         me.rank as f32,
@@ -195,7 +209,7 @@ fn handshake(
     ];
     mine.extend((0..4).map(|i| ((fingerprint >> (16 * i)) & 0xffff) as f32));
     let mut all = Vec::new();
-    collective.all_gather(&mine, &mut all)?;
+    gather(&mine, &mut all)?;
     if all.len() != HANDSHAKE_VALUES * me.world_size {
         return Err(ModelError::Collective {
             operation: "all_gather",

@@ -17,7 +17,20 @@ use serve_grpc::cli::{
 };
 use tracing_subscriber::EnvFilter;
 
+/// NVLink multicast (NVLS) stays off in every kvserve process, the rule of the multi-GPU
+/// machines (`dist` refuses to start NCCL otherwise): set here, unless the environment
+/// already says.
+#[allow(unsafe_code)]
+fn keep_nvls_off() {
+    if std::env::var_os(dist::NVLS_ENV).is_none() {
+        // SAFETY: called first in `main`, before this process starts any thread, so nothing
+        // reads or writes the environment at the same time.
+        unsafe { std::env::set_var(dist::NVLS_ENV, "0") };
+    }
+}
+
 fn main() -> ExitCode {
+    keep_nvls_off();
     let cli = Cli::parse();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     tracing_subscriber::fmt()
