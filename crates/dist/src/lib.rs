@@ -17,7 +17,9 @@
 //! * [`TensorParallelBackend`]: one `model::Backend` over N rank threads, each building and
 //!   owning its sharded backend; one scheduler sends every step to all ranks and gets rank
 //!   0's result; a rank that fails out of lockstep makes the backend dead
-//!   (`ModelError::Unrecoverable`) instead of hanging it.
+//!   (`ModelError::Unrecoverable`) instead of hanging it, even when its peers are stuck in a
+//!   collective that cannot be aborted (given up after a grace period, optionally a step
+//!   timeout).
 //!
 //! **Never panics without NCCL or a GPU.** cudarc loads libnccl and libcuda at run time and
 //! panics on the first call when one is missing; every NCCL entry point here first checks

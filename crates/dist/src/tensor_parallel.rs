@@ -18,11 +18,25 @@
 //!   collective) means the ranks are out of lockstep: the backend is dead, the step fails with
 //!   [`ModelError::Unrecoverable`] naming the rank and its error, and so does every later
 //!   call, at once;
-//! * dropping the backend closes the channels and joins every rank thread.
+//! * a rank may not be able to answer at all: with NCCL on GPUs, the peers of a rank that
+//!   failed before a collective spin in its kernel and block at their next stream
+//!   synchronisation, and no abort reaches them from another thread. So once one rank has
+//!   failed (or its thread is gone), the others get a grace period
+//!   ([`TensorParallelBackend::set_failure_grace`], 10 s by default) to answer; those that do
+//!   not are *stuck*, and the backend is dead, its error naming the failed rank and the stuck
+//!   ones. An optional step timeout ([`TensorParallelBackend::set_step_timeout`], none by
+//!   default) does the same for a step whose ranks hang with no failure at all (a peer
+//!   process killed on another host);
+//! * the replies come over one channel shared by the ranks, each tagged with its rank (a
+//!   thread also says when it ends), so the caller notices a failure on any rank while the
+//!   others are silent; while nothing has failed it blocks on that channel, with no polling;
+//! * dropping the backend closes the channels and joins every rank thread that answered; a
+//!   stuck one cannot be joined, so it is detached (left running, logged).
 
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use kv_block_manager::CopyOp;
 use model::{Backend, ForwardBatch, KvCacheConfig, ModelConfig, ModelError, RowSampling};
@@ -192,6 +206,62 @@ impl std::fmt::Display for Failure {
     }
 }
 
+/// What a rank thread sends to the caller, tagged with its rank.
+#[derive(Debug)]
+enum Message {
+    /// Its answer to the step.
+    Answer(Result<Reply, Failure>),
+    /// Its thread is ending (sent on every exit path, unwinding included).
+    Ended,
+}
+
+/// Sends [`Message::Ended`] when dropped, i.e. when its rank thread ends however it ends.
+struct Farewell {
+    rank: usize,
+    messages: Sender<(usize, Message)>,
+}
+
+impl Drop for Farewell {
+    fn drop(&mut self) {
+        let _ = self.messages.send((self.rank, Message::Ended));
+    }
+}
+
+/// What became of one rank in one step.
+#[derive(Debug)]
+enum Outcome {
+    /// It answered.
+    Answered(Result<Reply, Failure>),
+    /// Its thread is gone.
+    Gone,
+    /// It did not answer in time (blocked in a collective that will never complete?).
+    Stuck,
+}
+
+impl Outcome {
+    fn failed(&self) -> bool {
+        !matches!(self, Self::Answered(Ok(_)))
+    }
+}
+
+/// Which limit ended the wait for the last replies of a step.
+#[derive(Debug, Clone, Copy)]
+enum Waited {
+    /// The grace after a rank's failure.
+    Grace(Duration),
+    /// The step timeout.
+    StepTimeout(Duration),
+}
+
+impl std::fmt::Display for Waited {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Grace(d) => write!(f, "within {d:?} of the failure"),
+            Self::StepTimeout(d) => write!(f, "within the step timeout of {d:?}"),
+        }
+    }
+}
+
 /// What rank 0 reports once built.
 #[derive(Debug)]
 struct RankInfo {
@@ -201,12 +271,13 @@ struct RankInfo {
     samples_on_device: bool,
 }
 
-/// One rank thread, as the backend sees it.
+/// One rank thread, as the backend sees it (its replies come over the backend's channel).
 #[derive(Debug)]
 struct Rank {
     jobs: Sender<Job>,
-    replies: Receiver<Result<Reply, Failure>>,
     thread: JoinHandle<()>,
+    /// It did not answer a step in time: its thread may never end, so it is not joined.
+    stuck: bool,
 }
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
@@ -268,7 +339,7 @@ fn rank_main<B: Backend>(
     build: impl FnOnce() -> Result<B, ModelError>,
     ready: &Sender<(usize, Result<Option<RankInfo>, Failure>)>,
     jobs: &Receiver<Job>,
-    replies: &Sender<Result<Reply, Failure>>,
+    replies: &Sender<(usize, Message)>,
 ) {
     let mut backend = match guarded(rank, group, build) {
         Ok(b) => b,
@@ -303,7 +374,7 @@ fn rank_main<B: Backend>(
             }
             other => other,
         };
-        if replies.send(reply).is_err() || died {
+        if replies.send((rank, Message::Answer(reply))).is_err() || died {
             return;
         }
     }
@@ -311,16 +382,28 @@ fn rank_main<B: Backend>(
 
 /// A [`Backend`] over the ranks of a tensor-parallel group: one thread per rank, each owning
 /// its sharded backend; every call goes to every rank and rank 0's result comes back. A rank
-/// that fails or panics aborts the group ([`GroupAbort`]), so no rank is left waiting, and the
-/// backend is dead from then on unless every rank refused the same step.
+/// that fails or panics aborts the group ([`GroupAbort`]), so no rank is left waiting where the
+/// transport allows it, and the backend is dead from then on unless every rank refused the same
+/// step. Ranks that cannot be released (NCCL) get a grace period
+/// ([`set_failure_grace`](Self::set_failure_grace)) before they are given up as stuck; a step
+/// timeout ([`set_step_timeout`](Self::set_step_timeout)) covers ranks that hang with no failure.
 #[derive(Debug)]
 pub struct TensorParallelBackend {
     ranks: Vec<Rank>,
+    /// Every rank's replies, tagged with the rank.
+    replies: Receiver<(usize, Message)>,
     group: Arc<dyn GroupAbort>,
     info: RankInfo,
+    /// How long the other ranks may take to answer once one has failed.
+    failure_grace: Duration,
+    /// How long a whole step may take, if limited.
+    step_timeout: Option<Duration>,
     /// Why the backend is dead; every call fails at once with it.
     dead: Option<String>,
 }
+
+/// The default of [`TensorParallelBackend::set_failure_grace`].
+const DEFAULT_FAILURE_GRACE: Duration = Duration::from_secs(10);
 
 impl TensorParallelBackend {
     /// Starts `world_size` rank threads; rank `r`'s thread calls `build(r)` and keeps the
@@ -346,29 +429,34 @@ impl TensorParallelBackend {
         crate::DistConfig::single_node(world_size).validate()?;
         let build = Arc::new(build);
         let (ready_tx, ready_rx) = channel();
+        let (replies_tx, replies_rx) = channel();
         let mut ranks = Vec::with_capacity(world_size);
         for rank in 0..world_size {
             let (jobs_tx, jobs_rx) = channel();
-            let (replies_tx, replies_rx) = channel();
             let (build, rank_group, ready) =
                 (Arc::clone(&build), Arc::clone(&group), ready_tx.clone());
+            let farewell = Farewell {
+                rank,
+                messages: replies_tx.clone(),
+            };
             let spawned = std::thread::Builder::new()
                 .name(format!("kvserve-tp-rank-{rank}"))
                 .spawn(move || {
+                    let farewell = farewell; // the whole guard: dropped when the thread ends
                     rank_main(
                         rank,
                         &*rank_group,
                         || build(rank),
                         &ready,
                         &jobs_rx,
-                        &replies_tx,
+                        &farewell.messages,
                     );
                 });
             match spawned {
                 Ok(thread) => ranks.push(Rank {
                     jobs: jobs_tx,
-                    replies: replies_rx,
                     thread,
+                    stuck: false,
                 }),
                 Err(e) => {
                     let message = format!("starting its thread: {e}");
@@ -397,8 +485,11 @@ impl TensorParallelBackend {
         match (info, first) {
             (Some(info), None) if ranks.len() == world_size => Ok(Self {
                 ranks,
+                replies: replies_rx,
                 group,
                 info,
+                failure_grace: DEFAULT_FAILURE_GRACE,
+                step_timeout: None,
                 dead: None,
             }),
             (_, failure) => {
@@ -421,27 +512,118 @@ impl TensorParallelBackend {
         self.dead.as_deref()
     }
 
+    /// How long the other ranks may take to answer a step once one rank has failed (or its
+    /// thread is gone); 10 s by default. A rank that has not answered by then is taken to be
+    /// stuck in a collective (an NCCL rank cannot be released from another thread): the
+    /// backend is dead, and dropping it leaves that rank's thread running.
+    ///
+    /// # Errors
+    /// [`DistError::Config`] (`failure_grace`) for a zero grace.
+    pub fn set_failure_grace(&mut self, grace: Duration) -> Result<(), DistError> {
+        if grace.is_zero() {
+            return Err(DistError::config("failure_grace", "must be above zero"));
+        }
+        self.failure_grace = grace;
+        Ok(())
+    }
+
+    /// The longest a step may take, or `None` (the default) for no limit. A step whose ranks
+    /// have not all answered within it makes the backend dead, naming the ranks that did not
+    /// (a rank that hangs without failing, e.g. its peer process killed on another host).
+    ///
+    /// # Errors
+    /// [`DistError::Config`] (`step_timeout`) for a zero timeout.
+    pub fn set_step_timeout(&mut self, timeout: Option<Duration>) -> Result<(), DistError> {
+        if timeout.is_some_and(|t| t.is_zero()) {
+            return Err(DistError::config("step_timeout", "must be above zero"));
+        }
+        self.step_timeout = timeout;
+        Ok(())
+    }
+
     /// Sends a step to every rank (`job(rank)` makes its copy) and collects every reply.
     fn step(&mut self, what: &str, mut job: impl FnMut(usize) -> Job) -> Result<Reply, ModelError> {
         if let Some(why) = &self.dead {
             return Err(ModelError::Unrecoverable(why.clone()));
         }
-        let mut sent = Vec::with_capacity(self.ranks.len());
+        let mut outcomes = Vec::with_capacity(self.ranks.len());
         for (r, rank) in self.ranks.iter().enumerate() {
-            sent.push(rank.jobs.send(job(r)).is_ok());
+            // A rank whose thread is gone never answers: its channel is closed.
+            let sent = rank.jobs.send(job(r)).is_ok();
+            outcomes.push((!sent).then_some(Outcome::Gone));
         }
-        if let Some(gone) = sent.iter().position(|ok| !ok) {
+        if let Some(gone) = outcomes.iter().position(Option::is_some) {
             // Its peers would wait for it in their first collective.
             self.group
                 .abort(&format!("tensor-parallel rank {gone} is gone"));
         }
-        let mut replies = Vec::with_capacity(self.ranks.len());
-        for (rank, ok) in self.ranks.iter().zip(sent) {
-            // A rank whose thread is gone never answers: its channel is closed.
-            let reply = if ok { rank.replies.recv().ok() } else { None };
-            replies.push(reply);
+        let waited = self.collect(&mut outcomes);
+        let outcomes: Vec<Outcome> = outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or(Outcome::Stuck))
+            .collect();
+        for (rank, outcome) in self.ranks.iter_mut().zip(&outcomes) {
+            rank.stuck = matches!(outcome, Outcome::Stuck);
         }
-        self.settle(what, replies)
+        self.settle(what, outcomes, waited)
+    }
+
+    /// Fills `outcomes` (`None`: no answer yet) from the ranks' messages until every rank has
+    /// answered, or one has failed and the grace has passed since, or the step timeout has
+    /// passed. Until a rank fails (and with no step timeout) it blocks on the channel, no
+    /// polling. Returns the limit that ended the wait, if one did.
+    fn collect(&self, outcomes: &mut [Option<Outcome>]) -> Option<Waited> {
+        let start = Instant::now();
+        let step_end = self
+            .step_timeout
+            .map(|t| (start + t, Waited::StepTimeout(t)));
+        let grace = self.failure_grace;
+        let mut grace_end = outcomes
+            .iter()
+            .flatten()
+            .any(Outcome::failed)
+            .then(|| (start + grace, Waited::Grace(grace)));
+        while outcomes.iter().any(Option::is_none) {
+            let limit = match (grace_end, step_end) {
+                (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
+                (a, b) => a.or(b),
+            };
+            let received = match limit {
+                None => self
+                    .replies
+                    .recv()
+                    .map_err(|_| RecvTimeoutError::Disconnected),
+                Some((end, _)) => self
+                    .replies
+                    .recv_timeout(end.saturating_duration_since(Instant::now())),
+            };
+            let (rank, message) = match received {
+                Ok(m) => m,
+                Err(RecvTimeoutError::Timeout) => return limit.map(|(_, waited)| waited),
+                Err(RecvTimeoutError::Disconnected) => {
+                    // Every rank thread has ended (each said so first, but be safe).
+                    for outcome in outcomes.iter_mut().filter(|o| o.is_none()) {
+                        *outcome = Some(Outcome::Gone);
+                    }
+                    return None;
+                }
+            };
+            let Some(slot) = outcomes.get_mut(rank) else {
+                continue;
+            };
+            if slot.is_some() {
+                continue; // the thread of a rank that answered is ending (after a panic)
+            }
+            let outcome = match message {
+                Message::Answer(answer) => Outcome::Answered(answer),
+                Message::Ended => Outcome::Gone,
+            };
+            if outcome.failed() && grace_end.is_none() {
+                grace_end = Some((Instant::now() + grace, Waited::Grace(grace)));
+            }
+            *slot = Some(outcome);
+        }
+        None
     }
 
     /// Rank 0's reply when every rank succeeded; otherwise the step's error, and the backend
@@ -449,47 +631,62 @@ impl TensorParallelBackend {
     fn settle(
         &mut self,
         what: &str,
-        replies: Vec<Option<Result<Reply, Failure>>>,
+        outcomes: Vec<Outcome>,
+        waited: Option<Waited>,
     ) -> Result<Reply, ModelError> {
-        if replies.iter().all(|r| matches!(r, Some(Ok(_)))) {
-            let mut replies = replies.into_iter();
-            return match replies.next() {
-                Some(Some(Ok(reply))) => Ok(reply),
+        if !outcomes.iter().any(Outcome::failed) {
+            return match outcomes.into_iter().next() {
+                Some(Outcome::Answered(Ok(reply))) => Ok(reply),
                 _ => Err(ModelError::Unrecoverable("no rank 0".into())),
             };
         }
-        let consistent = replies
+        let consistent = outcomes
             .iter()
-            .all(|r| matches!(r, Some(Err(f @ Failure::Error(_))) if f.is_own()));
+            .all(|o| matches!(o, Outcome::Answered(Err(f @ Failure::Error(_))) if f.is_own()));
         if consistent && self.group.reset() {
             // Every rank refused the step alike (a bad batch): not a lockstep failure.
-            return match replies.into_iter().next() {
-                Some(Some(Err(Failure::Error(e)))) => Err(e),
+            return match outcomes.into_iter().next() {
+                Some(Outcome::Answered(Err(Failure::Error(e)))) => Err(e),
                 _ => Err(ModelError::Unrecoverable("no rank 0".into())),
             };
         }
-        let described: Vec<String> = replies
+        let mut causes: Vec<String> = outcomes
             .iter()
             .enumerate()
-            .filter_map(|(rank, r)| match r {
-                None => Some(format!("rank {rank} is gone")),
-                Some(Err(f)) if f.is_own() => Some(format!("rank {rank} {f}")),
+            .filter_map(|(rank, o)| match o {
+                Outcome::Gone => Some(format!("rank {rank} is gone")),
+                Outcome::Answered(Err(f)) if f.is_own() => Some(format!("rank {rank} {f}")),
                 _ => None,
             })
             .collect();
-        let cause = if described.is_empty() {
-            replies
-                .iter()
-                .enumerate()
-                .find_map(|(rank, r)| match r {
-                    Some(Err(f)) => Some(format!("rank {rank} {f}")),
-                    _ => None,
-                })
-                .unwrap_or_else(|| "the ranks disagreed".to_owned())
-        } else {
-            described.join("; ")
-        };
-        let why = format!("tensor-parallel {what}: {cause}");
+        let stuck: Vec<String> = outcomes
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| matches!(o, Outcome::Stuck))
+            .map(|(rank, _)| rank.to_string())
+            .collect();
+        if causes.is_empty() {
+            let first = outcomes.iter().enumerate().find_map(|(rank, o)| match o {
+                Outcome::Answered(Err(f)) => Some(format!("rank {rank} {f}")),
+                _ => None,
+            });
+            match first {
+                Some(first) => causes.push(first),
+                None if stuck.is_empty() => causes.push("the ranks disagreed".to_owned()),
+                None => {}
+            }
+        }
+        if !stuck.is_empty() {
+            let who = match stuck.as_slice() {
+                [one] => format!("rank {one}"),
+                many => format!("ranks {}", many.join(", ")),
+            };
+            let waited = waited.map_or_else(String::new, |w| format!(" {w}"));
+            causes.push(format!(
+                "{who} did not answer{waited} (stuck in a collective?)"
+            ));
+        }
+        let why = format!("tensor-parallel {what}: {}", causes.join("; "));
         self.group.abort(&why);
         tracing::error!(error = %why, "the tensor-parallel group is dead");
         self.dead = Some(why.clone());
@@ -512,13 +709,25 @@ impl TensorParallelBackend {
     }
 }
 
+/// Closes every rank's job channel and joins its thread, except a stuck one's: that one is
+/// detached (it may never end), and the count of those is logged.
 fn join_all(ranks: Vec<Rank>) {
+    let mut left_running = 0;
     for rank in ranks {
         drop(rank.jobs);
-        drop(rank.replies);
-        if rank.thread.join().is_err() {
+        if rank.stuck {
+            left_running += 1;
+            drop(rank.thread);
+        } else if rank.thread.join().is_err() {
             tracing::error!("a tensor-parallel rank thread panicked outside its guard");
         }
+    }
+    if left_running > 0 {
+        tracing::error!(
+            threads = left_running,
+            "{left_running} tensor-parallel rank threads were left running: stuck in a \
+             collective, they cannot be joined"
+        );
     }
 }
 

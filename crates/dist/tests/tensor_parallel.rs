@@ -1,10 +1,12 @@
 //! `TensorParallelBackend` over `ThreadGroup` and sharded CPU backends of a tiny dummy Llama:
 //! the same logits as one rank, failures that end in errors (never a hang), construction
-//! errors, and a bad batch that leaves the group usable.
+//! errors, a bad batch that leaves the group usable, and ranks stuck for good (as NCCL ranks
+//! are when a peer fails before a collective) that end the step after a grace period.
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use dist::{DistError, GroupAbort, TensorParallelBackend, ThreadGroup};
 use kv_block_manager::{BlockId, CopyOp};
@@ -34,9 +36,12 @@ enum Fault {
     None,
     Fail(usize),
     Panic(usize),
+    /// Blocks for ever, as an NCCL rank spinning in a collective its failed peer never joins
+    /// (the thread is parked: nothing wakes it, and the test binary exits regardless).
+    Block(usize),
 }
 
-/// A backend that fails or panics on its `n`th forward.
+/// A backend that fails, panics or blocks for ever on its `n`th forward.
 #[derive(Debug)]
 struct Faulty {
     inner: CpuBackend,
@@ -58,6 +63,9 @@ impl Backend for Faulty {
                 return Err(ModelError::Unsupported("injected failure".into()));
             }
             Fault::Panic(n) if n == self.forwards => panic!("injected panic"),
+            Fault::Block(n) if n == self.forwards => loop {
+                std::thread::park();
+            },
             _ => {}
         }
         self.inner.forward(b, logits)
@@ -73,16 +81,17 @@ impl Backend for Faulty {
     }
 }
 
-/// `world` ranks of the tiny model; rank `faulty` gets `fault`.
-fn spawn(world: usize, faulty: usize, fault: Fault) -> Result<TensorParallelBackend, DistError> {
-    let members = ThreadGroup::new(world)?;
+/// One rank of the tiny model per fault, rank `r` getting `faults[r]`.
+fn spawn(faults: &[Fault]) -> Result<TensorParallelBackend, DistError> {
+    let members = ThreadGroup::new(faults.len())?;
     let group: Arc<dyn GroupAbort> = Arc::new(members[0].clone());
-    TensorParallelBackend::spawn(world, group, move |rank| {
+    let faults = faults.to_vec();
+    TensorParallelBackend::spawn(faults.len(), group, move |rank| {
         let member = members[rank].clone();
         let inner = CpuBackend::new_sharded(weights(member.shard()), cache(), Arc::new(member))?;
         Ok(Faulty {
             inner,
-            fault: if rank == faulty { fault } else { Fault::None },
+            fault: faults[rank],
             forwards: 0,
         })
     })
@@ -135,7 +144,7 @@ fn two_ranks_give_the_logits_of_one() {
     let mut one = CpuBackend::new(weights(Shard::FULL), cache()).unwrap();
     let mut want = Vec::new();
     one.forward(&prompt().batch(), &mut want).unwrap();
-    let mut tp = spawn(2, 0, Fault::None).unwrap();
+    let mut tp = spawn(&[Fault::None; 2]).unwrap();
     assert_eq!(tp.world_size(), 2);
     assert_eq!(tp.kv_cache_config(), cache());
     assert_eq!(tp.config().vocab_size, VOCAB);
@@ -167,7 +176,7 @@ fn two_ranks_give_the_logits_of_one() {
 
 #[test]
 fn a_bad_batch_fails_the_step_alike_and_the_group_goes_on() {
-    let mut tp = spawn(2, 0, Fault::None).unwrap();
+    let mut tp = spawn(&[Fault::None; 2]).unwrap();
     let mut bad = prompt();
     bad.tokens[0] = VOCAB as u32; // outside the vocabulary: every rank refuses it
     let mut logits = Vec::new();
@@ -187,17 +196,17 @@ fn a_bad_batch_fails_the_step_alike_and_the_group_goes_on() {
     assert_eq!(logits.len(), VOCAB);
 }
 
-fn assert_dies(fault: Fault, words: &str) {
-    let mut tp = spawn(2, 1, fault).unwrap_or_else(|e| panic!("{e}"));
+/// Runs one good step on `tp`, then one that must kill it with an error containing every
+/// one of `words`; checks that later calls fail at once and that dropping it returns.
+fn assert_dies_with(mut tp: TensorParallelBackend, words: &[&str]) -> String {
     let mut logits = Vec::new();
     tp.forward(&prompt().batch(), &mut logits).unwrap();
     let err = tp.forward(&prompt().batch(), &mut logits).unwrap_err();
     let message = err.to_string();
     assert!(matches!(err, ModelError::Unrecoverable(_)), "{message}");
-    assert!(
-        message.contains("rank 1") && message.contains(words),
-        "{message}"
-    );
+    for word in words {
+        assert!(message.contains(word), "no {word:?} in {message}");
+    }
     // Every later call fails at once with the same reason.
     for _ in 0..2 {
         let again = tp.forward(&prompt().batch(), &mut logits).unwrap_err();
@@ -214,7 +223,15 @@ fn assert_dies(fault: Fault, words: &str) {
         tp.dead_reason().map(str::to_owned),
         Some(message.replace("the backend cannot run any more: ", ""))
     );
-    drop(tp); // joins every rank thread
+    drop(tp); // joins every rank thread that is not stuck
+    message
+}
+
+/// Rank 1 of 2 gets `fault`; its peer, released by the group's abort, answers at once.
+fn assert_dies(fault: Fault, words: &str) {
+    let tp = spawn(&[Fault::None, fault]).unwrap_or_else(|e| panic!("{e}"));
+    let message = assert_dies_with(tp, &["rank 1", words]);
+    assert!(!message.contains("did not answer"), "{message}");
 }
 
 #[test]
@@ -227,10 +244,78 @@ fn a_panicking_rank_kills_the_group_with_an_error_not_a_hang() {
     assert_dies(Fault::Panic(2), "injected panic");
 }
 
+/// Rank `stuck` blocks for good on the second step while the other rank gets `fault`: the
+/// step ends once the grace has passed, naming both ranks.
+fn assert_dies_past_a_stuck_rank(stuck: usize, fault: Fault, words: &str) {
+    let mut faults = [fault; 2];
+    faults[stuck] = Fault::Block(2);
+    let failed = 1 - stuck;
+    let mut tp = spawn(&faults).unwrap();
+    tp.set_failure_grace(Duration::from_millis(200)).unwrap();
+    assert_dies_with(
+        tp,
+        &[
+            &format!("rank {failed} "),
+            words,
+            &format!("rank {stuck} did not answer within 200ms of the failure"),
+            "stuck in a collective?",
+        ],
+    );
+}
+
+#[test]
+fn a_failing_rank_next_to_a_stuck_one_kills_the_group_after_the_grace() {
+    assert_dies_past_a_stuck_rank(0, Fault::Fail(2), "injected failure");
+    assert_dies_past_a_stuck_rank(1, Fault::Fail(2), "injected failure");
+}
+
+#[test]
+fn a_panicking_rank_next_to_a_stuck_one_kills_the_group_after_the_grace() {
+    assert_dies_past_a_stuck_rank(0, Fault::Panic(2), "injected panic");
+    assert_dies_past_a_stuck_rank(1, Fault::Panic(2), "injected panic");
+}
+
+#[test]
+fn ranks_that_hang_without_failing_kill_the_group_at_the_step_timeout() {
+    let mut tp = spawn(&[Fault::Block(2); 2]).unwrap();
+    tp.set_step_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    assert_dies_with(
+        tp,
+        &["ranks 0, 1 did not answer within the step timeout of 200ms"],
+    );
+}
+
+#[test]
+fn the_grace_and_the_step_timeout_must_be_above_zero() {
+    let mut tp = spawn(&[Fault::None; 2]).unwrap();
+    assert!(matches!(
+        tp.set_failure_grace(Duration::ZERO),
+        Err(DistError::Config {
+            field: "failure_grace",
+            ..
+        })
+    ));
+    assert!(matches!(
+        tp.set_step_timeout(Some(Duration::ZERO)),
+        Err(DistError::Config {
+            field: "step_timeout",
+            ..
+        })
+    ));
+    tp.set_step_timeout(None).unwrap();
+    tp.set_step_timeout(Some(Duration::from_secs(60))).unwrap();
+    tp.set_failure_grace(Duration::from_secs(1)).unwrap();
+    // Settings that do not end a healthy step.
+    let mut logits = Vec::new();
+    tp.forward(&prompt().batch(), &mut logits).unwrap();
+    assert_eq!(logits.len(), VOCAB);
+}
+
 #[test]
 fn construction_errors_name_the_rank() {
     assert!(matches!(
-        spawn(0, 0, Fault::None),
+        spawn(&[]),
         Err(DistError::Config {
             field: "tensor_parallel_size",
             ..
