@@ -5,7 +5,8 @@
 //! health, reflection, every request error the API promises, admission limits, cancellation,
 //! abort by id and deadlines freeing KV blocks (checked through `/metrics`), a dying step
 //! loop, graceful shutdown, 64 concurrent streams, and the Python grpcio client
-//! (`scripts/grpc_client.py`) when python3 with grpcio is available.
+//! (`scripts/grpc_client.py`) when python3 with grpcio is available. `KVSERVE_TEST_DEVICE=cuda`
+//! serves on the GPU, `KVSERVE_TEST_TP=N` over N tensor-parallel ranks.
 #![allow(clippy::unwrap_used)] // Tests panic on failure by design.
 
 use std::net::SocketAddr;
@@ -55,11 +56,21 @@ fn test_device() -> Device {
     }
 }
 
+/// The tensor-parallel size the tests serve with: 1, or `KVSERVE_TEST_TP` (SmolLM2's 9 query
+/// and 3 KV heads shard over 3 ranks: threads on the CPU, GPUs with `KVSERVE_TEST_DEVICE=cuda`).
+fn test_tensor_parallel_size() -> usize {
+    std::env::var("KVSERVE_TEST_TP")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+}
+
 /// The default model on the test device with a small, quick-to-allocate KV pool.
 fn config() -> EngineConfig {
     EngineConfig {
         model: ModelSource::Path(model_path()),
         device: test_device(),
+        tensor_parallel_size: test_tensor_parallel_size(),
         max_model_len: Some(MAX_MODEL_LEN),
         kv_cache_memory: Some(192 << 20),
         ..EngineConfig::default()

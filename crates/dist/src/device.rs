@@ -171,3 +171,41 @@ impl<H: HostCollective> DeviceCollective for StagedCollective<H> {
         self.upload("all_gather", &all, out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::LocalCommunicator;
+
+    #[test]
+    fn a_communicator_collective_reports_its_rank() {
+        let c = CommCollective::new(LocalCommunicator::new());
+        assert_eq!(c.shard(), Shard::FULL);
+        assert_eq!(c.comm().world_size(), 1);
+        // A backend owns it boxed, moved to the rank's thread.
+        let boxed: Box<dyn DeviceCollective> = Box::new(c);
+        assert_eq!(
+            std::thread::spawn(move || boxed.shard()).join().ok(),
+            Some(Shard::FULL)
+        );
+    }
+
+    #[test]
+    fn collective_errors_name_the_operation() {
+        let e = collective_error("all_gather")(DistError::LengthMismatch {
+            op: "all_gather",
+            buffer: "recv",
+            expected: 8,
+            got: 4,
+        });
+        let text = e.to_string();
+        assert!(matches!(
+            e,
+            ModelError::Collective {
+                operation: "all_gather",
+                ..
+            }
+        ));
+        assert!(text.contains("recv") && text.contains('8'), "{text}");
+    }
+}

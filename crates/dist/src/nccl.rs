@@ -391,6 +391,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_nccl_group_records_its_abort_and_resets() {
+        use crate::GroupAbort;
+        let g = NcclGroup::new();
+        assert_eq!(g.aborted(), None);
+        g.abort("rank 1 failed");
+        assert_eq!(g.aborted().as_deref(), Some("rank 1 failed"));
+        assert!(g.reset());
+        assert_eq!(g.aborted(), None);
+    }
+
+    #[test]
     fn nvls_must_be_exactly_zero() {
         assert!(check_nvls_value(Some(OsStr::new("0"))).is_ok());
         for (value, found) in [

@@ -112,6 +112,14 @@ fn staged_ranks(c: &ModelConfig, world: usize) -> Result<TensorParallelBackend, 
     })
 }
 
+/// A fresh NCCL unique id for 2 ranks on GPUs 0 and 1, after checking both are there (a rank
+/// that cannot open its GPU would leave the other waiting in `ncclCommInitRank`).
+fn nccl_pair() -> dist::UniqueId {
+    let visible = dist::local_gpu_count().expect("a CUDA driver");
+    assert!(visible >= 2, "needs 2 GPUs, {visible} visible");
+    NcclCommunicator::unique_id().expect("NCCL (is NCCL_NVLS_ENABLE=0 set?)")
+}
+
 fn one_rank(c: &ModelConfig) -> CudaBackend {
     CudaBackend::new(&weights(c, Shard::FULL), cache(), Gpu::new(0).unwrap()).unwrap()
 }
@@ -207,7 +215,7 @@ fn dummy_shards_run_on_one_gpu() {
 fn two_gpus_over_nccl_give_the_logits_of_one() {
     let c = config(false);
     let want = logits(&mut one_rank(&c));
-    let id = NcclCommunicator::unique_id().expect("NCCL (is NCCL_NVLS_ENABLE=0 set?)");
+    let id = nccl_pair();
     let members = ThreadGroup::new(2).unwrap(); // only as the group's abort switch
     let group: Arc<dyn GroupAbort> = Arc::new(members[0].clone());
     let c2 = c.clone();
@@ -236,4 +244,115 @@ fn two_gpus_over_nccl_give_the_logits_of_one() {
     );
     assert!(err < TOLERANCE, "{err}");
     assert!(same > 0.97, "{same}");
+}
+
+/// A rank's CUDA backend that fails its `fail_at`th forward (counting from 1) before running
+/// it: its peers enter the step's first collective alone and wait in NCCL for good.
+struct FailingRank {
+    inner: CudaBackend,
+    fail_at: Option<usize>,
+    forwards: usize,
+}
+
+impl Backend for FailingRank {
+    fn config(&self) -> &ModelConfig {
+        self.inner.config()
+    }
+    fn kv_cache_config(&self) -> KvCacheConfig {
+        self.inner.kv_cache_config()
+    }
+    fn forward(
+        &mut self,
+        b: &model::ForwardBatch<'_>,
+        logits: &mut Vec<f32>,
+    ) -> Result<(), ModelError> {
+        self.forwards += 1;
+        if self.fail_at == Some(self.forwards) {
+            return Err(ModelError::Unsupported("injected rank failure".into()));
+        }
+        self.inner.forward(b, logits)
+    }
+    fn copy_blocks(&mut self, c: &[kv_block_manager::CopyOp]) -> Result<(), ModelError> {
+        self.inner.copy_blocks(c)
+    }
+    fn swap_out(&mut self, c: &[kv_block_manager::CopyOp]) -> Result<(), ModelError> {
+        self.inner.swap_out(c)
+    }
+    fn swap_in(&mut self, c: &[kv_block_manager::CopyOp]) -> Result<(), ModelError> {
+        self.inner.swap_in(c)
+    }
+}
+
+#[test]
+#[ignore = "needs 2 CUDA GPUs and NCCL"]
+fn a_rank_that_fails_over_nccl_ends_the_backend_without_a_hang() {
+    let c = config(false);
+    let id = nccl_pair();
+    let c2 = c.clone();
+    let mut tp = TensorParallelBackend::spawn(2, Arc::new(dist::NcclGroup::new()), move |rank| {
+        let gpu = Gpu::new(rank)?;
+        let comm =
+            NcclCommunicator::from_gpu(&gpu, rank, 2, &id).map_err(|e| ModelError::Collective {
+                operation: "ncclCommInitRank",
+                reason: e.to_string(),
+            })?;
+        let w = weights(
+            &c2,
+            Shard {
+                rank,
+                world_size: 2,
+            },
+        );
+        let inner =
+            CudaBackend::new_sharded(&w, cache(), gpu, Box::new(CommCollective::new(comm)))?;
+        Ok(FailingRank {
+            inner,
+            fail_at: (rank == 1).then_some(3),
+            forwards: 0,
+        })
+    })
+    .unwrap();
+    tp.set_failure_grace(std::time::Duration::from_secs(3))
+        .unwrap();
+    // Token by token: forwards 1 and 2 run, rank 1 fails the third while rank 0 waits in its
+    // embedding all-reduce.
+    let seqs = seqs(c.vocab_size);
+    let started = std::time::Instant::now();
+    let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        batched::run_batched(&mut tp, &refs[..1], &[1])
+    }));
+    // run_batched unwraps the forward's error: the panic message carries it.
+    let message = match outcome {
+        Ok(_) => panic!("the third forward should have failed"),
+        Err(p) => p.downcast_ref::<String>().cloned().unwrap_or_default(),
+    };
+    eprintln!("after {:?}: {message}", started.elapsed());
+    assert!(
+        message.contains("Unrecoverable") || message.contains("cannot run"),
+        "{message}"
+    );
+    assert!(message.contains("rank 1"), "{message}");
+    // Every later call fails at once, and dropping the backend returns (a stuck rank 0 is
+    // detached, not joined).
+    let mut logits = Vec::new();
+    let p = [1u32];
+    let again = tp.forward(
+        &model::ForwardBatch {
+            token_ids: &p,
+            positions: &[0],
+            slot_mapping: &[0],
+            seq_starts: &[0, 1],
+            block_tables: &[0],
+            max_blocks: 1,
+            context_lens: &[1],
+            logits_indices: &[0],
+        },
+        &mut logits,
+    );
+    assert!(
+        matches!(again, Err(ModelError::Unrecoverable(_))),
+        "{again:?}"
+    );
+    drop(tp);
 }
