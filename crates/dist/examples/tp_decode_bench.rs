@@ -169,13 +169,8 @@ fn run() -> Result<(), Box<dyn Error>> {
     let (c2, kv) = (c.clone(), cache(&a));
     let mut sharded = TensorParallelBackend::spawn(tp, group, move |rank| {
         let gpu = Gpu::new(rank)?;
-        let comm = NcclCommunicator::from_gpu(&gpu, rank, tp, &id).map_err(|e| {
-            ModelError::Collective {
-                operation: "ncclCommInitRank",
-                reason: e.to_string(),
-            }
-        })?;
-        CudaBackend::dummy_sharded(&c2, kv, gpu, 7, Box::new(CommCollective::new(comm)))
+        let comm = CommCollective::join_nccl(&gpu, rank, tp, &id)?;
+        CudaBackend::dummy_sharded(&c2, kv, gpu, 7, Box::new(comm))
     })?;
     println!(
         "TP {tp} set up in {:.1} s ({})",

@@ -37,6 +37,25 @@ impl<C: Communicator> CommCollective<C> {
     }
 }
 
+impl CommCollective<crate::NcclCommunicator> {
+    /// Joins the NCCL group `id` as `rank` of `world_size` on `gpu`'s stream (blocking until
+    /// every rank has joined, as [`NcclCommunicator::from_gpu`](crate::NcclCommunicator::from_gpu)):
+    /// the collective of one rank of a sharded CUDA backend.
+    ///
+    /// # Errors
+    /// [`ModelError::Collective`] (`ncclCommInitRank`) with the reason NCCL could not start.
+    pub fn join_nccl(
+        gpu: &kernels_cuda::Gpu,
+        rank: usize,
+        world_size: usize,
+        id: &crate::UniqueId,
+    ) -> Result<Self, ModelError> {
+        crate::NcclCommunicator::from_gpu(gpu, rank, world_size, id)
+            .map(Self::new)
+            .map_err(collective_error("ncclCommInitRank"))
+    }
+}
+
 impl<C: Communicator + Send> DeviceCollective for CommCollective<C> {
     fn shard(&self) -> Shard {
         Shard {

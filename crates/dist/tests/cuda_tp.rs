@@ -120,6 +120,20 @@ fn nccl_pair() -> dist::UniqueId {
     NcclCommunicator::unique_id().expect("NCCL (is NCCL_NVLS_ENABLE=0 set?)")
 }
 
+/// Rank `rank` of 2 over NCCL on GPU `rank`, with its shard of `c`'s weights.
+fn nccl_rank(c: &ModelConfig, rank: usize, id: &dist::UniqueId) -> Result<CudaBackend, ModelError> {
+    let gpu = Gpu::new(rank)?;
+    let comm = CommCollective::join_nccl(&gpu, rank, 2, id)?;
+    let w = weights(
+        c,
+        Shard {
+            rank,
+            world_size: 2,
+        },
+    );
+    CudaBackend::new_sharded(&w, cache(), gpu, Box::new(comm))
+}
+
 fn one_rank(c: &ModelConfig) -> CudaBackend {
     CudaBackend::new(&weights(c, Shard::FULL), cache(), Gpu::new(0).unwrap()).unwrap()
 }
@@ -172,7 +186,10 @@ fn sharded_construction_refuses_mismatched_ranks() {
     eprintln!("{err}");
     // Whichever rank reports first: rank 1 names its shard, rank 0 that rank 1 failed.
     assert!(matches!(err, DistError::Rank { .. }), "{err}");
-    assert!(err.to_string().contains("tensor-parallel mismatch"), "{err}");
+    assert!(
+        err.to_string().contains("tensor-parallel mismatch"),
+        "{err}"
+    );
     // The whole-model constructor refuses a shard.
     let shard = weights(
         &c,
@@ -220,23 +237,8 @@ fn two_gpus_over_nccl_give_the_logits_of_one() {
     let members = ThreadGroup::new(2).unwrap(); // only as the group's abort switch
     let group: Arc<dyn GroupAbort> = Arc::new(members[0].clone());
     let c2 = c.clone();
-    let mut tp = TensorParallelBackend::spawn(2, group, move |rank| {
-        let gpu = Gpu::new(rank)?;
-        let comm =
-            NcclCommunicator::from_gpu(&gpu, rank, 2, &id).map_err(|e| ModelError::Collective {
-                operation: "ncclCommInitRank",
-                reason: e.to_string(),
-            })?;
-        let w = weights(
-            &c2,
-            Shard {
-                rank,
-                world_size: 2,
-            },
-        );
-        CudaBackend::new_sharded(&w, cache(), gpu, Box::new(CommCollective::new(comm)))
-    })
-    .unwrap();
+    let mut tp =
+        TensorParallelBackend::spawn(2, group, move |rank| nccl_rank(&c2, rank, &id)).unwrap();
     let got = logits(&mut tp);
     let (err, same) = compare(&got, &want, c.vocab_size);
     eprintln!(
@@ -291,21 +293,7 @@ fn a_rank_that_fails_over_nccl_ends_the_backend_without_a_hang() {
     let id = nccl_pair();
     let c2 = c.clone();
     let mut tp = TensorParallelBackend::spawn(2, Arc::new(dist::NcclGroup::new()), move |rank| {
-        let gpu = Gpu::new(rank)?;
-        let comm =
-            NcclCommunicator::from_gpu(&gpu, rank, 2, &id).map_err(|e| ModelError::Collective {
-                operation: "ncclCommInitRank",
-                reason: e.to_string(),
-            })?;
-        let w = weights(
-            &c2,
-            Shard {
-                rank,
-                world_size: 2,
-            },
-        );
-        let inner =
-            CudaBackend::new_sharded(&w, cache(), gpu, Box::new(CommCollective::new(comm)))?;
+        let inner = nccl_rank(&c2, rank, &id)?;
         Ok(FailingRank {
             inner,
             fail_at: (rank == 1).then_some(3),

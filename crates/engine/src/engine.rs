@@ -527,13 +527,8 @@ fn tensor_parallel_cuda(
                 "not started: another rank could not open its GPU or load its weights".into(),
             ));
         }
-        let comm = NcclCommunicator::from_gpu(&gpu, rank, tp, &id).map_err(|e| {
-            ModelError::Collective {
-                operation: "ncclCommInitRank",
-                reason: e.to_string(),
-            }
-        })?;
-        let collective = Box::new(CommCollective::new(comm));
+        let comm = CommCollective::join_nccl(&gpu, rank, tp, &id)?;
+        let collective = Box::new(comm);
         match (&source, weights) {
             (RankWeights::Dummy(c), _) => {
                 CudaBackend::dummy_sharded(c, kv, gpu, DUMMY_SEED, collective)
