@@ -50,6 +50,7 @@ mod comm;
 mod config;
 mod device;
 mod error;
+mod gate;
 mod nccl;
 mod rendezvous;
 mod tensor_parallel;
@@ -59,6 +60,7 @@ pub use comm::{Communicator, LocalCommunicator};
 pub use config::{DistConfig, MAX_WORLD_SIZE};
 pub use device::{CommCollective, StagedCollective};
 pub use error::DistError;
+pub use gate::StartGate;
 pub use nccl::{
     NVLS_ENV, NcclCommunicator, NcclGroup, check_nvls_disabled, local_gpu_count, nccl_available,
 };

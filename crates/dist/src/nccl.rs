@@ -3,8 +3,7 @@
 #![allow(unsafe_code)] // one `unsafe impl Send` (see its SAFETY line)
 
 use std::ffi::{OsStr, c_char};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Barrier};
+use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use cudarc::nccl::{Comm, Id, ReduceOp, result::NcclError};
@@ -230,30 +229,22 @@ impl NcclCommunicator {
             )));
         }
         let world_size = config.tensor_parallel_size;
-        let opened = Barrier::new(local);
-        let failed = AtomicBool::new(false);
-        let (opened, failed, f) = (&opened, &failed, &f);
+        let gate = crate::StartGate::new(local);
+        let (gate, f) = (&gate, &f);
         std::thread::scope(|scope| {
             let ranks: Vec<_> = (0..local)
                 .zip(config.local_ranks())
                 .map(|(gpu_index, rank)| {
-                    // Nothing may return before the barrier: the other ranks wait there.
+                    // Nothing may return before the gate: the other ranks wait there.
                     scope.spawn(move || -> Result<T, DistError> {
-                        let gpu = Gpu::new(gpu_index).map_err(|e| DistError::Rank {
+                        let opened = Gpu::new(gpu_index).map_err(|e| DistError::Rank {
                             rank,
                             message: format!("opening GPU {gpu_index}: {e}"),
                         });
-                        if gpu.is_err() {
-                            failed.store(true, Ordering::SeqCst);
-                        }
-                        opened.wait();
-                        let gpu = gpu?;
-                        if failed.load(Ordering::SeqCst) {
-                            return Err(DistError::Rank {
-                                rank,
-                                message: "not started: another rank could not open its GPU".into(),
-                            });
-                        }
+                        let gpu = gate.pass(opened, || DistError::Rank {
+                            rank,
+                            message: "not started: another rank could not open its GPU".into(),
+                        })?;
                         let comm = Self::from_gpu(&gpu, rank, world_size, id).map_err(|e| {
                             DistError::Rank {
                                 rank,

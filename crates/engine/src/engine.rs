@@ -2,8 +2,7 @@
 //! speculative decoding), spawning the step loop.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::{Arc, Mutex};
 
 use dist::{
     CommCollective, DistConfig, GroupAbort, NcclCommunicator, TensorParallelBackend, ThreadGroup,
@@ -501,7 +500,7 @@ fn tensor_parallel_cuda(
     );
     drop(gpu0); // rank 0 opens it again on its thread
     let id = NcclCommunicator::unique_id().map_err(|e| startup("NCCL", e))?;
-    let gate = Arc::new((Barrier::new(tp), AtomicBool::new(false)));
+    let gate = Arc::new(dist::StartGate::new(tp));
     let group: Arc<dyn GroupAbort> = Arc::new(dist::NcclGroup::new());
     let backend = TensorParallelBackend::spawn(tp, group, move |rank| {
         let shard = Shard {
@@ -516,17 +515,10 @@ fn tensor_parallel_cuda(
             };
             Ok((gpu, weights))
         });
-        let (barrier, failed) = &*gate;
-        if ready.is_err() {
-            failed.store(true, Ordering::SeqCst);
-        }
-        barrier.wait();
-        let (gpu, weights) = ready?;
-        if failed.load(Ordering::SeqCst) {
-            return Err(ModelError::Unsupported(
-                "not started: another rank could not open its GPU or load its weights".into(),
-            ));
-        }
+        let (gpu, weights) = gate.pass(ready, || ModelError::Collective {
+            operation: "start",
+            reason: "not started: another rank could not open its GPU or load its weights".into(),
+        })?;
         let comm = CommCollective::join_nccl(&gpu, rank, tp, &id)?;
         let collective = Box::new(comm);
         match (&source, weights) {
