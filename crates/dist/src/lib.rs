@@ -51,7 +51,9 @@ mod config;
 mod device;
 mod error;
 mod nccl;
+mod remote;
 mod rendezvous;
+mod step_wire;
 mod tensor_parallel;
 mod thread_group;
 
@@ -62,9 +64,11 @@ pub use error::DistError;
 pub use nccl::{
     NVLS_ENV, NcclCommunicator, NcclGroup, check_nvls_disabled, local_gpu_count, nccl_available,
 };
+pub use remote::serve_remote_ranks;
 pub use rendezvous::{
     MAGIC, MAX_FRAME, PROTOCOL_VERSION, Rendezvous, RendezvousHost, UNIQUE_ID_LEN, UniqueId,
     bootstrap_unique_id,
 };
+pub use step_wire::MAX_STEP_FRAME;
 pub use tensor_parallel::{GroupAbort, TensorParallelBackend};
 pub use thread_group::ThreadGroup;
