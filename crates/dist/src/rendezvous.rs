@@ -3,7 +3,11 @@
 //! Node 0 listens; every other node connects (retrying while node 0 is not up yet), says
 //! hello, and waits. When all `nnodes - 1` nodes have said a hello that matches node 0's
 //! settings, node 0 sends each of them the id and the rendezvous is over: from then on NCCL
-//! talks over its own transport.
+//! talks over its own transport. [`RendezvousHost::serve_keep`] and [`Rendezvous::join_keep`]
+//! keep each node's connection open instead, for node 0 to send the step plan over it
+//! ([`TensorParallelBackend::spawn_multi_node`](crate::TensorParallelBackend::spawn_multi_node),
+//! [`serve_remote_ranks`](crate::serve_remote_ranks)); [`PROTOCOL_VERSION`] covers those
+//! frames too.
 //!
 //! # Wire format
 //! Every message is a frame: a `u32` little-endian payload length, then the payload, at most

@@ -8,6 +8,12 @@
 //! returned. The caller's logits buffer travels to rank 0 and back, so a step allocates only
 //! the batch copy.
 //!
+//! Ranks on other nodes ([`TensorParallelBackend::spawn_multi_node`]): each other node is
+//! one member of the backend's [`RankSet`], a proxy thread (`remote.rs`) that sends the
+//! node's copy of every step over TCP and posts one tagged reply per world rank of the node,
+//! so everything below holds for them too; a node whose connection breaks has its ranks
+//! *lost*, a failure that kills the backend.
+//!
 //! Failure, never a hang:
 //! * a rank that fails or panics aborts its group ([`GroupAbort`]), so ranks waiting in a
 //!   collective return an error instead of waiting for it;
