@@ -20,6 +20,15 @@
 //!   (`ModelError::Unrecoverable`) instead of hanging it, even when its peers are stuck in a
 //!   collective that cannot be aborted (given up after a grace period, optionally a step
 //!   timeout).
+//! * Several nodes: node 0's scheduler drives the ranks of the other hosts over the
+//!   rendezvous connections, kept open ([`RendezvousHost::serve_keep`],
+//!   [`Rendezvous::join_keep`]). [`TensorParallelBackend::spawn_multi_node`] runs node 0's
+//!   ranks and a proxy per other node that sends it each step's plan (the batch, sampling
+//!   rows, block copies: length-prefixed little-endian frames of at most [`MAX_STEP_FRAME`]
+//!   bytes, every length checked before anything is allocated) and reads its one answer per
+//!   step; [`serve_remote_ranks`] runs a node's ranks for it. Tensors never take this path:
+//!   the ranks' collectives are NCCL across hosts (the CPU tests share one in-process
+//!   [`ThreadGroup`] instead).
 //!
 //! **Never panics without NCCL or a GPU.** cudarc loads libnccl and libcuda at run time and
 //! panics on the first call when one is missing; every NCCL entry point here first checks
@@ -52,7 +61,9 @@ mod device;
 mod error;
 mod gate;
 mod nccl;
+mod remote;
 mod rendezvous;
+mod step_wire;
 mod tensor_parallel;
 mod thread_group;
 
@@ -64,9 +75,11 @@ pub use gate::StartGate;
 pub use nccl::{
     NVLS_ENV, NcclCommunicator, NcclGroup, check_nvls_disabled, local_gpu_count, nccl_available,
 };
+pub use remote::serve_remote_ranks;
 pub use rendezvous::{
     MAGIC, MAX_FRAME, PROTOCOL_VERSION, Rendezvous, RendezvousHost, UNIQUE_ID_LEN, UniqueId,
     bootstrap_unique_id,
 };
+pub use step_wire::MAX_STEP_FRAME;
 pub use tensor_parallel::{GroupAbort, TensorParallelBackend};
 pub use thread_group::ThreadGroup;

@@ -3,7 +3,11 @@
 //! Node 0 listens; every other node connects (retrying while node 0 is not up yet), says
 //! hello, and waits. When all `nnodes - 1` nodes have said a hello that matches node 0's
 //! settings, node 0 sends each of them the id and the rendezvous is over: from then on NCCL
-//! talks over its own transport.
+//! talks over its own transport. [`RendezvousHost::serve_keep`] and [`Rendezvous::join_keep`]
+//! keep each node's connection open instead, for node 0 to send the step plan over it
+//! ([`TensorParallelBackend::spawn_multi_node`](crate::TensorParallelBackend::spawn_multi_node),
+//! [`serve_remote_ranks`](crate::serve_remote_ranks)); [`PROTOCOL_VERSION`] covers those
+//! frames too.
 //!
 //! # Wire format
 //! Every message is a frame: a `u32` little-endian payload length, then the payload, at most
@@ -31,8 +35,9 @@ use crate::{DistConfig, DistError};
 
 /// First bytes of every hello.
 pub const MAGIC: [u8; 4] = *b"KVTP";
-/// Version of the hello and reply layouts; both sides must agree.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Version of the hello and reply layouts, and of the step frames that may follow on the same
+/// connection; both sides must agree. 2: the connection may stay open for the step plan.
+pub const PROTOCOL_VERSION: u16 = 2;
 /// The largest frame payload read, in bytes.
 pub const MAX_FRAME: usize = 1024;
 /// Bytes of an NCCL unique id.
@@ -175,6 +180,19 @@ impl Rendezvous {
         addr: impl ToSocketAddrs + fmt::Display,
         node_rank: usize,
     ) -> Result<UniqueId, DistError> {
+        self.join_keep(addr, node_rank).map(|(id, _)| id)
+    }
+
+    /// [`join`](Self::join), keeping the connection to node 0 open (no timeouts left on it,
+    /// Nagle off) for [`serve_remote_ranks`](crate::serve_remote_ranks).
+    ///
+    /// # Errors
+    /// As [`join`](Self::join); also [`DistError::Io`] when the connection cannot be set up.
+    pub fn join_keep(
+        &self,
+        addr: impl ToSocketAddrs + fmt::Display,
+        node_rank: usize,
+    ) -> Result<(UniqueId, TcpStream), DistError> {
         self.check()?;
         if node_rank == 0 || node_rank >= self.nnodes {
             return Err(DistError::config(
@@ -221,7 +239,7 @@ impl Rendezvous {
                 reason: format!("reply: {}", other.reason()),
             },
         })?;
-        match reply.split_first() {
+        let id = match reply.split_first() {
             Some((&REPLY_ID, id)) => match <[u8; UNIQUE_ID_LEN]>::try_from(id) {
                 Ok(id) => Ok(UniqueId(id)),
                 Err(_) => Err(DistError::Protocol {
@@ -244,8 +262,18 @@ impl Rendezvous {
                     reply.first()
                 ),
             }),
-        }
+        }?;
+        keep(&stream).map_err(|e| io("keeping the connection to", e))?;
+        Ok((id, stream))
     }
+}
+
+/// Readies a rendezvous connection for the step plan: blocking, no timeouts, Nagle off.
+fn keep(stream: &TcpStream) -> io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(None)?;
+    stream.set_write_timeout(None)?;
+    stream.set_nodelay(true)
 }
 
 /// Shares a unique id over the rendezvous of `config` (validated first): node 0 makes it with
@@ -310,6 +338,16 @@ impl RendezvousHost {
     /// nodes still missing (and the last connection refused as not a node);
     /// [`DistError::Io`] when accepting fails or a node cannot be sent the id.
     pub fn serve(self, id: &UniqueId) -> Result<(), DistError> {
+        self.serve_keep(id).map(|_| ())
+    }
+
+    /// [`serve`](Self::serve), keeping every node's connection open (no timeouts left on
+    /// them, Nagle off) and returning them in node order (node 1's first), for
+    /// [`TensorParallelBackend::spawn_multi_node`](crate::TensorParallelBackend::spawn_multi_node).
+    ///
+    /// # Errors
+    /// As [`serve`](Self::serve); also [`DistError::Io`] when a connection cannot be set up.
+    pub fn serve_keep(self, id: &UniqueId) -> Result<Vec<TcpStream>, DistError> {
         let params = self.params;
         let deadline = params.deadline()?;
         let mut joined: Vec<Option<Peer>> = (0..params.nnodes).map(|_| None).collect();
@@ -394,19 +432,27 @@ impl RendezvousHost {
         let mut reply = Vec::with_capacity(1 + UNIQUE_ID_LEN);
         reply.push(REPLY_ID);
         reply.extend_from_slice(id.as_bytes());
-        for (rank, peer) in joined.iter_mut().enumerate() {
-            if let Some(peer) = peer {
+        let mut streams = Vec::with_capacity(params.nnodes - 1);
+        for (rank, peer) in joined.into_iter().enumerate() {
+            if let Some(mut peer) = peer {
+                let addr = format!("{} (node_rank {rank})", peer.addr);
                 peer.stream
                     .set_write_timeout(Some(remaining(deadline).max(HELLO_WAIT)))
                     .and_then(|()| write_frame(&mut peer.stream, &reply))
                     .map_err(|source| DistError::Io {
                         what: "sending the unique id to",
-                        addr: format!("{} (node_rank {rank})", peer.addr),
+                        addr: addr.clone(),
                         source,
                     })?;
+                keep(&peer.stream).map_err(|source| DistError::Io {
+                    what: "keeping the connection to",
+                    addr,
+                    source,
+                })?;
+                streams.push(peer.stream);
             }
         }
-        Ok(())
+        Ok(streams)
     }
 }
 

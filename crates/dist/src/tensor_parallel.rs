@@ -8,6 +8,12 @@
 //! returned. The caller's logits buffer travels to rank 0 and back, so a step allocates only
 //! the batch copy.
 //!
+//! Ranks on other nodes ([`TensorParallelBackend::spawn_multi_node`]): each other node is
+//! one member of the backend's [`RankSet`], a proxy thread (`remote.rs`) that sends the
+//! node's copy of every step over TCP and posts one tagged reply per world rank of the node,
+//! so everything below holds for them too; a node whose connection breaks has its ranks
+//! *lost*, a failure that kills the backend.
+//!
 //! Failure, never a hang:
 //! * a rank that fails or panics aborts its group ([`GroupAbort`]), so ranks waiting in a
 //!   collective return an error instead of waiting for it;
@@ -33,6 +39,8 @@
 //! * dropping the backend closes the channels and joins every rank thread that answered; a
 //!   stuck one cannot be joined, so it is detached (left running, logged).
 
+use std::net::{Shutdown, TcpStream};
+use std::ops::Range;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::thread::JoinHandle;
@@ -41,6 +49,7 @@ use std::time::{Duration, Instant};
 use kv_block_manager::CopyOp;
 use model::{Backend, ForwardBatch, KvCacheConfig, ModelConfig, ModelError, RowSampling};
 
+use crate::step_wire::FailureKind;
 use crate::{DistError, ThreadGroup};
 
 /// The abort switch of a tensor-parallel group, as [`TensorParallelBackend`] needs it.
@@ -66,15 +75,15 @@ impl GroupAbort for ThreadGroup {
 
 /// A [`ForwardBatch`] that owns its data, to send to the rank threads.
 #[derive(Debug)]
-struct OwnedBatch {
-    token_ids: Vec<u32>,
-    positions: Vec<u32>,
-    slot_mapping: Vec<i64>,
-    seq_starts: Vec<u32>,
-    block_tables: Vec<i32>,
-    max_blocks: usize,
-    context_lens: Vec<i32>,
-    logits_indices: Vec<u32>,
+pub(crate) struct OwnedBatch {
+    pub token_ids: Vec<u32>,
+    pub positions: Vec<u32>,
+    pub slot_mapping: Vec<i64>,
+    pub seq_starts: Vec<u32>,
+    pub block_tables: Vec<i32>,
+    pub max_blocks: usize,
+    pub context_lens: Vec<i32>,
+    pub logits_indices: Vec<u32>,
 }
 
 impl OwnedBatch {
@@ -107,14 +116,14 @@ impl OwnedBatch {
 
 /// A [`RowSampling`] that owns its history.
 #[derive(Debug)]
-struct OwnedRow {
-    temperature: f32,
-    top_k: u32,
-    top_p: f32,
-    min_p: f32,
-    repetition_penalty: f32,
-    history: Vec<u32>,
-    uniform: f64,
+pub(crate) struct OwnedRow {
+    pub temperature: f32,
+    pub top_k: u32,
+    pub top_p: f32,
+    pub min_p: f32,
+    pub repetition_penalty: f32,
+    pub history: Vec<u32>,
+    pub uniform: f64,
 }
 
 impl OwnedRow {
@@ -145,7 +154,7 @@ impl OwnedRow {
 
 /// Which block copy.
 #[derive(Debug, Clone, Copy)]
-enum CopyKind {
+pub(crate) enum CopyKind {
     Blocks,
     SwapOut,
     SwapIn,
@@ -153,7 +162,7 @@ enum CopyKind {
 
 /// One step, as sent to every rank.
 #[derive(Debug)]
-enum Job {
+pub(crate) enum Job {
     /// A forward pass; `out` is the buffer to fill (the caller's, on rank 0).
     Forward {
         batch: Arc<OwnedBatch>,
@@ -170,11 +179,41 @@ enum Job {
         kind: CopyKind,
         copies: Arc<Vec<CopyOp>>,
     },
+    /// Reset the group of a remote node's ranks after a step they all refused alike (sent to
+    /// proxies only; a local rank answers done).
+    ResetGroup,
+}
+
+impl Job {
+    /// Another rank's copy of the step (sharing the batch; a forward gets an empty logits
+    /// buffer).
+    pub(crate) fn share(&self) -> Self {
+        match self {
+            Self::Forward { batch, .. } => Self::Forward {
+                batch: Arc::clone(batch),
+                out: Vec::new(),
+            },
+            Self::ForwardSampled {
+                batch,
+                rows,
+                sample_vocab,
+            } => Self::ForwardSampled {
+                batch: Arc::clone(batch),
+                rows: Arc::clone(rows),
+                sample_vocab: *sample_vocab,
+            },
+            Self::Copy { kind, copies } => Self::Copy {
+                kind: *kind,
+                copies: Arc::clone(copies),
+            },
+            Self::ResetGroup => Self::ResetGroup,
+        }
+    }
 }
 
 /// A rank's answer to a step.
 #[derive(Debug)]
-enum Reply {
+pub(crate) enum Reply {
     Logits(Vec<f32>),
     Tokens(Vec<Option<u32>>),
     Done,
@@ -182,18 +221,36 @@ enum Reply {
 
 /// How a rank failed a step (or its construction).
 #[derive(Debug)]
-enum Failure {
+pub(crate) enum Failure {
     /// Its backend returned an error.
     Error(ModelError),
     /// Its backend panicked; the rank thread has ended.
     Panic(String),
+    /// A rank of another node did not succeed, as its node (or the loss of its node) says.
+    Remote { kind: FailureKind, message: String },
 }
 
 impl Failure {
     /// Whether the rank failed on its own rather than because a collective failed (which
     /// happens to the ranks waiting for a failed one).
-    fn is_own(&self) -> bool {
-        !matches!(self, Self::Error(ModelError::Collective { .. }))
+    pub(crate) fn is_own(&self) -> bool {
+        match self {
+            Self::Error(e) => !matches!(e, ModelError::Collective { .. }),
+            Self::Panic(_) => true,
+            Self::Remote { kind, .. } => {
+                !matches!(kind, FailureKind::Collective | FailureKind::Stuck)
+            }
+        }
+    }
+
+    /// Whether its backend refused the step with an error of its own (not a panic, not a
+    /// collective, not a lost rank): what every rank does alike with a bad batch.
+    pub(crate) fn is_own_error(&self) -> bool {
+        match self {
+            Self::Error(e) => !matches!(e, ModelError::Collective { .. }),
+            Self::Remote { kind, .. } => *kind == FailureKind::Error,
+            Self::Panic(_) => false,
+        }
     }
 }
 
@@ -202,34 +259,47 @@ impl std::fmt::Display for Failure {
         match self {
             Self::Error(e) => write!(f, "failed: {e}"),
             Self::Panic(m) => write!(f, "panicked: {m}"),
+            Self::Remote { kind, message } => match kind {
+                FailureKind::Error | FailureKind::Collective => write!(f, "failed: {message}"),
+                FailureKind::Panic => write!(f, "panicked: {message}"),
+                FailureKind::Gone => write!(f, "is gone: {message}"),
+                FailureKind::Stuck => write!(f, "did not answer: {message}"),
+                FailureKind::Lost => write!(f, "is lost: {message}"),
+            },
         }
     }
 }
 
 /// What a rank thread sends to the caller, tagged with its rank.
 #[derive(Debug)]
-enum Message {
+pub(crate) enum Message {
     /// Its answer to the step.
     Answer(Result<Reply, Failure>),
     /// Its thread is ending (sent on every exit path, unwinding included).
     Ended,
 }
 
-/// Sends [`Message::Ended`] when dropped, i.e. when its rank thread ends however it ends.
-struct Farewell {
-    rank: usize,
-    messages: Sender<(usize, Message)>,
+/// Sends [`Message::Ended`] for each of its ranks when dropped, i.e. when its thread (a
+/// rank's, or a remote node's proxy) ends however it ends.
+pub(crate) struct Farewell {
+    ranks: Range<usize>,
+    pub(crate) messages: Sender<(usize, Message)>,
 }
 
 impl Drop for Farewell {
     fn drop(&mut self) {
-        let _ = self.messages.send((self.rank, Message::Ended));
+        for rank in self.ranks.clone() {
+            let _ = self.messages.send((rank, Message::Ended));
+        }
     }
 }
 
+/// Where every thread of a [`RankSet`] reports once its ranks are built (or failed to).
+pub(crate) type Ready = Sender<(usize, Result<Option<RankInfo>, Failure>)>;
+
 /// What became of one rank in one step.
 #[derive(Debug)]
-enum Outcome {
+pub(crate) enum Outcome {
     /// It answered.
     Answered(Result<Reply, Failure>),
     /// Its thread is gone.
@@ -246,7 +316,7 @@ impl Outcome {
 
 /// Which limit ended the wait for the last replies of a step.
 #[derive(Debug, Clone, Copy)]
-enum Waited {
+pub(crate) enum Waited {
     /// The grace after a rank's failure.
     Grace(Duration),
     /// The step timeout.
@@ -264,20 +334,34 @@ impl std::fmt::Display for Waited {
 
 /// What rank 0 reports once built.
 #[derive(Debug)]
-struct RankInfo {
+pub(crate) struct RankInfo {
     config: ModelConfig,
     kv: KvCacheConfig,
     device: String,
     samples_on_device: bool,
 }
 
-/// One rank thread, as the backend sees it (its replies come over the backend's channel).
+/// One thread of a [`RankSet`]: a local rank, or the proxy of a remote node's ranks (its
+/// replies come over the set's channel).
 #[derive(Debug)]
-struct Rank {
+struct Member {
+    /// The world ranks it answers for.
+    ranks: Range<usize>,
     jobs: Sender<Job>,
     thread: JoinHandle<()>,
-    /// It did not answer a step in time: its thread may never end, so it is not joined.
+    /// It did not answer a step in time: a local rank's thread may never end, so it is not
+    /// joined; a proxy's connection is shut down, which releases it.
     stuck: bool,
+    /// A remote node's connection (a clone of its proxy's).
+    connection: Option<TcpStream>,
+}
+
+/// A remote node as [`RankSet::start`] takes it.
+#[derive(Debug)]
+pub(crate) struct RemoteNode {
+    pub node: usize,
+    pub ranks: Range<usize>,
+    pub stream: TcpStream,
 }
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
@@ -328,7 +412,16 @@ fn run_job(backend: &mut dyn Backend, job: Job) -> Result<Reply, ModelError> {
             }
             Ok(Reply::Done)
         }
+        Job::ResetGroup => Ok(Reply::Done),
     }
+}
+
+/// Whether every rank refused the step with an error of its own (a bad batch), which leaves
+/// the ranks in lockstep.
+fn all_refused_alike(outcomes: &[Outcome]) -> bool {
+    outcomes
+        .iter()
+        .all(|o| matches!(o, Outcome::Answered(Err(f)) if f.is_own_error()))
 }
 
 /// A rank thread: builds its backend, reports, then runs steps until its channel closes or
@@ -337,7 +430,7 @@ fn rank_main<B: Backend>(
     rank: usize,
     group: &dyn GroupAbort,
     build: impl FnOnce() -> Result<B, ModelError>,
-    ready: &Sender<(usize, Result<Option<RankInfo>, Failure>)>,
+    ready: &Ready,
     jobs: &Receiver<Job>,
     replies: &Sender<(usize, Message)>,
 ) {
@@ -380,63 +473,65 @@ fn rank_main<B: Backend>(
     }
 }
 
-/// A [`Backend`] over the ranks of a tensor-parallel group: one thread per rank, each owning
-/// its sharded backend; every call goes to every rank and rank 0's result comes back. A rank
-/// that fails or panics aborts the group ([`GroupAbort`]), so no rank is left waiting where the
-/// transport allows it, and the backend is dead from then on unless every rank refused the same
-/// step. Ranks that cannot be released (NCCL) get a grace period
-/// ([`set_failure_grace`](Self::set_failure_grace)) before they are given up as stuck; a step
-/// timeout ([`set_step_timeout`](Self::set_step_timeout)) covers ranks that hang with no failure.
+/// The threads behind a tensor-parallel backend, or behind the ranks a node serves: local rank
+/// threads and proxies of remote nodes, with one tagged reply channel. It sends a step to
+/// every member and collects every rank's outcome (the failure grace and the step timeout
+/// bound the wait); what the outcomes mean is its owner's business.
 #[derive(Debug)]
-pub struct TensorParallelBackend {
-    ranks: Vec<Rank>,
-    /// Every rank's replies, tagged with the rank.
+pub(crate) struct RankSet {
+    members: Vec<Member>,
+    /// The world rank of the first outcome.
+    first: usize,
+    /// The world ranks it answers for.
+    size: usize,
+    /// Every rank's replies, tagged with the world rank.
     replies: Receiver<(usize, Message)>,
-    group: Arc<dyn GroupAbort>,
-    info: RankInfo,
+    pub(crate) group: Arc<dyn GroupAbort>,
     /// How long the other ranks may take to answer once one has failed.
-    failure_grace: Duration,
+    pub(crate) failure_grace: Duration,
     /// How long a whole step may take, if limited.
-    step_timeout: Option<Duration>,
-    /// Why the backend is dead; every call fails at once with it.
-    dead: Option<String>,
+    pub(crate) step_timeout: Option<Duration>,
 }
 
-/// The default of [`TensorParallelBackend::set_failure_grace`].
-const DEFAULT_FAILURE_GRACE: Duration = Duration::from_secs(10);
-
-impl TensorParallelBackend {
-    /// Starts `world_size` rank threads; rank `r`'s thread calls `build(r)` and keeps the
-    /// backend it returns (built there, it never moves: a backend holding a thread-bound
-    /// communicator works). `group` is the abort switch of the group the backends'
-    /// collectives use. Every rank builds at the same time (sharded backends meet in a
-    /// construction handshake).
-    ///
-    /// # Errors
-    /// [`DistError::Config`] (`tensor_parallel_size`) for 0 ranks; [`DistError::Rank`] naming
-    /// the first rank that failed on its own (an error or a panic of `build`, or a thread
-    /// that could not start); the group is aborted so no rank is left waiting, and every
-    /// thread is joined before this returns.
-    pub fn spawn<B, F>(
-        world_size: usize,
+impl RankSet {
+    /// Starts a thread per rank of `local` (calling `build(rank)` there) and a proxy per
+    /// remote node (whose ranks must follow `local`'s, in order), and waits until every rank
+    /// is built. Returns rank 0's info when rank 0 is local.
+    pub(crate) fn start<B, F>(
+        local: Range<usize>,
+        remotes: Vec<RemoteNode>,
         group: Arc<dyn GroupAbort>,
         build: F,
-    ) -> Result<Self, DistError>
+    ) -> Result<(Self, Option<RankInfo>), DistError>
     where
         B: Backend + 'static,
         F: Fn(usize) -> Result<B, ModelError> + Send + Sync + 'static,
     {
-        crate::DistConfig::single_node(world_size).validate()?;
+        let first = local.start;
+        let size = local.len() + remotes.iter().map(|r| r.ranks.len()).sum::<usize>();
         let build = Arc::new(build);
         let (ready_tx, ready_rx) = channel();
         let (replies_tx, replies_rx) = channel();
-        let mut ranks = Vec::with_capacity(world_size);
-        for rank in 0..world_size {
+        let mut set = Self {
+            members: Vec::with_capacity(local.len() + remotes.len()),
+            first,
+            size,
+            replies: replies_rx,
+            group: Arc::clone(&group),
+            failure_grace: DEFAULT_FAILURE_GRACE,
+            step_timeout: None,
+        };
+        let fail = |mut set: Self, rank: usize, message: String| {
+            group.abort(&format!("tensor-parallel rank {rank} failed {message}"));
+            set.release_remotes();
+            Err(DistError::Rank { rank, message })
+        };
+        for rank in local {
             let (jobs_tx, jobs_rx) = channel();
             let (build, rank_group, ready) =
                 (Arc::clone(&build), Arc::clone(&group), ready_tx.clone());
             let farewell = Farewell {
-                rank,
+                ranks: rank..rank + 1,
                 messages: replies_tx.clone(),
             };
             let spawned = std::thread::Builder::new()
@@ -453,106 +548,111 @@ impl TensorParallelBackend {
                     );
                 });
             match spawned {
-                Ok(thread) => ranks.push(Rank {
+                Ok(thread) => set.members.push(Member {
+                    ranks: rank..rank + 1,
                     jobs: jobs_tx,
                     thread,
                     stuck: false,
+                    connection: None,
                 }),
+                Err(e) => return fail(set, rank, format!("starting its thread: {e}")),
+            }
+        }
+        for remote in remotes {
+            let rank = remote.ranks.start;
+            let connection = match remote.stream.try_clone() {
+                Ok(c) => c,
                 Err(e) => {
-                    let message = format!("starting its thread: {e}");
-                    group.abort(&format!("tensor-parallel rank {rank} failed {message}"));
-                    join_all(ranks);
-                    return Err(DistError::Rank { rank, message });
+                    return fail(set, rank, format!("cloning its node's connection: {e}"));
                 }
+            };
+            let (jobs_tx, jobs_rx) = channel();
+            let ready = ready_tx.clone();
+            let farewell = Farewell {
+                ranks: remote.ranks.clone(),
+                messages: replies_tx.clone(),
+            };
+            let ranks = remote.ranks.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("kvserve-tp-node-{}", remote.node))
+                .spawn(move || {
+                    let farewell = farewell;
+                    crate::remote::proxy_main(remote, &ready, &jobs_rx, &farewell.messages);
+                });
+            match spawned {
+                Ok(thread) => set.members.push(Member {
+                    ranks,
+                    jobs: jobs_tx,
+                    thread,
+                    stuck: false,
+                    connection: Some(connection),
+                }),
+                Err(e) => return fail(set, rank, format!("starting its node's proxy: {e}")),
             }
         }
         drop(ready_tx);
         let mut info = None;
         let mut failures = Vec::new();
-        for _ in 0..world_size {
+        let mut reported = 0;
+        for _ in 0..size {
             match ready_rx.recv() {
-                Ok((_, Ok(Some(i)))) => info = Some(i),
-                Ok((_, Ok(None))) => {}
+                Ok((_, Ok(i))) => {
+                    reported += 1;
+                    info = info.or(i);
+                }
                 Ok((rank, Err(f))) => failures.push((rank, f)),
                 Err(_) => break, // a thread ended without reporting: counted below
             }
         }
-        let first = failures
+        let first_failure = failures
             .iter()
             .find(|(_, f)| f.is_own())
             .or(failures.first())
             .map(|(rank, f)| (*rank, f.to_string()));
-        match (info, first) {
-            (Some(info), None) if ranks.len() == world_size => Ok(Self {
-                ranks,
-                replies: replies_rx,
-                group,
-                info,
-                failure_grace: DEFAULT_FAILURE_GRACE,
-                step_timeout: None,
-                dead: None,
-            }),
-            (_, failure) => {
+        match first_failure {
+            None if reported == size => Ok((set, info)),
+            failure => {
                 group.abort("the tensor-parallel group failed to start");
-                join_all(ranks);
+                set.release_remotes();
                 let (rank, message) =
-                    failure.unwrap_or((0, "a rank thread ended without reporting".to_owned()));
+                    failure.unwrap_or((first, "a rank thread ended without reporting".to_owned()));
                 Err(DistError::Rank { rank, message })
             }
         }
     }
 
-    /// The number of ranks.
-    pub fn world_size(&self) -> usize {
-        self.ranks.len()
+    /// Marks every proxy stuck, so that dropping the set shuts its connection down (a proxy
+    /// may be waiting for a node's answer that will not come).
+    fn release_remotes(&mut self) {
+        for member in &mut self.members {
+            member.stuck |= member.connection.is_some();
+        }
     }
 
-    /// Why the backend is dead (a rank failed out of lockstep), if it is.
-    pub fn dead_reason(&self) -> Option<&str> {
-        self.dead.as_deref()
+    /// The world ranks it answers for.
+    pub(crate) fn ranks(&self) -> Range<usize> {
+        self.first..self.first + self.size
     }
 
-    /// How long the other ranks may take to answer a step once one rank has failed (or its
-    /// thread is gone); 10 s by default. A rank that has not answered by then is taken to be
-    /// stuck in a collective (an NCCL rank cannot be released from another thread): the
-    /// backend is dead, and dropping it leaves that rank's thread running.
-    ///
-    /// # Errors
-    /// [`DistError::Config`] (`failure_grace`) for a zero grace.
-    pub fn set_failure_grace(&mut self, grace: Duration) -> Result<(), DistError> {
-        if grace.is_zero() {
-            return Err(DistError::config("failure_grace", "must be above zero"));
+    /// Sends a step to every member (`job(rank)` makes the copy of the member whose first
+    /// world rank is `rank`) and collects every rank's outcome, in world-rank order from
+    /// [`ranks`](Self::ranks)'s start; also the limit that ended the wait, if one did.
+    pub(crate) fn run(
+        &mut self,
+        mut job: impl FnMut(usize) -> Job,
+    ) -> (Vec<Outcome>, Option<Waited>) {
+        let mut outcomes: Vec<Option<Outcome>> = (0..self.size).map(|_| None).collect();
+        let mut gone = None;
+        for member in &self.members {
+            // A member whose thread is gone never answers: its channel is closed.
+            if member.jobs.send(job(member.ranks.start)).is_err() {
+                for rank in member.ranks.clone() {
+                    outcomes[rank - self.first] = Some(Outcome::Gone);
+                }
+                gone = gone.or(Some(member.ranks.start));
+            }
         }
-        self.failure_grace = grace;
-        Ok(())
-    }
-
-    /// The longest a step may take, or `None` (the default) for no limit. A step whose ranks
-    /// have not all answered within it makes the backend dead, naming the ranks that did not
-    /// (a rank that hangs without failing, e.g. its peer process killed on another host).
-    ///
-    /// # Errors
-    /// [`DistError::Config`] (`step_timeout`) for a zero timeout.
-    pub fn set_step_timeout(&mut self, timeout: Option<Duration>) -> Result<(), DistError> {
-        if timeout.is_some_and(|t| t.is_zero()) {
-            return Err(DistError::config("step_timeout", "must be above zero"));
-        }
-        self.step_timeout = timeout;
-        Ok(())
-    }
-
-    /// Sends a step to every rank (`job(rank)` makes its copy) and collects every reply.
-    fn step(&mut self, what: &str, mut job: impl FnMut(usize) -> Job) -> Result<Reply, ModelError> {
-        if let Some(why) = &self.dead {
-            return Err(ModelError::Unrecoverable(why.clone()));
-        }
-        let mut outcomes = Vec::with_capacity(self.ranks.len());
-        for (r, rank) in self.ranks.iter().enumerate() {
-            // A rank whose thread is gone never answers: its channel is closed.
-            let sent = rank.jobs.send(job(r)).is_ok();
-            outcomes.push((!sent).then_some(Outcome::Gone));
-        }
-        if let Some(gone) = outcomes.iter().position(Option::is_some) {
+        if let Some(gone) = gone {
             // Its peers would wait for it in their first collective.
             self.group
                 .abort(&format!("tensor-parallel rank {gone} is gone"));
@@ -562,10 +662,39 @@ impl TensorParallelBackend {
             .into_iter()
             .map(|o| o.unwrap_or(Outcome::Stuck))
             .collect();
-        for (rank, outcome) in self.ranks.iter_mut().zip(&outcomes) {
-            rank.stuck = matches!(outcome, Outcome::Stuck);
+        for member in &mut self.members {
+            member.stuck = member
+                .ranks
+                .clone()
+                .any(|r| matches!(outcomes[r - self.first], Outcome::Stuck));
         }
-        self.settle(what, outcomes, waited)
+        (outcomes, waited)
+    }
+
+    /// Makes the group usable again after a step every rank refused alike: this node's
+    /// (`GroupAbort::reset`), then every remote node's (each resets its own, told through its
+    /// proxy). False when one cannot (or its node is lost).
+    pub(crate) fn reset_group(&mut self) -> bool {
+        if !self.group.reset() {
+            return false;
+        }
+        let mut outcomes: Vec<Option<Outcome>> = (0..self.size).map(|_| None).collect();
+        for member in &self.members {
+            let sent = member.connection.is_some() && member.jobs.send(Job::ResetGroup).is_ok();
+            if !sent {
+                for rank in member.ranks.clone() {
+                    outcomes[rank - self.first] = Some(if member.connection.is_some() {
+                        Outcome::Gone
+                    } else {
+                        Outcome::Answered(Ok(Reply::Done))
+                    });
+                }
+            }
+        }
+        self.collect(&mut outcomes);
+        outcomes
+            .iter()
+            .all(|o| matches!(o, Some(Outcome::Answered(Ok(_)))))
     }
 
     /// Fills `outcomes` (`None`: no answer yet) from the ranks' messages until every rank has
@@ -601,14 +730,17 @@ impl TensorParallelBackend {
                 Ok(m) => m,
                 Err(RecvTimeoutError::Timeout) => return limit.map(|(_, waited)| waited),
                 Err(RecvTimeoutError::Disconnected) => {
-                    // Every rank thread has ended (each said so first, but be safe).
+                    // Every thread has ended (each said so first, but be safe).
                     for outcome in outcomes.iter_mut().filter(|o| o.is_none()) {
                         *outcome = Some(Outcome::Gone);
                     }
                     return None;
                 }
             };
-            let Some(slot) = outcomes.get_mut(rank) else {
+            let Some(slot) = rank
+                .checked_sub(self.first)
+                .and_then(|i| outcomes.get_mut(i))
+            else {
                 continue;
             };
             if slot.is_some() {
@@ -625,6 +757,208 @@ impl TensorParallelBackend {
         }
         None
     }
+}
+
+/// Closes every member's job channel and joins its thread, except a stuck local rank's:
+/// that one is detached (it may never end), and the count of those is logged. A stuck
+/// proxy's connection is shut down first, which ends its wait.
+impl Drop for RankSet {
+    fn drop(&mut self) {
+        let mut left_running = 0;
+        for member in std::mem::take(&mut self.members) {
+            drop(member.jobs);
+            if let Some(connection) = &member.connection
+                && member.stuck
+            {
+                let _ = connection.shutdown(Shutdown::Both);
+            } else if member.stuck {
+                left_running += 1;
+                drop(member.thread);
+                continue;
+            }
+            if member.thread.join().is_err() {
+                tracing::error!("a tensor-parallel thread panicked outside its guard");
+            }
+        }
+        if left_running > 0 {
+            tracing::error!(
+                threads = left_running,
+                "{left_running} tensor-parallel rank threads were left running: stuck in a \
+                 collective, they cannot be joined"
+            );
+        }
+    }
+}
+
+/// A [`Backend`] over the ranks of a tensor-parallel group: one thread per local rank, each
+/// owning its sharded backend, and a proxy per other node ([`spawn_multi_node`]); every call
+/// goes to every rank and rank 0's result comes back. A rank that fails or panics aborts the
+/// group ([`GroupAbort`]), so no rank is left waiting where the transport allows it, and the
+/// backend is dead from then on unless every rank refused the same step. Ranks that cannot be
+/// released (NCCL) get a grace period ([`set_failure_grace`](Self::set_failure_grace)) before
+/// they are given up as stuck; a step timeout ([`set_step_timeout`](Self::set_step_timeout))
+/// covers ranks that hang with no failure.
+///
+/// [`spawn_multi_node`]: Self::spawn_multi_node
+#[derive(Debug)]
+pub struct TensorParallelBackend {
+    set: RankSet,
+    info: RankInfo,
+    /// Why the backend is dead; every call fails at once with it.
+    dead: Option<String>,
+}
+
+/// The default of [`TensorParallelBackend::set_failure_grace`].
+const DEFAULT_FAILURE_GRACE: Duration = Duration::from_secs(10);
+
+impl TensorParallelBackend {
+    /// Starts `world_size` rank threads; rank `r`'s thread calls `build(r)` and keeps the
+    /// backend it returns (built there, it never moves: a backend holding a thread-bound
+    /// communicator works). `group` is the abort switch of the group the backends'
+    /// collectives use. Every rank builds at the same time (sharded backends meet in a
+    /// construction handshake).
+    ///
+    /// # Errors
+    /// [`DistError::Config`] (`tensor_parallel_size`) for 0 ranks; [`DistError::Rank`] naming
+    /// the first rank that failed on its own (an error or a panic of `build`, or a thread
+    /// that could not start); the group is aborted so no rank is left waiting, and every
+    /// thread is joined before this returns.
+    pub fn spawn<B, F>(
+        world_size: usize,
+        group: Arc<dyn GroupAbort>,
+        build: F,
+    ) -> Result<Self, DistError>
+    where
+        B: Backend + 'static,
+        F: Fn(usize) -> Result<B, ModelError> + Send + Sync + 'static,
+    {
+        crate::DistConfig::single_node(world_size).validate()?;
+        Self::from_set(RankSet::start(0..world_size, Vec::new(), group, build)?)
+    }
+
+    /// Node 0 of several: starts this node's ranks (`config.local_ranks()`, one thread each
+    /// as [`spawn`](Self::spawn)) and drives the ranks of every other node over its
+    /// connection, `remotes[n - 1]` being node `n`'s (as
+    /// [`RendezvousHost::serve_keep`](crate::RendezvousHost::serve_keep) returns them),
+    /// where [`serve_remote_ranks`](crate::serve_remote_ranks) runs. Each remote node gets a
+    /// proxy thread that sends it every step and turns its one answer into one reply per
+    /// world rank, so failures, the grace and the step timeout work as with local ranks. A
+    /// connection that breaks makes the backend dead (its ranks are lost); dropping the
+    /// backend tells every node to shut down and closes the connections.
+    ///
+    /// `group` aborts the collectives of this node's ranks; the collectives across nodes are
+    /// the backends' business (NCCL in production).
+    ///
+    /// # Errors
+    /// [`DistError::Config`] for a bad `config`, one that is not node 0's (`node_rank`) or
+    /// `remotes` not one per other node (`nnodes`); [`DistError::Rank`] naming the first rank
+    /// (local or remote) that failed to build, or whose node was lost before it was ready.
+    pub fn spawn_multi_node<B, F>(
+        config: &crate::DistConfig,
+        remotes: Vec<TcpStream>,
+        group: Arc<dyn GroupAbort>,
+        build: F,
+    ) -> Result<Self, DistError>
+    where
+        B: Backend + 'static,
+        F: Fn(usize) -> Result<B, ModelError> + Send + Sync + 'static,
+    {
+        config.validate()?;
+        if !config.is_host() {
+            return Err(DistError::config(
+                "node_rank",
+                format!(
+                    "{}: the tensor-parallel backend runs on node 0; other nodes run \
+                     serve_remote_ranks",
+                    config.node_rank
+                ),
+            ));
+        }
+        if remotes.len() + 1 != config.nnodes {
+            return Err(DistError::config(
+                "nnodes",
+                format!(
+                    "nnodes = {} needs {} connections (one per other node), got {}",
+                    config.nnodes,
+                    config.nnodes - 1,
+                    remotes.len()
+                ),
+            ));
+        }
+        let per_node = config.gpus_per_node();
+        let remotes = remotes
+            .into_iter()
+            .enumerate()
+            .map(|(i, stream)| RemoteNode {
+                node: i + 1,
+                ranks: (i + 1) * per_node..(i + 2) * per_node,
+                stream,
+            })
+            .collect();
+        Self::from_set(RankSet::start(config.local_ranks(), remotes, group, build)?)
+    }
+
+    fn from_set((set, info): (RankSet, Option<RankInfo>)) -> Result<Self, DistError> {
+        match info {
+            Some(info) => Ok(Self {
+                set,
+                info,
+                dead: None,
+            }),
+            None => Err(DistError::Rank {
+                rank: 0,
+                message: "rank 0 did not report its configuration".into(),
+            }),
+        }
+    }
+
+    /// The number of ranks.
+    pub fn world_size(&self) -> usize {
+        self.set.size
+    }
+
+    /// Why the backend is dead (a rank failed out of lockstep), if it is.
+    pub fn dead_reason(&self) -> Option<&str> {
+        self.dead.as_deref()
+    }
+
+    /// How long the other ranks may take to answer a step once one rank has failed (or its
+    /// thread is gone); 10 s by default. A rank that has not answered by then is taken to be
+    /// stuck in a collective (an NCCL rank cannot be released from another thread): the
+    /// backend is dead, and dropping it leaves that rank's thread running.
+    ///
+    /// # Errors
+    /// [`DistError::Config`] (`failure_grace`) for a zero grace.
+    pub fn set_failure_grace(&mut self, grace: Duration) -> Result<(), DistError> {
+        if grace.is_zero() {
+            return Err(DistError::config("failure_grace", "must be above zero"));
+        }
+        self.set.failure_grace = grace;
+        Ok(())
+    }
+
+    /// The longest a step may take, or `None` (the default) for no limit. A step whose ranks
+    /// have not all answered within it makes the backend dead, naming the ranks that did not
+    /// (a rank that hangs without failing, e.g. its peer process killed on another host).
+    ///
+    /// # Errors
+    /// [`DistError::Config`] (`step_timeout`) for a zero timeout.
+    pub fn set_step_timeout(&mut self, timeout: Option<Duration>) -> Result<(), DistError> {
+        if timeout.is_some_and(|t| t.is_zero()) {
+            return Err(DistError::config("step_timeout", "must be above zero"));
+        }
+        self.set.step_timeout = timeout;
+        Ok(())
+    }
+
+    /// Sends a step to every rank (`job(rank)` makes its copy) and collects every reply.
+    fn step(&mut self, what: &str, job: impl FnMut(usize) -> Job) -> Result<Reply, ModelError> {
+        if let Some(why) = &self.dead {
+            return Err(ModelError::Unrecoverable(why.clone()));
+        }
+        let (outcomes, waited) = self.set.run(job);
+        self.settle(what, outcomes, waited)
+    }
 
     /// Rank 0's reply when every rank succeeded; otherwise the step's error, and the backend
     /// dead unless every rank failed alike on its own.
@@ -640,10 +974,7 @@ impl TensorParallelBackend {
                 _ => Err(ModelError::Unrecoverable("no rank 0".into())),
             };
         }
-        let consistent = outcomes
-            .iter()
-            .all(|o| matches!(o, Outcome::Answered(Err(f @ Failure::Error(_))) if f.is_own()));
-        if consistent && self.group.reset() {
+        if all_refused_alike(&outcomes) && self.set.reset_group() {
             // Every rank refused the step alike (a bad batch): not a lockstep failure.
             return match outcomes.into_iter().next() {
                 Some(Outcome::Answered(Err(Failure::Error(e)))) => Err(e),
@@ -687,7 +1018,7 @@ impl TensorParallelBackend {
             ));
         }
         let why = format!("tensor-parallel {what}: {}", causes.join("; "));
-        self.group.abort(&why);
+        self.set.group.abort(&why);
         tracing::error!(error = %why, "the tensor-parallel group is dead");
         self.dead = Some(why.clone());
         Err(ModelError::Unrecoverable(why))
@@ -709,34 +1040,6 @@ impl TensorParallelBackend {
     }
 }
 
-/// Closes every rank's job channel and joins its thread, except a stuck one's: that one is
-/// detached (it may never end), and the count of those is logged.
-fn join_all(ranks: Vec<Rank>) {
-    let mut left_running = 0;
-    for rank in ranks {
-        drop(rank.jobs);
-        if rank.stuck {
-            left_running += 1;
-            drop(rank.thread);
-        } else if rank.thread.join().is_err() {
-            tracing::error!("a tensor-parallel rank thread panicked outside its guard");
-        }
-    }
-    if left_running > 0 {
-        tracing::error!(
-            threads = left_running,
-            "{left_running} tensor-parallel rank threads were left running: stuck in a \
-             collective, they cannot be joined"
-        );
-    }
-}
-
-impl Drop for TensorParallelBackend {
-    fn drop(&mut self) {
-        join_all(std::mem::take(&mut self.ranks));
-    }
-}
-
 impl Backend for TensorParallelBackend {
     fn config(&self) -> &ModelConfig {
         &self.info.config
@@ -747,11 +1050,7 @@ impl Backend for TensorParallelBackend {
     }
 
     fn device(&self) -> String {
-        format!(
-            "{} x {} (tensor parallel)",
-            self.info.device,
-            self.ranks.len()
-        )
+        format!("{} x {} (tensor parallel)", self.info.device, self.set.size)
     }
 
     fn forward(

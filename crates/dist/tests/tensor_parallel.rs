@@ -4,82 +4,17 @@
 //! are when a peer fails before a collective) that end the step after a grace period.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use dist::{DistError, GroupAbort, TensorParallelBackend, ThreadGroup};
 use kv_block_manager::{BlockId, CopyOp};
-use model::{
-    Backend, CpuBackend, DType, ForwardBatch, HostCollective, KvCacheConfig, ModelConfig,
-    ModelError, Shard, Weights,
-};
+use model::{Backend, CpuBackend, HostCollective, ModelError, Shard};
 
-const VOCAB: usize = 300;
-
-fn cache() -> KvCacheConfig {
-    KvCacheConfig {
-        num_blocks: 8,
-        block_size: 16,
-        dtype: "fp16".parse().unwrap(),
-        num_cpu_blocks: 2,
-    }
-}
-
-fn weights(shard: Shard) -> Weights {
-    Weights::dummy_shard(&ModelConfig::tiny(VOCAB), DType::Q8_0, 3, shard).unwrap()
-}
-
-/// What a rank does on its `n`th forward (counting from 1).
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Fault {
-    None,
-    Fail(usize),
-    Panic(usize),
-    /// Blocks for ever, as an NCCL rank spinning in a collective its failed peer never joins
-    /// (the thread is parked: nothing wakes it, and the test binary exits regardless).
-    Block(usize),
-}
-
-/// A backend that fails, panics or blocks for ever on its `n`th forward.
-#[derive(Debug)]
-struct Faulty {
-    inner: CpuBackend,
-    fault: Fault,
-    forwards: usize,
-}
-
-impl Backend for Faulty {
-    fn config(&self) -> &ModelConfig {
-        self.inner.config()
-    }
-    fn kv_cache_config(&self) -> KvCacheConfig {
-        self.inner.kv_cache_config()
-    }
-    fn forward(&mut self, b: &ForwardBatch<'_>, logits: &mut Vec<f32>) -> Result<(), ModelError> {
-        self.forwards += 1;
-        match self.fault {
-            Fault::Fail(n) if n == self.forwards => {
-                return Err(ModelError::Unsupported("injected failure".into()));
-            }
-            Fault::Panic(n) if n == self.forwards => panic!("injected panic"),
-            Fault::Block(n) if n == self.forwards => loop {
-                std::thread::park();
-            },
-            _ => {}
-        }
-        self.inner.forward(b, logits)
-    }
-    fn copy_blocks(&mut self, c: &[CopyOp]) -> Result<(), ModelError> {
-        self.inner.copy_blocks(c)
-    }
-    fn swap_out(&mut self, c: &[CopyOp]) -> Result<(), ModelError> {
-        self.inner.swap_out(c)
-    }
-    fn swap_in(&mut self, c: &[CopyOp]) -> Result<(), ModelError> {
-        self.inner.swap_in(c)
-    }
-}
+use common::{Fault, VOCAB, cache, faulty, prompt, weights};
 
 /// One rank of the tiny model per fault, rank `r` getting `faults[r]`.
 fn spawn(faults: &[Fault]) -> Result<TensorParallelBackend, DistError> {
@@ -87,56 +22,8 @@ fn spawn(faults: &[Fault]) -> Result<TensorParallelBackend, DistError> {
     let group: Arc<dyn GroupAbort> = Arc::new(members[0].clone());
     let faults = faults.to_vec();
     TensorParallelBackend::spawn(faults.len(), group, move |rank| {
-        let member = members[rank].clone();
-        let inner = CpuBackend::new_sharded(weights(member.shard()), cache(), Arc::new(member))?;
-        Ok(Faulty {
-            inner,
-            fault: faults[rank],
-            forwards: 0,
-        })
+        faulty(&members[rank], faults[rank])
     })
-}
-
-/// A prompt of `n` tokens in block 0 (prefill) of one sequence.
-struct Prompt {
-    tokens: Vec<u32>,
-    positions: Vec<u32>,
-    slots: Vec<i64>,
-    starts: Vec<u32>,
-    table: Vec<i32>,
-    lens: Vec<i32>,
-    wanted: Vec<u32>,
-}
-
-impl Prompt {
-    fn new(tokens: Vec<u32>) -> Self {
-        let n = tokens.len();
-        Self {
-            positions: (0..n as u32).collect(),
-            slots: (0..n as i64).collect(),
-            starts: vec![0, n as u32],
-            table: vec![0],
-            lens: vec![n as i32],
-            wanted: vec![n as u32 - 1],
-            tokens,
-        }
-    }
-    fn batch(&self) -> ForwardBatch<'_> {
-        ForwardBatch {
-            token_ids: &self.tokens,
-            positions: &self.positions,
-            slot_mapping: &self.slots,
-            seq_starts: &self.starts,
-            block_tables: &self.table,
-            max_blocks: 1,
-            context_lens: &self.lens,
-            logits_indices: &self.wanted,
-        }
-    }
-}
-
-fn prompt() -> Prompt {
-    Prompt::new(vec![5, 17, 42, 99, 7, 250, 3])
 }
 
 #[test]
