@@ -9,8 +9,12 @@
 //! included: what the engine waits for), after one untimed step. Prints ms per step, tokens/s
 //! and the speedup of TP N over TP 1.
 //!
-//! `NCCL_NVLS_ENABLE=0 tp_decode_bench [--tp 2] [--layers N] [--context 1024] [--steps 64]
-//! [--batches 1,16,64]`
+//! `--compute-only` (one GPU is enough) times instead one rank of TP N alone on GPU 0 with
+//! collectives that move nothing: the rank's own kernels, the part of a TP N step that the
+//! all-reduces add to.
+//!
+//! `NCCL_NVLS_ENABLE=0 tp_decode_bench [--tp 2] [--compute-only] [--layers N] [--context 1024]
+//! [--steps 64] [--batches 1,16,64]`
 #![allow(clippy::print_stdout, missing_docs)]
 
 use std::error::Error;
@@ -20,10 +24,44 @@ use std::time::Instant;
 
 use clap::Parser;
 use dist::{CommCollective, GroupAbort, NcclCommunicator, NcclGroup, TensorParallelBackend};
+use half::bf16;
+use kernels_cuda::cudarc::driver::CudaSlice;
 use kv_quant::KvCacheDtype;
 use model::{
-    Backend, CudaBackend, ForwardBatch, Gpu, KvCacheConfig, ModelConfig, ModelError, RowSampling,
+    Backend, CudaBackend, DeviceCollective, ForwardBatch, Gpu, KvCacheConfig, ModelConfig,
+    ModelError, RowSampling, Shard,
 };
+
+/// Rank 0 of a group whose collectives move nothing (`--compute-only`): sums are this rank's
+/// partial sums, a gather fills only this rank's slot.
+struct NoComm {
+    shard: Shard,
+}
+
+impl DeviceCollective for NoComm {
+    fn shard(&self) -> Shard {
+        self.shard
+    }
+    fn all_reduce_sum(&self, _x: &mut CudaSlice<bf16>) -> Result<(), ModelError> {
+        Ok(())
+    }
+    fn all_reduce_sum_f32(&self, _x: &mut CudaSlice<f32>) -> Result<(), ModelError> {
+        Ok(())
+    }
+    fn all_gather(
+        &self,
+        local: &CudaSlice<bf16>,
+        out: &mut CudaSlice<bf16>,
+    ) -> Result<(), ModelError> {
+        let stream = out.stream().clone();
+        stream
+            .memcpy_dtod(local, &mut out.slice_mut(..local.len()))
+            .map_err(|e| ModelError::Collective {
+                operation: "all_gather",
+                reason: e.to_string(),
+            })
+    }
+}
 
 const BLOCK: usize = 16;
 
@@ -42,6 +80,9 @@ struct Args {
     /// Timed decode steps per batch size.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     steps: u32,
+    /// Time one rank's kernels alone (collectives that move nothing) instead of the group.
+    #[arg(long)]
+    compute_only: bool,
     /// Batch sizes (sequences decoding together).
     #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
     batches: Vec<usize>,
@@ -147,7 +188,7 @@ fn run() -> Result<(), Box<dyn Error>> {
     let c = config(&a);
     let tp = a.tp as usize;
     let visible = dist::local_gpu_count()?;
-    if visible < tp {
+    if visible < tp && !a.compute_only {
         return Err(format!("--tp {tp} needs {tp} GPUs, {visible} visible").into());
     }
     let t = Instant::now();
@@ -164,22 +205,36 @@ fn run() -> Result<(), Box<dyn Error>> {
     drop(one);
 
     let t = Instant::now();
-    let id = NcclCommunicator::unique_id()?;
-    let group: Arc<dyn GroupAbort> = Arc::new(NcclGroup::new());
-    let (c2, kv) = (c.clone(), cache(&a));
-    let mut sharded = TensorParallelBackend::spawn(tp, group, move |rank| {
-        let gpu = Gpu::new(rank)?;
-        let comm = CommCollective::join_nccl(&gpu, rank, tp, &id)?;
-        CudaBackend::dummy_sharded(&c2, kv, gpu, 7, Box::new(comm))
-    })?;
-    println!(
-        "TP {tp} set up in {:.1} s ({})",
-        t.elapsed().as_secs_f64(),
-        sharded.device()
-    );
-    let tpn = decode_times(&mut sharded, &a)?;
+    let (tpn, label) = if a.compute_only {
+        let shard = Shard {
+            rank: 0,
+            world_size: tp,
+        };
+        let comm = Box::new(NoComm { shard });
+        let mut rank = CudaBackend::dummy_sharded(&c, cache(&a), Gpu::new(0)?, 7, comm)?;
+        println!(
+            "TP {tp} rank 0 alone set up in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
+        (decode_times(&mut rank, &a)?, format!("TP {tp} rank alone"))
+    } else {
+        let id = NcclCommunicator::unique_id()?;
+        let group: Arc<dyn GroupAbort> = Arc::new(NcclGroup::new());
+        let (c2, kv) = (c.clone(), cache(&a));
+        let mut sharded = TensorParallelBackend::spawn(tp, group, move |rank| {
+            let gpu = Gpu::new(rank)?;
+            let comm = CommCollective::join_nccl(&gpu, rank, tp, &id)?;
+            CudaBackend::dummy_sharded(&c2, kv, gpu, 7, Box::new(comm))
+        })?;
+        println!(
+            "TP {tp} set up in {:.1} s ({})",
+            t.elapsed().as_secs_f64(),
+            sharded.device()
+        );
+        (decode_times(&mut sharded, &a)?, format!("TP {tp}"))
+    };
 
-    println!("| batch | TP 1 ms/step | TP {tp} ms/step | TP 1 tok/s | TP {tp} tok/s | speedup |");
+    println!("| batch | TP 1 ms/step | {label} ms/step | TP 1 tok/s | {label} tok/s | speedup |");
     println!("| ---: | ---: | ---: | ---: | ---: | ---: |");
     for ((&b, &s1), &sn) in a.batches.iter().zip(&tp1).zip(&tpn) {
         println!(
