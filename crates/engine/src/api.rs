@@ -124,6 +124,16 @@ pub struct EngineConfig {
     /// the CPU the ranks sum over a thread group; on CUDA rank `r` runs on GPU `r` of this
     /// host over NCCL (`NCCL_NVLS_ENABLE=0` must be set: `kvserve` sets it).
     pub tensor_parallel_size: usize,
+    /// Hosts the tensor-parallel group spans (1: this one), each with
+    /// `tensor_parallel_size / nnodes` GPUs; several need CUDA (NCCL carries the collectives
+    /// between hosts). Node 0 runs the engine ([`Engine::start`](crate::Engine::start)); the
+    /// others serve their ranks to it ([`Engine::serve_node`](crate::Engine::serve_node)).
+    pub nnodes: usize,
+    /// This host's index, below `nnodes`.
+    pub node_rank: usize,
+    /// Node 0's rendezvous address (`host:port`, node 0 listens there), required with several
+    /// nodes.
+    pub dist_init_addr: Option<String>,
 }
 
 impl Default for EngineConfig {
@@ -146,6 +156,9 @@ impl Default for EngineConfig {
             max_queued_requests: 1024,
             limits: Limits::default(),
             tensor_parallel_size: 1,
+            nnodes: 1,
+            node_rank: 0,
+            dist_init_addr: None,
         }
     }
 }

@@ -3,9 +3,11 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use dist::{
-    CommCollective, DistConfig, GroupAbort, NcclCommunicator, TensorParallelBackend, ThreadGroup,
+    CommCollective, DistConfig, GroupAbort, NcclCommunicator, Rendezvous, TensorParallelBackend,
+    ThreadGroup,
 };
 use model::HostCollective as _;
 
@@ -251,11 +253,40 @@ fn check_config(c: &EngineConfig) -> Result<(), EngineError> {
     if c.limits.max_n == 0 {
         return Err(bad_config("limits.max_n", "must be at least 1"));
     }
-    DistConfig::single_node(c.tensor_parallel_size)
-        .validate()
-        .map_err(|e| bad_config("tensor_parallel_size", e))?;
+    dist_config(c).validate().map_err(|e| {
+        bad_config(
+            "tensor_parallel_size / nnodes / node_rank / dist_init_addr",
+            e,
+        )
+    })?;
+    if c.nnodes > 1 && c.device == Device::Cpu {
+        return Err(several_nodes_need_cuda(c.nnodes));
+    }
     Ok(())
 }
+
+/// The distributed settings of `c`.
+fn dist_config(c: &EngineConfig) -> DistConfig {
+    DistConfig {
+        tensor_parallel_size: c.tensor_parallel_size,
+        nnodes: c.nnodes,
+        node_rank: c.node_rank,
+        dist_init_addr: c.dist_init_addr.clone(),
+    }
+}
+
+fn several_nodes_need_cuda(nnodes: usize) -> EngineError {
+    bad_config(
+        "nnodes",
+        format!(
+            "{nnodes} nodes need CUDA GPUs (NCCL carries the collectives between hosts; on the \
+             CPU every rank runs on this host: nnodes 1)"
+        ),
+    )
+}
+
+/// How long a node waits at the rendezvous for the others (they may be loading weights).
+const RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The GPU `device` asks for: none for the CPU; for `auto`, device 0 if it opens (else the
 /// CPU, with one log line); for `cuda`, device 0 or an error saying why not.
@@ -352,10 +383,11 @@ fn speculation(
 
 /// Where each rank of a tensor-parallel group gets its weights.
 enum RankWeights {
-    /// Rank 0's shard, loaded while reading the tokenizer, until rank 0 takes it; the other
-    /// ranks load theirs from the file.
+    /// The shard of this node's first rank (`first_rank`), loaded while reading the
+    /// tokenizer, until that rank takes it; the other ranks load theirs from the file.
     File {
         path: PathBuf,
+        first_rank: usize,
         first: Mutex<Option<Box<Weights>>>,
     },
     /// Generated (the dummy model), each rank its own shard.
@@ -365,8 +397,12 @@ enum RankWeights {
 impl RankWeights {
     fn load(&self, shard: Shard) -> Result<Weights, ModelError> {
         match self {
-            Self::File { path, first } => {
-                let preloaded = if shard.rank == 0 {
+            Self::File {
+                path,
+                first_rank,
+                first,
+            } => {
+                let preloaded = if shard.rank == *first_rank {
                     first.lock().ok().and_then(|mut w| w.take())
                 } else {
                     None
@@ -382,8 +418,10 @@ impl RankWeights {
 fn rank_sources(
     config: &EngineConfig,
 ) -> Result<(RankWeights, Tokenizer, String, ModelConfig), EngineError> {
+    // This node's first rank (rank 0 on node 0).
+    let dist = dist_config(config);
     let shard0 = Shard {
-        rank: 0,
+        rank: dist.local_ranks().start,
         world_size: config.tensor_parallel_size,
     };
     let path = match &config.model {
@@ -407,6 +445,7 @@ fn rank_sources(
             let (loaded, name) = load_shard(&path, shard0)?;
             let source = RankWeights::File {
                 path,
+                first_rank: shard0.rank,
                 first: Mutex::new(Some(Box::new(loaded.weights))),
             };
             (source, loaded.tokenizer, name)
@@ -419,7 +458,7 @@ fn rank_sources(
             .lock()
             .ok()
             .and_then(|w| w.as_ref().map(|w| w.config().clone()))
-            .ok_or_else(|| startup("loading the model", "rank 0's weights are gone"))?,
+            .ok_or_else(|| startup("loading the model", "the first rank's weights are gone"))?,
     };
     // A shape that does not shard fails here, naming what does not divide.
     rank_shape(config, &shape, 0)?;
@@ -471,64 +510,118 @@ fn gpu_kv_config(
     kv_cache_config(&sized, shape)
 }
 
-/// The CUDA backend over `tensor_parallel_size` GPUs of this host: a [`TensorParallelBackend`]
-/// whose rank `r` thread opens GPU `r`, loads its shard (or generates dummy weights there),
-/// joins the NCCL group and builds a sharded [`CudaBackend`] with its own KV cache. No rank
-/// starts NCCL until every rank has its GPU and weights (one that failed would leave the
-/// others waiting in `ncclCommInitRank`).
-fn tensor_parallel_cuda(
+/// The GPUs of this node's ranks, with their weights and KV cache: what every CUDA rank of
+/// this node needs to start (from [`cuda_ranks`]).
+struct CudaRanks {
+    dist: DistConfig,
+    source: RankWeights,
+    kv: KvCacheConfig,
+}
+
+/// Checks this node has a GPU per local rank, reads the model (this node's first shard and
+/// the tokenizer, returned with the model's name) and sizes each rank's KV cache on `gpu0`
+/// (the node's first GPU).
+fn cuda_ranks(
     config: &EngineConfig,
     gpu0: Gpu,
-) -> Result<(Box<dyn Backend + Send>, Tokenizer, String), EngineError> {
-    let tp = config.tensor_parallel_size;
+) -> Result<(CudaRanks, Tokenizer, String), EngineError> {
+    let dist = dist_config(config);
+    let local = dist.gpus_per_node();
     let visible = dist::local_gpu_count().map_err(|e| bad_config("device", e))?;
-    if visible < tp {
+    if visible < local {
         return Err(bad_config(
             "tensor_parallel_size",
-            format!("{tp} ranks need {tp} GPUs (one per rank), {visible} visible"),
+            format!(
+                "{local} ranks on this node need {local} GPUs (one per rank), {visible} visible"
+            ),
         ));
     }
     let (source, tokenizer, name, shape) = rank_sources(config)?;
     let kv = gpu_kv_config(&gpu0, config, &shape)?;
     tracing::info!(
-        ranks = tp,
-        "tensor parallelism over {tp} GPUs ({}): {} KV blocks of {} tokens ({}) per rank",
+        ranks = config.tensor_parallel_size,
+        node = dist.node_rank,
+        nodes = dist.nnodes,
+        "tensor parallelism over {} GPUs ({local} on this node, {}): {} KV blocks of {} tokens ({}) per rank",
+        config.tensor_parallel_size,
         gpu0.name(),
         kv.num_blocks,
         kv.block_size,
         kv.dtype
     );
-    drop(gpu0); // rank 0 opens it again on its thread
-    let id = NcclCommunicator::unique_id().map_err(|e| startup("NCCL", e))?;
-    let gate = Arc::new(dist::StartGate::new(tp));
-    let group: Arc<dyn GroupAbort> = Arc::new(dist::NcclGroup::new());
-    let backend = TensorParallelBackend::spawn(tp, group, move |rank| {
-        let shard = Shard {
-            rank,
-            world_size: tp,
-        };
-        // Nothing may return before the gate: the other ranks wait there.
-        let ready = Gpu::new(rank).map_err(ModelError::from).and_then(|gpu| {
-            let weights = match &source {
-                RankWeights::Dummy(_) => None,
-                file => Some(file.load(shard)?),
+    Ok((CudaRanks { dist, source, kv }, tokenizer, name))
+}
+
+impl CudaRanks {
+    /// What builds world rank `rank` on its thread: it opens its GPU (local index `rank -
+    /// first local rank`), loads its shard (dummy weights: generated on its GPU), waits at a
+    /// gate until every local rank has its GPU and weights (one that failed stops all before
+    /// NCCL starts, so none waits in `ncclCommInitRank`), joins the NCCL group `id` and builds
+    /// its sharded [`CudaBackend`].
+    fn builder(
+        self,
+        id: dist::UniqueId,
+    ) -> impl Fn(usize) -> Result<CudaBackend, ModelError> + Send + Sync + 'static {
+        let Self { dist, source, kv } = self;
+        let world = dist.tensor_parallel_size;
+        let first = dist.local_ranks().start;
+        let gate = dist::StartGate::new(dist.gpus_per_node());
+        move |rank| {
+            let shard = Shard {
+                rank,
+                world_size: world,
             };
-            Ok((gpu, weights))
-        });
-        let (gpu, weights) = gate.pass(ready, || ModelError::Collective {
-            operation: "start",
-            reason: "not started: another rank could not open its GPU or load its weights".into(),
-        })?;
-        let comm = CommCollective::join_nccl(&gpu, rank, tp, &id)?;
-        let collective = Box::new(comm);
-        match (&source, weights) {
-            (RankWeights::Dummy(c), _) => {
-                CudaBackend::dummy_sharded(c, kv, gpu, DUMMY_SEED, collective)
+            // Nothing may return before the gate: the other ranks wait there.
+            let ready = Gpu::new(rank.saturating_sub(first))
+                .map_err(ModelError::from)
+                .and_then(|gpu| {
+                    let weights = match &source {
+                        RankWeights::Dummy(_) => None,
+                        file => Some(file.load(shard)?),
+                    };
+                    Ok((gpu, weights))
+                });
+            let (gpu, weights) = gate.pass(ready, || ModelError::Collective {
+                operation: "start",
+                reason: "not started: another rank could not open its GPU or load its weights"
+                    .into(),
+            })?;
+            let comm = CommCollective::join_nccl(&gpu, rank, world, &id)?;
+            let collective = Box::new(comm);
+            match (&source, weights) {
+                (RankWeights::Dummy(c), _) => {
+                    CudaBackend::dummy_sharded(c, kv, gpu, DUMMY_SEED, collective)
+                }
+                (_, Some(w)) => CudaBackend::new_sharded(&w, kv, gpu, collective),
+                (_, None) => Err(ModelError::Unsupported("a rank without weights".into())),
             }
-            (_, Some(w)) => CudaBackend::new_sharded(&w, kv, gpu, collective),
-            (_, None) => Err(ModelError::Unsupported("a rank without weights".into())),
         }
-    })
+    }
+}
+
+/// The CUDA backend over `tensor_parallel_size` GPUs: a [`TensorParallelBackend`] whose
+/// rank threads each build a sharded [`CudaBackend`] ([`CudaRanks::builder`]). With several
+/// nodes this is node 0: it makes the NCCL unique id, hands it to the other nodes at the
+/// rendezvous (`dist_init_addr`) and drives their ranks over the connections it keeps.
+fn tensor_parallel_cuda(
+    config: &EngineConfig,
+    gpu0: Gpu,
+) -> Result<(Box<dyn Backend + Send>, Tokenizer, String), EngineError> {
+    let (ranks, tokenizer, name) = cuda_ranks(config, gpu0)?;
+    let dist = ranks.dist.clone();
+    let id = NcclCommunicator::unique_id().map_err(|e| startup("NCCL", e))?;
+    let group: Arc<dyn GroupAbort> = Arc::new(dist::NcclGroup::new());
+    let backend = if dist.nnodes == 1 {
+        TensorParallelBackend::spawn(dist.tensor_parallel_size, group, ranks.builder(id))
+    } else {
+        let addr = dist.dist_init_addr.clone().unwrap_or_default();
+        tracing::info!("waiting at {addr} for {} more nodes", dist.nnodes - 1);
+        let remotes = Rendezvous::for_config(&dist, RENDEZVOUS_TIMEOUT)
+            .bind(addr.as_str())
+            .and_then(|host| host.serve_keep(&id))
+            .map_err(|e| startup("the rendezvous of the nodes (node 0)", e))?;
+        TensorParallelBackend::spawn_multi_node(&dist, remotes, group, ranks.builder(id))
+    }
     .map_err(|e| startup("tensor-parallel ranks", e))?;
     Ok((Box::new(backend), tokenizer, name))
 }
@@ -548,9 +641,20 @@ impl Engine {
         check_config(&config)?;
         // Before loading anything: a missing GPU fails fast.
         let gpu = select_device(config.device)?;
+        if config.node_rank != 0 {
+            return Err(bad_config(
+                "node_rank",
+                format!(
+                    "node {} of {} serves its ranks to node 0, where the engine runs \
+                     (Engine::serve_node; `kvserve serve` does it on that node)",
+                    config.node_rank, config.nnodes
+                ),
+            ));
+        }
         if config.tensor_parallel_size > 1 {
             let (backend, tokenizer, name) = match gpu {
                 Some(gpu) => tensor_parallel_cuda(&config, gpu)?,
+                None if config.nnodes > 1 => return Err(several_nodes_need_cuda(config.nnodes)),
                 None => tensor_parallel_cpu(&config)?,
             };
             return Self::start_with_backend(config, backend, tokenizer, name);
@@ -601,6 +705,46 @@ impl Engine {
             }
         };
         Self::start_with_backend(config, backend, tokenizer, name)
+    }
+
+    /// Serves this node's tensor-parallel ranks to node 0 (a node other than 0 of several:
+    /// `nnodes > 1`, `node_rank > 0`): joins the rendezvous at `dist_init_addr`, which gives
+    /// the NCCL unique id and keeps the connection, builds the node's ranks on its GPUs (as
+    /// node 0 builds its own, the model read from the same path on every node) and runs every
+    /// step node 0's engine sends over that connection, until node 0 shuts down (`Ok`) or the
+    /// connection breaks. Blocks for as long as it serves.
+    ///
+    /// # Errors
+    /// [`EngineError::InvalidConfig`] for node 0 or a single node (they run [`Engine::start`]),
+    /// a node without CUDA GPUs or fewer GPUs than its ranks; [`EngineError::Startup`] naming
+    /// the rendezvous, a rank that could not build, or the broken connection.
+    pub fn serve_node(config: EngineConfig) -> Result<(), EngineError> {
+        check_config(&config)?;
+        if config.nnodes < 2 || config.node_rank == 0 {
+            return Err(bad_config(
+                "node_rank",
+                format!(
+                    "node {} of {} runs the engine (Engine::start), not a node's ranks",
+                    config.node_rank, config.nnodes
+                ),
+            ));
+        }
+        let gpu =
+            select_device(config.device)?.ok_or_else(|| several_nodes_need_cuda(config.nnodes))?;
+        let (ranks, ..) = cuda_ranks(&config, gpu)?;
+        let dist = ranks.dist.clone();
+        let addr = dist.dist_init_addr.clone().unwrap_or_default();
+        tracing::info!(
+            "node {} of {}: joining the rendezvous at {addr}",
+            dist.node_rank,
+            dist.nnodes
+        );
+        let (id, stream) = Rendezvous::for_config(&dist, RENDEZVOUS_TIMEOUT)
+            .join_keep(addr.as_str(), dist.node_rank)
+            .map_err(|e| startup("the rendezvous of the nodes", e))?;
+        let group: Arc<dyn GroupAbort> = Arc::new(dist::NcclGroup::new());
+        dist::serve_remote_ranks(stream, &dist, group, ranks.builder(id))
+            .map_err(|e| startup("serving this node's ranks to node 0", e))
     }
 
     /// Starts the step loop over a prebuilt backend and tokenizer (tests: tiny models, fault

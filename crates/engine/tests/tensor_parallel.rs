@@ -145,6 +145,46 @@ fn bad_tensor_parallel_settings_are_refused_clearly() {
         gpu.contains("cuda was asked for") || gpu.contains("2 ranks need 2 GPUs"),
         "{gpu}"
     );
+    // Several nodes: validated, CUDA only, and node 0 alone runs the engine.
+    let nodes = |device, node_rank, addr: Option<&str>| EngineConfig {
+        device,
+        tensor_parallel_size: 2,
+        nnodes: 2,
+        node_rank,
+        dist_init_addr: addr.map(str::to_owned),
+        ..EngineConfig::default()
+    };
+    fn err<T>(r: Result<T, engine::EngineError>) -> String {
+        r.err().map(|e| e.to_string()).unwrap_or_default()
+    }
+    let no_addr = err(Engine::start(nodes(Device::Cpu, 0, None)));
+    assert!(no_addr.contains("dist_init_addr"), "{no_addr}");
+    let cpu = err(Engine::start(nodes(
+        Device::Cpu,
+        0,
+        Some("127.0.0.1:29500"),
+    )));
+    assert!(cpu.contains("nnodes") && cpu.contains("CUDA"), "{cpu}");
+    let other = err(Engine::start(nodes(
+        Device::Auto,
+        1,
+        Some("127.0.0.1:29500"),
+    )));
+    assert!(other.contains("serves its ranks to node 0"), "{other}");
+    let host = err(Engine::serve_node(nodes(
+        Device::Auto,
+        0,
+        Some("127.0.0.1:29500"),
+    )));
+    assert!(host.contains("runs the engine"), "{host}");
+    let single = err(Engine::serve_node(EngineConfig::default()));
+    assert!(single.contains("runs the engine"), "{single}");
+    let node_cpu = err(Engine::serve_node(nodes(
+        Device::Cpu,
+        1,
+        Some("127.0.0.1:29500"),
+    )));
+    assert!(node_cpu.contains("CUDA"), "{node_cpu}");
     // SmolLM2 has 9 query heads and 3 KV heads: 2 ranks cannot share them.
     let uneven = start(2, Device::Cpu);
     assert!(

@@ -58,16 +58,6 @@ pub enum CliError {
     /// `--node-rank`, `--dist-init-addr`), as `dist::DistConfig::validate` names them.
     #[error("invalid distributed flags: {0}")]
     Dist(String),
-    /// Tensor parallelism over several hosts: the rendezvous exists, the rank transport does
-    /// not yet.
-    #[error(
-        "--nnodes {nnodes}: multi-node tensor parallelism is not supported yet (run every rank \
-         on this host: --nnodes 1)"
-    )]
-    MultiNode {
-        /// The number of nodes asked for.
-        nnodes: usize,
-    },
     /// A fraction outside `(0, 1]`.
     #[error("invalid fraction {input:?}: expected a number in (0, 1]")]
     Fraction {
@@ -190,11 +180,13 @@ pub struct EngineArgs {
     #[arg(long, default_value_t = EngineConfig::default().max_queued_requests)]
     pub max_queued_requests: usize,
     /// Tensor-parallel ranks (one thread each, with its shard of the weights and its own KV
-    /// cache of --kv-cache-memory bytes); the model's heads and MLP width must divide by it.
-    /// CPU only for now.
+    /// cache of --kv-cache-memory bytes): threads on the CPU, one GPU per rank over NCCL on
+    /// CUDA; the model's heads and MLP width must divide by it.
     #[arg(long, default_value_t = EngineConfig::default().tensor_parallel_size)]
     pub tensor_parallel_size: usize,
-    /// Nodes (hosts) the tensor-parallel group spans (only 1 for now).
+    /// Nodes (hosts) the tensor-parallel group spans, each with --tensor-parallel-size /
+    /// --nnodes GPUs (several need CUDA). Node 0 serves requests; `kvserve serve` on the
+    /// other nodes serves their ranks to node 0.
     #[arg(long, default_value_t = 1)]
     pub nnodes: usize,
     /// This host's node index, below --nnodes.
@@ -292,8 +284,7 @@ impl EngineArgs {
     /// The distributed settings these flags describe, validated.
     ///
     /// # Errors
-    /// [`CliError::Dist`] naming the bad field; [`CliError::MultiNode`] for more than one
-    /// node (not supported yet).
+    /// [`CliError::Dist`] naming the bad field.
     pub fn dist_config(&self) -> Result<DistConfig, CliError> {
         let config = DistConfig {
             tensor_parallel_size: self.tensor_parallel_size,
@@ -304,11 +295,6 @@ impl EngineArgs {
         config
             .validate()
             .map_err(|e| CliError::Dist(e.to_string()))?;
-        if config.nnodes > 1 {
-            return Err(CliError::MultiNode {
-                nnodes: config.nnodes,
-            });
-        }
         Ok(config)
     }
 
@@ -355,6 +341,9 @@ impl EngineArgs {
             max_queued_requests: self.max_queued_requests,
             limits: defaults.limits,
             tensor_parallel_size: dist.tensor_parallel_size,
+            nnodes: dist.nnodes,
+            node_rank: dist.node_rank,
+            dist_init_addr: dist.dist_init_addr,
         })
     }
 }
@@ -658,16 +647,24 @@ mod tests {
             matches!(&no_addr, CliError::Dist(m) if m.contains("dist_init_addr")),
             "{no_addr}"
         );
-        let multi = err(&[
+        let multi = serve_args(&[
             "--tensor-parallel-size",
-            "2",
+            "4",
             "--nnodes",
             "2",
+            "--node-rank",
+            "1",
             "--dist-init-addr",
             "node0:29500",
-        ]);
-        assert_eq!(multi, CliError::MultiNode { nnodes: 2 });
-        assert!(multi.to_string().contains("not supported yet"), "{multi}");
+        ])
+        .engine
+        .to_config()
+        .unwrap();
+        assert_eq!(
+            (multi.tensor_parallel_size, multi.nnodes, multi.node_rank),
+            (4, 2, 1)
+        );
+        assert_eq!(multi.dist_init_addr.as_deref(), Some("node0:29500"));
         // The flags are shared: bench takes them too.
         let bench = parse(&["bench", "--tensor-parallel-size", "3"]).unwrap();
         match bench.command {

@@ -86,6 +86,23 @@ fn resolve_model(args: &EngineArgs) -> Result<PathBuf> {
 }
 
 /// Loads the model (a progress spinner while the weights load) and starts the engine.
+/// `kvserve serve --node-rank N` (N > 0): this node's tensor-parallel ranks, driven by node
+/// 0's engine, until node 0 shuts down.
+fn serve_node(args: &EngineArgs) -> Result<()> {
+    let mut config: EngineConfig = args.to_config()?;
+    let path = resolve_model(args)?;
+    if !matches!(config.model, ModelSource::Dummy(_)) {
+        config.model = ModelSource::Path(path.clone());
+    }
+    tracing::info!(
+        "node {} of {}: serving its ranks of {} to node 0",
+        config.node_rank,
+        config.nnodes,
+        path.display()
+    );
+    Engine::serve_node(config).with_context(|| format!("serving the ranks of {}", path.display()))
+}
+
 fn start_engine(args: &EngineArgs) -> Result<EngineHandle> {
     let mut config: EngineConfig = args.to_config()?;
     let path = resolve_model(args)?;
@@ -172,6 +189,9 @@ impl Signals {
 }
 
 fn serve(args: &ServeArgs) -> Result<()> {
+    if args.engine.node_rank > 0 {
+        return serve_node(&args.engine);
+    }
     let engine = start_engine(&args.engine)?;
     let rt = runtime()?;
     rt.block_on(async {
