@@ -715,9 +715,9 @@ impl Engine {
     /// connection breaks. Blocks for as long as it serves.
     ///
     /// # Errors
-    /// [`EngineError::InvalidConfig`] for node 0 or a single node (they run [`Engine::start`]),
-    /// a node without CUDA GPUs or fewer GPUs than its ranks; [`EngineError::Startup`] naming
-    /// the rendezvous, a rank that could not build, or the broken connection.
+    /// [`EngineError::Startup`] naming the config field for node 0 or a single node (they
+    /// run [`Engine::start`]), a node without CUDA GPUs or fewer GPUs than its ranks; naming
+    /// the rendezvous, a rank that could not build, or the broken connection otherwise.
     pub fn serve_node(config: EngineConfig) -> Result<(), EngineError> {
         check_config(&config)?;
         if config.nnodes < 2 || config.node_rank == 0 {
