@@ -32,6 +32,10 @@ use model::{
     ModelError, RowSampling, Shard,
 };
 
+/// Values per rank of the sharded backends' construction handshake (rank, world size, checks
+/// passed, four parts of the configuration's fingerprint).
+const HANDSHAKE: usize = 7;
+
 /// Rank 0 of a group whose collectives move nothing (`--compute-only`): sums are this rank's
 /// partial sums, a gather fills only this rank's slot.
 struct NoComm {
@@ -45,8 +49,24 @@ impl DeviceCollective for NoComm {
     fn all_reduce_sum(&self, _x: &mut CudaSlice<bf16>) -> Result<(), ModelError> {
         Ok(())
     }
-    fn all_reduce_sum_f32(&self, _x: &mut CudaSlice<f32>) -> Result<(), ModelError> {
-        Ok(())
+    fn all_reduce_sum_f32(&self, x: &mut CudaSlice<f32>) -> Result<(), ModelError> {
+        // The construction handshake (one slot of `HANDSHAKE` values per rank, this rank's in
+        // slot 0): answered as if every other rank were a copy of this one, under its own rank.
+        let w = self.shard.world_size;
+        if x.len() != HANDSHAKE * w {
+            return Ok(());
+        }
+        let err = |e: kernels_cuda::cudarc::driver::DriverError| ModelError::Collective {
+            operation: "all_reduce_sum",
+            reason: e.to_string(),
+        };
+        let stream = x.stream().clone();
+        let mut v = stream.clone_dtoh(&*x).map_err(err)?;
+        for r in 1..w {
+            v.copy_within(0..HANDSHAKE, r * HANDSHAKE);
+            v[r * HANDSHAKE] = r as f32;
+        }
+        stream.memcpy_htod(&v, x).map_err(err)
     }
     fn all_gather(
         &self,
