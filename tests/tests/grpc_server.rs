@@ -9,19 +9,16 @@
 //! serves on the GPU, `KVSERVE_TEST_TP=N` over N tensor-parallel ranks.
 #![allow(clippy::unwrap_used)] // Tests panic on failure by design.
 
-use std::net::SocketAddr;
+mod common;
+
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use engine::{Device, Engine, EngineConfig, EngineHandle, ModelSource};
+use common::*;
+use engine::{Device, Engine, EngineConfig};
 use serve_grpc::pb;
 use serve_grpc::pb::generation_client::GenerationClient;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -29,237 +26,8 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 
 // ---------------------------------------------------------------------------------------
-// Harness
+// Harness (the shared part is in `common`)
 // ---------------------------------------------------------------------------------------
-
-const MAX_MODEL_LEN: usize = 4096;
-
-/// Held by the tests whose assertions depend on time (a drain deadline) and by the one that
-/// loads the CPU most (64 concurrent streams), so that they never run at the same time: the
-/// CPU backend's thread pool is shared by every engine of this process, and on a two-core CI
-/// machine the big test starved the shutdown test's 2-second drain once.
-async fn timing_sensitive() -> tokio::sync::MutexGuard<'static, ()> {
-    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-    LOCK.lock().await
-}
-
-fn model_path() -> PathBuf {
-    model::fetch::ensure_default_model(&model::fetch::default_models_dir()).unwrap()
-}
-
-/// The device the tests serve on: the CPU, or CUDA with `KVSERVE_TEST_DEVICE=cuda` (the GPU
-/// machine runs this file that way).
-fn test_device() -> Device {
-    match std::env::var("KVSERVE_TEST_DEVICE").as_deref() {
-        Ok("cuda") => Device::Cuda,
-        _ => Device::Cpu,
-    }
-}
-
-/// The tensor-parallel size the tests serve with: 1, or `KVSERVE_TEST_TP` (SmolLM2's 9 query
-/// and 3 KV heads shard over 3 ranks: threads on the CPU, GPUs with `KVSERVE_TEST_DEVICE=cuda`).
-fn test_tensor_parallel_size() -> usize {
-    std::env::var("KVSERVE_TEST_TP")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1)
-}
-
-/// The default model on the test device with a small, quick-to-allocate KV pool.
-fn config() -> EngineConfig {
-    EngineConfig {
-        model: ModelSource::Path(model_path()),
-        device: test_device(),
-        tensor_parallel_size: test_tensor_parallel_size(),
-        max_model_len: Some(MAX_MODEL_LEN),
-        kv_cache_memory: Some(192 << 20),
-        ..EngineConfig::default()
-    }
-}
-
-struct TestServer {
-    addr: SocketAddr,
-    metrics_addr: SocketAddr,
-    engine: EngineHandle,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<Result<(), serve_grpc::ServeError>>,
-}
-
-impl TestServer {
-    async fn start(config: EngineConfig) -> Self {
-        Self::start_engine(Engine::start(config).unwrap(), Duration::from_secs(10)).await
-    }
-
-    async fn start_engine(engine: EngineHandle, shutdown_timeout: Duration) -> Self {
-        let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let (addr, metrics_addr) = (grpc.local_addr().unwrap(), metrics.local_addr().unwrap());
-        let (stop, stopped) = oneshot::channel::<()>();
-        let options = serve_grpc::ServeOptions { shutdown_timeout };
-        let handle = engine.clone();
-        let task = tokio::spawn(async move {
-            let shutdown = async {
-                let _ = stopped.await;
-            };
-            serve_grpc::serve(handle, grpc, Some(metrics), shutdown, &options).await
-        });
-        Self {
-            addr,
-            metrics_addr,
-            engine,
-            stop: Some(stop),
-            task,
-        }
-    }
-
-    async fn client(&self) -> GenerationClient<Channel> {
-        GenerationClient::new(self.channel().await)
-    }
-
-    async fn channel(&self) -> Channel {
-        Channel::from_shared(format!("http://{}", self.addr))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap()
-    }
-
-    /// Triggers the graceful shutdown (without waiting for it).
-    fn begin_shutdown(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-    }
-
-    /// Shuts down and waits for the server to stop.
-    async fn stop(mut self) {
-        self.begin_shutdown();
-        tokio::time::timeout(Duration::from_secs(60), self.task)
-            .await
-            .expect("the server stops")
-            .unwrap()
-            .unwrap();
-    }
-
-    async fn metrics_text(&self) -> String {
-        let (status, headers, body) = http_get(self.metrics_addr, "/metrics").await;
-        assert_eq!(status, 200, "{headers}\n{body}");
-        assert!(
-            headers
-                .to_ascii_lowercase()
-                .contains("content-type: text/plain; version=0.0.4"),
-            "{headers}"
-        );
-        body
-    }
-
-    /// Waits (bounded) until no request is live and no KV block is in use, as `/metrics`
-    /// reports it; returns the final metrics text.
-    async fn wait_idle(&self) -> String {
-        for _ in 0..600 {
-            let text = self.metrics_text().await;
-            if gauge(&text, "kvserve_kv_blocks_used") == 0.0
-                && gauge(&text, "kvserve_num_sequences_running") == 0.0
-                && gauge(&text, "kvserve_num_requests_waiting") == 0.0
-                && self.engine.stats().requests_in_flight == 0
-            {
-                return text;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!(
-            "the server did not go idle: {:?}\n{}",
-            self.engine.stats(),
-            self.metrics_text().await
-        );
-    }
-}
-
-type RawClient = GenerationClient<
-    hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        tonic::body::Body,
-    >,
->;
-
-/// A gRPC client over a bare HTTP/2 connection (hyper): unlike tonic's `Channel` it does not
-/// enforce the `grpc-timeout` it sends, so it sees the status the server answers.
-fn raw_client(addr: SocketAddr) -> RawClient {
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .http2_only(true)
-        .build_http();
-    GenerationClient::with_origin(client, format!("http://{addr}").parse().unwrap())
-}
-
-/// A plain HTTP/1.1 GET: (status, headers, body).
-async fn http_get(addr: SocketAddr, path: &str) -> (u16, String, String) {
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    tcp.write_all(request.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    tcp.read_to_end(&mut raw).await.unwrap();
-    let raw = String::from_utf8(raw).unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
-    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    // The body may be chunked: keep only the exposition lines.
-    let body = body
-        .lines()
-        .filter(|l| l.starts_with('#') || l.starts_with("kvserve_"))
-        .collect::<Vec<_>>()
-        .join("\n");
-    (status, head.to_owned(), body)
-}
-
-/// The value of an unlabelled sample in a Prometheus text exposition.
-fn gauge(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("no sample {name} in\n{text}"))
-        .trim()
-        .parse()
-        .unwrap()
-}
-
-fn text_request(text: &str, max_tokens: u32) -> pb::GenerateRequest {
-    pb::GenerateRequest {
-        text: Some(text.to_owned()),
-        max_tokens: Some(max_tokens),
-        ..Default::default()
-    }
-}
-
-fn sampled(temperature: f32, seed: u64) -> Option<pb::SamplingParams> {
-    Some(pb::SamplingParams {
-        temperature,
-        seed: Some(seed),
-        ..Default::default()
-    })
-}
-
-/// A request that runs long enough to be cancelled, aborted or timed out mid-way.
-fn long_request(id: Option<&str>) -> pb::GenerateRequest {
-    pb::GenerateRequest {
-        request_id: id.map(str::to_owned),
-        ignore_eos: true,
-        // Long in time on every device: ~3 s of decode steps on an H200 (SmolLM2 decodes a
-        // token in under a millisecond there, so 400 tokens ended before a 1.5 s deadline).
-        ..text_request("Once upon a time", 4000)
-    }
-}
-
-/// Reads a stream to its end: the messages, and the status it ended with.
-async fn drain(
-    mut stream: tonic::Streaming<pb::GenerateStreamResponse>,
-) -> (Vec<pb::GenerateStreamResponse>, Result<(), Status>) {
-    let mut messages = Vec::new();
-    loop {
-        match stream.message().await {
-            Ok(Some(m)) => messages.push(m),
-            Ok(None) => return (messages, Ok(())),
-            Err(status) => return (messages, Err(status)),
-        }
-    }
-}
 
 /// Asserts `INVALID_ARGUMENT` whose message names `field`.
 fn assert_invalid(result: Result<impl std::fmt::Debug, Status>, field: &str, what: &str) {
@@ -1242,83 +1010,15 @@ async fn sixty_four_concurrent_streams_complete_and_leak_nothing() {
 // Engine failure and shutdown
 // ---------------------------------------------------------------------------------------
 
-/// The CPU backend, made to panic on demand (the step loop then dies).
-struct FaultyBackend {
-    inner: model::CpuBackend,
-    fail: Arc<AtomicBool>,
-}
-
-impl model::Backend for FaultyBackend {
-    fn config(&self) -> &model::ModelConfig {
-        self.inner.config()
-    }
-    fn kv_cache_config(&self) -> model::KvCacheConfig {
-        self.inner.kv_cache_config()
-    }
-    fn forward(
-        &mut self,
-        batch: &model::ForwardBatch<'_>,
-        logits: &mut Vec<f32>,
-    ) -> Result<(), model::ModelError> {
-        assert!(!self.fail.load(Ordering::Acquire), "injected fault");
-        self.inner.forward(batch, logits)
-    }
-    fn copy_blocks(
-        &mut self,
-        copies: &[kv_block_manager::CopyOp],
-    ) -> Result<(), model::ModelError> {
-        self.inner.copy_blocks(copies)
-    }
-    fn swap_out(&mut self, copies: &[kv_block_manager::CopyOp]) -> Result<(), model::ModelError> {
-        self.inner.swap_out(copies)
-    }
-    fn swap_in(&mut self, copies: &[kv_block_manager::CopyOp]) -> Result<(), model::ModelError> {
-        self.inner.swap_in(copies)
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_step_loop_is_not_serving_and_fails_requests_internal() {
-    let loaded = model::load_gguf(&model_path(), model::Shard::FULL).unwrap();
-    let cache = model::KvCacheConfig {
-        num_blocks: 64,
-        block_size: 16,
-        dtype: "fp16".parse().unwrap(),
-        num_cpu_blocks: 0,
-    };
-    let fail = Arc::new(AtomicBool::new(false));
-    let backend = FaultyBackend {
-        inner: model::CpuBackend::new(loaded.weights, cache).unwrap(),
-        fail: Arc::clone(&fail),
-    };
-    let engine = Engine::start_with_backend(
-        EngineConfig {
-            device: Device::Cpu,
-            ..EngineConfig::default()
-        },
-        Box::new(backend),
-        loaded.tokenizer,
-        "faulty".into(),
-    )
-    .unwrap();
+    let (engine, faults) = faulty_engine(EngineConfig::default(), 64);
     let server = TestServer::start_engine(engine, Duration::from_secs(5)).await;
     let mut client = server.client().await;
-    let mut health = HealthClient::new(server.channel().await);
-    let check = HealthCheckRequest {
-        service: String::new(),
-    };
     client.generate(text_request("Hello", 2)).await.unwrap();
-    assert_eq!(
-        health
-            .check(check.clone())
-            .await
-            .unwrap()
-            .into_inner()
-            .status(),
-        ServingStatus::Serving
-    );
+    assert_eq!(server.health().await, ServingStatus::Serving);
 
-    fail.store(true, Ordering::Release);
+    faults.panic.store(true, Ordering::Release);
     let stream = client
         .generate_stream(text_request("Hello", 4))
         .await
@@ -1333,10 +1033,7 @@ async fn a_dead_step_loop_is_not_serving_and_fails_requests_internal() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Internal, "{err:?}");
-    assert_eq!(
-        health.check(check).await.unwrap().into_inner().status(),
-        ServingStatus::NotServing
-    );
+    assert_eq!(server.health().await, ServingStatus::NotServing);
     server.stop().await;
 }
 

@@ -327,12 +327,12 @@ impl Worker {
             temperature: v.sampling.temperature,
         };
         if let Err(e) = self.sched.add_request(req) {
+            self.shared.metrics.request(outcome::INVALID);
             self.shared.release(&new.request_id);
             let err = match e {
                 SchedulerError::Rejected { reason, .. } => rejected(reason),
                 other => EngineError::Internal(other.to_string()),
             };
-            self.shared.metrics.request(outcome::INVALID);
             let _ = new.tx.send(Err(err));
             return;
         }
@@ -664,12 +664,14 @@ impl Worker {
         let Some(mut req) = self.requests.remove(&rid) else {
             return;
         };
-        // Bookkeeping first, so that a client reading the last delta sees the request gone.
-        self.shared.release(&req.request_id);
-        self.publish_stats();
+        // Bookkeeping first, so that a client reading the last delta sees the request gone;
+        // the outcome is counted before the request leaves the in-flight count, so that whoever
+        // sees it gone (no request in flight) also sees it counted.
         let m = &self.shared.metrics;
         m.request(req.outcome());
         m.e2e_latency.observe(req.arrival.elapsed().as_secs_f64());
+        self.shared.release(&req.request_id);
+        self.publish_stats();
         match req.terminal.take() {
             Some(err) => {
                 let _ = req.tx.send(Ok(delta));
