@@ -17,6 +17,12 @@ pub(crate) struct Options {
     /// it builds four bench binaries and runs for about 2 minutes).
     #[arg(long)]
     no_perf: bool,
+    /// Also run the fuzz smoke: each fuzz target over its seed corpus. Off by default: it
+    /// builds the fuzz crate with the nightly toolchain, about 14 minutes from clean on 2 cores
+    /// (the fuzz regressions are ordinary tests of the test step). Skips by itself, with a
+    /// message, when `cargo +nightly fuzz` is missing.
+    #[arg(long)]
+    fuzz: bool,
 }
 
 /// What a step does.
@@ -31,6 +37,8 @@ enum Job {
     Deps,
     /// `cargo xtask perf-gate`, called in-process.
     PerfGate,
+    /// The fuzz smoke ([`crate::fuzz::smoke`]), called in-process.
+    FuzzSmoke,
 }
 
 #[derive(Debug)]
@@ -62,6 +70,10 @@ impl Step {
             }
             Job::Deps => "cargo xtask deps (in-process)".to_owned(),
             Job::PerfGate => "cargo xtask perf-gate (in-process)".to_owned(),
+            Job::FuzzSmoke => {
+                "cargo +nightly fuzz run <target> fuzz/corpus/<target> -- -runs=0 (each target)"
+                    .to_owned()
+            }
         }
     }
 
@@ -74,6 +86,7 @@ impl Step {
             }
             Job::Deps => crate::deps::run(),
             Job::PerfGate => crate::perf::run(&crate::perf::Options::default()),
+            Job::FuzzSmoke => crate::fuzz::smoke(),
         }
     }
 }
@@ -128,6 +141,11 @@ fn steps(options: &Options) -> Vec<Step> {
             },
             skip: false,
         },
+        Step {
+            name: "fuzz",
+            job: Job::FuzzSmoke,
+            skip: !options.fuzz,
+        },
         // Last (`--no-perf` skips it): it builds four bench binaries in the dev profile (about
         // 45 s once the test step has built their dependencies) and runs each benchmark next
         // to its own calibrations (about 2 minutes; xtask/src/perf.rs states the bounds).
@@ -147,7 +165,14 @@ pub(crate) fn run(options: &Options) -> Result<()> {
     for (i, step) in steps.iter().enumerate() {
         let n = format!("[{}/{}]", i + 1, steps.len());
         if step.skip {
-            println!("\n==> {n} {}: skipped", step.name);
+            let why = match step.job {
+                Job::FuzzSmoke => {
+                    " (the nightly fuzz build takes ~14 min on 2 cores: `cargo xtask ci --fuzz` \
+                     runs it; the fuzz regression tests ran in the test step)"
+                }
+                _ => "",
+            };
+            println!("\n==> {n} {}: skipped{why}", step.name);
             timings.push((step.name, None));
             continue;
         }
@@ -233,6 +258,7 @@ mod tests {
             skip_tests: true,
             skip_clippy: false,
             no_perf,
+            fuzz: false,
         }
     }
 
@@ -249,11 +275,22 @@ mod tests {
             "{last:?}"
         );
         assert_eq!(steps.iter().filter(|s| s.name == "perf").count(), 1);
-        assert_eq!(skipped(&steps), ["test"]);
+        assert_eq!(skipped(&steps), ["test", "fuzz"]);
     }
 
     #[test]
     fn no_perf_skips_the_perf_gate() {
-        assert_eq!(skipped(&steps(&options(true))), ["test", "perf"]);
+        assert_eq!(skipped(&steps(&options(true))), ["test", "fuzz", "perf"]);
+    }
+
+    #[test]
+    fn the_fuzz_smoke_runs_before_the_perf_gate_only_when_asked() {
+        let names: Vec<&str> = steps(&options(false)).iter().map(|s| s.name).collect();
+        assert_eq!(names[names.len() - 2..], ["fuzz", "perf"]);
+        let fuzz = Options {
+            fuzz: true,
+            ..options(false)
+        };
+        assert_eq!(skipped(&steps(&fuzz)), ["test"]);
     }
 }

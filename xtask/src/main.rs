@@ -5,6 +5,7 @@
 
 mod ci;
 mod deps;
+mod fuzz;
 mod gpubench;
 mod perf;
 mod profile;

@@ -25,7 +25,7 @@ use scheduler::{Scheduler, SchedulerConfig, Speculation};
 
 use crate::api::{Device, EngineConfig, EngineError, ModelInfo, ModelSource, SpeculativeMode};
 use crate::handle::{EngineHandle, Shared};
-use crate::validate::Bounds;
+use crate::validate::RequestBounds;
 use crate::worker::Worker;
 
 /// KV-cache bytes on the CPU when [`EngineConfig::kv_cache_memory`] is not set: 256 MiB
@@ -822,7 +822,7 @@ impl Engine {
             num_blocks: u32::try_from(kv.num_blocks).unwrap_or(u32::MAX),
             device: backend.device(),
         };
-        let bounds = Bounds {
+        let bounds = RequestBounds {
             limits: config.limits,
             vocab_size: vocab,
             max_model_len,

@@ -17,7 +17,7 @@ use crate::api::{
     ModelInfo, Prompt, StreamDelta, Usage,
 };
 use crate::metrics::{Metrics, outcome};
-use crate::validate::{self, Bounds, ValidRequest};
+use crate::validate::{self, RequestBounds, ValidRequest};
 
 /// One message of a response stream.
 pub(crate) type StreamItem = Result<StreamDelta, EngineError>;
@@ -124,7 +124,7 @@ struct HandleInner {
     cmd: Sender<Command>,
     tokenizer: Arc<Tokenizer>,
     info: ModelInfo,
-    bounds: Bounds,
+    bounds: RequestBounds,
     max_queued_requests: usize,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -144,7 +144,7 @@ impl EngineHandle {
         cmd: Sender<Command>,
         tokenizer: Arc<Tokenizer>,
         info: ModelInfo,
-        bounds: Bounds,
+        bounds: RequestBounds,
         max_queued_requests: usize,
         thread: JoinHandle<()>,
     ) -> Self {

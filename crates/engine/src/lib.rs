@@ -62,3 +62,4 @@ pub use handle::{EngineHandle, ResponseStream};
 pub use kv_quant::KvCacheDtype;
 /// Preemption modes ([`EngineConfig::preemption_mode`]), from the scheduler.
 pub use scheduler::PreemptionMode;
+pub use validate::{RequestBounds, validate_request};

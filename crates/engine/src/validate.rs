@@ -13,17 +13,19 @@ pub(crate) const CHAT_ROLES: [&str; 4] = ["system", "user", "assistant", "tool"]
 /// Longest caller-chosen request id, in bytes.
 pub(crate) const MAX_REQUEST_ID_LEN: usize = 256;
 
-/// What requests are checked against.
+/// What requests are checked against: the engine builds one from its configuration and model;
+/// fuzzers and tests build their own for [`validate_request`].
 #[derive(Debug, Clone)]
-pub(crate) struct Bounds {
-    pub(crate) limits: Limits,
+pub struct RequestBounds {
+    /// Per-request limits ([`EngineConfig::limits`](crate::EngineConfig::limits)).
+    pub limits: Limits,
     /// Token ids must be below this (the smaller of the model's and the tokenizer's
     /// vocabularies).
-    pub(crate) vocab_size: usize,
+    pub vocab_size: usize,
     /// Prompt plus output, at most.
-    pub(crate) max_model_len: usize,
+    pub max_model_len: usize,
     /// Sequences the scheduler runs at once (`n` may not exceed it).
-    pub(crate) max_num_seqs: usize,
+    pub max_num_seqs: usize,
 }
 
 /// A request that passed every check.
@@ -50,11 +52,27 @@ fn invalid(field: &'static str, reason: impl Into<String>) -> EngineError {
     }
 }
 
+/// Checks `req` exactly as [`EngineHandle::generate`](crate::EngineHandle::generate) does
+/// before queueing it, without an engine, and returns its prompt's token ids.
+///
+/// For fuzzers and tests of the request path (the gRPC front end converts its messages with
+/// `serve_grpc::generate_request_from_pb` first).
+///
+/// # Errors
+/// [`EngineError::InvalidArgument`] naming the field, or [`EngineError::DeadlineExceeded`].
+pub fn validate_request(
+    req: &GenerateRequest,
+    tokenizer: &Tokenizer,
+    bounds: &RequestBounds,
+) -> Result<Vec<u32>, EngineError> {
+    validate(req, tokenizer, bounds).map(|valid| valid.prompt)
+}
+
 /// Checks every field of `req` and tokenizes its prompt.
 pub(crate) fn validate(
     req: &GenerateRequest,
     tokenizer: &Tokenizer,
-    b: &Bounds,
+    b: &RequestBounds,
 ) -> Result<ValidRequest, EngineError> {
     if let Some(id) = &req.request_id {
         if id.is_empty() {

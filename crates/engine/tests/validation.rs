@@ -413,3 +413,40 @@ fn bad_engine_configs_are_refused_at_startup() {
         other => panic!("{other:?}"),
     }
 }
+
+/// `validate_request` (the engine-free check used by the fuzzers) refuses what `generate`
+/// refuses, naming the field, and returns the prompt's ids for a good request.
+#[test]
+fn validate_request_without_an_engine() {
+    let tokenizer = model::Tokenizer::synthetic(64).unwrap();
+    let bounds = engine::RequestBounds {
+        limits: Limits::default(),
+        vocab_size: 64,
+        max_model_len: 16,
+        max_num_seqs: 4,
+    };
+    let check = |req: &GenerateRequest| engine::validate_request(req, &tokenizer, &bounds);
+
+    let mut good = GenerateRequest::new(Prompt::TokenIds(vec![1, 2, 3]));
+    good.max_tokens = Some(4);
+    assert_eq!(check(&good).unwrap(), vec![1, 2, 3]);
+    let text = GenerateRequest::new(Prompt::Text("t5 t6".into()));
+    assert_eq!(check(&text).unwrap(), vec![5, 6]);
+
+    let field_of = |req: &GenerateRequest| match check(req) {
+        Err(EngineError::InvalidArgument { field, .. }) => field,
+        other => panic!("{req:?}: expected InvalidArgument, got {other:?}"),
+    };
+    let mut out_of_vocab = good.clone();
+    out_of_vocab.prompt = Prompt::TokenIds(vec![64]);
+    assert_eq!(field_of(&out_of_vocab), "prompt.token_ids");
+    let mut too_long = good.clone();
+    too_long.max_tokens = Some(u32::MAX);
+    assert_eq!(field_of(&too_long), "max_tokens");
+    let mut too_many = good.clone();
+    too_many.n = 5;
+    assert_eq!(field_of(&too_many), "n");
+    let mut bad_top_p = good;
+    bad_top_p.sampling.top_p = f32::NAN;
+    assert_eq!(field_of(&bad_top_p), "sampling.top_p");
+}

@@ -190,6 +190,23 @@ impl SafetensorsDir {
         })
     }
 
+    /// A single-file checkpoint held in memory (tests, fuzzing): `bytes` is the content of a
+    /// `model.safetensors` file, checked as [`open`](Self::open) checks one. There is no
+    /// `config.json` or tokenizer; [`dir`](Self::dir) is empty and errors name the file
+    /// `model.safetensors`.
+    pub fn from_bytes(bytes: Vec<u8>) -> Result<Self, SafetensorsError> {
+        let (file, entries) =
+            index_weight_file(PathBuf::from(SINGLE_FILE), FileBytes::from_vec(bytes), 0)?;
+        Ok(Self {
+            dir: PathBuf::new(),
+            files: vec![file],
+            tensors: entries.into_iter().collect(),
+            config_json: None,
+            tokenizer_config_json: None,
+            tokenizer_json_path: None,
+        })
+    }
+
     /// The directory.
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -291,6 +308,16 @@ fn open_weight_file(
         path: path.clone(),
         source,
     })?;
+    index_weight_file(path, bytes, file_index)
+}
+
+/// Lists the tensors of a weight file's `bytes` (name, entry with `file` = `file_index`);
+/// `path` names it in errors.
+fn index_weight_file(
+    path: PathBuf,
+    bytes: FileBytes,
+    file_index: usize,
+) -> Result<(WeightFile, Vec<(String, Entry)>), SafetensorsError> {
     let bad_header = |source| SafetensorsError::BadHeader {
         path: path.clone(),
         source,

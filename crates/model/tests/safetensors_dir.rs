@@ -242,6 +242,12 @@ fn corrupt_headers() {
     cases.push(("trailing byte", extra));
 
     for (what, bytes) in cases {
+        // In memory (`from_bytes`, the fuzzers' entry) as on disk.
+        let e = SafetensorsDir::from_bytes(bytes.clone()).expect_err(what);
+        assert!(
+            matches!(&e, SafetensorsError::BadHeader { path: p, .. } if p == Path::new("model.safetensors")),
+            "{what} (in memory): {e:?}"
+        );
         fs::write(&path, &bytes).expect("write");
         let e = open_err(dir.path());
         assert!(
@@ -249,6 +255,20 @@ fn corrupt_headers() {
             "{what}: {e:?}"
         );
     }
+}
+
+#[test]
+fn single_file_from_bytes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("model.safetensors");
+    let specs = tensors_a();
+    write_safetensors(&path, &specs);
+    let st = SafetensorsDir::from_bytes(fs::read(&path).expect("read")).expect("from_bytes");
+    check_tensors(&st, &specs);
+    assert_eq!(st.tensor_names().count(), specs.len());
+    assert_eq!(st.dir(), Path::new(""));
+    assert_eq!(st.config_json(), None);
+    assert_eq!(st.tokenizer_json_path(), None);
 }
 
 #[test]

@@ -318,7 +318,18 @@ fn bad_gguf_vocabularies_are_typed_errors() {
     vocab.merges[3] = "Ġ notatoken".to_owned();
     assert!(matches!(
         Tokenizer::from_gguf(&vocab),
-        Err(TokenizerError::Build { .. })
+        Err(TokenizerError::MergeOutOfVocabulary { index: 3, token, .. }) if token == "notatoken"
+    ));
+
+    // Regression (fuzz target `gguf_reader`): a merge of two tokens whose concatenation is
+    // longer than every token panicked inside `tokenizers`' BPE builder.
+    let mut vocab = small_vocab(1200);
+    let longest = vocab.tokens.iter().max_by_key(|t| t.len()).cloned().expect("tokens");
+    vocab.merges[5] = format!("{longest} {longest}");
+    assert!(matches!(
+        Tokenizer::from_gguf(&vocab),
+        Err(TokenizerError::MergeOutOfVocabulary { index: 5, token, .. })
+            if token == format!("{longest}{longest}")
     ));
 
     let mut vocab = small_vocab(1200);

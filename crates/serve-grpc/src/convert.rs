@@ -48,6 +48,18 @@ pub(crate) fn generate_request(
     })
 }
 
+/// `GenerateRequest` (proto) to the engine's request as the `Generate` service does, for
+/// fuzzers and tests of the request path: then [`engine::validate_request`] checks it as the
+/// engine does. No deadline.
+///
+/// # Errors
+/// [`EngineError::InvalidArgument`] when no prompt kind, or more than one, is set.
+pub fn generate_request_from_pb(
+    request: pb::GenerateRequest,
+) -> Result<engine::GenerateRequest, EngineError> {
+    generate_request(request, None)
+}
+
 /// `TokenizeRequest` to the prompt it names.
 pub(crate) fn tokenize_prompt(request: pb::TokenizeRequest) -> Result<Prompt, EngineError> {
     prompt("text or messages", request.text, None, request.messages)
@@ -269,6 +281,15 @@ mod tests {
             text: Some(text.to_owned()),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn generate_request_from_pb_converts_and_refuses() {
+        let ok = generate_request_from_pb(text_request("hi")).unwrap();
+        assert_eq!(ok.prompt, Prompt::Text("hi".into()));
+        assert_eq!(ok.deadline, None);
+        let err = generate_request_from_pb(pb::GenerateRequest::default()).unwrap_err();
+        assert_eq!(field_of(err), "input");
     }
 
     #[test]

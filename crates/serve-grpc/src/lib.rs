@@ -48,4 +48,5 @@ mod state;
 mod status;
 
 pub use backend::{DeltaStream, GenerationBackend};
+pub use convert::generate_request_from_pb;
 pub use server::{METRICS_CONTENT_TYPE, ServeError, ServeOptions, serve};

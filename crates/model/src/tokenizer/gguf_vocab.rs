@@ -328,7 +328,21 @@ pub(super) fn build(vocab: &GgufVocab) -> Result<(tokenizers::Tokenizer, Vec<boo
             .map(|(i, _)| i);
         match split_at {
             Some(i) if i + 1 < merge.len() => {
-                merges.push((merge[..i].to_owned(), merge[i + 1..].to_owned()));
+                let (left, right) = (&merge[..i], &merge[i + 1..]);
+                // Checked here, not left to `tokenizers`: its builder panics (slice index out
+                // of range) on a merge whose concatenation is longer than every token
+                // (found by the `gguf_reader` fuzz target).
+                let joined = format!("{left}{right}");
+                for token in [left, right, joined.as_str()] {
+                    if !ids.contains_key(token) {
+                        return Err(TokenizerError::MergeOutOfVocabulary {
+                            index,
+                            merge: merge.clone(),
+                            token: token.to_owned(),
+                        });
+                    }
+                }
+                merges.push((left.to_owned(), right.to_owned()));
             }
             _ => {
                 return Err(TokenizerError::InvalidMerge {

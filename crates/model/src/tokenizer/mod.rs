@@ -150,8 +150,18 @@ pub enum TokenizerError {
         /// The merge rule.
         merge: String,
     },
-    /// `tokenizers` rejected the tokenizer assembled from GGUF metadata (e.g. a merge whose
-    /// parts are not in the vocabulary).
+    /// A BPE merge rule of the GGUF metadata names a token that is not in the vocabulary:
+    /// one of its two parts, or their concatenation (the token it makes).
+    #[error("GGUF merge {index} `{merge}`: `{token}` is not in the vocabulary")]
+    MergeOutOfVocabulary {
+        /// Position of the merge in `tokenizer.ggml.merges`.
+        index: usize,
+        /// The merge rule.
+        merge: String,
+        /// The missing token.
+        token: String,
+    },
+    /// `tokenizers` rejected the tokenizer assembled from GGUF metadata.
     #[error("cannot build the tokenizer: {message}")]
     Build {
         /// What `tokenizers` reported.

@@ -1,0 +1,3 @@
+"
+system	Be brief."
+usert5 t6
