@@ -324,7 +324,12 @@ fn bad_gguf_vocabularies_are_typed_errors() {
     // Regression (fuzz target `gguf_reader`): a merge of two tokens whose concatenation is
     // longer than every token panicked inside `tokenizers`' BPE builder.
     let mut vocab = small_vocab(1200);
-    let longest = vocab.tokens.iter().max_by_key(|t| t.len()).cloned().expect("tokens");
+    let longest = vocab
+        .tokens
+        .iter()
+        .max_by_key(|t| t.len())
+        .cloned()
+        .expect("tokens");
     vocab.merges[5] = format!("{longest} {longest}");
     assert!(matches!(
         Tokenizer::from_gguf(&vocab),
