@@ -27,14 +27,11 @@ use dist::{CommCollective, GroupAbort, NcclCommunicator, NcclGroup, TensorParall
 use half::bf16;
 use kernels_cuda::cudarc::driver::CudaSlice;
 use kv_quant::KvCacheDtype;
+use model::collective::HANDSHAKE_VALUES as HANDSHAKE;
 use model::{
     Backend, CudaBackend, DeviceCollective, ForwardBatch, Gpu, KvCacheConfig, ModelConfig,
     ModelError, RowSampling, Shard,
 };
-
-/// Values per rank of the sharded backends' construction handshake (rank, world size, checks
-/// passed, four parts of the configuration's fingerprint).
-const HANDSHAKE: usize = 7;
 
 /// Rank 0 of a group whose collectives move nothing (`--compute-only`): sums are this rank's
 /// partial sums, a gather fills only this rank's slot.

@@ -26,6 +26,7 @@
 use half::bf16;
 use kernels_cuda::cudarc::driver::CudaSlice;
 
+pub use crate::cpu::HANDSHAKE_VALUES;
 use crate::error::ModelError;
 use crate::weights::Shard;
 

@@ -173,9 +173,10 @@ pub(crate) fn check_shard(weights: Shard, group: Shard) -> Result<(), ModelError
     })
 }
 
-/// Values per rank in the construction handshake: rank, world size, whether the rank's own
-/// checks passed, and a 64-bit fingerprint of its configuration in four exact 16-bit parts.
-pub(crate) const HANDSHAKE_VALUES: usize = 7;
+/// Values per rank in the construction handshake of a sharded backend: rank, world size,
+/// whether the rank's own checks passed, and a 64-bit fingerprint of its configuration in
+/// four exact 16-bit parts (the rank first).
+pub const HANDSHAKE_VALUES: usize = 7;
 
 /// Checks, with one all-gather, that the ranks are `0..world_size` in order, that every rank
 /// passed its own checks (`ok`) and that all have the same model and KV-cache configuration.
