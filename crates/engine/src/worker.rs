@@ -74,6 +74,9 @@ struct ReqState {
     stop: Vec<String>,
     completions: Vec<CompletionState>,
     arrival: Instant,
+    /// The request's deadline: an abort after it (a client or service backstop that gave up
+    /// while a long step ran) is counted as a deadline, not an abort.
+    deadline: Option<Instant>,
     first_token_at: Option<Instant>,
     cached_prompt_tokens: Option<usize>,
     completion_tokens: usize,
@@ -104,7 +107,11 @@ impl ReqState {
         } else if any(FinishReason::Deadline) {
             outcome::DEADLINE
         } else if any(FinishReason::Aborted) {
-            outcome::ABORTED
+            if self.deadline.is_some_and(|d| d <= Instant::now()) {
+                outcome::DEADLINE
+            } else {
+                outcome::ABORTED
+            }
         } else if any(FinishReason::Length) {
             outcome::LENGTH
         } else {
@@ -361,6 +368,7 @@ impl Worker {
                 stop: v.stop,
                 completions,
                 arrival: new.arrival,
+                deadline: v.deadline,
                 first_token_at: None,
                 cached_prompt_tokens: None,
                 completion_tokens: 0,

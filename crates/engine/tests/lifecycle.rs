@@ -110,6 +110,35 @@ fn a_deadline_ends_the_request_and_frees_its_blocks() {
     );
 }
 
+/// A client (or the service's backstop) that gives up on a request whose deadline passed
+/// during a step longer than the deadline: the engine sees an abort, but counts the deadline.
+#[test]
+fn an_abort_after_the_deadline_during_a_long_step_counts_as_a_deadline() {
+    let engine = slow_engine(400, EngineConfig::default());
+    let mut r = script_request(10, 200);
+    r.deadline = Some(Instant::now() + Duration::from_millis(50));
+    let stream = engine.generate(r).unwrap();
+    // The first step (400 ms) starts at once; the deadline passes during it.
+    std::thread::sleep(Duration::from_millis(100));
+    drop(stream);
+    // The same drop before the deadline is an abort.
+    let mut r = script_request(10, 200);
+    r.deadline = Some(Instant::now() + Duration::from_secs(600));
+    let stream = engine.generate(r).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    drop(stream);
+    wait_idle(&engine);
+    let text = engine.metrics_text();
+    assert!(
+        text.contains("kvserve_requests_total{outcome=\"deadline\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("kvserve_requests_total{outcome=\"aborted\"} 1"),
+        "{text}"
+    );
+}
+
 #[test]
 fn a_failed_forward_fails_only_its_batch_and_the_engine_goes_on() {
     let poison = 1111;
