@@ -6,11 +6,11 @@ use libfuzzer_sys::fuzz_target;
 use model::{ModelConfig, SafetensorsDir};
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(text) = std::str::from_utf8(data) {
-        if let Ok(config) = ModelConfig::from_hf_json(text) {
-            // A configuration the loader accepts must be one the model code can use.
-            let _ = config.rope_inv_freqs();
-        }
+    if let Ok(text) = std::str::from_utf8(data)
+        && let Ok(config) = ModelConfig::from_hf_json(text)
+    {
+        // A configuration the loader accepts must be one the model code can use.
+        let _ = config.rope_inv_freqs();
     }
     let Ok(dir) = SafetensorsDir::from_bytes(data.to_vec()) else {
         return;

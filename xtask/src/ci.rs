@@ -17,7 +17,7 @@ pub(crate) struct Options {
     /// it builds four bench binaries and runs for about 2 minutes).
     #[arg(long)]
     no_perf: bool,
-    /// Also run the fuzz smoke: each fuzz target over its seed corpus. Off by default: it
+    /// Also run the fuzz smoke: clippy over the fuzz crate, then each fuzz target over its seed corpus. Off by default: it
     /// builds the fuzz crate with the nightly toolchain, about 14 minutes from clean on 2 cores
     /// (the fuzz regressions are ordinary tests of the test step). Skips by itself, with a
     /// message, when `cargo +nightly fuzz` is missing.
@@ -71,7 +71,8 @@ impl Step {
             Job::Deps => "cargo xtask deps (in-process)".to_owned(),
             Job::PerfGate => "cargo xtask perf-gate (in-process)".to_owned(),
             Job::FuzzSmoke => {
-                "cargo +nightly fuzz run <target> fuzz/corpus/<target> -- -runs=0 (each target)"
+                "cargo clippy --manifest-path fuzz/Cargo.toml --all-targets -- -D warnings; \
+                 cargo +nightly fuzz run <target> fuzz/corpus/<target> -- -runs=0 (each target)"
                     .to_owned()
             }
         }

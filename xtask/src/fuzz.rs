@@ -46,9 +46,29 @@ fn available() -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// Builds every target (no sanitizer: the code under test has no `unsafe`) and runs each over
-/// its seed corpus; fails on the first crash. Skips, succeeding, without cargo-fuzz.
+/// Lints the fuzz crate (a workspace of its own, so the root's clippy step never sees it) with
+/// the pinned stable toolchain, into `<target dir>/fuzz-clippy`; then builds every target (no
+/// sanitizer: the code under test has no `unsafe`) and runs each over its seed corpus, failing
+/// on the first crash. The second part skips, succeeding, without cargo-fuzz.
 pub(crate) fn smoke() -> Result<()> {
+    let root = crate::workspace_root();
+    let clippy_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| root.join("target"), PathBuf::from)
+        .join("fuzz-clippy");
+    let mut clippy = crate::cargo();
+    clippy
+        .args([
+            "clippy",
+            "--manifest-path",
+            "fuzz/Cargo.toml",
+            "--all-targets",
+            "--locked",
+            "--",
+            "-D",
+            "warnings",
+        ])
+        .env("CARGO_TARGET_DIR", clippy_dir);
+    crate::run_cmd(clippy)?;
     if !available() {
         println!(
             "fuzz smoke skipped: `cargo +nightly fuzz` is not available \

@@ -165,6 +165,9 @@ struct StepTiming {
     forward: Duration,
     /// The forward passes by kind and batch size.
     shapes: StepShapes,
+    /// When the step running now started: stats published in the middle of a step (a request
+    /// ending) count its time so far, so that they never show more forward than step time.
+    current: Option<Instant>,
 }
 
 impl StepTiming {
@@ -380,11 +383,13 @@ impl Worker {
     /// Runs one step. Returns whether anything happened (a batch ran or requests ended).
     fn step(&mut self) -> Result<bool, Fatal> {
         let started = Instant::now();
-        let ran = self.step_timed()?;
-        if ran {
+        self.timing.current = Some(started);
+        let ran = self.step_timed();
+        self.timing.current = None;
+        if *ran.as_ref().unwrap_or(&false) {
             self.timing.step += started.elapsed();
         }
-        Ok(ran)
+        ran
     }
 
     fn step_timed(&mut self) -> Result<bool, Fatal> {
@@ -714,7 +719,9 @@ impl Worker {
             prefix_hit_tokens: b.prefix_hit_tokens,
             spec_proposed_tokens: s.spec_proposed,
             spec_accepted_tokens: s.spec_accepted,
-            step_micros: micros(self.timing.step),
+            step_micros: micros(
+                self.timing.step + self.timing.current.map_or(Duration::ZERO, |s| s.elapsed()),
+            ),
             schedule_micros: micros(self.timing.schedule),
             forward_micros: micros(self.timing.forward),
             step_shapes: self.timing.shapes,

@@ -21,6 +21,7 @@
 
 pub mod plot;
 pub mod serve;
+pub mod soak;
 pub mod workload;
 
 use std::fmt;

@@ -16,6 +16,7 @@ use kv_quant::KvCacheDtype;
 use scheduler::PreemptionMode;
 
 use crate::bench::serve::RequestRate;
+use crate::bench::soak::SoakPlan;
 use crate::bench::{Workload, WorkloadError, WorkloadKind};
 
 /// Errors in command-line values.
@@ -88,6 +89,11 @@ pub enum Command {
     /// Load a running server over gRPC with a synthetic workload at a request rate (Poisson)
     /// and/or concurrency, and print a table (optionally a rate sweep, JSON and a PNG plot).
     BenchServe(BenchServeArgs),
+    /// Load a running server at a steady, mixed load in phases of load and idleness for a
+    /// long time, scraping its /metrics, and check that nothing leaks: no KV block, sequence or
+    /// request left at idle, no growth of resident memory or file descriptors, no unexpected
+    /// error (CSV, JSON and a PNG plot of the curve).
+    Soak(SoakArgs),
 }
 
 /// `--device`.
@@ -269,6 +275,14 @@ pub fn parse_duration(s: &str) -> Result<Duration, CliError> {
     };
     let x: f64 = number.trim().parse().map_err(|_| err())?;
     Duration::try_from_secs_f64(x * scale).map_err(|_| err())
+}
+
+/// A size in MiB: a finite number, at least 0.
+fn parse_mib(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
+        _ => Err(format!("{s:?} is not a size in MiB (a number, at least 0)")),
+    }
 }
 
 fn parse_fraction(s: &str) -> Result<f64, CliError> {
@@ -511,6 +525,81 @@ pub struct BenchServeArgs {
     /// Write a PNG plot of output throughput and mean / p99 TTFT against the request rate.
     #[arg(long, value_name = "PATH")]
     pub plot: Option<PathBuf>,
+}
+
+/// `kvserve soak`.
+#[derive(Debug, Clone, Args)]
+pub struct SoakArgs {
+    /// The server's gRPC address.
+    #[arg(long, default_value = "http://127.0.0.1:50051", value_name = "URI")]
+    pub addr: String,
+    /// The server's Prometheus endpoint.
+    #[arg(
+        long,
+        default_value = "http://127.0.0.1:9464/metrics",
+        value_name = "URL"
+    )]
+    pub metrics_url: String,
+    /// The whole run (e.g. 30m).
+    #[arg(long, default_value = "30m", value_parser = parse_duration, value_name = "DURATION")]
+    pub duration: Duration,
+    /// One load phase.
+    #[arg(long, default_value = "120s", value_parser = parse_duration, value_name = "DURATION")]
+    pub load_phase: Duration,
+    /// One idle phase, after the requests in flight ended.
+    #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
+    pub idle_phase: Duration,
+    /// Time between two scrapes of the metrics.
+    #[arg(long, default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
+    pub sample_every: Duration,
+    /// Requests per second during a load phase (Poisson).
+    #[arg(long, default_value = "1", value_name = "RATE")]
+    pub request_rate: RequestRate,
+    /// Requests in flight at most.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..).map(|v| v as usize), value_name = "N")]
+    pub max_concurrency: usize,
+    /// Generated tokens per request at most (each draws 4 up to this).
+    #[arg(long, default_value_t = 48, value_parser = clap::value_parser!(u32).range(4..))]
+    pub max_output_len: u32,
+    /// Prompt tokens per request at most (each draws 8 up to this).
+    #[arg(long, default_value_t = 192, value_parser = clap::value_parser!(u32).range(8..))]
+    pub max_prompt_len: u32,
+    /// Resident memory (MiB) the server may gain at idle after the first load phase.
+    #[arg(long, default_value_t = 32.0, value_parser = parse_mib, value_name = "MIB")]
+    pub max_rss_growth_mib: f64,
+    /// Seed of the request mix, lengths, token ids and arrival times.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// How long to wait for the connection and for GetModelInfo.
+    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    pub connect_timeout: Duration,
+    /// Write the report (plan, samples, idle points, endings, verdict) as JSON to this file.
+    #[arg(long, value_name = "PATH")]
+    pub json: Option<PathBuf>,
+    /// Write the samples as CSV to this file.
+    #[arg(long, value_name = "PATH")]
+    pub csv: Option<PathBuf>,
+    /// Write a PNG plot of memory, file descriptors, KV blocks and load over time.
+    #[arg(long, value_name = "PATH")]
+    pub plot: Option<PathBuf>,
+}
+
+impl SoakArgs {
+    /// The plan these flags describe (checked by [`SoakPlan::check`] when run).
+    pub fn plan(&self) -> SoakPlan {
+        SoakPlan {
+            duration: self.duration,
+            load_phase: self.load_phase,
+            idle_phase: self.idle_phase,
+            sample_every: self.sample_every,
+            request_rate: self.request_rate,
+            max_concurrency: self.max_concurrency,
+            max_output_len: self.max_output_len,
+            max_prompt_len: self.max_prompt_len,
+            max_rss_growth: (self.max_rss_growth_mib * 1024.0 * 1024.0) as u64,
+            seed: self.seed,
+        }
+    }
 }
 
 impl BenchServeArgs {

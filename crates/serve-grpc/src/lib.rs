@@ -42,6 +42,7 @@ mod deadline;
 mod engine_impl;
 mod health;
 pub mod pb;
+mod process;
 mod server;
 mod service;
 mod state;

@@ -81,7 +81,8 @@ fn grpc_router<B: GenerationBackend>(
     Ok(routes.prepare().into_axum_router())
 }
 
-/// `GET /metrics`: the engine's metrics in the Prometheus text format.
+/// `GET /metrics`: the engine's metrics, then the process's (`process_*`), in the Prometheus
+/// text format.
 fn metrics_router<B: GenerationBackend>(backend: B) -> axum::Router {
     axum::Router::new().route(
         "/metrics",
@@ -90,7 +91,7 @@ fn metrics_router<B: GenerationBackend>(backend: B) -> axum::Router {
             async move {
                 (
                     [(CONTENT_TYPE, METRICS_CONTENT_TYPE)],
-                    backend.metrics_text(),
+                    backend.metrics_text() + &crate::process::text(),
                 )
             }
         }),

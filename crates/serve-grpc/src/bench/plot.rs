@@ -18,6 +18,7 @@ use plotters::prelude::*;
 use plotters::style::FontStyle;
 
 use super::serve::ServeReport;
+use super::soak::SoakReport;
 
 /// The font family the plot registers its font under.
 const FAMILY: &str = "kvserve-plot";
@@ -105,18 +106,29 @@ struct Series {
     values: Vec<f64>,
 }
 
-fn draw(path: &Path, runs: &[ServeReport], text: bool) -> Result<(), PlotError> {
-    if runs.is_empty() {
+/// Refuses an empty plot, and a path that is a directory: plotters' bitmap backend would only
+/// fail when presenting.
+fn check_target(path: &Path, empty: bool) -> Result<(), PlotError> {
+    if empty {
         return Err(PlotError::Empty);
     }
-    let err = |e: &dyn std::fmt::Display| PlotError::Draw {
+    if path.is_dir() {
+        return Err(draw_error(path, &"it is a directory"));
+    }
+    Ok(())
+}
+
+/// Drawing or writing `path` failed with `e`.
+fn draw_error(path: &Path, e: &dyn std::fmt::Display) -> PlotError {
+    PlotError::Draw {
         path: path.to_owned(),
         reason: e.to_string(),
-    };
-    // plotters' bitmap backend would only fail when presenting: refuse a bad path first.
-    if path.is_dir() {
-        return Err(err(&"it is a directory"));
     }
+}
+
+fn draw(path: &Path, runs: &[ServeReport], text: bool) -> Result<(), PlotError> {
+    check_target(path, runs.is_empty())?;
+    let err = |e: &dyn std::fmt::Display| draw_error(path, e);
     let labels: Vec<String> = runs
         .iter()
         .map(|r| r.meta.request_rate.to_string())
@@ -163,8 +175,108 @@ fn draw(path: &Path, runs: &[ServeReport], text: bool) -> Result<(), PlotError> 
 }
 
 type Area<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
-type DrawResult =
-    Result<(), DrawingAreaErrorKind<<BitMapBackend<'static> as DrawingBackend>::ErrorType>>;
+type DrawError = DrawingAreaErrorKind<<BitMapBackend<'static> as DrawingBackend>::ErrorType>;
+type DrawResult = Result<(), DrawError>;
+
+/// A chart with f64 axes on a bitmap area.
+type Chart<'a, 'b> = ChartContext<
+    'a,
+    BitMapBackend<'b>,
+    plotters::coord::cartesian::Cartesian2d<
+        plotters::coord::types::RangedCoordf64,
+        plotters::coord::types::RangedCoordf64,
+    >,
+>;
+
+/// The top of a panel's y axis: 15% above the largest finite value (1 when there is none).
+fn y_top(values: impl Iterator<Item = f64>) -> f64 {
+    let top = values.filter(|v| v.is_finite()).fold(0.0f64, f64::max);
+    if top > 0.0 { top * 1.15 } else { 1.0 }
+}
+
+/// A panel's chart over `x` × `0..y_max`: titled, with room for tick labels when there is
+/// text; else a bare frame (the caller draws the mesh when there is text).
+fn frame<'a, 'b>(
+    area: &'a Area<'b>,
+    title: &str,
+    x: std::ops::Range<f64>,
+    y_max: f64,
+    text: bool,
+) -> Result<Chart<'a, 'b>, DrawError> {
+    let mut builder = ChartBuilder::on(area);
+    builder.margin(16);
+    if text {
+        builder
+            .caption(title, (FAMILY, 22))
+            .x_label_area_size(44)
+            .y_label_area_size(70);
+    }
+    let (x0, x1) = (x.start, x.end);
+    let chart = builder.build_cartesian_2d(x, 0f64..y_max)?;
+    if !text {
+        chart.plotting_area().draw(&Rectangle::new(
+            [(x0, 0.0), (x1, y_max)],
+            BLACK.stroke_width(1),
+        ))?;
+    }
+    Ok(chart)
+}
+
+/// Draws a line of `points` (with round marks when `marks`), named in the legend when there
+/// is text.
+fn line(
+    chart: &mut Chart<'_, '_>,
+    name: &'static str,
+    color: RGBColor,
+    points: &[(f64, f64)],
+    style: LineStyle,
+    text: bool,
+) -> DrawResult {
+    let drawn = match style {
+        LineStyle::Marks => {
+            chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, color.filled())))?
+        }
+        LineStyle::Line | LineStyle::LineAndMarks => chart.draw_series(LineSeries::new(
+            points.iter().copied(),
+            color.stroke_width(2),
+        ))?,
+    };
+    if text {
+        drawn
+            .label(name)
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], color.stroke_width(2)));
+    }
+    if style == LineStyle::LineAndMarks {
+        chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
+    }
+    Ok(())
+}
+
+/// How [`line`] draws its points.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LineStyle {
+    Line,
+    Marks,
+    LineAndMarks,
+}
+
+/// The legend box, when there is text.
+fn legend<'a, 'b: 'a>(
+    chart: &mut Chart<'a, 'b>,
+    position: SeriesLabelPosition,
+    text: bool,
+) -> DrawResult {
+    if text {
+        chart
+            .configure_series_labels()
+            .position(position)
+            .label_font((FAMILY, 14))
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()?;
+    }
+    Ok(())
+}
 
 /// One panel: `series` over the runs, x = the run's index, labelled with its rate.
 fn panel(
@@ -175,22 +287,9 @@ fn panel(
     series: &[Series],
     text: bool,
 ) -> DrawResult {
-    let top = series
-        .iter()
-        .flat_map(|s| s.values.iter().copied())
-        .filter(|v| v.is_finite())
-        .fold(0.0f64, f64::max);
-    let y_max = if top > 0.0 { top * 1.15 } else { 1.0 };
+    let y_max = y_top(series.iter().flat_map(|s| s.values.iter().copied()));
     let x_max = labels.len() as f64 - 0.5;
-    let mut builder = ChartBuilder::on(area);
-    builder.margin(16);
-    if text {
-        builder
-            .caption(title, (FAMILY, 22))
-            .x_label_area_size(44)
-            .y_label_area_size(70);
-    }
-    let mut chart = builder.build_cartesian_2d(-0.5f64..x_max, 0f64..y_max)?;
+    let mut chart = frame(area, title, -0.5f64..x_max, y_max, text)?;
     if text {
         chart
             .configure_mesh()
@@ -209,11 +308,6 @@ fn panel(
             .label_style((FAMILY, 14))
             .axis_desc_style((FAMILY, 16))
             .draw()?;
-    } else {
-        chart.plotting_area().draw(&Rectangle::new(
-            [(-0.5, 0.0), (x_max, y_max)],
-            BLACK.stroke_width(1),
-        ))?;
     }
     for s in series {
         let points: Vec<(f64, f64)> = s
@@ -222,28 +316,164 @@ fn panel(
             .enumerate()
             .map(|(i, &v)| (i as f64, if v.is_finite() { v } else { 0.0 }))
             .collect();
-        let color = s.color;
-        let line = chart.draw_series(LineSeries::new(
-            points.iter().copied(),
-            color.stroke_width(2),
-        ))?;
-        if text {
-            line.label(s.name).legend(move |(x, y)| {
-                PathElement::new([(x, y), (x + 18, y)], color.stroke_width(2))
-            });
-        }
-        chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
+        line(
+            &mut chart,
+            s.name,
+            s.color,
+            &points,
+            LineStyle::LineAndMarks,
+            text,
+        )?;
     }
+    legend(&mut chart, SeriesLabelPosition::UpperLeft, text)
+}
+
+/// Width and height of the soak plot, pixels.
+const SOAK_SIZE: (u32, u32) = (1280, 760);
+
+/// Writes the curve of a soak (`kvserve soak --plot`) to the PNG file `path`: resident memory
+/// and open file descriptors over time (the idle points marked), then KV blocks used and the
+/// client's requests in flight. Text as for [`write_png`].
+///
+/// # Errors
+/// [`PlotError::Empty`] for no sample, [`PlotError::Draw`] naming the path.
+pub fn write_soak_png(path: &Path, report: &SoakReport) -> Result<PlotText, PlotError> {
+    let font = system_font();
+    draw_soak(path, report, font.is_some())?;
+    Ok(font.map_or(PlotText::None, |p| PlotText::Font(p.to_owned())))
+}
+
+fn draw_soak(path: &Path, report: &SoakReport, text: bool) -> Result<(), PlotError> {
+    check_target(path, report.samples.is_empty())?;
+    let err = |e: &dyn std::fmt::Display| draw_error(path, e);
+    let minutes = |t: f64| t / 60.0;
+    let t_max = report
+        .samples
+        .iter()
+        .map(|s| minutes(s.t_s))
+        .fold(0.0f64, f64::max)
+        .max(1.0 / 60.0);
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    let rss: Vec<(f64, f64)> = report
+        .samples
+        .iter()
+        .filter_map(|s| s.rss_bytes.map(|r| (minutes(s.t_s), mib(r))))
+        .collect();
+    let idle: Vec<(f64, f64)> = report
+        .idle_points
+        .iter()
+        .filter_map(|p| p.sample.rss_bytes.map(|r| (minutes(p.sample.t_s), mib(r))))
+        .collect();
+    let fds: Vec<(f64, f64)> = report
+        .samples
+        .iter()
+        .filter_map(|s| s.open_fds.map(|n| (minutes(s.t_s), n as f64)))
+        .collect();
+    let kv: Vec<(f64, f64)> = report
+        .samples
+        .iter()
+        .map(|s| (minutes(s.t_s), s.kv_blocks_used as f64))
+        .collect();
+    let in_flight: Vec<(f64, f64)> = report
+        .samples
+        .iter()
+        .map(|s| (minutes(s.t_s), s.client_in_flight as f64))
+        .collect();
+    let root = BitMapBackend::new(path, SOAK_SIZE).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let (top, bottom) = root.split_vertically(SOAK_SIZE.1 / 2);
+    let memory = [
+        Curve {
+            name: "server RSS (MiB)",
+            color: BLUE,
+            points: &rss,
+            marks: false,
+        },
+        Curve {
+            name: "RSS at the end of an idle phase",
+            color: RED,
+            points: &idle,
+            marks: true,
+        },
+        Curve {
+            name: "open file descriptors",
+            color: MAGENTA,
+            points: &fds,
+            marks: false,
+        },
+    ];
+    time_panel(
+        &top,
+        "Soak: server memory and file descriptors",
+        "MiB / count",
+        t_max,
+        &memory,
+        text,
+    )
+    .map_err(|e| err(&e))?;
+    let load = [
+        Curve {
+            name: "KV blocks used",
+            color: BLUE,
+            points: &kv,
+            marks: false,
+        },
+        Curve {
+            name: "client requests in flight",
+            color: GREEN,
+            points: &in_flight,
+            marks: false,
+        },
+    ];
+    time_panel(
+        &bottom,
+        "Soak: KV cache and load",
+        "count",
+        t_max,
+        &load,
+        text,
+    )
+    .map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))
+}
+
+/// One curve over time: points (minutes, value), drawn as a line or as marks.
+struct Curve<'a> {
+    name: &'static str,
+    color: RGBColor,
+    points: &'a [(f64, f64)],
+    marks: bool,
+}
+
+fn time_panel(
+    area: &Area<'_>,
+    title: &str,
+    unit: &str,
+    t_max: f64,
+    curves: &[Curve<'_>],
+    text: bool,
+) -> DrawResult {
+    let y_max = y_top(curves.iter().flat_map(|c| c.points.iter().map(|p| p.1)));
+    let mut chart = frame(area, title, 0f64..t_max, y_max, text)?;
     if text {
         chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .label_font((FAMILY, 14))
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
+            .configure_mesh()
+            .x_desc("minutes")
+            .y_desc(unit)
+            .y_label_formatter(&|y| format!("{y:.0}"))
+            .label_style((FAMILY, 14))
+            .axis_desc_style((FAMILY, 16))
             .draw()?;
     }
-    Ok(())
+    for c in curves {
+        let style = if c.marks {
+            LineStyle::Marks
+        } else {
+            LineStyle::Line
+        };
+        line(&mut chart, c.name, c.color, c.points, style, text)?;
+    }
+    legend(&mut chart, SeriesLabelPosition::LowerRight, text)
 }
 
 #[cfg(test)]

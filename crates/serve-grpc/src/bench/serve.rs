@@ -331,7 +331,7 @@ impl Failure {
 }
 
 /// A gRPC code as the protocol spells it (`DEADLINE_EXCEEDED`).
-fn code_name(code: tonic::Code) -> String {
+pub(super) fn code_name(code: tonic::Code) -> String {
     let mut name = String::new();
     for (i, c) in format!("{code:?}").chars().enumerate() {
         if c.is_ascii_uppercase() && i > 0 {
@@ -427,6 +427,12 @@ impl Target {
     /// What the server said it serves.
     pub fn model_info(&self) -> &engine::ModelInfo {
         &self.info
+    }
+
+    /// The connection opened by [`connect`](Self::connect) (cheap to clone: HTTP/2 streams
+    /// share it).
+    pub(super) fn channel(&self) -> Channel {
+        self.channel.clone()
     }
 
     /// Runs `load` against the server and measures it. Failed requests are counted in the

@@ -13,7 +13,7 @@ use engine::{Engine, EngineConfig, EngineHandle, GenerateRequest, Message, Model
 use indicatif::{ProgressBar, ProgressStyle};
 use serve_grpc::DeltaStream;
 use serve_grpc::cli::{
-    BenchArgs, BenchServeArgs, Cli, Command, EngineArgs, GenerateArgs, ServeArgs,
+    BenchArgs, BenchServeArgs, Cli, Command, EngineArgs, GenerateArgs, ServeArgs, SoakArgs,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -43,6 +43,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate(&args),
         Command::Bench(args) => bench(&args),
         Command::BenchServe(args) => bench_serve(&args),
+        Command::Soak(args) => soak(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -394,5 +395,61 @@ fn bench_serve(args: &BenchServeArgs) -> Result<()> {
             ),
         }
     }
+    Ok(())
+}
+
+fn soak(args: &SoakArgs) -> Result<()> {
+    use serve_grpc::bench::plot::{self, PlotText};
+    use serve_grpc::bench::serve::{self, Target};
+    use serve_grpc::bench::soak::{self, MetricsEndpoint};
+    let plan = args.plan();
+    plan.check()?;
+    let metrics = MetricsEndpoint::new(&args.metrics_url)?;
+    for path in [&args.json, &args.csv, &args.plot].into_iter().flatten() {
+        serve::check_writable(path)?;
+    }
+    let rt = runtime()?;
+    let report = rt.block_on(async {
+        let target = Target::connect(&args.addr, args.connect_timeout).await?;
+        tracing::info!(
+            addr = target.addr(),
+            metrics = metrics.url(),
+            duration_s = plan.duration.as_secs_f64(),
+            "soak started"
+        );
+        soak::run(&target, &metrics, &plan, |s| {
+            tracing::info!(
+                t_s = format!("{:.0}", s.t_s),
+                phase = ?s.phase,
+                rss_mib = s.rss_bytes.map(|r| format!("{:.1}", r as f64 / 1048576.0)),
+                open_fds = s.open_fds,
+                kv_blocks_used = s.kv_blocks_used,
+                in_flight = s.client_in_flight,
+                ended = s.ended,
+                "sample"
+            );
+        })
+        .await
+    })?;
+    writeln!(std::io::stdout().lock(), "{report}")?;
+    if let Some(path) = &args.json {
+        serve::write_json(path, &report)?;
+    }
+    if let Some(path) = &args.csv {
+        soak::write_text(path, &report.csv())?;
+    }
+    if let Some(path) = &args.plot
+        && let PlotText::None = plot::write_soak_png(path, &report)?
+    {
+        tracing::warn!(
+            "plot written to {} without text: no font found (set KVSERVE_PLOT_FONT to a .ttf file)",
+            path.display()
+        );
+    }
+    anyhow::ensure!(
+        report.verdict.passed,
+        "the soak failed: {}",
+        report.verdict.failures.join("; ")
+    );
     Ok(())
 }

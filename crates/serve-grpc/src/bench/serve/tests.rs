@@ -16,17 +16,21 @@ use crate::bench::tests::{meta_fixture, timing, tiny_engine};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A server on 127.0.0.1 (any free port) over `backend`, stopped by [`TestServer::stop`].
-struct TestServer {
-    addr: SocketAddr,
+/// A server on 127.0.0.1 (any free ports: gRPC and `/metrics`) over `backend`, stopped by
+/// [`TestServer::stop`].
+pub(crate) struct TestServer {
+    pub(crate) addr: SocketAddr,
+    pub(crate) metrics: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<(), crate::ServeError>>,
 }
 
 impl TestServer {
-    async fn start<B: GenerationBackend>(backend: B) -> Self {
+    pub(crate) async fn start<B: GenerationBackend>(backend: B) -> Self {
         let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = grpc.local_addr().unwrap();
+        let metrics_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let metrics = metrics_listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let options = crate::ServeOptions {
             shutdown_timeout: Duration::from_secs(5),
@@ -35,22 +39,23 @@ impl TestServer {
             let shutdown = async {
                 let _ = stopped.await;
             };
-            crate::serve(backend, grpc, None, shutdown, &options).await
+            crate::serve(backend, grpc, Some(metrics_listener), shutdown, &options).await
         });
         Self {
             addr,
+            metrics,
             stop: Some(stop),
             task,
         }
     }
 
-    async fn target(&self) -> Target {
+    pub(crate) async fn target(&self) -> Target {
         Target::connect(&format!("http://{}", self.addr), TIMEOUT)
             .await
             .unwrap()
     }
 
-    async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -239,41 +244,53 @@ async fn refused_requests_are_counted_by_code_and_do_not_stop_the_run() {
     server.stop().await;
 }
 
-/// A server that stops every request one token short of what it asked for.
+/// The engine, altered: every request stops one token short of what it asked for
+/// (`one_short`), and `/metrics` starts with `metrics_prefix`.
 #[derive(Clone)]
-struct OneShort(EngineHandle);
+pub(crate) struct Altered {
+    pub(crate) engine: EngineHandle,
+    pub(crate) one_short: bool,
+    pub(crate) metrics_prefix: &'static str,
+}
 
-impl GenerationBackend for OneShort {
+impl GenerationBackend for Altered {
     type Stream = <EngineHandle as GenerationBackend>::Stream;
 
     fn generate(&self, mut request: GenerateRequest) -> Result<Self::Stream, EngineError> {
-        request.max_tokens = request.max_tokens.map(|n| n.saturating_sub(1).max(1));
-        GenerationBackend::generate(&self.0, request)
+        if self.one_short {
+            request.max_tokens = request.max_tokens.map(|n| n.saturating_sub(1).max(1));
+        }
+        GenerationBackend::generate(&self.engine, request)
     }
     fn abort(&self, request_id: &str) -> bool {
-        GenerationBackend::abort(&self.0, request_id)
+        GenerationBackend::abort(&self.engine, request_id)
     }
     fn tokenize(&self, prompt: &engine::Prompt) -> Result<Vec<u32>, EngineError> {
-        GenerationBackend::tokenize(&self.0, prompt)
+        GenerationBackend::tokenize(&self.engine, prompt)
     }
     fn model_info(&self) -> engine::ModelInfo {
-        GenerationBackend::model_info(&self.0)
+        GenerationBackend::model_info(&self.engine)
     }
     fn health(&self) -> engine::Health {
-        GenerationBackend::health(&self.0)
+        GenerationBackend::health(&self.engine)
     }
     fn metrics_text(&self) -> String {
-        GenerationBackend::metrics_text(&self.0)
+        format!("{}{}", self.metrics_prefix, self.engine.metrics_text())
     }
     fn shutdown(&self, timeout: Duration) {
-        GenerationBackend::shutdown(&self.0, timeout);
+        GenerationBackend::shutdown(&self.engine, timeout);
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_with_the_wrong_number_of_tokens_is_an_error() {
     let engine = tiny_engine(EngineConfig::default(), 64).unwrap();
-    let server = TestServer::start(OneShort(engine)).await;
+    let server = TestServer::start(Altered {
+        engine,
+        one_short: true,
+        metrics_prefix: "",
+    })
+    .await;
     let target = server.target().await;
     let r = target
         .run(&load(fixed(4, 5, 3), RequestRate::INFINITE, None))
