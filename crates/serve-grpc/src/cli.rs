@@ -1037,6 +1037,75 @@ mod tests {
     }
 
     #[test]
+    fn soak_flags_and_bad_ones() {
+        let soak = |args: &[&str]| match parse(&[&["soak"], args].concat()).map(|c| c.command) {
+            Ok(Command::Soak(a)) => Ok(a),
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => Err(e.to_string()),
+        };
+        let a = soak(&[]).unwrap();
+        let p = a.plan();
+        p.check().unwrap();
+        assert_eq!(a.metrics_url, "http://127.0.0.1:9464/metrics");
+        assert_eq!(p.duration, Duration::from_secs(1800));
+        assert_eq!(
+            (p.load_phase, p.idle_phase),
+            (Duration::from_secs(120), Duration::from_secs(30))
+        );
+        assert_eq!(p.max_rss_growth, 32 << 20);
+        assert_eq!(
+            (p.max_concurrency, p.max_output_len, p.max_prompt_len),
+            (8, 48, 192)
+        );
+        let a = soak(&[
+            "--duration",
+            "10m",
+            "--load-phase",
+            "60s",
+            "--idle-phase",
+            "20s",
+            "--sample-every",
+            "2s",
+            "--request-rate",
+            "0.5",
+            "--max-concurrency",
+            "3",
+            "--max-rss-growth-mib",
+            "0",
+            "--seed",
+            "9",
+            "--csv",
+            "/tmp/s.csv",
+        ])
+        .unwrap();
+        let p = a.plan();
+        assert_eq!(
+            (p.duration, p.sample_every),
+            (Duration::from_secs(600), Duration::from_secs(2))
+        );
+        assert_eq!((p.max_concurrency, p.max_rss_growth, p.seed), (3, 0, 9));
+        assert_eq!(p.request_rate, RequestRate::new(0.5).unwrap());
+        for (args, what) in [
+            (&["--max-rss-growth-mib=-1"][..], "MiB"),
+            (&["--max-rss-growth-mib", "NaN"][..], "MiB"),
+            (&["--max-concurrency", "0"][..], "--max-concurrency"),
+            (&["--max-output-len", "3"][..], "--max-output-len"),
+            (&["--duration", "forever"][..], "forever"),
+            (&["--request-rate=-2"][..], "-2"),
+        ] {
+            let err = soak(args).unwrap_err();
+            assert!(err.contains(what), "{args:?}: {err}");
+        }
+        // Flags that parse but cannot run together are refused by the plan, by name.
+        let p = soak(&["--request-rate", "inf"]).unwrap().plan();
+        assert!(p.check().unwrap_err().to_string().contains("finite"));
+        let p = soak(&["--duration", "1m", "--load-phase", "2m"])
+            .unwrap()
+            .plan();
+        assert!(p.check().unwrap_err().to_string().contains("duration"));
+    }
+
+    #[test]
     fn bench_serve_flags() {
         let a = bench_serve_args(&[]);
         assert_eq!(a.addr, "http://127.0.0.1:50051");

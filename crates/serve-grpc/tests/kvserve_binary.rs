@@ -462,7 +462,7 @@ async fn bad_flags_and_models_fail_cleanly() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bench_serve_fails_cleanly_on_a_bad_address_or_output_path() {
+async fn bench_serve_and_soak_fail_cleanly_on_a_bad_address_plan_or_output_path() {
     // A port nothing listens on (just freed).
     let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = format!("http://{}", free.local_addr().unwrap());
@@ -470,7 +470,27 @@ async fn bench_serve_fails_cleanly_on_a_bad_address_or_output_path() {
     let dir = tempfile::tempdir().unwrap();
     let missing_dir = dir.path().join("missing/out.json");
     let missing = missing_dir.display().to_string();
-    let cases: [(Vec<&str>, Option<i32>, &str); 4] = [
+    let cases: [(Vec<&str>, Option<i32>, &str); 8] = [
+        (
+            vec!["soak", "--addr", &addr, "--connect-timeout", "2s"],
+            Some(1),
+            &addr,
+        ),
+        (
+            vec!["soak", "--metrics-url", "ftp://127.0.0.1:1/metrics"],
+            Some(1),
+            "ftp://127.0.0.1:1/metrics",
+        ),
+        (
+            vec!["soak", "--addr", &addr, "--csv", &missing],
+            Some(1),
+            &missing,
+        ),
+        (
+            vec!["soak", "--load-phase", "0s"],
+            Some(1),
+            "the load and idle phases",
+        ),
         (
             vec!["bench-serve", "--addr", &addr, "--connect-timeout", "2s"],
             Some(1),
