@@ -5,6 +5,8 @@
 #
 #   scripts/soak.sh [DURATION] [OUT] [extra `kvserve soak` flags...]     # default 30m, /tmp/soak
 #
+# KVSERVE_SOAK_SERVE_FLAGS adds flags to `kvserve serve` (e.g. "--kv-cache-dtype int8
+# --kv-cache-memory 16MiB" for a pool small enough to preempt).
 # OUT gets soak.csv, soak.json, soak.png, server.log and soak.txt (the report). The exit status
 # is the soak's verdict.
 set -euo pipefail
@@ -19,7 +21,7 @@ BIN=target/release/kvserve
 GRPC_PORT="${KVSERVE_SOAK_PORT:-50151}"
 METRICS_PORT="${KVSERVE_SOAK_METRICS_PORT:-9564}"
 "$BIN" serve --model "$MODEL" --device cpu --port "$GRPC_PORT" --metrics-port "$METRICS_PORT" \
-  > "$OUT/server.log" 2>&1 &
+  ${KVSERVE_SOAK_SERVE_FLAGS:-} > "$OUT/server.log" 2>&1 &
 SERVER=$!
 trap 'kill -TERM $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
 for _ in $(seq 1 120); do
