@@ -833,6 +833,20 @@ struct Tally {
 }
 
 impl Tally {
+    fn unexpected_task(&mut self, message: &str) {
+        self.unexpected += 1;
+        if self.first_unexpected.len() < 10 {
+            self.first_unexpected
+                .push(format!("CLIENT: a request task failed: {message}"));
+        }
+        *self
+            .endings
+            .entry("client".to_owned())
+            .or_default()
+            .entry("task_failed".to_owned())
+            .or_default() += 1;
+    }
+
     fn record(&mut self, kind: Kind, ending: Ending) {
         let key = match ending {
             Ending::Expected(name) => name.to_owned(),
@@ -944,11 +958,15 @@ pub async fn run(
         loop {
             let tick = tokio::time::sleep_until(next_sample.into());
             tokio::select! {
-                joined = tasks.join_next() => {
-                    if joined.is_none() {
-                        break;
+                joined = tasks.join_next() => match joined {
+                    None => break,
+                    Some(Ok(())) => {}
+                    // A request task that panicked or was cancelled is a client failure.
+                    Some(Err(e)) => {
+                        live.in_flight.fetch_sub(1, Ordering::Relaxed);
+                        tally.lock().await.unexpected_task(&e.to_string());
                     }
-                }
+                },
                 () = tick => {
                     if let Ok(s) = sample(metrics, start, Phase::Drain, &live).await {
                         progress(&s);

@@ -357,3 +357,15 @@ async fn a_soak_fails_when_blocks_stay_used_at_idle() {
     assert!(report.to_string().contains("verdict: FAILED"));
     server.stop().await;
 }
+
+#[test]
+fn a_failed_request_task_is_an_unexpected_ending() {
+    let mut tally = Tally::default();
+    tally.record(Kind::Dropped, Ending::Expected("dropped"));
+    tally.unexpected_task("task 3 panicked");
+    assert_eq!(tally.unexpected, 1);
+    assert_eq!(tally.endings["client"]["task_failed"], 1);
+    assert_eq!(tally.endings["dropped"]["dropped"], 1);
+    assert!(tally.first_unexpected[0].contains("task 3 panicked"));
+    assert!(!judge(&points(&[1, 1]), tally.unexpected, 0).passed);
+}
