@@ -22,9 +22,7 @@ pub(crate) const TARGETS: [&str; 5] = [
 /// `<target dir>/fuzz` so that nightly's instrumented builds never replace the stable ones.
 fn nightly_cargo(args: &[&str]) -> Command {
     let root = crate::workspace_root();
-    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| root.join("target"), PathBuf::from)
-        .join("fuzz");
+    let target_dir = target_dir("fuzz");
     let mut cmd = Command::new("cargo");
     cmd.arg("+nightly")
         .args(args)
@@ -35,6 +33,13 @@ fn nightly_cargo(args: &[&str]) -> Command {
         .env_remove("RUSTC")
         .env_remove("RUSTDOC");
     cmd
+}
+
+/// `<target dir>/<sub>`: the fuzz crate's builds stay apart from the workspace's.
+fn target_dir(sub: &str) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| crate::workspace_root().join("target"), PathBuf::from)
+        .join(sub)
 }
 
 /// Whether `cargo +nightly fuzz` runs here.
@@ -51,10 +56,7 @@ fn available() -> bool {
 /// sanitizer: the code under test has no `unsafe`) and runs each over its seed corpus, failing
 /// on the first crash. The second part skips, succeeding, without cargo-fuzz.
 pub(crate) fn smoke() -> Result<()> {
-    let root = crate::workspace_root();
-    let clippy_dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| root.join("target"), PathBuf::from)
-        .join("fuzz-clippy");
+    let clippy_dir = target_dir("fuzz-clippy");
     let mut clippy = crate::cargo();
     clippy
         .args([

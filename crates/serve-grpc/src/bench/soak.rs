@@ -512,6 +512,7 @@ pub fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
 pub struct MetricsEndpoint {
     url: String,
     host: String,
+    port: u16,
     authority: String,
     path: String,
 }
@@ -537,12 +538,14 @@ impl MetricsEndpoint {
         let (host, port) = authority
             .rsplit_once(':')
             .ok_or_else(|| bad("no port (http://host:port/metrics)"))?;
-        if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
-            return Err(bad("the host or the port is not valid"));
-        }
+        let port = match port.parse::<u16>() {
+            Ok(p) if p != 0 && !host.is_empty() => p,
+            _ => return Err(bad("the host or the port is not valid")),
+        };
         Ok(Self {
             url: url.trim().to_owned(),
             host: host.trim_matches(['[', ']']).to_owned(),
+            port,
             authority: authority.to_owned(),
             path: path.to_owned(),
         })
@@ -563,13 +566,8 @@ impl MetricsEndpoint {
             url: self.url.clone(),
             reason,
         };
-        let port = self
-            .authority
-            .rsplit_once(':')
-            .and_then(|(_, p)| p.parse::<u16>().ok())
-            .unwrap_or(80);
         let fetch = async {
-            let mut tcp = tokio::net::TcpStream::connect((self.host.as_str(), port)).await?;
+            let mut tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port)).await?;
             let request = format!(
                 "GET {} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
                 self.path, self.authority
